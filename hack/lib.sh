@@ -1,0 +1,24 @@
+# Shared settings for the toolchain scripts. Every artefact lives under one cache root, keyed by version,
+# so a rerun finds it and does nothing.
+set -euo pipefail
+
+CACHE_ROOT="${BLAZEN_FLEET_CACHE:-$HOME/.cache/blazen-fleet}"
+K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.4}"
+
+# Keep Go's module cache beside the build cache under ~/.cache, which survives between sessions.
+export GOMODCACHE="${GOMODCACHE_OVERRIDE:-$CACHE_ROOT/gomod}"
+export GOFLAGS="-mod=mod -buildvcs=false"
+export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+export CGO_ENABLED="${CGO_ENABLED:-0}"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Runs "$@" only if the stamp file is absent; writes the stamp after success.
+once() {
+  local stamp="$1"; shift
+  if [[ -f "$stamp" ]]; then return 0; fi
+  "$@"
+  mkdir -p "$(dirname "$stamp")"
+  date -u +%FT%TZ > "$stamp"
+}
