@@ -1,0 +1,1 @@
+"""BlazenPeer operator."""

@@ -1,0 +1,56 @@
+"""Pure builders: a BlazenPeer (as a :class:`Peer`) -> the manifests of its children.
+
+``desired(peer)`` is what the handlers apply and what ``blazen-operator render`` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import certs, common, workload
+from .common import Peer
+
+__all__ = ["Child", "Peer", "certs", "common", "desired", "workload"]
+
+
+@dataclass(frozen=True)
+class Child:
+    """One child object and how to apply it.
+
+    ``create_only``: created when absent and never overwritten (Secret stubs that cert-manager fills in); the
+    operator then applies only their metadata. ``shared``: a namespace-wide object several BlazenPeers co-own;
+    applied with a per-peer field manager so each owns just its own owner reference.
+    """
+
+    manifest: dict[str, Any]
+    create_only: bool = False
+    shared: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        m = self.manifest
+        return (m["apiVersion"], m["kind"], m["metadata"]["name"])
+
+
+def desired(p: Peer) -> list[Child]:
+    """Every child of the BlazenPeer, in apply order (identity and certificates before the pods use them)."""
+    out: list[Child] = [Child(m) for m in workload.rbac(p)]
+    if p.spec.tls.enabled:
+        ca = certs.namespace_ca(p)
+        if ca:
+            out.append(
+                Child(certs.secret_stub(p, common.CA_NAME, controller=False), create_only=True, shared=True)
+            )
+            out += [Child(m, shared=True) for m in ca]
+        out.append(Child(certs.secret_stub(p, common.server_cert_name(p)), create_only=True))
+        out.append(Child(certs.secret_stub(p, common.client_cert_name(p)), create_only=True))
+        out.append(Child(certs.server_certificate(p)))
+        out.append(Child(certs.client_certificate(p)))
+    out.append(Child(workload.service(p)))
+    out.append(Child(workload.headless_service(p)))
+    for optional in (workload.pod_disruption_budget(p), workload.network_policy(p)):
+        if optional is not None:
+            out.append(Child(optional))
+    out.append(Child(workload.deployment(p)))
+    return out

@@ -1,0 +1,109 @@
+"""``blazen-operator``: ``run`` the operator, or ``render`` a BlazenPeer's children without a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+DEFAULT_LIVENESS_PORT = 8081
+DEFAULT_METRICS_PORT = 8000
+
+
+def _render(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .builders import Peer, desired
+
+    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        docs = [d for d in yaml.safe_load_all(stream) if d]
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc.get("kind") != "BlazenPeer":
+            continue
+        meta = dict(doc.get("metadata") or {})
+        meta.setdefault("namespace", args.namespace)
+        doc = {**doc, "metadata": meta}
+        try:
+            peer = Peer.from_body(doc)
+        except ValidationError as exc:
+            print(f"error: {meta.get('name', '?')}: invalid spec:\n{exc}", file=sys.stderr)
+            return 2
+        out += [child.manifest for child in desired(peer)]
+    if not out:
+        print("error: no BlazenPeer in the input", file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .operator import Options, run
+
+    if not args.all_namespaces and not args.namespace:
+        print("error: pass --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    options = Options(
+        namespaces=tuple(args.namespace or ()),
+        all_namespaces=args.all_namespaces,
+        liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port,
+        resync_seconds=args.resync_seconds,
+        verbose=args.verbose,
+    )
+    run(options)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blazen-operator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator (standalone: no kopf peering; run one replica)")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", metavar="NS", help="watch this namespace (repeatable; globs ok)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    run.add_argument(
+        "--liveness-port",
+        type=int,
+        default=DEFAULT_LIVENESS_PORT,
+        help="port of GET /healthz (0: off; default %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="port of the Prometheus GET /metrics (0: off; default %(default)s)",
+    )
+    run.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="level-based resync period of status and children (default %(default)s)",
+    )
+    run.add_argument(
+        "--standalone", action="store_true", default=True, help="always on; accepted for clarity"
+    )
+    run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    run.set_defaults(func=_run)
+
+    render = sub.add_parser("render", help="print the child manifests of BlazenPeer(s) as YAML, no cluster")
+    render.add_argument("-f", "--file", required=True, help="BlazenPeer manifest(s); - for stdin")
+    render.add_argument("--namespace", "-n", default="default", help="namespace when the manifest has none")
+    render.set_defaults(func=_render)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Generate the BlazenPeer CustomResourceDefinition from the pydantic models.
+
+    python -m blazen_operator.crdgen > crds/blazenpeers.yaml
+
+The committed file must equal this output (tests/unit/test_operator_crd.py checks it), so the schema
+and the models cannot drift.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema
+
+from . import spec as s
+
+# Keys a structural OpenAPI v3 schema in a CRD may carry (we keep only these).
+_KEEP = {
+    "type",
+    "description",
+    "default",
+    "properties",
+    "required",
+    "items",
+    "additionalProperties",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "format",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+}
+
+
+class _K8sSchema(GenerateJsonSchema):
+    """Emit defaults for default_factory fields too: {} for objects, [] for lists, so the API server
+    defaults nested fields the same way pydantic does."""
+
+    def get_default_value(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None:
+            value = factory()
+            if isinstance(value, BaseModel):
+                return {}
+            return value
+        return super().get_default_value(schema)
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = dict(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+        target.update(node)  # the field's own description/default win over the model's docstring
+        node = target
+    if "allOf" in node and len(node["allOf"]) == 1:
+        inner = dict(node.pop("allOf")[0])
+        inner.update(node)
+        node = inner
+    if node.get("x-kubernetes-int-or-string"):
+        out = {"x-kubernetes-int-or-string": True}
+        for key in ("description", "default"):
+            if key in node:
+                out[key] = node[key]
+        return out
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        if len(branches) != 1:
+            merged = {k: v for b in branches for k, v in b.items()}
+            if not merged.get("x-kubernetes-int-or-string"):
+                raise ValueError(f"cannot express union in a structural schema: {branches}")
+            branches = [merged]
+        inner = dict(branches[0])
+        inner.update(node)
+        return _resolve(inner, defs)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+        node.setdefault("type", "string")
+    if node.get("default", 0) is None:
+        del node["default"]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key not in _KEEP:
+            continue
+        if key == "properties":
+            out[key] = {name: _resolve(v, defs) for name, v in value.items()}
+        elif key in ("items",):
+            out[key] = _resolve(value, defs)
+        elif key == "additionalProperties":
+            if isinstance(value, dict) and value:
+                out[key] = _resolve(value, defs)
+            # `true`, `{}` (free-form) and `false` (extra=forbid) are not structural; pruning covers them
+        else:
+            out[key] = value
+    if out.get("x-kubernetes-preserve-unknown-fields"):
+        out["type"] = "object"
+    return out
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_K8sSchema)
+    defs = raw.pop("$defs", {})
+    return _resolve(raw, defs)
+
+
+PRINTER_COLUMNS = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "Ready condition",
+    },
+    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired pods"},
+    {
+        "name": "Available",
+        "type": "integer",
+        "jsonPath": ".status.readyReplicas",
+        "description": "Ready pods",
+    },
+    {"name": "GPU", "type": "integer", "jsonPath": ".spec.hardware.gpu", "description": "GPUs per pod"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
+    {
+        "name": "Endpoint",
+        "type": "string",
+        "jsonPath": ".status.endpoints.grpc",
+        "description": "gRPC endpoint",
+    },
+    {
+        "name": "Cert-Expiry",
+        "type": "date",
+        "jsonPath": ".status.certificate.notAfter",
+        "description": "Serving certificate expiry",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def build_crd() -> dict[str, Any]:
+    spec_schema = model_schema(s.BlazenPeerSpec)
+    status_schema = model_schema(s.BlazenPeerStatus)
+    root = {
+        "type": "object",
+        "description": "BlazenPeer runs a fleet of Blazen peer pods: a Deployment of `blazen-peer serve`, "
+        "its "
+        "Services, cert-manager certificates, RBAC and disruption budget, all owned by this object.",
+        "required": ["spec"],
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
+                "size(self.metadata.name) <= 52",
+                "message": "metadata.name must be a DNS-1035 label of at most 52 characters: "
+                "it names Services "
+                "(<name>-peers) and Secrets (<name>-client-tls)",
+                "fieldPath": ".metadata.name",
+                "reason": "FieldValueInvalid",
+            }
+        ],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{s.PLURAL}.{s.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "blazen-fleet"},
+        },
+        "spec": {
+            "group": s.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": s.KIND,
+                "listKind": f"{s.KIND}List",
+                "plural": s.PLURAL,
+                "singular": s.SINGULAR,
+                "shortNames": list(s.SHORT_NAMES),
+                "categories": ["blazen"],
+            },
+            "versions": [
+                {
+                    "name": s.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+HEADER = (
+    "# Generated by `python -m blazen_operator.crdgen`; do not edit. "
+    "Source: operator/blazen_operator/spec.py\n"
+)
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+
+
+def main() -> None:
+    sys.stdout.write(render())
+
+
+if __name__ == "__main__":
+    main()
