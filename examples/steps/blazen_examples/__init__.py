@@ -1,0 +1,15 @@
+"""Example Blazen workflow steps.
+
+``blazen-peer serve --entrypoint blazen_examples.steps`` imports :mod:`blazen_examples.steps`, which registers
+every step with the runtime.
+"""
+
+STEP_IDS = (
+    "examples::echo",
+    "examples::tokenize",
+    "examples::count",
+    "examples::remember",
+    "examples::gpu_info",
+)
+
+__all__ = ["STEP_IDS"]
