@@ -1,0 +1,176 @@
+"""Server settings (``PeerConfig``) and the one flag table the CLI and the ``BLAZEN_PEER_*`` env twins come
+from."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "BLAZEN_PEER_"
+
+
+@dataclass
+class PeerConfig:
+    """Everything ``blazen-peer serve`` can be told. The security fields are read by
+    ``blazen_peer.security``."""
+
+    node_id: str = field(default_factory=socket.gethostname)
+    entrypoint: str | None = None
+    grpc_addr: str | None = "0.0.0.0:50051"
+    http_addr: str | None = None
+    plaintext_grpc_addr: str | None = None
+    admin_addr: str | None = "0.0.0.0:9090"
+    steps: tuple[str, ...] | None = None
+    # security (handed to blazen_peer.security.install)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    token_file: str | None = None
+    token: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    insecure: bool = False
+    # session-ref forwarding
+    forward_dns: str | None = None
+    forward_peers: tuple[str, ...] = ()
+    # engine limits
+    ref_max_count: int = 10_000
+    ref_max_bytes: int = 256 * 1024 * 1024
+    ref_ttl_secs: float = 3600.0
+    sync_step_workers: int = 0  # 0: min(32, cpus + 4)
+    http_max_body_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_secs: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _optional_addr(value: str) -> str | None:
+    return None if value.strip().lower() in ("", "off", "none") else value.strip()
+
+
+@dataclass(frozen=True)
+class Flag:
+    attr: str
+    help: str
+    parse: Callable[[str], Any] = str
+    kind: str = "value"  # value | bool | append (repeatable flag; the env twin is comma-separated)
+    metavar: str | None = None
+    extra_env: tuple[str, ...] = ()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.attr.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.attr.upper()
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("entrypoint", "module[:attr] imported at start; it registers steps", metavar="MOD[:ATTR]"),
+    Flag("node_id", "this peer's node id (default: the hostname)", metavar="ID"),
+    Flag("grpc_addr", "gRPC listener (TLS when --tls-* are given)", _optional_addr, metavar="H:P"),
+    Flag("http_addr", "HTTP/JSON shim listener (off unless given)", _optional_addr, metavar="H:P"),
+    Flag(
+        "plaintext_grpc_addr",
+        "extra plaintext gRPC listener for Blazen's own clients",
+        _optional_addr,
+        metavar="H:P",
+    ),
+    Flag("admin_addr", "admin listener: /healthz /readyz /metrics /v1/info", _optional_addr, metavar="H:P"),
+    Flag("steps", "allow-list of served step ids", _csv, metavar="ID[,ID...]"),
+    Flag("tls_cert", "PEM certificate", metavar="PATH"),
+    Flag("tls_key", "PEM private key", metavar="PATH"),
+    Flag("tls_ca", "PEM CA bundle", metavar="PATH"),
+    Flag("token_file", "file holding the bearer token", metavar="PATH"),
+    Flag("token", "bearer token (prefer --token-file)", metavar="TOKEN"),
+    Flag("cors_allow_origin", "allowed CORS origin (repeatable)", str, "append", metavar="ORIGIN"),
+    Flag("forward_dns", "headless Service name whose A records are sibling replicas", metavar="NAME"),
+    Flag("forward_peers", "static sibling list for session-ref forwarding", _csv, metavar="H:P[,H:P...]"),
+    Flag("insecure", "allow starting with neither TLS nor a token", _bool, "bool"),
+    Flag("ref_max_count", "cap on session refs held", int, metavar="N"),
+    Flag("ref_max_bytes", "cap on serialized session-ref bytes held", int, metavar="BYTES"),
+    Flag("ref_ttl_secs", "TTL of UntilParentFinish refs (0: none)", float, metavar="SECS"),
+    Flag("sync_step_workers", "threads for plain-def steps (0: min(32, cpus+4))", int, metavar="N"),
+    Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
+    Flag("shutdown_grace_secs", "grace period for in-flight calls on shutdown", float, metavar="SECS"),
+    Flag("log_level", "logging level", str.upper, metavar="LEVEL"),
+)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for flag in FLAGS:
+        env_note = f" [env {flag.env}]"
+        if flag.kind == "bool":
+            parser.add_argument(
+                flag.option,
+                dest=flag.attr,
+                action="store_const",
+                const=True,
+                default=None,
+                help=flag.help + env_note,
+            )
+        elif flag.kind == "append":
+            parser.add_argument(
+                flag.option,
+                dest=flag.attr,
+                action="append",
+                default=None,
+                metavar=flag.metavar,
+                help=flag.help + env_note,
+            )
+        else:
+            parser.add_argument(
+                flag.option, dest=flag.attr, default=None, metavar=flag.metavar, help=flag.help + env_note
+            )
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> PeerConfig:
+    """Flag wins over its env twin, which wins over the default. ``BLAZEN_PEER_TOKEN`` is the token's twin."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        raw = getattr(args, flag.attr, None)
+        try:
+            if raw is not None:
+                if flag.kind == "append":
+                    values[flag.attr] = tuple(o for item in raw for o in _csv(item))
+                elif flag.kind == "bool":
+                    values[flag.attr] = True
+                else:
+                    values[flag.attr] = flag.parse(raw)
+                continue
+            for name in (flag.env, *flag.extra_env):
+                if name in env:
+                    values[flag.attr] = _csv(env[name]) if flag.kind == "append" else flag.parse(env[name])
+                    break
+        except ValueError as exc:
+            raise ValueError(f"{flag.option} / {flag.env}: {exc}") from None
+    return PeerConfig(**values)
+
+
+def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> PeerConfig:
+    parser = argparse.ArgumentParser(prog="blazen-peer serve")
+    add_flags(parser)
+    return config_from(parser.parse_args(list(argv)), environ)

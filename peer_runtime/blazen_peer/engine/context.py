@@ -1,0 +1,46 @@
+"""The ``ctx`` object every step receives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .refs import RunRefs, SessionRefStore
+
+
+class Context:
+    """Per-run context.
+
+    * ``state``: a dict; after the run its entries are exported (as JSON) into the response's ``state_json``.
+    * ``session_refs``: insert values that stay on this peer (see ``RunRefs.insert``).
+    * ``node_id``, ``workflow_name``, ``run_id``, ``caller_node_id`` (from ``X-Blazen-Peer-Node-Id`` or our
+      client's metadata; None when the caller did not say).
+    """
+
+    __slots__ = ("_refs", "_store", "caller_node_id", "node_id", "run_id", "state", "workflow_name")
+
+    def __init__(
+        self,
+        store: SessionRefStore,
+        run_id: int,
+        node_id: str,
+        workflow_name: str,
+        caller_node_id: str | None,
+    ) -> None:
+        self._store = store
+        self._refs: RunRefs | None = None
+        self.run_id = run_id
+        self.node_id = node_id
+        self.workflow_name = workflow_name
+        self.caller_node_id = caller_node_id
+        self.state: dict[str, Any] = {}
+
+    @property
+    def session_refs(self) -> RunRefs:
+        refs = self._refs
+        if refs is None:
+            refs = self._refs = RunRefs(self._store, self.run_id)
+        return refs
+
+    @property
+    def refs_used(self) -> bool:
+        return self._refs is not None

@@ -1,0 +1,233 @@
+"""``BlazenPeerServer``: binds the gRPC listener(s), the optional HTTP/JSON shim and the optional admin app
+around
+one ``PeerService``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from .config import PeerConfig
+from .engine.refs import SessionRefStore
+from .engine.registry import StepRegistry, default_registry, load_entrypoint
+from .engine.service import PeerService
+from .transport.forwarding import SiblingForwarder, split_host_port
+from .transport.grpc_server import create_grpc_server
+from .transport.hooks import ServerHooks
+from .transport.http_shim import create_http_app
+from .wire.messages import ENVELOPE_VERSION
+
+log = logging.getLogger("blazen_peer.server")
+
+
+class ServerConsumedError(RuntimeError):
+    pass
+
+
+def _install_security(server: BlazenPeerServer) -> None:
+    """The single seam to ``blazen_peer.security``: its ``install(server)``, when present."""
+    try:
+        module = importlib.import_module("blazen_peer.security")
+    except ModuleNotFoundError as exc:
+        if exc.name == "blazen_peer.security":
+            return
+        raise
+    install = getattr(module, "install", None)
+    if install is not None:
+        install(server)
+
+
+class BlazenPeerServer:
+    """``BlazenPeerServer(node_id)`` then ``await server.serve(addr)``. Serving consumes the server."""
+
+    def __init__(
+        self,
+        node_id: str | None = None,
+        *,
+        config: PeerConfig | None = None,
+        registry: StepRegistry | None = None,
+        hooks: ServerHooks | None = None,
+    ) -> None:
+        cfg = dataclasses.replace(config) if config is not None else PeerConfig()
+        if node_id is not None:
+            cfg.node_id = node_id
+        self.config = cfg
+        self.hooks = hooks or ServerHooks()
+        if cfg.entrypoint:
+            registry = load_entrypoint(cfg.entrypoint, registry)
+        self.registry = registry or default_registry
+        self.refs = SessionRefStore(
+            max_count=cfg.ref_max_count, max_bytes=cfg.ref_max_bytes, parent_ttl_secs=cfg.ref_ttl_secs or None
+        )
+        self.service = PeerService(cfg.node_id, self.registry, served_steps=cfg.steps, refs=self.refs)
+        self.grpc_port: int | None = None
+        self.plaintext_grpc_port: int | None = None
+        self.http_port: int | None = None
+        self.admin_port: int | None = None
+        self._consumed = False
+        self._ready = False
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._forwarder: SiblingForwarder | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    # -- hooks for health / info / drain ----------
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def ready(self) -> bool:
+        """True once every listener is bound, until ``set_ready(False)`` (drain) or stop."""
+        return self._ready
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready = ready
+
+    @property
+    def served_step_ids(self) -> list[str]:
+        return self.service.served_step_ids()
+
+    def info(self) -> dict[str, Any]:
+        """The body of ``GET /v1/info`` (docs/contracts.md)."""
+        return {
+            "node_id": self.node_id,
+            "steps": self.served_step_ids,
+            "envelope_version": ENVELOPE_VERSION,
+            "ready": self._ready,
+        }
+
+    # -- lifecycle ----------
+
+    async def serve(self, addr: str | None = None) -> None:
+        """Bind (``addr`` overrides ``config.grpc_addr``) and serve until ``stop()`` or cancellation."""
+        await self.start(addr)
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    async def start(self, addr: str | None = None) -> None:
+        if self._consumed:
+            raise ServerConsumedError("server already consumed by serve()")
+        self._consumed = True
+        cfg = self.config
+        if addr is not None:
+            cfg.grpc_addr = addr
+        for a in (cfg.grpc_addr, cfg.plaintext_grpc_addr, cfg.http_addr):
+            if a is not None:
+                split_host_port(a)
+        _install_security(self)
+        hooks = self.hooks
+        workers = cfg.sync_step_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blazen-step")
+        self.service.executor = self._executor
+
+        server = create_grpc_server(self.service, hooks)
+        try:
+            if cfg.grpc_addr is not None:
+                creds = hooks.grpc_server_credentials() if hooks.grpc_server_credentials else None
+                if creds is not None:
+                    self.grpc_port = server.add_secure_port(cfg.grpc_addr, creds)
+                else:
+                    self.grpc_port = server.add_insecure_port(cfg.grpc_addr)
+            if cfg.plaintext_grpc_addr is not None:
+                self.plaintext_grpc_port = server.add_insecure_port(cfg.plaintext_grpc_addr)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC listener: {exc}") from exc
+        self._grpc = server
+
+        if cfg.forward_peers or cfg.forward_dns:
+            own = [p for p in (self.grpc_port, self.plaintext_grpc_port) if p]
+            self._forwarder = SiblingForwarder(
+                static_peers=cfg.forward_peers,
+                dns_name=cfg.forward_dns,
+                own_ports=own,
+                dns_port=self.grpc_port or 50051,
+                credentials=hooks.forward_channel_credentials,
+                metadata=hooks.forward_metadata,
+            )
+            self.service.forwarder = self._forwarder
+
+        await server.start()
+        log.info("gRPC listening on %s (port %s)", cfg.grpc_addr, self.grpc_port)
+
+        if cfg.http_addr is not None:
+            app = create_http_app(
+                self.service, middlewares=hooks.http_middlewares, max_body_bytes=cfg.http_max_body_bytes
+            )
+            for setup in hooks.http_app_setup:
+                setup(app)
+            ssl_ctx = hooks.http_ssl_context() if hooks.http_ssl_context else None
+            self.http_port = await self._start_app(app, cfg.http_addr, ssl_ctx)
+            log.info("HTTP/JSON shim listening on %s (port %s)", cfg.http_addr, self.http_port)
+        if hooks.admin_app_factory is not None and cfg.admin_addr is not None:
+            self.admin_port = await self._start_app(hooks.admin_app_factory(self), cfg.admin_addr, None)
+
+        self._sweeper = asyncio.ensure_future(self._sweep_refs())
+        self._ready = True
+        for cb in hooks.on_ready:
+            await _maybe_await(cb(self))
+
+    async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any) -> int:
+        host, port = split_host_port(addr)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_port=False)
+        await site.start()
+        self._runners.append(runner)
+        sockets = [s for s in (site._server.sockets if site._server else [])]
+        return sockets[0].getsockname()[1] if sockets else port
+
+    async def _sweep_refs(self) -> None:
+        while True:
+            await asyncio.sleep(15)
+            dropped = self.refs.sweep()
+            if dropped:
+                log.info("dropped %d expired session refs", dropped)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._ready = False
+        grace = self.config.shutdown_grace_secs if grace is None else grace
+        try:
+            for cb in self.hooks.on_stop:
+                await _maybe_await(cb(self))
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            for runner in self._runners:
+                await runner.cleanup()
+            if self._grpc is not None:
+                await self._grpc.stop(grace)
+            if self._forwarder is not None:
+                await self._forwarder.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+async def _maybe_await(value: Any) -> None:
+    if inspect.isawaitable(value):
+        with contextlib.suppress(asyncio.CancelledError):
+            await value

@@ -1,0 +1,231 @@
+"""The gRPC service ``blazen.peer.v1.BlazenPeer`` on grpc.aio, with generic handlers and raw-bytes framing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ..engine.service import PeerService
+from ..errors import PeerStatusError, Status
+from ..wire.envelope import (
+    MAX_MESSAGE_BYTES,
+    METHOD_DEREF,
+    METHOD_INVOKE,
+    METHOD_RELEASE,
+    METHOD_STREAM,
+    SERVICE,
+    EnvelopeDecodeError,
+    unwrap,
+    wrap,
+)
+from ..wire.messages import (
+    DerefRequest,
+    DerefResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    SubWorkflowEvent,
+    SubWorkflowRequest,
+    SubWorkflowResponse,
+    dumps_json,
+    encode_stream_event,
+    encode_stream_final,
+)
+from ..wire.postcard import PostcardDecodeError
+
+if TYPE_CHECKING:
+    from .hooks import ServerHooks
+
+log = logging.getLogger("blazen_peer.grpc")
+
+NODE_ID_METADATA = "x-blazen-peer-node-id"
+FORWARDED_METADATA = "x-blazen-forwarded"
+# grpcio's own receive limit sits above tonic's, so an oversized request gets tonic's exact status and
+# message.
+GRPC_RECEIVE_LIMIT = 2 * MAX_MESSAGE_BYTES
+
+_CODES = {s: getattr(grpc.StatusCode, s.name) for s in Status}
+
+
+def _too_large(n: int) -> str:
+    return (
+        f"Error, decoded message length too large: found {n} bytes, the limit is: {MAX_MESSAGE_BYTES} bytes"
+    )
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
+
+
+class _Abort(Exception):
+    def __init__(self, status: Status, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+def _decode(request: bytes, decoder):
+    if len(request) > MAX_MESSAGE_BYTES:
+        raise _Abort(Status.OUT_OF_RANGE, _too_large(len(request)))
+    try:
+        return decoder(unwrap(request))
+    except PostcardDecodeError as exc:
+        raise _Abort(Status.INVALID_ARGUMENT, f"postcard decode failed: {exc}") from None
+    except EnvelopeDecodeError as exc:
+        raise _Abort(Status.INTERNAL, f"failed to decode Protobuf message: {exc}") from None
+
+
+class BlazenPeerServicer:
+    """The four methods. Errors are set with ``set_code``/``set_details`` and an empty return, which grpc.aio
+    sends as a trailers-only response (same bytes as ``abort``, without raising through the stack)."""
+
+    def __init__(self, service: PeerService) -> None:
+        self.service = service
+
+    @staticmethod
+    def _fail(context: grpc.aio.ServicerContext, status: Status, message: str) -> None:
+        context.set_code(_CODES[status])
+        context.set_details(message)
+
+    async def invoke(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+        try:
+            req = _decode(request, SubWorkflowRequest.decode)
+            caller = _metadata_value(context, NODE_ID_METADATA) if log.isEnabledFor(logging.DEBUG) else None
+            if caller is not None:
+                log.debug("InvokeSubWorkflow %r from %s", req.workflow_name, caller)
+            resp = await self.service.invoke(req, caller_node_id=caller)
+        except PeerStatusError as exc:
+            self._fail(context, exc.status, exc.message)
+            return None
+        except _Abort as exc:
+            self._fail(context, exc.status, exc.message)
+            return None
+        out = resp.encode()
+        if len(out) > MAX_MESSAGE_BYTES - 8:
+            out = SubWorkflowResponse(
+                remote_refs=resp.remote_refs,
+                error=f"response too large: {len(out)} bytes of postcard exceed the {MAX_MESSAGE_BYTES}-byte "
+                "message limit",
+            ).encode()
+        return wrap(out)
+
+    async def stream(self, request: bytes, context: grpc.aio.ServicerContext):
+        try:
+            req = _decode(request, SubWorkflowRequest.decode)
+        except _Abort as exc:
+            self._fail(context, exc.status, exc.message)
+            return
+        caller = _metadata_value(context, NODE_ID_METADATA)
+        queue: asyncio.Queue[SubWorkflowEvent | SubWorkflowResponse | PeerStatusError] = asyncio.Queue()
+        seq = 0
+
+        def on_event(step_id: str, event: dict, ctx: object) -> None:
+            nonlocal seq
+            try:
+                body = self.service.encode_json(event, ctx)
+            except (TypeError, ValueError):
+                body = dumps_json(event, default=repr)
+            queue.put_nowait(SubWorkflowEvent(seq, step_id, event["type"], body, int(time.time() * 1000)))
+            seq += 1
+
+        async def run() -> None:
+            try:
+                queue.put_nowait(await self.service.invoke(req, caller_node_id=caller, on_event=on_event))
+            except PeerStatusError as exc:
+                queue.put_nowait(exc)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, PeerStatusError):
+                    self._fail(context, item.status, item.message)
+                    return
+                if isinstance(item, SubWorkflowResponse):
+                    yield wrap(encode_stream_final(item))
+                    return
+                yield wrap(encode_stream_event(item))
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def deref(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+        try:
+            req = _decode(request, DerefRequest.decode)
+            forwarded = _metadata_value(context, FORWARDED_METADATA) == "1"
+            payload = await self.service.deref(
+                req.ref_uuid, version=req.envelope_version, forwarded=forwarded
+            )
+        except (PeerStatusError, _Abort) as exc:
+            self._fail(context, exc.status, exc.message)
+            return None
+        if len(payload) > MAX_MESSAGE_BYTES - 16:
+            self._fail(
+                context,
+                Status.OUT_OF_RANGE,
+                f"session ref {req.ref_uuid} payload of {len(payload)} bytes exceeds "
+                f"the {MAX_MESSAGE_BYTES}-byte "
+                "message limit",
+            )
+            return None
+        return wrap(DerefResponse(payload).encode())
+
+    async def release(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+        try:
+            req = _decode(request, ReleaseRequest.decode)
+            forwarded = _metadata_value(context, FORWARDED_METADATA) == "1"
+            released = await self.service.release(
+                req.ref_uuid, version=req.envelope_version, forwarded=forwarded
+            )
+        except (PeerStatusError, _Abort) as exc:
+            self._fail(context, exc.status, exc.message)
+            return None
+        return wrap(ReleaseResponse(released).encode())
+
+
+async def _unimplemented(request_iterator, context: grpc.aio.ServicerContext) -> None:
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details("")
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    def __init__(self, servicer: BlazenPeerServicer) -> None:
+        prefix = f"/{SERVICE}/"
+        self._methods = {
+            prefix + METHOD_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
+            prefix + METHOD_STREAM: grpc.unary_stream_rpc_method_handler(servicer.stream),
+            prefix + METHOD_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
+            prefix + METHOD_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
+        }
+        # Unknown methods: UNIMPLEMENTED with an empty message, as tonic answers.
+        self._fallback = grpc.stream_stream_rpc_method_handler(_unimplemented)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._methods.get(handler_call_details.method, self._fallback)
+
+
+def grpc_server_options(hooks: ServerHooks | None = None) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    if hooks is not None:
+        options.extend(hooks.grpc_options)
+    return options
+
+
+def create_grpc_server(service: PeerService, hooks: ServerHooks | None = None) -> grpc.aio.Server:
+    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports."""
+    server = grpc.aio.server(
+        interceptors=list(hooks.grpc_interceptors) if hooks is not None else None,
+        options=grpc_server_options(hooks),
+        compression=grpc.Compression.NoCompression,
+    )
+    server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service)),))
+    return server
