@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tarfile
@@ -398,3 +399,27 @@ def test_notes_name_the_deployment_and_scope(helm: Path, tmp_path: Path) -> None
     notes = render_notes(helm, tmp_path / "all", "--set", "metrics.service.enabled=false")
     assert "It reconciles BlazenPeers in every namespace." in notes
     assert "Metrics:" not in notes
+
+
+def leaf_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the documented values: leaves, and maps that are whole Kubernetes objects."""
+    whole = {"resources", "podSecurityContext", "securityContext", "nodeSelector", "affinity"}
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in whole:
+            out.extend(leaf_paths(value, f"{path}."))
+        else:
+            out.append(path)
+    return out
+
+
+def test_every_value_is_documented_and_in_the_schema() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = (ROOT / "docs" / "helm.md").read_text()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path in leaf_paths(values):
+        assert f"| `{path}` |" in docs, f"docs/helm.md has no row for {path}"
+        node = schema
+        for part in path.split("."):
+            node = node["properties"][part]
