@@ -423,3 +423,34 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
         node = schema
         for part in path.split("."):
             node = node["properties"][part]
+
+
+def operator_doc_rules() -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], set[str]]]:
+    """The two RBAC tables of docs/operator.md: (cluster-scoped, per watched namespace)."""
+    text = (ROOT / "docs" / "operator.md").read_text()
+    section = text.split("## RBAC the operator needs", 1)[1].split("\n## ", 1)[0]
+    cluster_part, namespaced_part = section.split("In every watched namespace", 1)
+
+    def table(part: str) -> dict[tuple[str, str], set[str]]:
+        out: dict[tuple[str, str], set[str]] = {}
+        for line in part.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) < 3 or not cells[0].startswith("`"):
+                continue
+            group = cells[0].strip("`").replace('""', "")
+            verbs = {v.strip(" `") for v in cells[2].split(",")}
+            for resource in cells[1].split(","):
+                out.setdefault((group, resource.strip(" `")), set()).update(verbs)
+        return out
+
+    return table(cluster_part), table(namespaced_part)
+
+
+def test_rbac_is_exactly_what_docs_operator_md_asks_for(helm: Path) -> None:
+    cluster, namespaced = operator_doc_rules()
+    assert (len(cluster), len(namespaced)) == (2, 16)
+    docs = template(helm)
+    assert flatten(one(docs, "ClusterRole", "bo-blazen-operator-cluster")["rules"]) == cluster
+    assert flatten(one(docs, "ClusterRole", "bo-blazen-operator")["rules"]) == namespaced
+    docs = template(helm, "--set", "watchNamespaces={team-a}")
+    assert flatten(one(docs, "Role")["rules"]) == namespaced
