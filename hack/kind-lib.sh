@@ -15,7 +15,6 @@ COREDNS_VERSION="${COREDNS_VERSION:-v1.12.1}"
 # kindnetd is a nested module without tags; this commit is the one behind kindest/kindnetd:v20250512-df8de77b.
 KINDNETD_COMMIT="${KINDNETD_COMMIT:-df8de77b}"
 KINDNETD_TAG="${KINDNETD_TAG:-v20250512-df8de77b}"
-HELM_VERSION="${HELM_VERSION:-v3.19.0}"
 CERT_MANAGER_VERSION="${CERT_MANAGER_VERSION:-v1.11.5}"
 PAUSE_TAGS="${PAUSE_TAGS:-3.10 3.10.1}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds our own images locally, with no pulls:
+#   blazen-fleet/peer-runtime:dev    python3 + blazen-fleet[peer]       entrypoint blazen-peer
+#   blazen-fleet/operator:dev        python3 + blazen-fleet[operator]   entrypoint blazen-operator
+#   blazen-fleet/example-steps:dev   peer-runtime + examples/steps (blazen_examples)
+# Base: the bookworm python rootfs (hack/build-rootfs.sh python). The project's wheel and every dependency are
+# built/downloaded on the host with pip (PyPI) into the build context and installed with --no-index, so the
+# `docker build` itself needs no network. Each image also gets a tag src-<hash of its inputs>; an image whose
+# inputs did not change is not rebuilt. Saved under ~/.cache/blazen-fleet/images too.
+# Usage: hack/build-app-images.sh [peer-runtime operator example-steps]
+source "$(dirname "$0")/kind-lib.sh"
+PIP="${PIP:-$REPO_ROOT/.venv/bin/pip}"
+[[ -x "$PIP" ]] || PIP="python3 -m pip"
+APP_TAG="${APP_TAG:-dev}"
+
+src_hash() { # extra files...
+  (cd "$REPO_ROOT" && { git ls-files -co --exclude-standard pyproject.toml peer_runtime operator "$@" | grep -v '/tests/' |
+    sort | xargs sha256sum; cat "$HACK_DIR/build-rootfs.sh"; } | sha256sum | cut -c1-12)
+}
+
+build_app() { # name extras extra-src...
+  local name="$1" extras="$2"; shift 2
+  local hash; hash=$(src_hash "images/$name" "$@")
+  local ref="blazen-fleet/$name:$APP_TAG" key="blazen-fleet/$name:src-$hash"
+  if ! docker_image_exists "$key" && [[ -f "$IMAGES_DIR/app-$name-$hash.tar" ]]; then
+    docker load -i "$IMAGES_DIR/app-$name-$hash.tar" >/dev/null
+  fi
+  if docker_image_exists "$key"; then docker tag "$key" "$ref"; log "$ref up to date ($key)"; return 0; fi
+  "$HACK_DIR/build-rootfs.sh" python
+  local ctx; ctx=$(mktemp -d)
+  mkdir "$ctx/wheels"
+  local target="$REPO_ROOT[$extras]" deps=() plog="$LOG_DIR/pip-wheel-$name.log"
+  # The project's wheel plus its dependencies' wheels (binary wheels from PyPI; pip's cache makes reruns fast).
+  [[ "$name" == example-steps ]] && { target="$REPO_ROOT/examples/steps"; deps=(--no-deps); }
+  if ! $PIP wheel --quiet "${deps[@]}" --wheel-dir "$ctx/wheels" "$target" >"$plog" 2>&1; then
+    tail -30 "$plog" >&2; log "error: pip wheel $target failed (log: $plog)"; return 1
+  fi
+  cp "$REPO_ROOT/images/$name/Dockerfile" "$ctx/"
+  docker build -q -t "$ref" -t "$key" "$ctx" >/dev/null
+  rm -rf "$ctx"
+  image_to_cache "app-$name-$hash" "$key"
+  log "$ref built ($key)"
+}
+
+for n in "${@:-peer-runtime operator example-steps}"; do
+  for nn in $n; do
+    case "$nn" in
+      peer-runtime) timed image-peer-runtime build_app peer-runtime peer ;;
+      operator) timed image-operator build_app operator operator ;;
+      # Its inputs include the runtime's, so a runtime change rebuilds it too.
+      example-steps) timed image-example-steps build_app example-steps peer examples/steps images/peer-runtime ;;
+    esac
+  done
+done

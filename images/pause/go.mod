@@ -1,0 +1,3 @@
+module blazen-fleet/pause
+
+go 1.22
