@@ -3,20 +3,26 @@ BlazenPeers: they match the generated CRD's schema and the operator renders them
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from blazen_operator.spec import parse_spec
-from blazen_peer import default_registry
+from blazen_peer import BlazenPeerServer, PeerConfig, ServerHooks, default_registry
+from blazen_peer.client import PeerTransportError
 from blazen_peer.engine.service import PeerService
 from blazen_peer.errors import PeerStatusError, Status
 from blazen_peer.wire.messages import SubWorkflowRequest
+
+from tests.support.pki import CA, write_pem_files
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -248,3 +254,127 @@ def test_examples_package_is_installable_metadata() -> None:
     meta = tomllib.loads((STEPS_SRC / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "blazen-examples"
     assert meta["project"]["dependencies"] == []
+
+
+# --------------------------------------------------------------------------------------------------- client
+
+
+def load_client_module() -> Any:
+    spec = importlib.util.spec_from_file_location("examples_client", EXAMPLES / "client.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+async def mtls_peer(examples: Any, tmp_path: Path) -> Any:
+    """A real BlazenPeerServer serving the example steps on gRPC with mutual TLS, plus client PEM files."""
+    ca = CA()
+    server_crt, server_key, ca_crt = write_pem_files(tmp_path / "server", ca.issue("examples-cpu-0"), ca)
+    client_crt, client_key, _ = write_pem_files(
+        tmp_path / "client", ca.issue("examples-client", server=False), ca
+    )
+    config = PeerConfig(
+        node_id="examples-cpu-0",
+        grpc_addr="127.0.0.1:0",
+        admin_addr=None,
+        tls_cert=str(server_crt),
+        tls_key=str(server_key),
+        tls_ca=str(ca_crt),
+    )
+    hooks = ServerHooks(
+        grpc_server_credentials=lambda: grpc.ssl_server_credentials(
+            [(server_key.read_bytes(), server_crt.read_bytes())],
+            root_certificates=ca_crt.read_bytes(),
+            require_client_auth=True,
+        )
+    )
+    server = BlazenPeerServer(config=config, hooks=hooks)
+    await server.start()
+    try:
+        yield {
+            "endpoint": f"https://127.0.0.1:{server.grpc_port}",
+            "files": ["--cert", str(client_crt), "--key", str(client_key), "--ca", str(ca_crt)],
+            "ca": ca,
+            "tmp": tmp_path,
+        }
+    finally:
+        await server.stop(0)
+
+
+async def test_client_runs_the_chain_over_mtls(mtls_peer: dict[str, Any]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "client.py"),
+        mtls_peer["endpoint"],
+        *mtls_peer["files"],
+        *("--server-name", "localhost", "--workflow", "word-count"),
+        *("--input", json.dumps({"text": "a rose is a rose"})),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert json.loads(stdout) == {
+        "result": {"words": 5, "counts": {"a": 2, "is": 1, "rose": 2}},
+        "state": {"tokens": 5, "distinct": 3},
+        "refs": {},
+        "error": None,
+    }
+
+
+async def test_client_derefs_a_remembered_value(mtls_peer: dict[str, Any]) -> None:
+    client = load_client_module()
+    args = client.parse_args(
+        [
+            mtls_peer["endpoint"].removeprefix("https://"),  # host:port means https
+            *mtls_peer["files"],
+            *("--workflow", "remember", "--input", '{"value": {"k": [1, 2]}}', "--deref"),
+        ]
+    )
+    out = await client.run(args)
+    assert out["error"] is None
+    (ref,) = out["refs"]
+    assert out["refs"][ref] == {
+        "origin": "examples-cpu-0",
+        "type_tag": "examples::Remembered",
+        "payload": {"k": [1, 2]},
+    }
+    assert out["state"] == {"ref": ref}
+
+
+async def test_client_reports_a_failed_workflow(mtls_peer: dict[str, Any]) -> None:
+    client = load_client_module()
+    args = client.parse_args(
+        [mtls_peer["endpoint"], *mtls_peer["files"], "--step", "examples::count", "--input", '{"text": "x"}']
+    )
+    out = await client.run(args)
+    assert out["result"] is None
+    assert "workflow error" in out["error"]
+
+
+async def test_client_refuses_a_peer_signed_by_another_ca(mtls_peer: dict[str, Any]) -> None:
+    client = load_client_module()
+    other_ca = mtls_peer["tmp"] / "other-ca.crt"
+    other_ca.write_bytes(CA(name="someone-else").cert_pem)
+    files = list(mtls_peer["files"])
+    files[files.index("--ca") + 1] = str(other_ca)
+    args = client.parse_args(
+        [mtls_peer["endpoint"], *files, "--server-name", "localhost", "--connect-timeout", "2"]
+    )
+    with pytest.raises(PeerTransportError):
+        await client.run(args)
+
+
+def test_client_arguments() -> None:
+    client = load_client_module()
+    base = ["--cert", "c", "--key", "k", "--ca", "a"]
+    args = client.parse_args(["peer.example:50051", *base])
+    assert args.endpoint == "https://peer.example:50051"
+    assert (args.workflow, args.steps, args.input) == ("echo", [], {})
+    with pytest.raises(SystemExit):
+        client.parse_args(["http://peer:50051", *base])  # plaintext cannot carry a client certificate
+    with pytest.raises(SystemExit):
+        client.parse_args(["peer:50051", *base, "--input", "{not json"])

@@ -1,0 +1,100 @@
+"""Invoke a sub-workflow on a Blazen peer over mutual TLS and print the result as JSON.
+
+    python examples/client.py https://HOST:PORT --cert tls.crt --key tls.key --ca ca.crt \\
+        --step examples::tokenize --step examples::count --input '{"text": "to be or not to be"}'
+
+    python examples/client.py https://HOST:PORT ... --workflow word-count --input '{"text": "..."}'
+
+ENDPOINT is the peer's gRPC (TLS) listener: the BlazenPeer's status.endpoints.grpc, or a port-forward
+(`kubectl port-forward svc/examples-cpu 50051`; then pass --server-name with a name the serving certificate
+holds, e.g. examples-cpu.NAMESPACE.svc). The client identity is the Secret named in
+status.certificate.clientSecretName (tls.crt, tls.key, ca.crt), which the operator issues with cert-manager:
+
+    kubectl get secret NAME -o jsonpath='{.data.tls\\.crt}' | base64 -d > tls.crt   # likewise tls.key, ca.crt
+
+With no --step the peer runs the named workflow's default step set (examples/steps registers echo,
+word-count, remember and gpu-info). --deref fetches the payload of every session ref the run returned.
+Exit status: 0 on success, 1 when the workflow failed (its error is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from blazen_peer.client import BlazenPeerClient
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("endpoint", help="https://HOST:PORT of the peer's gRPC listener (HOST:PORT means https)")
+    p.add_argument("--cert", type=Path, required=True, help="client certificate chain (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="client private key (PEM)")
+    p.add_argument("--ca", type=Path, required=True, help="CA that signed the peer's certificate (PEM)")
+    p.add_argument("--server-name", help="TLS name to verify when ENDPOINT's host is not in the certificate")
+    p.add_argument("--token-file", type=Path, help="bearer token file, when the peer also asks for a token")
+    p.add_argument("--node-id", default="examples-client", help="our node id (x-blazen-peer-node-id)")
+    p.add_argument("--workflow", default="echo", help="workflow name (default: echo)")
+    p.add_argument("--step", dest="steps", action="append", default=[], help="step id (repeatable)")
+    p.add_argument("--input", default="{}", help="JSON: the start event's fields (default {})")
+    p.add_argument("--timeout", type=int, default=30, help="seconds the peer may run the workflow")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the connection")
+    p.add_argument("--deref", action="store_true", help="also fetch the payload of each returned session ref")
+    args = p.parse_args(argv)
+    if "://" not in args.endpoint:
+        args.endpoint = f"https://{args.endpoint}"
+    if not args.endpoint.startswith("https://"):
+        p.error("mutual TLS needs an https:// endpoint")
+    try:
+        args.input = json.loads(args.input)
+    except ValueError as exc:
+        p.error(f"--input is not JSON: {exc}")
+    return args
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    client = await BlazenPeerClient.connect(
+        args.endpoint,
+        args.node_id,
+        root_certificates=args.ca.read_bytes(),
+        certificate_chain=args.cert.read_bytes(),
+        private_key=args.key.read_bytes(),
+        token=token,
+        server_name=args.server_name,
+        connect_timeout=args.connect_timeout,
+    )
+    async with client:
+        resp = await client.invoke_sub_workflow(args.workflow, args.steps, args.input, args.timeout)
+        out: dict[str, Any] = {
+            "result": resp.result_value(),
+            "state": resp.state_values(),
+            "refs": {
+                ref: {"origin": d.origin_node_id, "type_tag": d.type_tag}
+                for ref, d in resp.remote_refs.items()
+            },
+            "error": resp.error,
+        }
+        if args.deref:
+            for ref, desc in out["refs"].items():
+                payload = await client.deref_session_ref(ref)
+                try:
+                    desc["payload"] = json.loads(payload)
+                except ValueError:
+                    desc["payload_hex"] = payload.hex()
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = asyncio.run(run(parse_args(argv)))
+    json.dump(out, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0 if out["error"] is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
