@@ -65,7 +65,7 @@ class BlazenPeerServer:
         self.hooks = hooks or ServerHooks()
         if cfg.entrypoint:
             registry = load_entrypoint(cfg.entrypoint, registry)
-        self.registry = registry or default_registry
+        self.registry = default_registry if registry is None else registry
         self.refs = SessionRefStore(
             max_count=cfg.ref_max_count, max_bytes=cfg.ref_max_bytes, parent_ttl_secs=cfg.ref_ttl_secs or None
         )

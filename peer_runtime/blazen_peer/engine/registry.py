@@ -97,7 +97,7 @@ def step(
     step_id: str, accepts: Iterable[str] = (START_EVENT,), *, registry: StepRegistry | None = None
 ) -> Callable[[Handler], Handler]:
     """Register ``async def handler(event: dict, ctx)`` (or a plain ``def``) under ``step_id``."""
-    return (registry or default_registry).step(step_id, accepts)
+    return (default_registry if registry is None else registry).step(step_id, accepts)
 
 
 class Workflow:
@@ -106,7 +106,7 @@ class Workflow:
 
     def __init__(self, name: str, *, registry: StepRegistry | None = None) -> None:
         self.name = name
-        self.registry = registry or default_registry
+        self.registry = default_registry if registry is None else registry
         self.registry._workflows.setdefault(name, [])
 
     def add_step(self, step_id: str, accepts: Iterable[str], handler: Handler) -> Workflow:
@@ -137,7 +137,7 @@ def load_entrypoint(spec: str, registry: StepRegistry | None = None) -> StepRegi
     if not module_name:
         raise ValueError(f"invalid entrypoint {spec!r}: expected MODULE[:ATTR]")
     module = importlib.import_module(module_name)
-    target_registry = registry or default_registry
+    target_registry = default_registry if registry is None else registry
     if not attr:
         return target_registry
     obj: Any = module

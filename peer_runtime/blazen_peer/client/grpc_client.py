@@ -1,0 +1,182 @@
+"""``BlazenPeerClient``: the gRPC client (grpc.aio), speaking the same bytes as Blazen's Rust client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from ..wire.envelope import (
+    MAX_MESSAGE_BYTES,
+    METHOD_DEREF,
+    METHOD_INVOKE,
+    METHOD_RELEASE,
+    METHOD_STREAM,
+    SERVICE,
+    EnvelopeDecodeError,
+    unwrap,
+    wrap,
+)
+from ..wire.messages import (
+    DerefRequest,
+    DerefResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    SubWorkflowEvent,
+    SubWorkflowRequest,
+    SubWorkflowResponse,
+    decode_stream_frame,
+)
+from ..wire.postcard import PostcardDecodeError
+from ._common import build_request, check_response, normalize_uuid, tls_parts
+from .errors import PeerEncodeError, PeerTransportError, error_for_status
+
+
+def _target(endpoint: str) -> tuple[str, bool]:
+    if endpoint.startswith("https://"):
+        return endpoint[len("https://") :].rstrip("/"), True
+    if endpoint.startswith("http://"):
+        return endpoint[len("http://") :].rstrip("/"), False
+    if "://" in endpoint:
+        raise PeerTransportError(f"unsupported endpoint scheme in {endpoint!r}")
+    return endpoint.rstrip("/"), False
+
+
+class BlazenPeerClient:
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, metadata: list[tuple[str, str]]) -> None:
+        self._channel = channel
+        self.node_id = node_id
+        self._metadata = tuple(metadata)
+        prefix = f"/{SERVICE}/"
+        self._invoke = channel.unary_unary(prefix + METHOD_INVOKE)
+        self._stream = channel.unary_stream(prefix + METHOD_STREAM)
+        self._deref = channel.unary_unary(prefix + METHOD_DEREF)
+        self._release = channel.unary_unary(prefix + METHOD_RELEASE)
+
+    @classmethod
+    async def connect(
+        cls,
+        endpoint: str,
+        node_id: str,
+        *,
+        tls: Any = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        connect_timeout: float = 10.0,
+    ) -> BlazenPeerClient:
+        """Connect eagerly (as Blazen's client does). ``endpoint``: ``http://H:P`` (plaintext) or ``https://H:P``
+        (TLS; system roots unless ``tls``/``root_certificates`` say otherwise). ``token`` is sent as
+        ``authorization: Bearer <token>``; ``node_id`` as ``x-blazen-peer-node-id``."""
+        target, secure = _target(endpoint)
+        parts = tls_parts(tls, root_certificates, certificate_chain, private_key)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", -1),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if secure or parts is not None:
+            root, chain, key = parts if parts is not None else (None, None, None)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root, private_key=key, certificate_chain=chain
+            )
+            channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
+        metadata = [("x-blazen-peer-node-id", node_id)]
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        try:
+            await asyncio.wait_for(channel.channel_ready(), connect_timeout)
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            await channel.close()
+            raise PeerTransportError(
+                f"transport error: cannot connect to {endpoint}: {exc or 'timed out'}"
+            ) from None
+        return cls(channel, node_id, metadata)
+
+    async def _call(self, method: Any, name: str, payload: bytes, deadline: float | None) -> bytes:
+        try:
+            raw = await method(wrap(payload), metadata=self._metadata, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise error_for_status(exc.code().name, exc.details() or "", name) from None
+        return _unwrap(raw)
+
+    async def invoke_sub_workflow(
+        self,
+        request: SubWorkflowRequest | str,
+        step_ids: list[str] | None = None,
+        input: Any = None,
+        timeout_secs: int | None = None,
+        *,
+        raise_on_error: bool = False,
+        deadline: float | None = None,
+    ) -> SubWorkflowResponse:
+        """Pass a ``SubWorkflowRequest``, or the workflow name plus ``step_ids``/``input``/``timeout_secs``.
+        A workflow error comes back in ``response.error`` unless ``raise_on_error`` (then
+        ``PeerWorkflowError``)."""
+        req = build_request(request, step_ids, input, timeout_secs)
+        raw = await self._call(self._invoke, "invoke", req.encode(), deadline)
+        return check_response(_decode(SubWorkflowResponse.decode, raw), raise_on_error)
+
+    async def stream_sub_workflow_events(
+        self,
+        request: SubWorkflowRequest | str,
+        step_ids: list[str] | None = None,
+        input: Any = None,
+        timeout_secs: int | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncIterator[SubWorkflowEvent | SubWorkflowResponse]:
+        """Yields one ``SubWorkflowEvent`` per event a step emitted, then the final
+        ``SubWorkflowResponse``."""
+        req = build_request(request, step_ids, input, timeout_secs)
+        call = self._stream(wrap(req.encode()), metadata=self._metadata, timeout=deadline)
+        try:
+            async for raw in call:
+                item = _decode(decode_stream_frame, _unwrap(raw))
+                if isinstance(item, SubWorkflowResponse):
+                    check_response(item, False)
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise error_for_status(exc.code().name, exc.details() or "", "stream") from None
+        finally:
+            call.cancel()
+
+    async def deref_session_ref(self, ref_uuid: Any, *, deadline: float | None = None) -> bytes:
+        req = DerefRequest(normalize_uuid(ref_uuid))
+        raw = await self._call(self._deref, "deref", req.encode(), deadline)
+        return _decode(DerefResponse.decode, raw).payload
+
+    async def release_session_ref(self, ref_uuid: Any, *, deadline: float | None = None) -> bool:
+        req = ReleaseRequest(normalize_uuid(ref_uuid))
+        raw = await self._call(self._release, "release", req.encode(), deadline)
+        return _decode(ReleaseResponse.decode, raw).released
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> BlazenPeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _unwrap(raw: bytes) -> bytes:
+    try:
+        return unwrap(raw)
+    except EnvelopeDecodeError as exc:
+        raise PeerEncodeError(f"protobuf decode failed: {exc}") from None
+
+
+def _decode(decoder: Any, payload: bytes) -> Any:
+    try:
+        return decoder(payload)
+    except PostcardDecodeError as exc:
+        raise PeerEncodeError(f"postcard decode failed: {exc}") from None

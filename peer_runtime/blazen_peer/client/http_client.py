@@ -1,0 +1,137 @@
+"""``HttpPeerClient``: the HTTP/JSON client, speaking what Blazen's ``HttpPeerClient`` speaks."""
+
+from __future__ import annotations
+
+import json
+import ssl as _ssl
+from typing import Any
+
+import aiohttp
+
+from ..wire import json_form
+from ..wire.messages import DerefRequest, ReleaseRequest, SubWorkflowRequest, SubWorkflowResponse
+from ._common import build_request, check_response, normalize_uuid, tls_parts
+from .errors import PeerEncodeError, PeerTransportError, error_for_http
+
+ROUTES = {
+    "invoke": "/v1/peer/invoke_sub_workflow",
+    "deref": "/v1/peer/deref_session_ref",
+    "release": "/v1/peer/release_session_ref",
+}
+
+
+class HttpPeerClient:
+    def __init__(self, base_url: str, node_id: str, *, token: str | None, ssl: Any, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.node_id = node_id
+        self._headers = {"content-type": "application/json", "x-blazen-peer-node-id": node_id}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._ssl = ssl
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def new_http(
+        cls,
+        base_url: str,
+        node_id: str,
+        *,
+        tls: Any = None,
+        ssl: _ssl.SSLContext | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+    ) -> HttpPeerClient:
+        """No I/O happens until the first call. ``tls``: what ``load_client_tls()`` returns (CA, optional
+        identity); ``ssl``: a ready ``SSLContext``. ``token`` goes out as ``Authorization: Bearer``."""
+        if ssl is None:
+            parts = tls_parts(tls, None, None, None)
+            if parts is not None:
+                root, chain, key = parts
+                ssl = _ssl.create_default_context(cadata=root.decode() if root else None)
+                if chain is not None and key is not None:
+                    ssl = _client_identity(ssl, chain, key)
+        return cls(base_url, node_id, token=token, ssl=ssl, timeout=timeout)
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _post(self, method: str, body: str) -> Any:
+        route = ROUTES[method]
+        try:
+            async with self._sess().post(
+                self.base_url + route, data=body.encode(), headers=self._headers, ssl=self._ssl
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except aiohttp.ClientError as exc:
+            raise PeerTransportError(f"http transport: request failed: {exc}") from None
+        except TimeoutError:
+            raise PeerTransportError(f"http transport: {route} timed out") from None
+        if not 200 <= status < 300:
+            try:
+                detail = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):
+                detail = raw.decode("utf-8", "replace")
+            raise error_for_http(status, f"HTTP {status} from {route}: {detail}", method)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise PeerEncodeError(f"json deserialize: {exc}") from None
+
+    async def invoke_sub_workflow(
+        self,
+        request: SubWorkflowRequest | str,
+        step_ids: list[str] | None = None,
+        input: Any = None,
+        timeout_secs: int | None = None,
+        *,
+        raise_on_error: bool = False,
+    ) -> SubWorkflowResponse:
+        req = build_request(request, step_ids, input, timeout_secs)
+        obj = await self._post("invoke", json_form.request_to_json(req))
+        return check_response(_parse(json_form.response_from_json, obj), raise_on_error)
+
+    async def deref_session_ref(self, ref_uuid: Any) -> bytes:
+        req = DerefRequest(normalize_uuid(ref_uuid))
+        obj = await self._post("deref", json_form.ref_request_to_json(req))
+        return _parse(json_form.deref_response_from_json, obj).payload
+
+    async def release_session_ref(self, ref_uuid: Any) -> bool:
+        req = ReleaseRequest(normalize_uuid(ref_uuid))
+        obj = await self._post("release", json_form.ref_request_to_json(req))
+        return _parse(json_form.release_response_from_json, obj).released
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> HttpPeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _parse(fn: Any, obj: Any) -> Any:
+    try:
+        return fn(obj)
+    except json_form.JsonFormError as exc:
+        raise PeerEncodeError(f"json deserialize: {exc}") from None
+
+
+def _client_identity(ctx: _ssl.SSLContext, chain: bytes, key: bytes) -> _ssl.SSLContext:
+    import os
+    import tempfile
+
+    # ssl can only load an identity from files; write them to a private temp dir for the call.
+    with tempfile.TemporaryDirectory() as d:
+        cert_path, key_path = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
+        for path, data in ((cert_path, chain), (key_path, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx

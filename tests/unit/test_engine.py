@@ -1,0 +1,193 @@
+"""The engine behind both transports, driven directly through ``PeerService``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from blazen_peer.engine import PeerService, RefLifetime, SessionRefStore, StepRegistry, Workflow
+from blazen_peer.engine.refs import SessionRefLimitError
+from blazen_peer.errors import PeerStatusError, Status
+from blazen_peer.wire import SubWorkflowRequest
+
+STOP = "blazen::StopEvent"
+
+
+def req(
+    steps: list[str], data: Any = None, timeout: int | None = None, name: str = "wf"
+) -> SubWorkflowRequest:
+    return SubWorkflowRequest.new(name, steps, {} if data is None else data, timeout)
+
+
+def service(reg: StepRegistry, **kw: Any) -> PeerService:
+    return PeerService("node", reg, executor=ThreadPoolExecutor(4), **kw)
+
+
+async def test_fan_out_duplicates_and_routing_by_type() -> None:
+    reg = StepRegistry()
+    seen: list[str] = []
+
+    @reg.step("start")
+    async def start(event: dict, ctx: Any) -> dict:
+        return {"type": "Work"}
+
+    @reg.step("w1", accepts=["Work"])
+    async def w1(event: dict, ctx: Any) -> None:
+        seen.append("w1")
+
+    @reg.step("w2", accepts=["Work"])
+    def w2(event: dict, ctx: Any) -> dict:
+        seen.append("w2")
+        return {"type": STOP, "result": len(seen)}
+
+    resp = await service(reg).invoke(req(["w2", "w1", "start"]))
+    assert resp.error is None
+    assert sorted(seen) == ["w1", "w2"]
+    seen.clear()
+    resp = await service(reg).invoke(req(["start", "w1", "w1", "w2"]))  # a duplicated id runs twice
+    assert seen.count("w1") == 2
+
+
+async def test_status_checks_in_blazens_order() -> None:
+    reg = StepRegistry()
+    reg.register("s", ["blazen::StartEvent"], lambda e, c: {"type": STOP})
+    svc = service(reg)
+    bad = SubWorkflowRequest("wf", ["nope"], b"{x", None, envelope_version=2)
+    with pytest.raises(PeerStatusError) as err:
+        await svc.invoke(bad)
+    assert err.value.status is Status.FAILED_PRECONDITION
+    with pytest.raises(PeerStatusError) as err:
+        await svc.invoke(SubWorkflowRequest("wf", ["s", "nope", "x"], b"{x"))
+    assert (err.value.status, err.value.message) == (Status.NOT_FOUND, "unknown step id `nope`")
+    with pytest.raises(PeerStatusError) as err:
+        await svc.invoke(SubWorkflowRequest("wf", ["s"], b"{x"))
+    assert err.value.status is Status.INVALID_ARGUMENT
+    assert err.value.message.startswith("invalid input JSON: ")
+
+
+async def test_steps_allow_list_and_default_workflow() -> None:
+    reg = StepRegistry()
+    wf = Workflow("pipe", registry=reg)
+    wf.add_step("a", ["blazen::StartEvent"], lambda e, c: {"type": "B", "x": e["x"]})
+    wf.add_step("b", ["B"], lambda e, c: {"type": STOP, "result": e["x"] * 2})
+    assert (await service(reg).invoke(req([], {"x": 4}, name="pipe"))).result_value() == 8
+    limited = service(reg, served_steps=["a"])
+    assert limited.served_step_ids() == ["a"]
+    with pytest.raises(PeerStatusError, match="unknown step id `b`"):
+        await limited.invoke(req(["a", "b"]))
+    with pytest.raises(PeerStatusError, match="unknown step id `b`"):
+        await limited.invoke(req([], name="pipe"))
+
+
+async def test_errors_are_ok_responses() -> None:
+    reg = StepRegistry()
+    reg.register("bad-return", ["blazen::StartEvent"], lambda e, c: 42)
+    reg.register("no-type", ["blazen::StartEvent"], lambda e, c: {"x": 1})
+    reg.register("dead-end", ["blazen::StartEvent"], lambda e, c: None)
+    reg.register("unserializable", ["blazen::StartEvent"], lambda e, c: {"type": STOP, "result": object()})
+    svc = service(reg)
+    assert "returned int" in (await svc.invoke(req(["bad-return"]))).error
+    assert 'without a string "type" key' in (await svc.invoke(req(["no-type"]))).error
+    assert "ended without a blazen::StopEvent" in (await svc.invoke(req(["dead-end"]))).error
+    assert "not JSON-serializable" in (await svc.invoke(req(["unserializable"]))).error
+
+
+async def test_cpu_heavy_sync_step_does_not_stall_other_calls() -> None:
+    reg = StepRegistry()
+
+    @reg.step("cpu")
+    def cpu(event: dict, ctx: Any) -> dict:
+        end = time.perf_counter() + 1.0
+        n = 0
+        while time.perf_counter() < end:
+            n += 1
+        return {"type": STOP, "result": n}
+
+    @reg.step("echo")
+    async def echo(event: dict, ctx: Any) -> dict:
+        return {"type": STOP, "result": "fast"}
+
+    svc = service(reg)
+    slow = asyncio.ensure_future(svc.invoke(req(["cpu"])))
+    await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    fast = await svc.invoke(req(["echo"]))
+    assert fast.result_value() == "fast"
+    assert time.perf_counter() - t0 < 0.5
+    assert not slow.done()
+    assert (await slow).error is None
+
+
+async def test_state_is_exported() -> None:
+    reg = StepRegistry()
+
+    @reg.step("s")
+    async def s(event: dict, ctx: Any) -> dict:
+        ctx.state["seen"] = {"input": event["v"]}
+        return {"type": STOP, "result": None}
+
+    resp = await service(reg).invoke(req(["s"], {"v": [1, 2]}))
+    assert resp.state_values() == {"seen": {"input": [1, 2]}}
+    assert resp.result_json == b"null"
+
+
+async def test_ref_lifetimes_and_caps() -> None:
+    reg = StepRegistry()
+
+    @reg.step("mk")
+    async def mk(event: dict, ctx: Any) -> dict:
+        for life in RefLifetime:
+            ctx.session_refs.insert(life.name.encode(), type_tag=life.name, lifetime=life)
+        ctx.session_refs.insert(object(), lifetime=RefLifetime.UntilExplicitDrop)  # live-only: never listed
+        return {"type": STOP, "result": None}
+
+    store = SessionRefStore(max_count=4, max_bytes=1000)
+    svc = service(reg, refs=store)
+    resp = await svc.invoke(req(["mk"]))
+    tags = sorted(d.type_tag for d in resp.remote_refs.values())
+    assert tags == ["UntilExplicitDrop", "UntilParentFinish"]
+    assert store.count == 3  # the context-drop ref is gone; the live-only one stays until released
+    for key, d in resp.remote_refs.items():
+        assert await svc.deref(key) == d.type_tag.encode()
+    again = await svc.invoke(req(["mk"]))
+    assert "session ref limit reached" in again.error
+    assert again.remote_refs == {}  # the failed run's own refs: context-drop dropped; none were listable
+
+    small = SessionRefStore(max_bytes=10)
+    with pytest.raises(SessionRefLimitError, match="byte limit"):
+        small.insert(b"x" * 11)
+
+
+def test_parent_finish_ttl() -> None:
+    now = [100.0]
+    store = SessionRefStore(parent_ttl_secs=30, clock=lambda: now[0])
+    h = store.insert(b"v", lifetime="UntilParentFinish", run_id=1)
+    e = store.insert(b"w", lifetime=RefLifetime.UntilExplicitDrop, run_id=1)
+    assert store.payload(h.uuid) == b"v"
+    now[0] += 31
+    assert store.payload(h.uuid) is None
+    assert store.payload(e.uuid) == b"w"
+    assert store.sweep() == 0
+    assert store.release(e.uuid) is True
+    assert store.release(e.uuid) is False
+
+
+async def test_timeout_cancels() -> None:
+    reg = StepRegistry()
+    done: list[int] = []
+
+    @reg.step("slow")
+    async def slow(event: dict, ctx: Any) -> dict:
+        await asyncio.sleep(0.5)
+        done.append(1)
+        return {"type": STOP}
+
+    t0 = time.perf_counter()
+    resp = await service(reg).invoke(SubWorkflowRequest.new("wf", ["slow"], {}, 0))
+    assert resp.error == "workflow timed out after 0s"
+    assert time.perf_counter() - t0 < 0.3
+    await asyncio.sleep(0.6)
+    assert done == []
