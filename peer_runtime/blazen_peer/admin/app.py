@@ -1,0 +1,68 @@
+"""The admin aiohttp app: ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/info`` (docs/contracts.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .metrics import PeerMetrics
+from .readiness import Readiness
+
+__all__ = ["ENVELOPE_VERSION", "make_admin_app"]
+
+ENVELOPE_VERSION = 1
+
+
+def make_admin_app(
+    *,
+    readiness: Readiness,
+    metrics: PeerMetrics | None = None,
+    node_id: str | None = None,
+    steps: Callable[[], Sequence[str]] | Sequence[str] = (),
+    info: Callable[[], Mapping[str, Any]] | None = None,
+    liveness: Callable[[], bool] | None = None,
+) -> web.Application:
+    """``/healthz``: 200 while the process is alive (and ``liveness()``, if given, is true), else 503.
+    ``/readyz``: 200 when ``readiness.ready``, else 503 with the reason (starting, draining).
+    ``/metrics``: the text exposition of ``metrics.registry``.
+    ``/v1/info``: ``{"node_id", "steps", "envelope_version": 1, "ready"}``; ``info()`` (e.g. the
+    server's own ``info``) may supply the fields, ``ready`` always comes from ``readiness``."""
+
+    def info_body() -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "node_id": node_id,
+            "steps": list(steps() if callable(steps) else steps),
+            "envelope_version": ENVELOPE_VERSION,
+        }
+        if info is not None:
+            body.update(info())
+        body["ready"] = readiness.ready
+        return body
+
+    async def healthz(request: web.Request) -> web.Response:
+        alive = liveness() if liveness is not None else True
+        return web.json_response({"alive": alive}, status=200 if alive else 503)
+
+    async def readyz(request: web.Request) -> web.Response:
+        ok = readiness.ready
+        return web.json_response({"ready": ok, "reason": readiness.reason}, status=200 if ok else 503)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        if metrics is None:
+            raise web.HTTPNotFound(text="metrics are disabled")
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def info_handler(request: web.Request) -> web.Response:
+        return web.json_response(info_body())
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/v1/info", info_handler)
+    return app

@@ -1,0 +1,164 @@
+"""Graceful drain: on SIGTERM stop being ready, refuse new calls, let in-flight calls finish.
+
+``Drainer`` is a guard (``enter``/``exit``, see ``guard.py``) counting in-flight calls. ``begin()``
+(called from the SIGTERM handler) marks the ``Readiness`` as draining, so ``/readyz`` and the gRPC
+health service turn NOT_SERVING and Kubernetes takes the pod out of its Services; after
+``admit_window`` seconds (default 0) new calls are refused with UNAVAILABLE / 503 "draining" (both
+retryable). ``drain()`` waits for the in-flight calls to end, at most ``grace_period`` seconds, then
+sets ``finished``: the server stops its listeners and exits. Keep ``grace_period`` below the pod's
+``terminationGracePeriodSeconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import DrainingError
+
+__all__ = ["DRAINING_MESSAGE", "Drainer"]
+
+log = logging.getLogger("blazen_peer.security.drain")
+
+DRAINING_MESSAGE = "draining: this peer is shutting down, retry on another replica"
+
+
+class Drainer:
+    def __init__(
+        self,
+        readiness: Any | None = None,
+        *,
+        grace_period: float = 25.0,
+        admit_window: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.readiness = readiness
+        self.grace_period = grace_period
+        self.admit_window = admit_window
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._refuse_after: float | None = None
+        self.refused = 0
+        self.finished = threading.Event()
+        self.clean: bool | None = None
+        self._drain_task: asyncio.Task | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = []
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self._refuse_after is not None
+
+    # -- per call -------------------------------------------------------------------------------------
+    def enter(self, method: str = "") -> None:
+        refuse_after = self._refuse_after
+        if refuse_after is not None and self._clock() >= refuse_after:
+            self.refused += 1
+            raise DrainingError(DRAINING_MESSAGE)
+        with self._cond:
+            self._in_flight += 1
+
+    def exit(self, state: object = None, code: object = None) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self._cond.notify_all()
+                self._wake("idle")
+
+    def _wake(self, what: str) -> None:
+        for loop, event, kind in list(self._waiters):
+            if kind == what:
+                with contextlib.suppress(RuntimeError):  # loop closed
+                    loop.call_soon_threadsafe(event.set)
+
+    async def _wait(self, what: str, done: Callable[[], bool], limit: float | None) -> bool:
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event, what)
+        self._waiters.append(entry)
+        try:
+            if done():
+                return True
+            try:
+                await asyncio.wait_for(event.wait(), limit)
+            except TimeoutError:
+                return done()
+            return True
+        finally:
+            self._waiters.remove(entry)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.exit()
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start draining (idempotent): not ready from now on, new calls refused after the window."""
+        if self._refuse_after is not None:
+            return
+        self._refuse_after = self._clock() + self.admit_window
+        if self.readiness is not None:
+            self.readiness.set_draining()
+        log.info("draining: %d call(s) in flight, grace period %.0f s", self._in_flight, self.grace_period)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no call is in flight (threads); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._in_flight <= 0, timeout)
+
+    async def drain(self) -> bool:
+        """``begin()``, then wait for in-flight calls up to the grace period; sets ``finished``.
+        Returns True when every call ended in time."""
+        self.begin()
+        await self._wait("idle", lambda: self._in_flight <= 0, self.grace_period)
+        self.clean = self._in_flight <= 0
+        if not self.clean:
+            log.warning("grace period over with %d call(s) still in flight", self._in_flight)
+        else:
+            log.info("drained")
+        self.finished.set()
+        self._wake("finished")
+        return self.clean
+
+    async def wait_finished(self) -> bool:
+        """Await the end of a drain started elsewhere (e.g. by the signal handler); returns ``clean``."""
+        await self._wait("finished", self.finished.is_set, None)
+        return bool(self.clean)
+
+    def install_signal_handlers(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        signals: Iterable[int] = (signal.SIGTERM,),
+        on_finished: Callable[[bool], Any] | None = None,
+    ) -> None:
+        """On each of ``signals``: start ``drain()`` on ``loop`` and then call ``on_finished(clean)``
+        (e.g. the server's stop). A second signal while draining is ignored."""
+        loop = loop or asyncio.get_running_loop()
+
+        async def run() -> None:
+            clean = await self.drain()
+            if on_finished is not None:
+                result = on_finished(clean)
+                if asyncio.iscoroutine(result):
+                    await result
+
+        def handler() -> None:
+            if self._drain_task is None:
+                self._drain_task = loop.create_task(run())
+
+        for sig in signals:
+            loop.add_signal_handler(sig, handler)
