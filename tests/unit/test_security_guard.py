@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from blazen_peer.admin.metrics import PeerMetrics
