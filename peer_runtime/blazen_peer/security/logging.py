@@ -1,0 +1,147 @@
+"""Structured logs: one JSON object per line, with the node id, the caller's node id and a request id,
+and secrets redacted.
+
+``configure_json_logging(node_id=...)`` installs one handler on the root logger. ``bind_request(...)``
+(a context manager, contextvars-based, so it follows asyncio tasks) attaches ``caller_node_id`` and
+``request_id`` to every record logged inside it. Redaction runs on the final text of each record
+(message, arguments, exception and extra fields): ``Bearer <anything>``, PEM private-key blocks and the
+values returned by the ``secrets`` callback (e.g. ``TokenSource.secrets``) never reach the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+__all__ = [
+    "JsonFormatter",
+    "RedactingFilter",
+    "bind_request",
+    "configure_json_logging",
+    "current_request",
+    "new_request_id",
+    "redact",
+]
+
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("blazen_caller_node_id", default=None)
+_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("blazen_request_id", default=None)
+
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
+_PEM_KEY = re.compile(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.DOTALL)
+REDACTED = "[REDACTED]"
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@contextlib.contextmanager
+def bind_request(caller_node_id: str | None = None, request_id: str | None = None) -> Iterator[str]:
+    """Attach the caller's node id and a request id (generated if not given) to records logged inside;
+    yields the request id."""
+    rid = request_id or new_request_id()
+    t1 = _CALLER.set(caller_node_id)
+    t2 = _REQUEST.set(rid)
+    try:
+        yield rid
+    finally:
+        _CALLER.reset(t1)
+        _REQUEST.reset(t2)
+
+
+def current_request() -> tuple[str | None, str | None]:
+    return _CALLER.get(), _REQUEST.get()
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, REDACTED)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    return _PEM_KEY.sub("[REDACTED PRIVATE KEY]", text)
+
+
+class RedactingFilter(logging.Filter):
+    """For other handlers: rewrites ``record.msg`` (arguments merged) with secrets redacted."""
+
+    def __init__(self, secrets: Callable[[], Iterable[str]] | None = None) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = list(self._secrets()) if self._secrets else []
+        record.msg = redact(record.getMessage(), secrets)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, secrets)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, node_id: str | None, secrets: Callable[[], Iterable[str]] | None = None) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self._secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        secrets = list(self._secrets()) if self._secrets else []
+        caller, rid = _CALLER.get(), _REQUEST.get()
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage(), secrets),
+            "node_id": self.node_id,
+        }
+        caller = getattr(record, "caller_node_id", caller)
+        rid = getattr(record, "request_id", rid)
+        if caller is not None:
+            out["caller_node_id"] = caller
+        if rid is not None:
+            out["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in out and key not in ("caller_node_id", "request_id"):
+                out[key] = (
+                    value
+                    if isinstance(value, int | float | bool | type(None))
+                    else redact(str(value), secrets)
+                )
+        if record.exc_info:
+            out["exc"] = redact(self.formatException(record.exc_info), secrets)
+        elif record.exc_text:
+            out["exc"] = redact(record.exc_text, secrets)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+_installed: logging.Handler | None = None
+
+
+def configure_json_logging(
+    *,
+    node_id: str | None,
+    level: int | str = "INFO",
+    stream: IO[str] | None = None,
+    secrets: Callable[[], Iterable[str]] | None = None,
+) -> logging.Handler:
+    """Install (or replace) the JSON handler on the root logger; returns it."""
+    global _installed
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(node_id, secrets))
+    root.addHandler(handler)
+    root.setLevel(level)
+    _installed = handler
+    return handler

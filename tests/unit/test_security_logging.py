@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import pytest
+from blazen_peer.security.auth import TokenSource
+from blazen_peer.security.logging import (
+    RedactingFilter,
+    bind_request,
+    configure_json_logging,
+    current_request,
+    redact,
+)
+
+from tests.support.pki import CA
+
+TOKEN = "tok-0123456789abcdef"
+
+
+@pytest.fixture
+def logs():
+    stream = io.StringIO()
+    tokens = TokenSource(token=TOKEN)
+    root = logging.getLogger()
+    old_level = root.level
+    handler = configure_json_logging(node_id="peer-0", stream=stream, secrets=tokens.secrets)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+def _lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_one_json_object_per_line_with_ids(logs):
+    log = logging.getLogger("blazen_peer.test")
+    log.info("plain %s", "message")
+    with bind_request(caller_node_id="node-a", request_id="r-1") as rid:
+        assert rid == "r-1"
+        assert current_request() == ("node-a", "r-1")
+        log.warning("inside", extra={"step": "my_app::analyze", "attempt": 2})
+    with bind_request(caller_node_id="node-b") as generated:
+        log.info("generated id")
+    assert current_request() == (None, None)
+    first, second, third = _lines(logs)
+    assert first["msg"] == "plain message"
+    assert first["node_id"] == "peer-0"
+    assert first["level"] == "info"
+    assert "caller_node_id" not in first
+    assert second["caller_node_id"] == "node-a"
+    assert second["request_id"] == "r-1"
+    assert second["step"] == "my_app::analyze"
+    assert second["attempt"] == 2
+    assert third["request_id"] == generated
+    assert len(generated) == 16
+
+
+async def test_request_ids_follow_asyncio_tasks(logs):
+    log = logging.getLogger("blazen_peer.test")
+
+    async def call(n: int) -> None:
+        with bind_request(caller_node_id=f"node-{n}", request_id=f"r-{n}"):
+            await asyncio.sleep(0.01 * (3 - n))
+            log.info("call %d", n)
+
+    await asyncio.gather(*(call(n) for n in range(3)))
+    for rec in _lines(logs):
+        n = rec["msg"].split()[-1]
+        assert rec["request_id"] == f"r-{n}"
+        assert rec["caller_node_id"] == f"node-{n}"
+
+
+def test_secrets_are_redacted(logs):
+    log = logging.getLogger("blazen_peer.test")
+    key_pem = CA("log-ca").issue().key_pem.decode()
+    log.info("metadata: %s", [("authorization", f"Bearer {TOKEN}")])
+    log.info("header Authorization: bearer abc.def.ghi")
+    log.info("the token is %s", TOKEN)
+    log.info("loaded key", extra={"pem": key_pem})
+    try:
+        raise ValueError(f"bad key {key_pem}")
+    except ValueError:
+        log.exception("failed")
+    text = logs.getvalue()
+    assert TOKEN not in text
+    assert "abc.def.ghi" not in text
+    assert "PRIVATE KEY-----\n" not in text
+    assert key_pem.splitlines()[1] not in text
+    assert "[REDACTED]" in text
+    assert len(_lines(logs)) == 5
+
+
+def test_redacting_filter_for_other_handlers():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(lambda: [TOKEN]))
+    log = logging.getLogger("blazen_peer.test.filter")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("token=%s auth=%s", TOKEN, "Bearer xyz123")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert stream.getvalue().strip() == "token=[REDACTED] auth=Bearer [REDACTED]"
+    assert redact("nothing secret here") == "nothing secret here"
