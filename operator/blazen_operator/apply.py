@@ -6,9 +6,11 @@ it, updates it and reverts drift alike. All calls are blocking; callers run them
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -34,6 +36,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "pods",
     ("v1", "Event"): "events",
     ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "ReplicaSet"): "replicasets",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
@@ -93,8 +96,17 @@ def load_client_configuration() -> client.Configuration:
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
+        # KUBECONFIG is read now, not when the kubernetes package was imported
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     return cfg
+
+
+def bearer_token(cfg: client.Configuration) -> str | None:
+    for key in ("authorization", "BearerToken"):
+        value = (cfg.api_key or {}).get(key)
+        if value:
+            return value.removeprefix("Bearer ").strip()
+    return None
 
 
 class Api:
@@ -154,6 +166,31 @@ class Api:
             body=manifest,
             content_type="application/apply-patch+yaml",
             what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}",
+        )
+
+    def replace(self, manifest: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any] | None:
+        """PUT the manifest over the live object (immutable Service addresses kept).
+
+        The fallback when a server-side apply is refused because another manager added list items (e.g. a
+        Service port keyed by a different port number): an update replaces whole lists, which apply never
+        does for items it does not own."""
+        meta = manifest["metadata"]
+        live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        if live is None:
+            return None
+        body = copy.deepcopy(manifest)
+        body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if manifest["kind"] == "Service":
+            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                if key in live.get("spec", {}) and key not in body["spec"]:
+                    body["spec"][key] = live["spec"][key]
+        path = path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        return self.request(
+            "PUT",
+            path,
+            query={"fieldManager": manager},
+            body=body,
+            what=f"replace {manifest['kind']} {meta['name']}",
         )
 
     def create_if_absent(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> bool:

@@ -44,15 +44,17 @@ _KEEP = {
 
 
 class _K8sSchema(GenerateJsonSchema):
-    """Emit defaults for default_factory fields too: {} for objects, [] for lists, so the API server
-    defaults nested fields the same way pydantic does."""
+    """Emit defaults for default_factory fields too (the dumped model for objects, [] for lists), so the
+    API server defaults nested fields the same way pydantic does."""
 
     def get_default_value(self, schema: Any) -> Any:
         factory = schema.get("default_factory")
         if factory is not None:
             value = factory()
             if isinstance(value, BaseModel):
-                return {}
+                # the full default object: the API server validates defaults (and CEL rules) as given,
+                # without defaulting inside them
+                return value.model_dump(by_alias=True, exclude_none=True, mode="json")
             return value
         return super().get_default_value(schema)
 
@@ -165,7 +167,6 @@ def build_crd() -> dict[str, Any]:
                 "message": "metadata.name must be a DNS-1035 label of at most 52 characters: "
                 "it names Services "
                 "(<name>-peers) and Secrets (<name>-client-tls)",
-                "fieldPath": ".metadata.name",
                 "reason": "FieldValueInvalid",
             }
         ],

@@ -2,8 +2,9 @@
 
 * BlazenPeer create/update/resume -> one reconcile pass, awaited; transient API errors ->
   kopf.TemporaryError (kopf retries with backoff).
-* Events on owned children (Deployments, Services, Certificates, ...) and on referenced token Secrets -> a
-  coalesced reconcile of the owner: drift is reverted, deleted children come back, status follows the Deployment.
+* Events on owned children (Deployments, Services, Certificates, ...) and on referenced token Secrets
+  -> a coalesced reconcile of the owner: drift is reverted, deleted children come back, status follows
+  the Deployment.
 * A resync loop (a plain asyncio task, not a kopf timer: timers would add finalizers) re-reconciles every
   BlazenPeer periodically, refreshes the served step ids, and feeds the liveness probe.
 
@@ -24,7 +25,7 @@ import kopf
 
 from . import metrics
 from . import spec as s
-from .apply import Api, ApiError
+from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .reconcile import Outcome, Reconciler
 
 log = logging.getLogger("blazen_operator")
@@ -161,6 +162,20 @@ async def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
         prometheus_client.start_http_server(config.metrics_port)
     STATE.resync_task = asyncio.create_task(_resync_loop(config), name="blazen-resync")
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """In-cluster ServiceAccount, else $KUBECONFIG (read at login time), through apply.py's loader."""
+    cfg = load_client_configuration()
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        token=bearer_token(cfg),
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
 
 
 @kopf.on.cleanup()

@@ -137,7 +137,7 @@ class Reconciler:
                     self.api.create_if_absent(child.manifest)
                     self.api.apply(_meta_only(child.manifest), manager)
                 else:
-                    self.api.apply(child.manifest, manager)
+                    self._apply_or_replace(child, manager)
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
                 if exc.transient:
@@ -146,6 +146,20 @@ class Reconciler:
                 log.warning("%s/%s: applying %s %s failed: %s", peer.namespace, peer.name, kind, cname, exc)
                 return f"{kind} {cname}: {exc.message or exc}"
         return None
+
+    def _apply_or_replace(self, child: Child, manager: str) -> None:
+        try:
+            self.api.apply(child.manifest, manager)
+        except ApiError as exc:
+            # A 422 on an object whose content is entirely ours (not the Deployment: its pod template
+            # carries user input) means someone else's list items clash with ours: replace the object,
+            # then own it again by apply.
+            if exc.status != 422 or child.shared or child.manifest["kind"] in ("Deployment",):
+                raise
+            log.info("apply of %s refused (%s); replacing it", child.key, exc.message)
+            if self.api.replace(child.manifest, manager) is None:
+                raise
+            self.api.apply(child.manifest, manager)
 
     def _prune(self, peer: Peer, children: list[Child]) -> None:
         wanted = {

@@ -13,7 +13,7 @@ from typing import Any
 
 from .builders import Peer
 from .builders import common as c
-from .spec import BlazenPeerStatus, Condition
+from .spec import BlazenPeerStatus, CertificateStatus, Condition, Endpoints
 
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "CertificateReady", "Degraded")
 
@@ -103,9 +103,11 @@ def compute(
         conds["Ready"] = ("False", "InvalidSpec", msg)
         conds["Degraded"] = ("True", "InvalidSpec", msg)
         # keep what we knew of the running children; the old pods keep serving
-        for key in ("replicas", "readyReplicas", "selector", "endpoints", "certificate"):
-            if key in previous:
-                setattr(out, _snake(key), previous[key])
+        keys = ("replicas", "readyReplicas", "selector", "endpoints", "certificate")
+        kept = {k: previous[k] for k in keys if k in previous}
+        out = BlazenPeerStatus.model_validate(
+            {**kept, "observedGeneration": observed.generation, "phase": "Invalid"}
+        )
         return _finish(out, conds, previous, stamp, observed.generation)
 
     sp = peer.spec
@@ -125,14 +127,11 @@ def compute(
 
     out.config_hash = workload.config_hash(peer)
     scheme = "https" if sp.tls.enabled else "http"
-    out.endpoints = {
-        "grpc": f"{c.svc_host(peer)}:{sp.ports.grpc}",
-        "headless": c.headless_host(peer),
-    }
+    out.endpoints = Endpoints(grpc=f"{c.svc_host(peer)}:{sp.ports.grpc}", headless=c.headless_host(peer))
     if sp.http.enabled:
-        out.endpoints["http"] = f"{scheme}://{c.svc_host(peer)}:{sp.ports.http}"
+        out.endpoints.http = f"{scheme}://{c.svc_host(peer)}:{sp.ports.http}"
     if sp.plaintext_grpc.enabled:
-        out.endpoints["plaintextGrpc"] = f"{c.svc_host(peer)}:{sp.ports.plaintext_grpc}"
+        out.endpoints.plaintext_grpc = f"{c.svc_host(peer)}:{sp.ports.plaintext_grpc}"
 
     # certificate
     cert_status, cert_reason, cert_msg = certificate_state(peer, observed.certificate)
@@ -149,7 +148,7 @@ def compute(
             cert["notAfter"] = cstat["notAfter"]
         if cstat.get("renewalTime"):
             cert["renewalTime"] = cstat["renewalTime"]
-        out.certificate = cert
+        out.certificate = CertificateStatus.model_validate(cert)
 
     # steps actually served, as the ready pods report them
     ready_pods = [p for p in observed.pods if p.ready]
@@ -236,10 +235,6 @@ def compute(
     else:
         out.phase = "Progressing"
     return _finish(out, conds, previous, stamp, observed.generation)
-
-
-def _snake(key: str) -> str:
-    return "".join("_" + ch.lower() if ch.isupper() else ch for ch in key)
 
 
 def _finish(

@@ -1,0 +1,475 @@
+"""The operator against a real kube-apiserver + etcd + kube-controller-manager (see tests/api/conftest.py)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from blazen_operator.apply import Api, ApiError, path_for
+from controlplane import eventually
+
+pytestmark = pytest.mark.api
+
+BP = "blazen.dev/v1alpha1"
+SPEC = {"image": "reg.local/peer:1", "entrypoint": "blazen_examples.steps", "steps": ["examples::echo"]}
+
+
+def manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": BP,
+        "kind": "BlazenPeer",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"team": "ml"}},
+        "spec": {**SPEC, **spec},
+    }
+
+
+def create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    return api.request("POST", path_for(BP, "BlazenPeer", body["metadata"]["namespace"]), body=body)
+
+
+def get(api: Api, kind: str, ns: str, name: str, api_version: str | None = None) -> dict[str, Any] | None:
+    versions = {
+        "BlazenPeer": BP,
+        "Deployment": "apps/v1",
+        "Certificate": "cert-manager.io/v1",
+        "Issuer": "cert-manager.io/v1",
+        "Role": "rbac.authorization.k8s.io/v1",
+        "RoleBinding": "rbac.authorization.k8s.io/v1",
+        "PodDisruptionBudget": "policy/v1",
+        "NetworkPolicy": "networking.k8s.io/v1",
+    }
+    return api.get(api_version or versions.get(kind, "v1"), kind, ns, name)
+
+
+def cond(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return None
+
+
+def events(api: Api, ns: str, name: str) -> list[dict[str, Any]]:
+    items = api.list("v1", "Event", ns)
+    return [
+        e
+        for e in items
+        if e["involvedObject"].get("name") == name and e["involvedObject"]["kind"] == "BlazenPeer"
+    ]
+
+
+def merge_patch(api: Api, kind: str, ns: str, name: str, patch: dict, sub: str = "", api_version: str = BP):
+    return api.request(
+        "PATCH",
+        path_for(api_version, kind, ns, name, sub),
+        body=patch,
+        content_type="application/merge-patch+json",
+    )
+
+
+CHILDREN = [
+    ("Deployment", "bp"),
+    ("Service", "bp"),
+    ("Service", "bp-peers"),
+    ("ServiceAccount", "bp-peer"),
+    ("Role", "bp-peer"),
+    ("RoleBinding", "bp-peer"),
+    ("Certificate", "bp-tls"),
+    ("Certificate", "bp-client-tls"),
+    ("Secret", "bp-tls"),
+    ("Secret", "bp-client-tls"),
+    ("PodDisruptionBudget", "bp"),
+]
+
+
+# ------------------------------------------------------------ schema
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "expected"),
+    [
+        ({"entrypoint": None}, "bp", "spec.entrypoint: Required value"),
+        ({"entrypoint": "not a module"}, "bp", "spec.entrypoint"),
+        ({"replicas": -1}, "bp", "spec.replicas"),
+        ({"tls": {"enabled": False}}, "bp", "spec.auth.tokenSecretRef"),
+        ({"tls": {"duration": "1h", "renewBefore": "2h"}}, "bp", "spec.tls.renewBefore"),
+        ({"plaintextGrpc": {"enabled": True}}, "bp", "spec.plaintextGrpc.allowedFrom"),
+        ({"ports": {"grpc": 9090}}, "bp", "spec.ports"),
+        (
+            {"hardware": {"gpu": 1}, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+            "bp",
+            "spec.resources.limits",
+        ),
+        ({"disruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}, "bp", "spec.disruptionBudget"),
+        ({"steps": ["a b"]}, "bp", "spec.steps[0]"),
+        ({}, "x" * 53, "metadata.name"),
+    ],
+)
+def test_invalid_manifests_are_rejected_with_field_messages(api, namespace, spec, name, expected):
+    body = manifest(name, namespace, **spec)
+    body["spec"] = {k: v for k, v in body["spec"].items() if v is not None}
+    with pytest.raises(ApiError) as info:
+        create(api, body)
+    assert info.value.status == 422
+    assert expected in info.value.message, info.value.message
+
+
+def test_defaults_are_applied_by_the_api_server(api, namespace):
+    created = create(api, manifest("bp", namespace))
+    spec = created["spec"]
+    assert spec["replicas"] == 1
+    assert spec["tls"]["enabled"] is True
+    assert spec["tls"]["duration"] == "2160h"
+    assert spec["ports"] == {"grpc": 50051, "http": 8080, "admin": 9090, "plaintextGrpc": 50052}
+    assert spec["hardware"]["gpu"] == 0
+    assert spec["plaintextGrpc"]["enabled"] is False
+
+
+# ------------------------------------------------------------ lifecycle
+
+
+def test_create_reconciles_every_child_with_owner_references(api, operator, namespace):
+    bp = create(api, manifest("bp", namespace, replicas=2))
+    uid = bp["metadata"]["uid"]
+
+    def children_exist():
+        return all(get(api, kind, namespace, name) for kind, name in CHILDREN)
+
+    eventually(children_exist, what="children")
+    for kind, name in CHILDREN:
+        obj = get(api, kind, namespace, name)
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+            ("BlazenPeer", "bp", uid, True)
+        ]
+        assert obj["metadata"]["labels"]["team"] == "ml", "BlazenPeer labels propagate"
+
+    dep = get(api, "Deployment", namespace, "bp")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][:3] == ["serve", "--entrypoint", "blazen_examples.steps"]
+    assert c["args"][c["args"].index("--steps") + 1] == "examples::echo"
+    assert c["args"][c["args"].index("--forward-dns") + 1] == f"bp-peers.{namespace}.svc"
+    assert c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert {"name": "tls", "mountPath": "/etc/blazen/tls", "readOnly": True} in c["volumeMounts"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "bp-peer"
+
+    # the namespace CA bootstrap: shared, not controller-owned
+    for kind, name in [
+        ("Issuer", "blazen-selfsigned"),
+        ("Certificate", "blazen-ca"),
+        ("Issuer", "blazen-ca"),
+    ]:
+        refs = get(api, kind, namespace, name)["metadata"]["ownerReferences"]
+        assert [(r["uid"], r["controller"]) for r in refs] == [(uid, False)]
+
+    # status: the controller-manager creates 2 pods (they never run: no kubelet), cert-manager is absent
+    def status_settled():
+        st = get(api, "BlazenPeer", namespace, "bp")["status"]
+        assert st["replicas"] == 2
+        return st
+
+    st = eventually(status_settled, what="status.replicas == 2")
+    assert st["observedGeneration"] == 1
+    assert st["readyReplicas"] == 0
+    assert st["selector"] == "app.kubernetes.io/instance=bp,app.kubernetes.io/name=blazen-peer"
+    assert st["endpoints"]["grpc"] == f"bp.{namespace}.svc:50051"
+    assert st["endpoints"]["http"] == f"https://bp.{namespace}.svc:8080"
+    assert st["phase"] == "Progressing"
+    assert "servedSteps" not in st, "no pod answered /v1/info: unknown, not invented"
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert set(conds) == {"Ready", "Available", "Progressing", "CertificateReady", "Degraded"}
+    assert conds["Ready"]["status"] == "False"
+    assert conds["CertificateReady"]["status"] == "False"
+    assert conds["CertificateReady"]["reason"] in ("CertificatePending", "CertificateMissing")
+    assert conds["Progressing"]["status"] == "True"
+    assert conds["Degraded"]["status"] == "False"
+    for c in conds.values():
+        assert c["reason"]
+        assert c["lastTransitionTime"]
+
+    # no finalizer was ever added
+    assert not get(api, "BlazenPeer", namespace, "bp")["metadata"].get("finalizers")
+
+
+def test_certificate_ready_follows_the_certificate_status(api, operator, namespace):
+    create(api, manifest("bp", namespace))
+    cert = eventually(lambda: get(api, "Certificate", namespace, "bp-tls"), what="certificate")
+    before = eventually(lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "CertificateReady"))
+    assert before["status"] == "False"
+    time.sleep(1.1)  # lastTransitionTime has a 1 s resolution
+
+    not_after, renewal = "2027-02-20T04:00:00Z", "2027-02-05T04:00:00Z"
+    merge_patch(
+        api,
+        "Certificate",
+        namespace,
+        "bp-tls",
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "Ready",
+                        "message": "Certificate is up to date and has not expired",
+                        "observedGeneration": cert["metadata"]["generation"],
+                        "lastTransitionTime": "2026-11-22T04:00:00Z",
+                    }
+                ],
+                "notAfter": not_after,
+                "renewalTime": renewal,
+            }
+        },
+        sub="status",
+        api_version="cert-manager.io/v1",
+    )
+
+    def cert_ready():
+        st = get(api, "BlazenPeer", namespace, "bp")["status"]
+        assert cond({"status": st}, "CertificateReady")["status"] == "True"
+        return st
+
+    st = eventually(cert_ready, what="CertificateReady=True")
+    assert st["certificate"]["notAfter"] == not_after
+    assert st["certificate"]["renewalTime"] == renewal
+    assert st["certificate"]["clientSecretName"] == "bp-client-tls"
+    after = cond({"status": st}, "CertificateReady")
+    assert after["lastTransitionTime"] != before["lastTransitionTime"], "moves on a change"
+    # other conditions did not move
+    ready_before = cond({"status": st}, "Ready")["lastTransitionTime"]
+    time.sleep(4)  # more than a resync period
+    st2 = get(api, "BlazenPeer", namespace, "bp")["status"]
+    assert cond({"status": st2}, "Ready")["lastTransitionTime"] == ready_before
+    assert cond({"status": st2}, "CertificateReady")["lastTransitionTime"] == after["lastTransitionTime"]
+    eventually(
+        lambda: any(e["reason"] == "CertificateIssued" for e in events(api, namespace, "bp")),
+        what="CertificateIssued event",
+    )
+
+
+def test_spec_change_rolls_the_pod_template(api, operator, namespace):
+    create(api, manifest("bp", namespace))
+    dep = eventually(lambda: get(api, "Deployment", namespace, "bp"))
+    old_hash = dep["spec"]["template"]["metadata"]["annotations"]["blazen.dev/config-hash"]
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["observedGeneration"] == 1)
+
+    merge_patch(
+        api, "BlazenPeer", namespace, "bp", {"spec": {"image": "reg.local/peer:2", "steps": ["a::b"]}}
+    )
+
+    def rolled():
+        d = get(api, "Deployment", namespace, "bp")
+        assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.local/peer:2"
+        return d
+
+    dep = eventually(rolled, what="new image in the template")
+    assert dep["spec"]["template"]["metadata"]["annotations"]["blazen.dev/config-hash"] != old_hash
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--steps") + 1] == "a::b"
+    # the controller-manager rolled out a new ReplicaSet for the new template
+    eventually(lambda: len(api.list("apps/v1", "ReplicaSet", namespace)) == 2, what="second ReplicaSet")
+    st = eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"], what="status")
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["observedGeneration"] == 2)
+    assert st["configHash"]
+
+
+def test_token_secret_change_rolls_the_pods(api, operator, namespace):
+    create(api, manifest("bp", namespace, auth={"tokenSecretRef": {"name": "tok"}}))
+
+    def degraded():
+        c = cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")
+        assert c["status"] == "True"
+        assert c["reason"] == "TokenSecretMissing"
+        return c
+
+    eventually(degraded, what="TokenSecretMissing")
+    eventually(lambda: any(e["reason"] == "TokenSecretMissing" for e in events(api, namespace, "bp")))
+
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"one").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+
+    def digest():
+        d = get(api, "Deployment", namespace, "bp")
+        return d["spec"]["template"]["metadata"]["annotations"].get("blazen.dev/token-digest")
+
+    first = eventually(digest, what="token digest")
+    eventually(lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["status"] == "False")
+
+    merge_patch(
+        api,
+        "Secret",
+        namespace,
+        "tok",
+        {"data": {"token": base64.b64encode(b"two").decode()}},
+        api_version="v1",
+    )
+    eventually(lambda: digest() not in (None, first), what="new token digest")
+
+
+def test_scale_subresource(api, operator, namespace):
+    create(api, manifest("bp", namespace, replicas=1))
+    eventually(lambda: get(api, "Deployment", namespace, "bp"))
+    assert get(api, "PodDisruptionBudget", namespace, "bp") is None, "no PDB for one replica"
+
+    scale_path = path_for(BP, "BlazenPeer", namespace, "bp", "scale")
+    api.request(
+        "PATCH", scale_path, body={"spec": {"replicas": 3}}, content_type="application/merge-patch+json"
+    )
+    assert get(api, "BlazenPeer", namespace, "bp")["spec"]["replicas"] == 3
+    eventually(
+        lambda: get(api, "Deployment", namespace, "bp")["spec"]["replicas"] == 3, what="deployment scaled"
+    )
+    eventually(lambda: get(api, "PodDisruptionBudget", namespace, "bp"), what="PDB created")
+
+    def scale_status():
+        scale = api.request("GET", scale_path)
+        assert scale["status"]["replicas"] == 3
+        return scale
+
+    scale = eventually(scale_status, what="scale status")
+    assert scale["status"]["selector"] == "app.kubernetes.io/instance=bp,app.kubernetes.io/name=blazen-peer"
+
+    api.request(
+        "PATCH", scale_path, body={"spec": {"replicas": 1}}, content_type="application/merge-patch+json"
+    )
+    eventually(lambda: get(api, "Deployment", namespace, "bp")["spec"]["replicas"] == 1)
+    eventually(lambda: get(api, "PodDisruptionBudget", namespace, "bp") is None, what="PDB pruned")
+
+
+def test_drift_is_reverted(api, operator, namespace):
+    create(api, manifest("bp", namespace, replicas=2))
+    eventually(lambda: get(api, "Service", namespace, "bp-peers") and get(api, "Deployment", namespace, "bp"))
+    eventually(
+        lambda: get(api, "BlazenPeer", namespace, "bp").get("status", {}).get("observedGeneration") == 1
+    )
+
+    # a manual edit of the Deployment (scale and image) is reverted
+    patch = {
+        "spec": {"replicas": 5, "template": {"spec": {"containers": [{"name": "peer", "image": "evil:1"}]}}}
+    }
+    api.request(
+        "PATCH",
+        path_for("apps/v1", "Deployment", namespace, "bp"),
+        body=patch,
+        content_type="application/strategic-merge-patch+json",
+    )
+
+    def reverted():
+        d = get(api, "Deployment", namespace, "bp")
+        assert d["spec"]["replicas"] == 2
+        assert d["spec"]["template"]["spec"]["containers"][0]["image"] == SPEC["image"]
+        return True
+
+    eventually(reverted, what="deployment drift reverted")
+
+    # a deleted child comes back
+    old_uid = get(api, "Service", namespace, "bp-peers")["metadata"]["uid"]
+    api.delete("v1", "Service", namespace, "bp-peers")
+    eventually(
+        lambda: (
+            (get(api, "Service", namespace, "bp-peers") or {}).get("metadata", {}).get("uid")
+            not in (None, old_uid)
+        ),
+        what="service recreated",
+    )
+    # an edited Service port is restored
+    svc = get(api, "Service", namespace, "bp")
+    ports = copy.deepcopy(svc["spec"]["ports"])
+    ports[0]["port"] = 1234
+    merge_patch(api, "Service", namespace, "bp", {"spec": {"ports": ports}}, api_version="v1")
+    eventually(
+        lambda: get(api, "Service", namespace, "bp")["spec"]["ports"][0]["port"] == 50051, what="port back"
+    )
+
+
+def test_rejected_child_is_reported_not_crash_looped(api, operator, namespace):
+    bad_affinity = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    }
+    create(api, manifest("bp", namespace, affinity=bad_affinity))
+
+    def degraded():
+        st = get(api, "BlazenPeer", namespace, "bp")["status"]
+        c = cond({"status": st}, "Degraded")
+        assert c["status"] == "True"
+        assert c["reason"] == "ApplyFailed"
+        assert "Deployment bp" in c["message"]
+        return st
+
+    st = eventually(degraded, what="ApplyFailed")
+    assert st["phase"] == "Degraded"
+    eventually(
+        lambda: [e for e in events(api, namespace, "bp") if e["reason"] == "ApplyFailed"], what="event"
+    )
+    # fix the spec: the operator recovers
+    merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"affinity": None}})
+    eventually(lambda: get(api, "Deployment", namespace, "bp"), what="deployment after fix")
+    eventually(lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["status"] == "False")
+
+
+def test_delete_garbage_collects_everything_and_never_hangs(api, operator, namespace):
+    create(api, manifest("bp", namespace, replicas=2))
+    eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+    eventually(lambda: get(api, "Issuer", namespace, "blazen-ca"))
+
+    started = time.monotonic()
+    api.delete(BP, "BlazenPeer", namespace, "bp")
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp") is None, timeout=5, what="BlazenPeer gone")
+    assert time.monotonic() - started < 5, "no finalizer held the deletion"
+
+    def all_gone():
+        left = [(k, n) for k, n in CHILDREN if get(api, k, namespace, n) is not None]
+        left += [
+            (k, n)
+            for k, n in [("Issuer", "blazen-ca"), ("Certificate", "blazen-ca")]
+            if get(api, k, namespace, n)
+        ]
+        assert not left, left
+        return True
+
+    eventually(all_gone, timeout=60, what="garbage collection")
+
+
+def test_namespace_ca_is_shared_and_goes_with_the_last_peer(api, operator, namespace):
+    a = create(api, manifest("a", namespace))
+    b = create(api, manifest("b", namespace))
+
+    def two_owners():
+        refs = get(api, "Issuer", namespace, "blazen-ca")["metadata"]["ownerReferences"]
+        assert {r["uid"] for r in refs} == {a["metadata"]["uid"], b["metadata"]["uid"]}
+        return True
+
+    eventually(two_owners, what="CA co-owned")
+    api.delete(BP, "BlazenPeer", namespace, "a")
+    eventually(lambda: get(api, "Deployment", namespace, "a") is None, timeout=60, what="a collected")
+    assert get(api, "Issuer", namespace, "blazen-ca") is not None, "b still uses the CA"
+    api.delete(BP, "BlazenPeer", namespace, "b")
+    eventually(lambda: get(api, "Issuer", namespace, "blazen-ca") is None, timeout=60, what="CA collected")
+
+
+def test_gpu_peer_lands_on_the_gpu_pool(api, operator, namespace):
+    create(api, manifest("gpu", namespace, hardware={"gpu": 2}))
+    dep = eventually(lambda: get(api, "Deployment", namespace, "gpu"))
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_liveness_and_metrics(api, operator, operator_ports, namespace):
+    create(api, manifest("bp", namespace))
+    eventually(lambda: get(api, "Deployment", namespace, "bp"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator_ports['liveness']}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+        assert "api" in json.loads(resp.read())
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator_ports['metrics']}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'blazen_operator_reconciles_total{result="ok"}' in text
+    assert "blazen_operator_applies_total" in text

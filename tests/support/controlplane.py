@@ -1,0 +1,289 @@
+"""A minimal Kubernetes control plane as host processes: etcd, kube-apiserver and kube-controller-manager.
+
+Binaries come from hack/build-etcd.sh and hack/build-k8s.sh (paths from hack/lib.sh, the one place
+that computes them). Authentication is a static token file (one admin token in system:masters);
+authorization is RBAC; the service-account key pair is generated with `cryptography`. No kubelet or
+scheduler: pods are created by the ReplicaSet controller but never run, so Deployments get real status
+(replicas, updatedReplicas; readyReplicas 0) and the garbage collector works.
+
+    with ControlPlane.start(workdir) as cp:
+        cp.kubeconfig  # path, admin token, insecure-skip-tls-verify (self-signed serving cert)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+@cache
+def toolchain_paths() -> dict[str, Path]:
+    """etcd / kube-apiserver / kube-controller-manager paths, as hack/lib.sh computes them."""
+    script = 'source hack/lib.sh; echo "$CACHE_ROOT"; echo "$K8S_VERSION"; echo "$ETCD_VERSION"'
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    cache_root, k8s, etcd = out.split()
+    k8s_bin = Path(cache_root) / f"k8s-{k8s}" / "bin"
+    return {
+        "cache_root": Path(cache_root),
+        "etcd": Path(cache_root) / f"etcd-{etcd}" / "bin" / "etcd",
+        "kube-apiserver": k8s_bin / "kube-apiserver",
+        "kube-controller-manager": k8s_bin / "kube-controller-manager",
+    }
+
+
+def cert_manager_crds() -> Path:
+    """cert-manager's CRDs as plain YAML (hack/cert-manager-crds.sh caches them from the Go module cache)."""
+    out = subprocess.run(
+        [str(ROOT / "hack" / "cert-manager-crds.sh")], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def missing_binaries() -> list[str]:
+    return [name for name, path in toolchain_paths().items() if name != "cache_root" and not path.exists()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_sa_keys(directory: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    priv = directory / "sa.key"
+    pub = directory / "sa.pub"
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return priv, pub
+
+
+@dataclass
+class ControlPlane:
+    workdir: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    etcd_port: int = field(default_factory=free_port)
+    etcd_peer_port: int = field(default_factory=free_port)
+    apiserver_port: int = field(default_factory=free_port)
+    kcm_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    startup_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    # ---------------------------------------------------------------------------------------------- start
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, workdir: Path):
+        cp = cls(workdir=workdir)
+        try:
+            cp._start()
+            yield cp
+        finally:
+            cp.stop()
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    def _start(self) -> None:
+        paths = toolchain_paths()
+        if missing := missing_binaries():
+            raise RuntimeError(f"control-plane binaries missing: {missing}; run `make toolchain-api`")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+
+        self._spawn(
+            "etcd",
+            [
+                str(paths["etcd"]),
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{self.etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{self.etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{self.etcd_peer_port}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(2 << 30),
+                "--log-level",
+                "warn",
+            ],
+        )
+        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 30)
+        self.startup_seconds["etcd"] = time.monotonic() - t0
+
+        (self.workdir / "certs").mkdir(exist_ok=True)
+        token_file = self.workdir / "tokens.csv"
+        token_file.write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        sa_key, sa_pub = _write_sa_keys(self.workdir)
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(paths["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                f"--cert-dir={self.workdir / 'certs'}",
+                f"--secure-port={self.apiserver_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+                f"--token-auth-file={token_file}",
+                "--anonymous-auth=false",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={self.server}",
+                f"--service-account-key-file={sa_pub}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--enable-priority-and-fairness=false",
+                "-v=1",
+            ],
+        )
+        t1 = time.monotonic()
+        self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.token), "kube-apiserver", 90)
+        self.startup_seconds["kube-apiserver"] = time.monotonic() - t1
+
+        self._write_kubeconfig()
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(paths["kube-controller-manager"]),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                f"--service-account-private-key-file={sa_key}",
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                f"--secure-port={self.kcm_port}",
+                "--bind-address=127.0.0.1",
+                "--concurrent-gc-syncs=5",
+                "-v=1",
+            ],
+        )
+        t2 = time.monotonic()
+        self._wait(
+            lambda: self._http_ok(f"https://127.0.0.1:{self.kcm_port}/healthz", token=self.token), "kcm", 60
+        )
+        self.startup_seconds["kube-controller-manager"] = time.monotonic() - t2
+        self.startup_seconds["total"] = time.monotonic() - t0
+
+    def _write_kubeconfig(self) -> None:
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "api", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [
+                {"name": "api", "context": {"cluster": "api", "user": "admin", "namespace": "default"}}
+            ],
+            "current-context": "api",
+        }
+        self.kubeconfig.write_text(json.dumps(cfg))
+
+    def _http_ok(self, url: str, token: str | None = None) -> bool:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _wait(self, check, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+            if check():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not ready after {timeout}s (logs in {self.workdir})")
+
+    # ---------------------------------------------------------------------------------------------- stop
+    def stop(self) -> None:
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
+    """Poll ``check`` until it returns a truthy value without raising AssertionError/ApiError."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+            last = None
+        except (AssertionError, KeyError, TypeError, LookupError) as exc:
+            last = exc
+        except Exception as exc:  # API errors (e.g. 404 while an object is being created)
+            if type(exc).__name__ != "ApiError":
+                raise
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or check}: {last!r}"
+            ) from last
+        time.sleep(interval)
