@@ -125,3 +125,49 @@ async def test_aiohttp_guards():
     calls = "blazen_peer_calls_total"
     assert _sample(metrics, calls, transport="http", method="InvokeSubWorkflow", code="200") == 1
     assert _sample(metrics, calls, transport="http", method="InvokeSubWorkflow", code="429") == 1
+
+
+async def test_recommended_interceptor_order_counts_unauthenticated_calls_without_taking_a_slot():
+    from blazen_peer.security.auth import AioTokenAuthInterceptor, TokenSource
+
+    async def invoke(req, ctx):
+        return b"ok"
+
+    handler = grpc.method_handlers_generic_handler(
+        "blazen.peer.v1.BlazenPeer", {"InvokeSubWorkflow": grpc.unary_unary_rpc_method_handler(invoke)}
+    )
+    drainer, limiter, metrics = Drainer(), ConcurrencyLimiter(1), PeerMetrics()
+    seen = []
+
+    class Spy:
+        def enter(self, method):
+            seen.append(limiter.in_use)
+
+        def exit(self, state, code):
+            pass
+
+    server = grpc.aio.server(
+        interceptors=[
+            AioGuardInterceptor([drainer, metrics.guard("grpc")]),
+            AioTokenAuthInterceptor(TokenSource(token="t0ken")),
+            AioGuardInterceptor([limiter, Spy()]),
+        ]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await ch.unary_unary(INVOKE)(b"x")
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert seen == []  # the limiter never saw the unauthenticated call
+            assert await ch.unary_unary(INVOKE)(b"x", metadata=[("authorization", "Bearer t0ken")]) == b"ok"
+            assert seen == [1]
+    finally:
+        await server.stop(None)
+    labels = {"transport": "grpc", "method": "InvokeSubWorkflow"}
+    assert _sample(metrics, "blazen_peer_calls_total", code="UNAUTHENTICATED", **labels) == 1
+    assert _sample(metrics, "blazen_peer_calls_total", code="OK", **labels) == 1
+    assert limiter.in_use == 0
+    assert drainer.in_flight == 0
