@@ -37,8 +37,19 @@ test: lint toolchain-api
 bench: $(STAMP)
 	$(PY) -m bench
 
-demo:
-	@echo "make demo: the kind toolchain is not wired yet" >&2; exit 2
+# The offline kind toolchain (Go modules + Debian packages, cached under ~/.cache/blazen-fleet): docs/cluster.md.
+toolchain-kind:
+	hack/docker-up.sh
+	hack/build-toolchain.sh
+	hack/build-node-image.sh
+	hack/build-images.sh
+
+demo: $(STAMP)
+	hack/demo.sh
 
 demo-down:
-	@echo "make demo-down: the kind toolchain is not wired yet" >&2; exit 2
+	hack/kind-down.sh
+
+# End-to-end tests on the kind cluster (brought up, or reused, by the session fixture through hack/kind-up.sh).
+e2e: $(STAMP)
+	BLAZEN_E2E=1 $(PY) -m pytest -m e2e tests/e2e

@@ -15,7 +15,7 @@ kind_files="$GOMODCACHE/sigs.k8s.io/kind@$KIND_VERSION/images/base/files"
 [[ -d "$kind_files" ]] || (cd /tmp && go mod download "sigs.k8s.io/kind@$KIND_VERSION")
 
 bits_sum=$( { echo "$K8S_VERSION $CONTAINERD_VERSION $RUNC_VERSION $CRICTL_VERSION $CNI_PLUGINS_VERSION $KIND_VERSION"
-  echo "$COMPONENT_TAR"; sha256sum "$0"; } | sha256sum | cut -c1-10)
+  echo "$COMPONENT_TAR"; ls "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" 2>/dev/null; sha256sum "$0"; } | sha256sum | cut -c1-10)
 NODE_TAR="node-$K8S_VERSION-$bits_sum"
 BASE_IMAGE="blazen-fleet/kind-node-base:$K8S_VERSION-$bits_sum"
 
@@ -35,7 +35,10 @@ build_base() {
   cp -r "$kind_files" "$ctx/files"; chmod -R u+w "$ctx/files"
   mkdir -p "$ctx/bin" "$ctx/cni"
   cp "$NODE_BITS/containerd-$CONTAINERD_VERSION/"{containerd,ctr,containerd-shim-runc-v2} "$ctx/bin/"
-  cp "$NODE_BITS/runc-$RUNC_VERSION/runc" "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" "$ctx/bin/"
+  cp "$NODE_BITS/runc-$RUNC_VERSION/runc" "$ctx/bin/"
+  # crictl is optional (see build-go-tools.sh); without it the COPY below copies a placeholder that is removed.
+  if [[ -x "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" ]]; then cp "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" "$ctx/bin/"
+  else printf '#!/bin/sh\nexit 1\n' > "$ctx/bin/crictl"; touch "$ctx/bin/.no-crictl"; fi
   cp "$NODE_BITS/cni-$CNI_PLUGINS_VERSION/"* "$ctx/cni/"
   cat > "$ctx/Dockerfile" <<DOCKERFILE
 FROM blazen-fleet/kind-base-rootfs:$DEBIAN_SUITE
@@ -60,6 +63,8 @@ RUN systemctl enable kubelet.service \\
     && systemctl mask systemd-binfmt.service \\
     && mkdir -p /etc/kubernetes/manifests
 COPY bin/containerd bin/ctr bin/containerd-shim-runc-v2 bin/crictl /usr/local/bin/
+COPY bin/ /tmp/bin/
+RUN if [ -e /tmp/bin/.no-crictl ]; then rm /usr/local/bin/crictl; fi; rm -rf /tmp/bin
 COPY bin/runc /usr/local/sbin/runc
 COPY cni/ /opt/cni/bin/
 RUN ctr oci spec \\

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds our images (hack/build-app-images.sh), loads them into every kind node and installs (or upgrades) the
+# operator with helm/blazen-operator, image values pointing at the local tags with pullPolicy Never.
+# Needs the cluster from hack/kind-up.sh.
+source "$(dirname "$0")/kind-lib.sh"
+export KUBECONFIG="${KUBECONFIG:-$CACHE_ROOT/kind-$CLUSTER_NAME.kubeconfig}"
+OP_NS="${OPERATOR_NAMESPACE:-blazen-system}"
+
+"$HACK_DIR/build-app-images.sh"
+# kind load compares image ids with the node's (crictl inspecti), so a rebuilt :dev tag is reloaded.
+timed load-app-images kind load docker-image --name "$CLUSTER_NAME" \
+  blazen-fleet/operator:dev blazen-fleet/peer-runtime:dev blazen-fleet/example-steps:dev
+
+helm=$("$HACK_DIR/build-helm.sh")
+t0=$SECONDS
+"$helm" upgrade --install blazen-operator "$REPO_ROOT/helm/blazen-operator" \
+  --namespace "$OP_NS" --create-namespace \
+  --set image.repository=blazen-fleet/operator --set image.tag=dev --set image.pullPolicy=Never \
+  --wait --timeout 5m
+record_time operator-install $((SECONDS - t0))
