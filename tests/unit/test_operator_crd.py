@@ -35,6 +35,13 @@ def test_committed_crd_equals_generated():
     )
 
 
+def test_committed_reference_doc_equals_generated():
+    assert (ROOT / "docs" / "crd-reference.md").read_text() == crdgen.render_reference(), (
+        "docs/crd-reference.md is stale: run "
+        "`python -m blazen_operator.crdgen --reference > docs/crd-reference.md`"
+    )
+
+
 def test_names_scope_and_version(crd):
     assert crd["metadata"]["name"] == "blazenpeers.blazen.dev"
     assert crd["spec"]["scope"] == "Namespaced"
