@@ -4,6 +4,33 @@
 that follow a Secret volume), ``auth`` (bearer token), ``cors``, ``limits``, ``drain``, ``guard`` (per-call
 guards as interceptors/middleware), ``logging`` (JSON logs, redaction).
 
-This package imports nothing at import time: ``BlazenPeerServer.start()`` imports it to look for an
+``load_server_tls``, ``load_client_tls``, ``TlsMaterial``, ``PeerError``, ``PeerTlsError``,
+``ReloadingTlsSource`` and ``TokenSource`` are also reachable here (loaded lazily). The package imports
+nothing at import time: ``BlazenPeerServer.start()`` imports it to look for an
 ``install(server)`` seam, which the integration phase adds here.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "PeerError": "errors",
+    "PeerTlsError": "errors",
+    "PeerRejected": "errors",
+    "TlsMaterial": "tls",
+    "load_client_tls": "tls",
+    "load_server_tls": "tls",
+    "ReloadingTlsSource": "reload",
+    "TokenSource": "auth",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the package stays free of cryptography/aiohttp
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blazen_peer.security' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
