@@ -74,6 +74,13 @@ class ApiError(Exception):
         return self.status in (0, 409, 429) or self.status >= 500
 
     @property
+    def namespace_terminating(self) -> bool:
+        """The namespace is being deleted or is gone: nothing to reconcile, nothing to report."""
+        return (self.status == 403 and "being terminated" in self.message) or (
+            self.status == 404 and self.message.startswith('namespaces "')
+        )
+
+    @property
     def not_found(self) -> bool:
         return self.status == 404
 

@@ -235,12 +235,11 @@ def token_secret_refs(namespace: str, name: str, spec: Any, **_: Any) -> dict[tu
 @kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL)
 @kopf.on.create(s.GROUP, s.VERSION, s.PLURAL)
 @kopf.on.update(s.GROUP, s.VERSION, s.PLURAL)
-async def blazenpeer_reconcile(namespace: str, name: str, retry: int, **_: Any) -> dict[str, Any]:
+async def blazenpeer_reconcile(namespace: str, name: str, retry: int, **_: Any) -> None:
+    # Returns nothing: kopf would store a result under status.<handler id>, which our schema prunes.
     outcome = await STATE.queue.run_now(namespace, name)
     if outcome.error is not None:
         raise kopf.TemporaryError(str(outcome.error), delay=min(60.0, 2.0 ** min(retry, 6)))
-    phase = (outcome.status or {}).get("phase")
-    return {"phase": phase} if phase else {}
 
 
 # ---------------------------------------------------------------------------------------------- children

@@ -71,9 +71,12 @@ class Reconciler:
             try:
                 outcome = self._reconcile(namespace, name, body)
             except ApiError as exc:
-                if not exc.transient:
+                if exc.namespace_terminating:  # the namespace (and the BlazenPeer with it) is going away
+                    outcome = Outcome(gone=True)
+                elif exc.transient:
+                    outcome = Outcome(error=exc)
+                else:
                     raise
-                outcome = Outcome(error=exc)
         result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
         metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -140,7 +143,7 @@ class Reconciler:
                     self._apply_or_replace(child, manager)
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
-                if exc.transient:
+                if exc.transient or exc.namespace_terminating:
                     raise
                 kind, cname = child.manifest["kind"], child.manifest["metadata"]["name"]
                 log.warning("%s/%s: applying %s %s failed: %s", peer.namespace, peer.name, kind, cname, exc)
