@@ -7,7 +7,7 @@ scheduler: pods are created by the ReplicaSet controller but never run, so Deplo
 (replicas, updatedReplicas; readyReplicas 0) and the garbage collector works.
 
     with ControlPlane.start(workdir) as cp:
-        cp.kubeconfig  # path, admin token, insecure-skip-tls-verify (self-signed serving cert)
+        cp.kubeconfig  # path: admin token, the apiserver's self-generated CA
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ class ControlPlane:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def ca(self) -> Path:
+        """The apiserver's self-generated serving chain (leaf + its CA), valid for 127.0.0.1."""
+        return self.workdir / "certs" / "apiserver.crt"
 
     @property
     def kubeconfig(self) -> Path:
@@ -217,7 +222,7 @@ class ControlPlane:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "api", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}
+                {"name": "api", "cluster": {"server": self.server, "certificate-authority": str(self.ca)}}
             ],
             "users": [{"name": "admin", "user": {"token": self.token}}],
             "contexts": [
