@@ -46,6 +46,10 @@ COPY files/usr/local/bin/ /usr/local/bin/
 COPY files/kind/ /kind/
 COPY files/LICENSES/ /LICENSES/
 COPY files/etc/ /etc/
+# restrict_oom_score_adj = true (kind sets it only for rootless): without CAP_SYS_RESOURCE (see
+# hack/docker-up.sh) no process in the node may lower an oom_score_adj, and runc fails every pod sandbox
+# (oomScoreAdj -998) with "can't get final child's PID from pipe: EOF". With it, containerd clamps the
+# requested value to its own.
 RUN chmod 0755 /usr/local/bin/* /kind/bin /kind/bin/* \\
     && find /etc/containerd /etc/default /etc/sysctl.d /etc/systemd/system /etc/crictl.yaml -type f -exec chmod 0644 {} + \\
     && find /lib/systemd/system/sysinit.target.wants/ -name "systemd-tmpfiles-setup.service" -delete \\
@@ -71,6 +75,7 @@ RUN ctr oci spec \\
       | jq '.hooks.createContainer[.hooks.createContainer| length] |= . + {"path": "/kind/bin/mount-product-files.sh"}' \\
       | jq 'del(.process.rlimits)' > /etc/containerd/cri-base.json \\
     && sed -i 's#sandbox_image = .*#sandbox_image = "$PAUSE_IMAGE"#' /etc/containerd/config.toml \\
+    && sed -i 's#restrict_oom_score_adj = false#restrict_oom_score_adj = true#' /etc/containerd/config.toml \\
     && containerd --version && runc --version
 ENV container=docker
 STOPSIGNAL SIGRTMIN+3
