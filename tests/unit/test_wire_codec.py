@@ -22,6 +22,7 @@ from blazen_peer.wire import (
     unwrap,
     wrap,
 )
+from blazen_peer.wire.messages import _fast_request
 from blazen_peer.wire.postcard import Reader, varint
 from hypothesis import given
 from hypothesis import strategies as st
@@ -223,3 +224,18 @@ def test_any_truncation_fails_cleanly(req: SubWorkflowRequest, cut: int) -> None
     if cut < len(data):
         with pytest.raises(PostcardDecodeError):
             SubWorkflowRequest.decode(data[: len(data) - cut])
+
+
+@given(
+    st.binary(max_size=120)
+    | st.builds(
+        lambda r, tail: r.encode() + tail,
+        st.builds(SubWorkflowRequest, text, st.lists(text, max_size=3), blob, st.none() | u64),
+        st.binary(max_size=4),
+    )
+)
+def test_fast_path_agrees_with_strict_decoder(data: bytes) -> None:
+    fast = _fast_request(data)
+    if fast is None:
+        return
+    assert SubWorkflowRequest.decode_strict(data) == fast

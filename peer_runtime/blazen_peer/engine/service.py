@@ -130,7 +130,7 @@ class PeerService:
 
         run_id = next_run_id()
         ctx = Context(self.refs, run_id, self.node_id, req.workflow_name, caller_node_id)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self.on_invoke_done is not None else 0.0
         error: str | None = None
         result_json: bytes | None = None
         state_json: dict[str, bytes] = {}

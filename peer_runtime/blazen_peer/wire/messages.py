@@ -82,6 +82,13 @@ class SubWorkflowRequest(_Message):
 
     @classmethod
     def decode(cls, buf: bytes) -> SubWorkflowRequest:
+        fast = _fast_request(buf)
+        if fast is not None:
+            return fast
+        return cls.decode_strict(buf)
+
+    @classmethod
+    def decode_strict(cls, buf: bytes) -> SubWorkflowRequest:
         r = Reader(buf)
         version = r.take_u32()
         name = r.take_str()
@@ -92,6 +99,69 @@ class SubWorkflowRequest(_Message):
         input_json = r.take_bytes()
         timeout = r.take_option_u64()
         return cls(name, step_ids, input_json, timeout, version)
+
+
+def _fast_request(buf: bytes) -> SubWorkflowRequest | None:
+    """The hot path: every varint below 2**14 and all data present. Anything else (including every malformed
+    input) returns None and takes the strict ``Reader`` path, which produces the exact errors."""
+    try:
+        n = len(buf)
+        version = buf[0]
+        if version >= 0x80:
+            return None
+        pos = 1
+        ln = buf[pos]
+        if ln >= 0x80:
+            return None
+        pos += 1
+        end = pos + ln
+        if end > n:
+            return None
+        name = buf[pos:end].decode()
+        pos = end
+        count = buf[pos]
+        if count >= 0x80:
+            return None
+        pos += 1
+        ids = []
+        for _ in range(count):
+            ln = buf[pos]
+            if ln >= 0x80:
+                return None
+            pos += 1
+            end = pos + ln
+            if end > n:
+                return None
+            ids.append(buf[pos:end].decode())
+            pos = end
+        ln = buf[pos]
+        pos += 1
+        if ln >= 0x80:
+            hi = buf[pos]
+            if hi >= 0x80:
+                return None
+            ln = (ln & 0x7F) | (hi << 7)
+            pos += 1
+        end = pos + ln
+        if end > n:
+            return None
+        input_json = bytes(buf[pos:end])
+        tag = buf[end]
+        if tag == 0:
+            timeout = None
+        elif tag == 1 and end + 1 < n and buf[end + 1] < 0x80:
+            timeout = buf[end + 1]
+        else:
+            return None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    req = SubWorkflowRequest.__new__(SubWorkflowRequest)
+    req.envelope_version = version
+    req.workflow_name = name
+    req.step_ids = ids
+    req.input_json = input_json
+    req.timeout_secs = timeout
+    return req
 
 
 class RemoteRefDescriptor(_Message):

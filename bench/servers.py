@@ -1,0 +1,94 @@
+"""The servers under test, each run as ``python -m bench.servers KIND PORT`` in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+async def blazen_rust(port: int) -> None:
+    import blazen  # needs the LD_PRELOAD shim
+
+    await blazen.BlazenPeerServer("bench-rust").serve(f"127.0.0.1:{port}")
+
+
+async def bare_grpcio(port: int) -> None:
+    """The ceiling for any Python grpcio server: decode the request, answer NOT_FOUND as Blazen does."""
+    import grpc
+    from blazen_peer.transport.grpc_server import grpc_server_options
+    from blazen_peer.wire import SubWorkflowRequest, unwrap
+
+    not_found = grpc.StatusCode.NOT_FOUND
+
+    async def invoke(request: bytes, context: grpc.aio.ServicerContext) -> None:
+        req = SubWorkflowRequest.decode(unwrap(request))
+        context.set_code(not_found)
+        context.set_details(f"unknown step id `{req.step_ids[0]}`")
+
+    server = grpc.aio.server(options=grpc_server_options())
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "blazen.peer.v1.BlazenPeer",
+                {"InvokeSubWorkflow": grpc.unary_unary_rpc_method_handler(invoke)},
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def bare_grpcio_sync(port: int) -> None:
+    """The same bare handler on grpcio's synchronous (thread-pool) server, for reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from blazen_peer.transport.grpc_server import grpc_server_options
+    from blazen_peer.wire import SubWorkflowRequest, unwrap
+
+    not_found = grpc.StatusCode.NOT_FOUND
+
+    def invoke(request: bytes, context: grpc.ServicerContext) -> None:
+        req = SubWorkflowRequest.decode(unwrap(request))
+        context.set_code(not_found)
+        context.set_details(f"unknown step id `{req.step_ids[0]}`")
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=8), options=grpc_server_options())
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "blazen.peer.v1.BlazenPeer",
+                {"InvokeSubWorkflow": grpc.unary_unary_rpc_method_handler(invoke)},
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    await asyncio.get_running_loop().run_in_executor(None, server.wait_for_termination)
+
+
+async def ours(port: int) -> None:
+    from blazen_peer import BlazenPeerServer, PeerConfig
+
+    config = PeerConfig(
+        node_id="bench-ours",
+        entrypoint="bench.steps",
+        grpc_addr=f"127.0.0.1:{port}",
+        admin_addr=None,
+        insecure=True,
+        log_level="WARNING",
+    )
+    await BlazenPeerServer(config=config).serve()
+
+
+KINDS = {
+    "blazen-rust": blazen_rust,
+    "bare-grpcio": bare_grpcio,
+    "bare-grpcio-sync": bare_grpcio_sync,
+    "ours": ours,
+}
+
+if __name__ == "__main__":
+    kind, port = sys.argv[1], int(sys.argv[2])
+    asyncio.run(KINDS[kind](port))
