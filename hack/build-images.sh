@@ -22,6 +22,8 @@ build_ctx() { # tag dockerfile-text files...
   rm -rf "$ctx"
 }
 
+all_present() { local i; for i in "$@"; do docker_image_exists "$i" || return 1; done; }
+
 scratch_bin() { # tag binary
   build_ctx "$1" "FROM scratch
 COPY $(basename "$2") /usr/local/bin/
@@ -29,8 +31,10 @@ ENV PATH=/usr/local/bin:/usr/bin:/bin" "$2"
 }
 
 component_images() {
-  if image_from_cache "${COMPONENT_IMAGES[0]}" "$COMPONENT_TAR" &&
-     for i in "${COMPONENT_IMAGES[@]}"; do docker_image_exists "$i" || exit 1; done; then
+  # The tarball's name carries every input version: without it the images are rebuilt, whatever the store has.
+  if [[ -f "$IMAGES_DIR/$COMPONENT_TAR.tar" ]] && all_present "${COMPONENT_IMAGES[@]}" ||
+     { [[ -f "$IMAGES_DIR/$COMPONENT_TAR.tar" ]] && docker load -i "$IMAGES_DIR/$COMPONENT_TAR.tar" >/dev/null &&
+       all_present "${COMPONENT_IMAGES[@]}"; }; then
     log "component images cached"; return 0
   fi
   "$HACK_DIR/build-rootfs.sh" net
@@ -55,23 +59,27 @@ ENTRYPOINT ["/pause"]' "$CACHE_ROOT/pause/pause"
 }
 
 cert_manager_images() {
-  if image_from_cache "${CERT_MANAGER_IMAGES[0]}" "$CERT_MANAGER_TAR" &&
-     for i in "${CERT_MANAGER_IMAGES[@]}"; do docker_image_exists "$i" || exit 1; done; then
+  if [[ -f "$IMAGES_DIR/$CERT_MANAGER_TAR.tar" ]] && all_present "${CERT_MANAGER_IMAGES[@]}" ||
+     { [[ -f "$IMAGES_DIR/$CERT_MANAGER_TAR.tar" ]] && docker load -i "$IMAGES_DIR/$CERT_MANAGER_TAR.tar" >/dev/null &&
+       all_present "${CERT_MANAGER_IMAGES[@]}"; }; then
     log "cert-manager images cached"; return 0
   fi
-  "$HACK_DIR/build-rootfs.sh" net
-  local b
+  local b ctx
   for b in controller webhook cainjector; do
-    # The bookworm "net" rootfs supplies /etc/ssl/certs (ACME issuers need them) and /tmp.
-    build_ctx "quay.io/jetstack/cert-manager-$b:$CERT_MANAGER_VERSION" "FROM blazen-fleet/net-base:$DEBIAN_SUITE
-COPY $b /app/cmd/$b
-USER 1000:1000
-ENTRYPOINT [\"/app/cmd/$b\"]" "$CACHE_ROOT/cert-manager-$CERT_MANAGER_VERSION/bin/$b"
+    # FROM scratch like upstream's distroless images: the static binary plus a CA bundle (ACME issuers).
+    ctx=$(mktemp -d)
+    mkdir -p "$ctx/etc/ssl/certs"
+    cp "$CACHE_ROOT/cert-manager-$CERT_MANAGER_VERSION/bin/$b" "$ctx/"
+    cp /etc/ssl/certs/ca-certificates.crt "$ctx/etc/ssl/certs/"
+    printf '%s\n' "FROM scratch" "COPY etc/ /etc/" "COPY $b /app/cmd/$b" "USER 1000:1000" \
+      "ENTRYPOINT [\"/app/cmd/$b\"]" > "$ctx/Dockerfile"
+    docker build -q -t "quay.io/jetstack/cert-manager-$b:$CERT_MANAGER_VERSION" "$ctx" >/dev/null
+    rm -rf "$ctx"
   done
   image_to_cache "$CERT_MANAGER_TAR" "${CERT_MANAGER_IMAGES[@]}"
 }
 
-for s in "${@:-components cert-manager}"; do
+for s in ${@:-components cert-manager}; do
   case "$s" in
     components) timed images-components component_images ;;
     cert-manager) timed images-cert-manager cert_manager_images ;;

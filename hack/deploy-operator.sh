@@ -7,9 +7,12 @@ export KUBECONFIG="${KUBECONFIG:-$CACHE_ROOT/kind-$CLUSTER_NAME.kubeconfig}"
 OP_NS="${OPERATOR_NAMESPACE:-blazen-system}"
 
 "$HACK_DIR/build-app-images.sh"
-# kind load compares image ids with the node's (crictl inspecti), so a rebuilt :dev tag is reloaded.
-timed load-app-images kind load docker-image --name "$CLUSTER_NAME" \
-  blazen-fleet/operator:dev blazen-fleet/peer-runtime:dev blazen-fleet/example-steps:dev
+# One `kind load` of both images (one tarball: the shared python layers go once) onto the workers, where they
+# can run (the operator on a schedulable node, the example steps there and on the GPU pool). The node image has
+# no crictl (see build-go-tools.sh), so kind cannot tell a present image from a stale one and always loads.
+workers=$(kind get nodes --name "$CLUSTER_NAME" | grep -v control-plane | paste -sd, -)
+timed load-app-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$workers" \
+  blazen-fleet/operator:dev blazen-fleet/example-steps:dev
 
 helm=$("$HACK_DIR/build-helm.sh")
 t0=$SECONDS

@@ -16,4 +16,4 @@ CERT_MANAGER_IMAGES=(
   "quay.io/jetstack/cert-manager-webhook:$CERT_MANAGER_VERSION"
   "quay.io/jetstack/cert-manager-cainjector:$CERT_MANAGER_VERSION"
 )
-CERT_MANAGER_TAR="cert-manager-$CERT_MANAGER_VERSION"
+CERT_MANAGER_TAR="cert-manager-$CERT_MANAGER_VERSION-scratch"

@@ -76,7 +76,8 @@ timed cluster-create create_cluster
 kubectl wait node --all --for=condition=Ready --timeout=300s >/dev/null
 timed gpu-capacity fake_gpus
 source "$HACK_DIR/kind-versions.sh"; source "$HACK_DIR/kind-images.sh"
-timed load-cert-manager-images kind load docker-image --name "$CLUSTER_NAME" "${CERT_MANAGER_IMAGES[@]}"
+timed load-cert-manager-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$(schedulable_nodes)" \
+  "${CERT_MANAGER_IMAGES[@]}"
 [[ -n "${SKIP_CERT_MANAGER:-}" ]] || timed cert-manager-install "$HACK_DIR/install-cert-manager.sh"
 kubectl get nodes -L blazen.dev/pool -o wide
 record_time cluster-up-total $((SECONDS - t0))
