@@ -72,6 +72,10 @@ def build_registry(finished: list[str]) -> StepRegistry:
         finished.append("slow")
         return {"type": "blazen::StopEvent", "result": "late"}
 
+    @reg.step("whoami")
+    async def whoami(event: dict, ctx: Any) -> dict:
+        return {"type": "blazen::StopEvent", "result": {"caller": ctx.caller_node_id, "node": ctx.node_id}}
+
     @reg.step("orphan")
     async def orphan(event: dict, ctx: Any) -> dict:
         return {"type": "NobodyListens"}
@@ -100,7 +104,13 @@ class Peer:
 @pytest.fixture
 async def peer() -> AsyncIterator[Peer]:
     finished: list[str] = []
-    config = PeerConfig(node_id=NODE_ID, grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", insecure=True)
+    config = PeerConfig(
+        node_id=NODE_ID,
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        insecure=True,
+        admin_addr="127.0.0.1:0",
+    )
     server = BlazenPeerServer(config=config, registry=build_registry(finished))
     await server.start()
     try:

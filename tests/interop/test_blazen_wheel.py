@@ -157,3 +157,11 @@ async def test_empty_step_ids_without_default_set(peer, run_blazen) -> None:
         'message: "workflow build failed: workflow validation '
         'failed: workflow must have at least one step"'
     )
+
+
+async def test_http_node_id_header_reaches_the_step(peer, run_blazen) -> None:
+    res_http, res_grpc = await run_blazen(
+        peer, [invoke("http", ["whoami"]), invoke("grpc", ["whoami"])], "tab-7f3c"
+    )
+    assert res_http["result"] == {"caller": "tab-7f3c", "node": NODE_ID}
+    assert res_grpc["result"] == {"caller": None, "node": NODE_ID}  # Blazen's gRPC client sends no node id

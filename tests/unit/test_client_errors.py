@@ -39,6 +39,10 @@ def registry() -> StepRegistry:
     async def echo(event: dict, ctx: Any) -> dict:
         return {"type": "blazen::StopEvent", "result": {k: v for k, v in event.items() if k != "type"}}
 
+    @reg.step("whoami")
+    async def whoami(event: dict, ctx: Any) -> dict:
+        return {"type": "blazen::StopEvent", "result": ctx.caller_node_id}
+
     @reg.step("boom")
     async def boom(event: dict, ctx: Any) -> None:
         raise RuntimeError("bad input")
@@ -73,7 +77,14 @@ def registry() -> StepRegistry:
 
 
 async def start(name: str, **cfg: Any) -> BlazenPeerServer:
-    config = PeerConfig(node_id=name, grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", insecure=True, **cfg)
+    config = PeerConfig(
+        node_id=name,
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        admin_addr="127.0.0.1:0",
+        insecure=True,
+        **cfg,
+    )
     server = BlazenPeerServer(config=config, registry=registry())
     await server.start()
     return server
@@ -100,6 +111,7 @@ async def test_invoke_and_refs(client: Any) -> None:
     resp = await client.invoke_sub_workflow("wf", ["echo"], {"x": [1, "ü"]}, 5)
     assert resp.error is None
     assert resp.result_value() == {"x": [1, "ü"]}
+    assert (await client.invoke_sub_workflow("wf", ["whoami"])).result_value() == "caller"
     resp = await client.invoke_sub_workflow(
         SubWorkflowRequest.new("wf", ["two::a", "two::l", "two::r", "two::j"])
     )
@@ -248,6 +260,7 @@ async def test_forwarding_between_two_replicas() -> None:
             node_id=name,
             grpc_addr=f"127.0.0.1:{port}",
             http_addr="127.0.0.1:0",
+            admin_addr="127.0.0.1:0",
             insecure=True,
             forward_peers=peers,
         )

@@ -95,8 +95,8 @@ class BlazenPeerServicer:
     async def invoke(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
         try:
             req = _decode(request, SubWorkflowRequest.decode)
-            caller = _metadata_value(context, NODE_ID_METADATA) if log.isEnabledFor(logging.DEBUG) else None
-            if caller is not None:
+            caller = _metadata_value(context, NODE_ID_METADATA)
+            if caller is not None and log.isEnabledFor(logging.DEBUG):
                 log.debug("InvokeSubWorkflow %r from %s", req.workflow_name, caller)
             resp = await self.service.invoke(req, caller_node_id=caller)
         except PeerStatusError as exc:
