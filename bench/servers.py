@@ -82,11 +82,33 @@ async def ours(port: int) -> None:
     await BlazenPeerServer(config=config).serve()
 
 
+async def ours_sync(port: int) -> None:
+    """Experimental: our engine behind grpcio's synchronous server (transport/grpc_sync.py)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blazen_peer.engine import PeerService, default_registry, load_entrypoint
+    from blazen_peer.transport.grpc_sync import create_sync_grpc_server
+
+    load_entrypoint("bench.steps")
+    service = PeerService("bench-ours-sync", default_registry, executor=ThreadPoolExecutor(4))
+    loop = asyncio.get_running_loop()
+    server = create_sync_grpc_server(service, loop)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    done = asyncio.Event()
+    threading.Thread(
+        target=lambda: (server.wait_for_termination(), loop.call_soon_threadsafe(done.set))
+    ).start()
+    await done.wait()
+
+
 KINDS = {
     "blazen-rust": blazen_rust,
     "bare-grpcio": bare_grpcio,
     "bare-grpcio-sync": bare_grpcio_sync,
     "ours": ours,
+    "ours-sync": ours_sync,
 }
 
 if __name__ == "__main__":

@@ -104,6 +104,13 @@ class PeerService:
         """Call after registering steps while serving."""
         self._index_cache.clear()
 
+    def precheck(self, req: SubWorkflowRequest) -> None:
+        """The checks ``invoke`` runs before anything else (version, step ids), callable from any thread."""
+        if req.envelope_version > ENVELOPE_VERSION:
+            check_version(req.envelope_version)
+        if req.step_ids:
+            self._index(req.step_ids)
+
     # -- InvokeSubWorkflow ----------
 
     async def invoke(
