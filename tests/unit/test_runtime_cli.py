@@ -146,3 +146,18 @@ async def test_cli_serves_an_entrypoint(tmp_path: Path) -> None:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode in (0, -15), err.decode()
+
+
+async def test_forward_dns_siblings_skip_self() -> None:
+    from blazen_peer.transport.forwarding import SiblingForwarder
+
+    me = SiblingForwarder(dns_name="localhost", own_ports=[50051], dns_port=50051)
+    assert await me.siblings() == []  # localhost's A record is this very pod
+    other = SiblingForwarder(dns_name="localhost", own_ports=[50052], dns_port=50051)
+    assert await other.siblings() == ["127.0.0.1:50051"]
+    static = SiblingForwarder(
+        static_peers=["127.0.0.1:7000", "10.0.0.9:7000", "10.0.0.9:7000"], own_ports=[7000]
+    )
+    assert await static.siblings() == ["10.0.0.9:7000"]
+    missing = SiblingForwarder(dns_name="no-such-host.invalid", own_ports=[1])
+    assert await missing.siblings() == []
