@@ -5,6 +5,8 @@
 source "$(dirname "$0")/kind-lib.sh"
 export KUBECONFIG="${KUBECONFIG:-$CACHE_ROOT/kind-$CLUSTER_NAME.kubeconfig}"
 OP_NS="${OPERATOR_NAMESPACE:-blazen-system}"
+# OPERATOR_IMAGE overrides the operator image (repository:tag) that is loaded and installed.
+OPERATOR_IMAGE="${OPERATOR_IMAGE:-blazen-fleet/operator:dev}"
 
 "$HACK_DIR/build-app-images.sh"
 # One `kind load` of both images (one tarball: the shared python layers go once) onto the workers, where they
@@ -12,12 +14,13 @@ OP_NS="${OPERATOR_NAMESPACE:-blazen-system}"
 # no crictl (see build-go-tools.sh), so kind cannot tell a present image from a stale one and always loads.
 workers=$(kind get nodes --name "$CLUSTER_NAME" | grep -v control-plane | paste -sd, -)
 timed load-app-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$workers" \
-  blazen-fleet/operator:dev blazen-fleet/example-steps:dev
+  "$OPERATOR_IMAGE" blazen-fleet/example-steps:dev
 
 helm=$("$HACK_DIR/build-helm.sh")
 t0=$SECONDS
 "$helm" upgrade --install blazen-operator "$REPO_ROOT/helm/blazen-operator" \
   --namespace "$OP_NS" --create-namespace \
-  --set image.repository=blazen-fleet/operator --set image.tag=dev --set image.pullPolicy=Never \
+  --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" --set image.pullPolicy=Never \
+  --set-string "podAnnotations.blazen-fleet/image-id=$(docker image inspect -f '{{.Id}}' "$OPERATOR_IMAGE" | cut -c8-19)" \
   --wait --timeout 5m
 record_time operator-install $((SECONDS - t0))
