@@ -23,10 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _serve(server: BlazenPeerServer) -> None:
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    del task
     await server.serve()
 
 
@@ -40,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.entrypoint:
         parser.error("--entrypoint (or BLAZEN_PEER_ENTRYPOINT) is required")
-    sys.path.insert(0, ".")
+    sys.path.insert(0, ".")  # the console script does not put the working directory on the path
     server = BlazenPeerServer(config=config)
     logging.getLogger("blazen_peer").info(
         "node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>"

@@ -190,8 +190,8 @@ class BlazenPeerServer:
         site = web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_port=False)
         await site.start()
         self._runners.append(runner)
-        sockets = [s for s in (site._server.sockets if site._server else [])]
-        return sockets[0].getsockname()[1] if sockets else port
+        addresses = runner.addresses
+        return addresses[0][1] if addresses else port
 
     async def _sweep_refs(self) -> None:
         while True:
