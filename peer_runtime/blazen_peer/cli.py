@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from .config import add_flags, config_from
 from .server import BlazenPeerServer
 
+log = logging.getLogger("blazen_peer")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blazen-peer", description="Blazen peer runtime")
@@ -22,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(server: BlazenPeerServer) -> None:
+    """Start, then serve until SIGTERM/SIGINT: ``stop()`` drains (not ready, new calls refused, in-flight
+    calls finish within ``--shutdown-grace-secs``) and closes the listeners."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
@@ -35,15 +39,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.entrypoint:
         parser.error("--entrypoint (or BLAZEN_PEER_ENTRYPOINT) is required")
+    from .security.errors import PeerError
+    from .security.logging import configure_json_logging
+
+    holder: list[BlazenPeerServer] = []
+
+    def secrets() -> list[str]:
+        state = holder[0].security if holder else None
+        return state.secrets() if state is not None else []
+
+    configure_json_logging(node_id=config.node_id, level=config.log_level, secrets=secrets)
     sys.path.insert(0, ".")  # the console script does not put the working directory on the path
     server = BlazenPeerServer(config=config)
-    logging.getLogger("blazen_peer").info(
-        "node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>"
-    )
-    asyncio.run(_serve(server))
+    holder.append(server)
+    log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
+    try:
+        asyncio.run(_serve(server))
+    except PeerError as exc:
+        log.error("%s", exc)
+        print(f"blazen-peer: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        log.error("%s", exc)
+        print(f"blazen-peer: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

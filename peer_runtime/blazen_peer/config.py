@@ -44,6 +44,8 @@ class PeerConfig:
     http_max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_secs: float = 5.0
     log_level: str = "INFO"
+    # security limits (read by blazen_peer.security)
+    max_concurrent_workflows: int = 64
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -116,6 +118,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
     Flag("shutdown_grace_secs", "grace period for in-flight calls on shutdown", float, metavar="SECS"),
     Flag("log_level", "logging level", str.upper, metavar="LEVEL"),
+    Flag(
+        "max_concurrent_workflows",
+        "sub-workflows run at once (Invoke + Stream); more are refused RESOURCE_EXHAUSTED / 429 (0: no cap)",
+        int,
+        metavar="N",
+    ),
 )
 
 

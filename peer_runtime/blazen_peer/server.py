@@ -76,7 +76,11 @@ class BlazenPeerServer:
         self.admin_port: int | None = None
         self._consumed = False
         self._ready = False
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc_servers: list[grpc.aio.Server] = []
+        #: set by ``blazen_peer.security.install`` (its objects: readiness, metrics, drainer ...).
+        self.security: Any = None
+        #: the grace period of the ``stop()`` in progress (on_stop hooks read it).
+        self.stop_grace: float | None = None
         self._runners: list[web.AppRunner] = []
         self._executor: ThreadPoolExecutor | None = None
         self._forwarder: SiblingForwarder | None = None
@@ -138,6 +142,8 @@ class BlazenPeerServer:
         self.service.executor = self._executor
 
         server = create_grpc_server(self.service, hooks)
+        if cfg.grpc_addr is not None:
+            self._grpc_servers.append(server)
         try:
             if cfg.grpc_addr is not None:
                 creds = hooks.grpc_server_credentials() if hooks.grpc_server_credentials else None
@@ -146,10 +152,14 @@ class BlazenPeerServer:
                 else:
                     self.grpc_port = server.add_insecure_port(cfg.grpc_addr)
             if cfg.plaintext_grpc_addr is not None:
-                self.plaintext_grpc_port = server.add_insecure_port(cfg.plaintext_grpc_addr)
+                # Its own grpc.aio server: interceptors (token auth) cannot tell the ports apart.
+                plain = create_grpc_server(
+                    self.service, hooks, interceptors=hooks.plaintext_grpc_interceptors
+                )
+                self._grpc_servers.append(plain)
+                self.plaintext_grpc_port = plain.add_insecure_port(cfg.plaintext_grpc_addr)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC listener: {exc}") from exc
-        self._grpc = server
 
         if cfg.forward_peers or cfg.forward_dns:
             own = [p for p in (self.grpc_port, self.plaintext_grpc_port) if p]
@@ -160,10 +170,12 @@ class BlazenPeerServer:
                 dns_port=self.grpc_port or 50051,
                 credentials=hooks.forward_channel_credentials,
                 metadata=hooks.forward_metadata,
+                options=hooks.forward_channel_options,
             )
             self.service.forwarder = self._forwarder
 
-        await server.start()
+        for srv in self._grpc_servers:
+            await srv.start()
         log.info("gRPC listening on %s (port %s)", cfg.grpc_addr, self.grpc_port)
 
         if cfg.http_addr is not None:
@@ -207,6 +219,7 @@ class BlazenPeerServer:
         self._stopping = True
         self._ready = False
         grace = self.config.shutdown_grace_secs if grace is None else grace
+        self.stop_grace = grace
         try:
             for cb in self.hooks.on_stop:
                 await _maybe_await(cb(self))
@@ -214,8 +227,8 @@ class BlazenPeerServer:
                 self._sweeper.cancel()
             for runner in self._runners:
                 await runner.cleanup()
-            if self._grpc is not None:
-                await self._grpc.stop(grace)
+            if self._grpc_servers:
+                await asyncio.gather(*(srv.stop(grace) for srv in self._grpc_servers))
             if self._forwarder is not None:
                 await self._forwarder.close()
             if self._executor is not None:

@@ -186,12 +186,13 @@ class SessionRefStore:
         with self._lock:
             if len(self._entries) >= self.max_count:
                 raise SessionRefLimitError(
-                    f"session ref limit reached: {len(self._entries)} refs held, the cap is {self.max_count}"
+                    f"session ref limit reached: {len(self._entries)} refs held, the cap is {self.max_count} "
+                    "(--ref-max-count)"
                 )
             if self._bytes + size > self.max_bytes:
                 raise SessionRefLimitError(
                     f"session ref byte limit reached: {self._bytes} bytes held + {size} new "
-                    f"> cap {self.max_bytes}"
+                    f"> cap {self.max_bytes} (--ref-max-bytes)"
                 )
             self._entries[key] = _Entry(
                 uuid=key,

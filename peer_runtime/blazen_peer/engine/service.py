@@ -24,7 +24,14 @@ from ..wire.messages import (
     dumps_json,
 )
 from .context import Context
-from .refs import REF_MARKER, RefLifetime, SessionRefHandle, SessionRefStore, next_run_id
+from .refs import (
+    REF_MARKER,
+    RefLifetime,
+    SessionRefHandle,
+    SessionRefLimitError,
+    SessionRefStore,
+    next_run_id,
+)
 from .registry import START_EVENT, StepRegistry, StepSpec
 from .runner import EventSink, WorkflowFailed, run_workflow
 
@@ -156,6 +163,10 @@ class PeerService:
             error = f"workflow timed out after {req.timeout_secs}s"
         except (TypeError, ValueError) as exc:
             error = f"workflow error: result is not JSON-serializable: {exc}"
+        except SessionRefLimitError as exc:
+            # A ref the result needs (an object with __blazen_serialize__) does not fit: a limit, not a bug.
+            self.refs.end_run(run_id)
+            raise PeerStatusError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         if error is not None:
             result_json = None
             state_json = {}

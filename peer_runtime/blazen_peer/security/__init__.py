@@ -6,8 +6,8 @@ guards as interceptors/middleware), ``logging`` (JSON logs, redaction).
 
 ``load_server_tls``, ``load_client_tls``, ``TlsMaterial``, ``PeerError``, ``PeerTlsError``,
 ``ReloadingTlsSource`` and ``TokenSource`` are also reachable here (loaded lazily). The package imports
-nothing at import time: ``BlazenPeerServer.start()`` imports it to look for an
-``install(server)`` seam, which the integration phase adds here.
+nothing at import time: ``BlazenPeerServer.start()`` imports it and calls ``install(server)``
+(``integration.py``), which wires these blocks into the server's hooks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ _LAZY = {
     "load_server_tls": "tls",
     "ReloadingTlsSource": "reload",
     "TokenSource": "auth",
+    "PeerInsecureConfigError": "errors",
+    "SecurityState": "integration",
+    "install": "integration",
 }
 __all__ = sorted(_LAZY)
 

@@ -16,6 +16,7 @@ __all__ = [
     "LimitExceededError",
     "PeerAuthConfigError",
     "PeerError",
+    "PeerInsecureConfigError",
     "PeerRejected",
     "PeerTlsError",
     "RequestTooLargeError",
@@ -37,6 +38,10 @@ class PeerTlsError(PeerError):
 
 class PeerAuthConfigError(PeerError):
     """The bearer-token configuration is unusable (unreadable or empty token file at start)."""
+
+
+class PeerInsecureConfigError(PeerError):
+    """Neither TLS nor a token is configured and ``--insecure`` was not given: the server refuses to start."""
 
 
 class PeerRejected(PeerError):

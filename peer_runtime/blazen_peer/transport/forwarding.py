@@ -54,6 +54,7 @@ class SiblingForwarder:
         dns_port: int = 50051,
         credentials: Callable[[], grpc.ChannelCredentials | None] | None = None,
         metadata: Callable[[], list[tuple[str, str]]] | None = None,
+        options: Callable[[], list[tuple[str, object]]] | None = None,
         timeout_secs: float = 10.0,
     ) -> None:
         self.static_peers = [split_host_port(p) for p in static_peers]
@@ -62,8 +63,10 @@ class SiblingForwarder:
         self.dns_port = dns_port
         self._credentials = credentials
         self._metadata = metadata
+        self._options = options
         self.timeout_secs = timeout_secs
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Future] = set()
         self._local = local_addresses()
 
     def _is_self(self, host: str, port: int) -> bool:
@@ -92,11 +95,23 @@ class SiblingForwarder:
         ch = self._channels.get(addr)
         if ch is None:
             creds = self._credentials() if self._credentials is not None else None
+            opts = self._options() if self._options is not None else None
             ch = (
-                grpc.aio.secure_channel(addr, creds) if creds is not None else grpc.aio.insecure_channel(addr)
+                grpc.aio.secure_channel(addr, creds, options=opts)
+                if creds is not None
+                else grpc.aio.insecure_channel(addr, options=opts)
             )
             self._channels[addr] = ch
         return ch
+
+    def reset_channels(self) -> None:
+        """New calls open new channels (e.g. with a reloaded client certificate); the old channels close
+        once their calls had ``timeout_secs`` to finish. Call on the event loop."""
+        old, self._channels = self._channels, {}
+        for ch in old.values():
+            task = asyncio.ensure_future(ch.close(grace=self.timeout_secs))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _call(self, addr: str, method: str, payload: bytes) -> bytes | None:
         md = [(FORWARDED_METADATA, "1")]

@@ -220,12 +220,20 @@ def grpc_server_options(hooks: ServerHooks | None = None) -> list[tuple[str, obj
     return options
 
 
-def create_grpc_server(service: PeerService, hooks: ServerHooks | None = None) -> grpc.aio.Server:
-    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports."""
+def create_grpc_server(
+    service: PeerService, hooks: ServerHooks | None = None, *, interceptors: list | None = None
+) -> grpc.aio.Server:
+    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. ``interceptors``
+    overrides ``hooks.grpc_interceptors``; ``hooks.grpc_server_setup`` callbacks run on the server."""
+    if interceptors is None and hooks is not None:
+        interceptors = hooks.grpc_interceptors
     server = grpc.aio.server(
-        interceptors=list(hooks.grpc_interceptors) if hooks is not None else None,
+        interceptors=list(interceptors) if interceptors else None,
         options=grpc_server_options(hooks),
         compression=grpc.Compression.NoCompression,
     )
     server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service)),))
+    if hooks is not None:
+        for setup in hooks.grpc_server_setup:
+            setup(server)
     return server

@@ -25,6 +25,11 @@ Callback = Callable[["BlazenPeerServer"], Awaitable[None] | None]
 class ServerHooks:
     #: grpc.aio server interceptors, applied to every gRPC listener (auth, metrics, limits).
     grpc_interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    #: interceptors of the separate grpc.aio server behind ``--plaintext-grpc-addr`` (grpc.aio interceptors
+    #: cannot see the port, so that listener has its own server); None: the same as ``grpc_interceptors``.
+    plaintext_grpc_interceptors: list[grpc.aio.ServerInterceptor] | None = None
+    #: called with each grpc.aio server before it starts (e.g. to add the gRPC health service).
+    grpc_server_setup: list[Callable[[grpc.aio.Server], None]] = field(default_factory=list)
     #: credentials for ``--grpc-addr``; None (or returning None) means plaintext. ``--plaintext-grpc-addr`` is
     #: always plaintext.
     grpc_server_credentials: Callable[[], grpc.ServerCredentials | None] | None = None
@@ -43,6 +48,8 @@ class ServerHooks:
     #: channel credentials and extra metadata for session-ref forwarding to sibling replicas.
     forward_channel_credentials: Callable[[], grpc.ChannelCredentials | None] | None = None
     forward_metadata: Callable[[], list[tuple[str, str]]] | None = None
+    #: extra channel options for forwarding channels (e.g. ``grpc.ssl_target_name_override``).
+    forward_channel_options: Callable[[], list[tuple[str, Any]]] | None = None
     #: lifecycle callbacks: after all listeners are bound (the server is then ready), and when stopping.
     on_ready: list[Callback] = field(default_factory=list)
     on_stop: list[Callback] = field(default_factory=list)
