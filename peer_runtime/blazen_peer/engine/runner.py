@@ -12,6 +12,7 @@ on the event loop; plain ``def`` handlers run in the executor, so a CPU-heavy st
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -51,7 +52,9 @@ async def _call(spec: StepSpec, event: dict, ctx: Any, executor: Executor | None
         if spec.is_async:
             out = await spec.handler(event, ctx)
         else:
-            out = await asyncio.get_running_loop().run_in_executor(executor, spec.handler, event, ctx)
+            # In the caller's context, so that log records carry its caller node id and request id.
+            run = contextvars.copy_context().run
+            out = await asyncio.get_running_loop().run_in_executor(executor, run, spec.handler, event, ctx)
             if asyncio.iscoroutine(out):
                 out = await out
     except WorkflowFailed:

@@ -1,0 +1,218 @@
+"""Helpers for the secured-peer tests (no tests here): PKI fixtures, a step module, raw TLS probes, a
+subprocess runner for ``blazen-peer serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import socket
+import ssl
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+
+from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files, write_pem_files
+
+TOKEN = "tok-3f9a1c77e2b84d0c9b1e"
+STEP_MODULE = "secure_peer_steps"
+STEPS_SOURCE = textwrap.dedent(
+    """
+    import asyncio, logging, os
+    from blazen_peer import StepRegistry, RefLifetime
+
+    REG = StepRegistry()
+    log = logging.getLogger("secure_peer_steps")
+
+    @REG.step("echo", accepts=["blazen::StartEvent"])
+    def echo(event, ctx):
+        return {"type": "blazen::StopEvent", "result": {"x": event.get("x"), "caller": ctx.caller_node_id}}
+
+    @REG.step("slow", accepts=["blazen::StartEvent"])
+    async def slow(event, ctx):
+        marker = event.get("marker")
+        if marker:
+            open(marker, "w").close()
+        await asyncio.sleep(event.get("secs", 1.0))
+        return {"type": "blazen::StopEvent", "result": {"slept": event.get("secs", 1.0)}}
+
+    @REG.step("keep", accepts=["blazen::StartEvent"])
+    def keep(event, ctx):
+        life = RefLifetime.UntilExplicitDrop
+        h = ctx.session_refs.insert(event["data"].encode(), type_tag="t", lifetime=life)
+        return {"type": "blazen::StopEvent", "result": {"ref": h.uuid}}
+
+    class Blob:
+        def __init__(self, n):
+            self.n = n
+
+        def __blazen_serialize__(self):
+            return b"x" * self.n
+
+    @REG.step("blob", accepts=["blazen::StartEvent"])
+    def blob(event, ctx):
+        return {"type": "blazen::StopEvent", "result": {"blob": Blob(event.get("n", 10))}}
+
+    @REG.step("chatty", accepts=["blazen::StartEvent"])
+    def chatty(event, ctx):
+        log.info("step sees header %s and %s", event.get("header"), event.get("blob"))
+        return {"type": "blazen::StopEvent", "result": None}
+    """
+)
+
+
+def write_steps(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{STEP_MODULE}.py").write_text(STEPS_SOURCE)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Pki:
+    """A CA, the peer's server leaf (kubelet-style Secret dir), a client leaf, and the bad ones."""
+
+    root: Path
+    ca: CA = field(default_factory=lambda: CA("blazen-peer-ca"))
+    other_ca: CA = field(default_factory=lambda: CA("some-other-ca"))
+
+    def __post_init__(self) -> None:
+        self.secret = KubeletSecretDir(self.root / "tls")
+        self.server = self.issue_server(1001)
+        self.secret.write(secret_files(self.server, self.ca))
+        now = dt.datetime.now(dt.UTC)
+        self.client = self.ca.issue("caller", server=False)
+        self.client_files = write_pem_files(self.root / "client", self.client, self.ca)
+        self.foreign_files = write_pem_files(
+            self.root / "foreign", self.other_ca.issue("intruder", server=False), self.other_ca
+        )
+        expired = self.ca.issue(
+            "expired",
+            server=False,
+            not_before=now - dt.timedelta(days=10),
+            not_after=now - dt.timedelta(days=1),
+        )
+        self.expired_files = write_pem_files(self.root / "expired", expired, self.ca)
+
+    def issue_server(self, serial: int) -> Issued:
+        return self.ca.issue("peer-0", serial=serial, dns=("localhost", "peer-0.peers.example"))
+
+    def rotate(self, serial: int) -> Issued:
+        self.server = self.issue_server(serial)
+        self.secret.write(secret_files(self.server, self.ca))
+        return self.server
+
+    @property
+    def cert(self) -> str:
+        return str(self.secret.path("tls.crt"))
+
+    @property
+    def key(self) -> str:
+        return str(self.secret.path("tls.key"))
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.secret.path("ca.crt"))
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca.cert_pem
+
+
+def client_ssl(pki: Pki, files: tuple[Path, Path, Path] | None = None, *, h2: bool = False) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
+    if files is not None:
+        ctx.load_cert_chain(str(files[0]), str(files[1]))
+    if h2:
+        ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def served_serial(port: int, ctx: ssl.SSLContext, host: str = "localhost") -> int:
+    """Open a NEW TLS connection and return the serial of the certificate the server presents."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def wait_serial(port: int, ctx: ssl.SSLContext, serial: int, limit: float) -> float:
+    """Seconds until a new handshake on ``port`` shows ``serial`` (AssertionError after ``limit``)."""
+    t0 = time.monotonic()
+    seen = None
+    while time.monotonic() - t0 < limit:
+        seen = await asyncio.to_thread(served_serial, port, ctx)
+        if seen == serial:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"port {port} still serves serial {seen}, not {serial}, after {limit} s")
+
+
+async def http_get(url: str, **kw: Any) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url, **kw) as r:
+        return r.status, await r.text()
+
+
+async def wait_ready(
+    admin_port: int, proc: asyncio.subprocess.Process | None = None, limit: float = 60
+) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if proc is not None and proc.returncode is not None:
+            raise AssertionError(f"the peer exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            status, _ = await http_get(f"http://127.0.0.1:{admin_port}/readyz")
+            if status == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the peer did not become ready")
+
+
+def blazen_peer_command() -> list[str]:
+    script = Path(sys.executable).parent / "blazen-peer"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "blazen_peer.cli"]
+
+
+async def spawn_peer(
+    workdir: Path, args: list[str], env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    full_env = {**os.environ, "PYTHONPATH": str(workdir), **(env or {})}
+    for k in [k for k in full_env if k.startswith("BLAZEN_PEER_") and k not in (env or {})]:
+        del full_env[k]
+    return await asyncio.create_subprocess_exec(
+        *blazen_peer_command(),
+        "serve",
+        *args,
+        env=full_env,
+        cwd=str(workdir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head == name and not labels:
+            return float(value)
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
