@@ -189,20 +189,22 @@ def blazen_peer_command() -> list[str]:
 
 
 async def spawn_peer(
-    workdir: Path, args: list[str], env: dict[str, str] | None = None
+    workdir: Path, args: list[str], env: dict[str, str] | None = None, log_name: str = "peer.log"
 ) -> asyncio.subprocess.Process:
-    full_env = {**os.environ, "PYTHONPATH": str(workdir), **(env or {})}
-    for k in [k for k in full_env if k.startswith("BLAZEN_PEER_") and k not in (env or {})]:
-        del full_env[k]
-    return await asyncio.create_subprocess_exec(
-        *blazen_peer_command(),
-        "serve",
-        *args,
-        env=full_env,
-        cwd=str(workdir),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    """``blazen-peer serve ARGS`` with ``workdir`` on PYTHONPATH; its output goes to ``workdir/log_name``
+    (a file, so a chatty peer never blocks on a full pipe)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZEN_PEER_")}
+    full_env.update({"PYTHONPATH": str(workdir), **(env or {})})
+    with open(workdir / log_name, "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
+        return await asyncio.create_subprocess_exec(
+            *blazen_peer_command(),
+            "serve",
+            *args,
+            env=full_env,
+            cwd=str(workdir),
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
