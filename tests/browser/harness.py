@@ -7,7 +7,8 @@ headers Blazen's WASM ``HttpPeerClient`` sends (``Content-Type: application/json
 a CORS preflight. The script writes the outcome into ``<pre id="result">``; Chromium's ``--dump-dom``
 prints the DOM after ``--virtual-time-budget`` ms, and ``parse_result`` reads it back.
 
-Point ``api_base`` at any shim: a stub app with the CORS middleware now, the real shim later.
+Point ``api_base`` at any shim: ``test_cors_chromium.py`` uses a stub app with the CORS middleware,
+``test_cors_real_shim.py`` a real ``BlazenPeerServer``.
 """
 
 from __future__ import annotations
