@@ -109,10 +109,13 @@ def load_client_configuration() -> client.Configuration:
 
 
 def bearer_token(cfg: client.Configuration) -> str | None:
+    # The in-cluster loader stores "bearer <token>" (lower case), kubeconfig loaders "Bearer <token>";
+    # kopf adds its own scheme, so the token goes out bare.
     for key in ("authorization", "BearerToken"):
         value = (cfg.api_key or {}).get(key)
         if value:
-            return value.removeprefix("Bearer ").strip()
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token else value.strip()
     return None
 
 
