@@ -1,0 +1,1 @@
+"""Fuzzing the postcard decoder and both transports (``python -m tests.fuzz --inputs 100000``)."""
