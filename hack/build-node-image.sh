@@ -15,7 +15,8 @@ kind_files="$GOMODCACHE/sigs.k8s.io/kind@$KIND_VERSION/images/base/files"
 [[ -d "$kind_files" ]] || (cd /tmp && go mod download "sigs.k8s.io/kind@$KIND_VERSION")
 
 bits_sum=$( { echo "$K8S_VERSION $CONTAINERD_VERSION $RUNC_VERSION $CRICTL_VERSION $CNI_PLUGINS_VERSION $KIND_VERSION"
-  echo "$COMPONENT_TAR"; ls "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" 2>/dev/null; sha256sum "$0"; } | sha256sum | cut -c1-10)
+  echo "$COMPONENT_TAR"; ls "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" 2>/dev/null || true
+  sha256sum "$0" "$REPO_ROOT/images/crictl-lite/crictl"; } | sha256sum | cut -c1-10)
 NODE_TAR="node-$K8S_VERSION-$bits_sum"
 BASE_IMAGE="blazen-fleet/kind-node-base:$K8S_VERSION-$bits_sum"
 
@@ -36,9 +37,9 @@ build_base() {
   mkdir -p "$ctx/bin" "$ctx/cni"
   cp "$NODE_BITS/containerd-$CONTAINERD_VERSION/"{containerd,ctr,containerd-shim-runc-v2} "$ctx/bin/"
   cp "$NODE_BITS/runc-$RUNC_VERSION/runc" "$ctx/bin/"
-  # crictl is optional (see build-go-tools.sh); without it the COPY below copies a placeholder that is removed.
+  # crictl is optional (see build-go-tools.sh); without it images/crictl-lite answers kind's `crictl inspecti`.
   if [[ -x "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" ]]; then cp "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" "$ctx/bin/"
-  else printf '#!/bin/sh\nexit 1\n' > "$ctx/bin/crictl"; touch "$ctx/bin/.no-crictl"; fi
+  else cp "$REPO_ROOT/images/crictl-lite/crictl" "$ctx/bin/crictl"; fi   # `crictl inspecti` for kind load
   cp "$NODE_BITS/cni-$CNI_PLUGINS_VERSION/"* "$ctx/cni/"
   cat > "$ctx/Dockerfile" <<DOCKERFILE
 FROM blazen-fleet/kind-base-rootfs:$DEBIAN_SUITE
@@ -67,8 +68,6 @@ RUN systemctl enable kubelet.service \\
     && systemctl mask systemd-binfmt.service \\
     && mkdir -p /etc/kubernetes/manifests
 COPY bin/containerd bin/ctr bin/containerd-shim-runc-v2 bin/crictl /usr/local/bin/
-COPY bin/ /tmp/bin/
-RUN if [ -e /tmp/bin/.no-crictl ]; then rm /usr/local/bin/crictl; fi; rm -rf /tmp/bin
 COPY bin/runc /usr/local/sbin/runc
 COPY cni/ /opt/cni/bin/
 RUN ctr oci spec \\

@@ -5,8 +5,13 @@
 source "$(dirname "$0")/kind-lib.sh"
 
 t_start=$SECONDS
-# Another session's build-k8s.sh may be running (e.g. `make toolchain-api`): wait rather than compete.
-while pgrep -f 'hack/build-k8s.sh|[ /]build-k8s.sh' >/dev/null && [[ -z "${BLAZEN_NO_WAIT:-}" ]]; do
+# Another build-k8s.sh may be running (e.g. `make toolchain-api`): when we still need to build Kubernetes
+# binaries ourselves, wait for it rather than compete for the 2 cores (and then find its binaries cached).
+k8s_missing=false
+for b in kubeadm kubelet kubectl kube-scheduler kube-proxy kube-apiserver kube-controller-manager; do
+  [[ -x "$CACHE_ROOT/k8s-$K8S_VERSION/bin/$b" ]] || k8s_missing=true
+done
+while $k8s_missing && [[ -z "${BLAZEN_NO_WAIT:-}" ]] && pgrep -f 'hack/build-k8s.sh|[ /]build-k8s.sh' >/dev/null; do
   log "waiting for a running build-k8s.sh to finish"; sleep 20
 done
 

@@ -10,8 +10,8 @@ OPERATOR_IMAGE="${OPERATOR_IMAGE:-blazen-fleet/operator:dev}"
 
 "$HACK_DIR/build-app-images.sh"
 # One `kind load` of both images (one tarball: the shared python layers go once) onto the workers, where they
-# can run (the operator on a schedulable node, the example steps there and on the GPU pool). The node image has
-# no crictl (see build-go-tools.sh), so kind cannot tell a present image from a stale one and always loads.
+# can run (the operator on a schedulable node, the example steps there and on the GPU pool). kind skips images a
+# node already has with the same id (crictl inspecti; images/crictl-lite in our node image).
 workers=$(kind get nodes --name "$CLUSTER_NAME" | grep -v control-plane | paste -sd, -)
 timed load-app-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$workers" \
   "$OPERATOR_IMAGE" blazen-fleet/example-steps:dev

@@ -49,7 +49,8 @@ create_cluster() {
     done
     kind export kubeconfig --name "$CLUSTER_NAME" --kubeconfig "$KUBECONFIG" >/dev/null 2>&1 || true
     for _ in $(seq 30); do healthy && break; sleep 2; done
-    if healthy && [[ "$(docker inspect -f '{{.Config.Image}}' "$CLUSTER_NAME-control-plane")" == "$NODE_IMAGE" ]]; then
+    if healthy && [[ "$(docker inspect -f '{{.Image}}' "$CLUSTER_NAME-control-plane")" == \
+                     "$(docker image inspect -f '{{.Id}}' "$NODE_IMAGE")" ]]; then
       log "reusing kind cluster $CLUSTER_NAME"; return 0
     fi
     log "kind cluster $CLUSTER_NAME is unhealthy or from another node image: recreating"
