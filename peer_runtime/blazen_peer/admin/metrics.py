@@ -15,15 +15,18 @@ never collide in the global registry).
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["PeerMetrics", "method_label"]
+__all__ = ["CallStats", "PeerMetrics", "method_label"]
 
 _METHODS = {
     "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow": "InvokeSubWorkflow",
@@ -35,6 +38,8 @@ _METHODS = {
     "/v1/peer/release_session_ref": "ReleaseSessionRef",
 }
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BOUND_LABELS = tuple(floatToGoString(b) for b in _BUCKETS)
+CALL_LABELS = ["transport", "method", "code"]
 
 
 def method_label(method: str) -> str:
@@ -52,54 +57,87 @@ class _CallbackCollector:
         self.collect = collect
 
 
+class CallStats:
+    """Per (transport, method): in-flight count, answers by code, latency histogram. Plain numbers behind
+    one lock, turned into metric families at scrape time: recording a call costs ~1 µs, where
+    prometheus_client's labelled Counter + Histogram + Gauge cost several."""
+
+    __slots__ = ("_lock", "buckets", "codes", "in_flight", "sum")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.codes: dict[str, int] = {}
+        self.buckets = [0] * (len(_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def start(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finish(self, code: str, seconds: float, *, started: bool = True) -> None:
+        with self._lock:
+            if started:
+                self.in_flight -= 1
+            self.codes[code] = self.codes.get(code, 0) + 1
+            self.buckets[bisect_left(_BUCKETS, seconds)] += 1
+            self.sum += seconds
+
+
 class PeerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, namespace: str = "blazen_peer") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.namespace = namespace
-        self.calls = Counter(
-            "calls",
-            "Calls answered, by transport, method and status code.",
-            ["transport", "method", "code"],
-            namespace=namespace,
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "call_duration_seconds",
-            "Call latency, by transport and method.",
-            ["transport", "method"],
-            namespace=namespace,
-            registry=self.registry,
-            buckets=_BUCKETS,
-        )
-        self.in_flight = Gauge(
-            "in_flight_calls",
-            "Calls in progress, by transport and method.",
-            ["transport", "method"],
-            namespace=namespace,
-            registry=self.registry,
-        )
+        self._stats: dict[tuple[str, str], CallStats] = {}
+        self._stats_lock = threading.Lock()
         self._refs: Callable[[], tuple[int, int]] | None = None
         self._tls: list[tuple[str, Any]] = []
+        self.registry.register(_CallbackCollector(self._collect_calls))  # type: ignore[arg-type]
         self.registry.register(_CallbackCollector(self._collect_callbacks))  # type: ignore[arg-type]
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- per call ----------------------------------------------------------------------------------------
-    def _bound(self, transport: str, method: str) -> tuple[Any, Any]:
+    def stats(self, transport: str, method: str) -> CallStats:
+        """The recorder of one (transport, method label); keep it to record calls without a lookup."""
         key = (transport, method)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (self.duration.labels(transport, method), self.in_flight.labels(transport, method))
-            self._children[key] = pair
-        return pair
+        st = self._stats.get(key)
+        if st is None:
+            with self._stats_lock:
+                st = self._stats.setdefault(key, CallStats())
+        return st
 
     def observe(self, transport: str, method: str, code: Any, seconds: float) -> None:
         label = method_label(method) if method.startswith("/") else method
-        hist, _ = self._bound(transport, label)
-        hist.observe(seconds)
-        self.calls.labels(transport, label, _code_label(code)).inc()
+        self.stats(transport, label).finish(_code_label(code), seconds, started=False)
 
     def guard(self, transport: str) -> _MetricsGuard:
         return _MetricsGuard(self, transport)
+
+    def _collect_calls(self) -> Iterator[Metric]:
+        ns = self.namespace
+        calls = CounterMetricFamily(
+            f"{ns}_calls", "Calls answered, by transport, method and status code.", labels=CALL_LABELS
+        )
+        duration = HistogramMetricFamily(
+            f"{ns}_call_duration_seconds", "Call latency, by transport and method.", labels=CALL_LABELS[:2]
+        )
+        in_flight = GaugeMetricFamily(
+            f"{ns}_in_flight_calls", "Calls in progress, by transport and method.", labels=CALL_LABELS[:2]
+        )
+        for (transport, method), st in sorted(self._stats.items()):
+            with st._lock:
+                codes = sorted(st.codes.items())
+                buckets, total, busy = list(st.buckets), st.sum, st.in_flight
+            for code, n in codes:
+                calls.add_metric([transport, method, code], n)
+            cumulative, acc = [], 0
+            for bound, n in zip((*_BOUND_LABELS, "+Inf"), buckets, strict=True):
+                acc += n
+                cumulative.append((bound, acc))
+            duration.add_metric([transport, method], cumulative, total)
+            in_flight.add_metric([transport, method], busy)
+        yield calls
+        yield duration
+        yield in_flight
 
     # -- scrape-time values ------------------------------------------------------------------------------
     def track_refs(self, callback: Callable[[], tuple[int, int]]) -> None:
@@ -152,14 +190,11 @@ class _MetricsGuard:
         self._m = metrics
         self._transport = transport
 
-    def enter(self, method: str) -> tuple[str, float]:
-        label = method_label(method)
-        self._m._bound(self._transport, label)[1].inc()
-        return label, time.perf_counter()
+    def enter(self, method: str) -> tuple[CallStats, float]:
+        st = self._m.stats(self._transport, method_label(method))
+        st.start()
+        return st, time.perf_counter()
 
-    def exit(self, state: tuple[str, float], code: Any) -> None:
-        label, start = state
-        hist, gauge = self._m._bound(self._transport, label)
-        gauge.dec()
-        hist.observe(time.perf_counter() - start)
-        self._m.calls.labels(self._transport, label, _code_label(code)).inc()
+    def exit(self, state: tuple[CallStats, float], code: Any) -> None:
+        st, start = state
+        st.finish(_code_label(code), time.perf_counter() - start)

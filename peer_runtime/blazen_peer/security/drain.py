@@ -51,6 +51,7 @@ class Drainer:
         self.clean: bool | None = None
         self._drain_task: asyncio.Task | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = []
+        self._thread_waiters = 0
 
     @property
     def in_flight(self) -> int:
@@ -72,7 +73,8 @@ class Drainer:
     def exit(self, state: object = None, code: object = None) -> None:
         with self._cond:
             self._in_flight -= 1
-            if self._in_flight <= 0:
+            # Wake waiters only if there are any (the common case, serving, has none: keep it cheap).
+            if self._in_flight <= 0 and (self._thread_waiters or self._waiters):
                 self._cond.notify_all()
                 self._wake("idle")
 
@@ -118,7 +120,11 @@ class Drainer:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no call is in flight (threads); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight <= 0, timeout)
+            self._thread_waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._in_flight <= 0, timeout)
+            finally:
+                self._thread_waiters -= 1
 
     async def drain(self) -> bool:
         """``begin()``, then wait for in-flight calls up to the grace period; sets ``finished``.

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from ..admin.app import make_admin_app
 from ..admin.health import AioReadinessHealthServicer, add_health_servicer
-from ..admin.metrics import PeerMetrics, method_label
+from ..admin.metrics import CallStats, PeerMetrics, method_label
 from ..admin.readiness import Readiness
 from .auth import DEFAULT_EXEMPT_METHODS, TokenSource
 from .cors import make_cors_middleware
@@ -74,6 +74,7 @@ NODE_ID_KEY = "x-blazen-peer-node-id"
 REQUEST_ID_KEY = "x-request-id"
 _AUTHORIZATION = "authorization"
 _OK = grpc.StatusCode.OK
+_STATUS_TEXT = {n: str(n) for n in range(100, 600)}
 
 
 @dataclass
@@ -122,20 +123,9 @@ class _Admission:
         self.tokens = state.tokens if check_token else None
         self.metrics = state.metrics
         self.transport = transport
-        self._children: dict[tuple[str, Any], Any] = {}
 
-    def bound(self, label: str) -> tuple[Any, Any]:
-        return self.metrics._bound(self.transport, label)
-
-    def count(self, label: str, code: Any) -> None:
-        key = (label, code)
-        child = self._children.get(key)
-        if child is None:
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            child = self.metrics.calls.labels(self.transport, label, name)
-            if len(self._children) < 1024:
-                self._children[key] = child
-        child.inc()
+    def stats(self, label: str) -> CallStats:
+        return self.metrics.stats(self.transport, label)
 
 
 class PeerCallInterceptor(grpc.aio.ServerInterceptor):
@@ -168,7 +158,7 @@ class PeerCallInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         adm = self._adm
         label = method_label(method)
-        hist, gauge = adm.bound(label)
+        stats = adm.stats(label)
         limited = method in LIMITED_METHODS
         drainer, limiter, tokens = adm.drainer, adm.limiter, adm.tokens
 
@@ -211,7 +201,7 @@ class PeerCallInterceptor(grpc.aio.ServerInterceptor):
                 metadata = context.invocation_metadata()
                 t_caller, t_rid = ids(metadata)
                 start = time.perf_counter()
-                gauge.inc()
+                stats.start()
                 code: Any = _OK
                 try:
                     refused = admit(metadata)
@@ -231,9 +221,7 @@ class PeerCallInterceptor(grpc.aio.ServerInterceptor):
                         release()
                         code = _aio_code(context, exc_seen)
                 finally:
-                    gauge.dec()
-                    hist.observe(time.perf_counter() - start)
-                    adm.count(label, code)
+                    stats.finish(code.name, time.perf_counter() - start)
                     _CALLER.reset(t_caller)
                     _REQUEST.reset(t_rid)
 
@@ -249,7 +237,7 @@ class PeerCallInterceptor(grpc.aio.ServerInterceptor):
             metadata = context.invocation_metadata()
             t_caller, t_rid = ids(metadata)
             start = time.perf_counter()
-            gauge.inc()
+            stats.start()
             code: Any = _OK
             try:
                 refused = admit(metadata)
@@ -268,9 +256,7 @@ class PeerCallInterceptor(grpc.aio.ServerInterceptor):
                     release()
                     code = _aio_code(context, exc_seen)
             finally:
-                gauge.dec()
-                hist.observe(time.perf_counter() - start)
-                adm.count(label, code)
+                stats.finish(code.name, time.perf_counter() - start)
                 _CALLER.reset(t_caller)
                 _REQUEST.reset(t_rid)
 
@@ -301,9 +287,9 @@ def make_peer_middleware(state: SecurityState, *, transport: str = "http") -> Ca
         rid = headers.get("X-Request-Id") or _new_request_id()
         t_caller = _CALLER.set(headers.get("X-Blazen-Peer-Node-Id"))
         t_rid = _REQUEST.set(rid)
-        hist, gauge = adm.bound(label)
+        stats = adm.stats(label)
         start = time.perf_counter()
-        gauge.inc()
+        stats.start()
         status = 500
         try:
             try:
@@ -337,9 +323,7 @@ def make_peer_middleware(state: SecurityState, *, transport: str = "http") -> Ca
                     limiter.release()
                 drainer.exit()
         finally:
-            gauge.dec()
-            hist.observe(time.perf_counter() - start)
-            adm.count(label, status)
+            stats.finish(_STATUS_TEXT.get(status) or str(status), time.perf_counter() - start)
             _CALLER.reset(t_caller)
             _REQUEST.reset(t_rid)
 
