@@ -23,15 +23,19 @@ unit: $(STAMP)
 interop: $(STAMP)
 	$(PY) -m pytest tests/interop
 
-# Real etcd, kube-apiserver and kube-controller-manager, built from Go modules and cached under ~/.cache.
+# Real etcd, kube-apiserver and kube-controller-manager (API tests), helm (chart tests) and cert-manager's CRDs,
+# built from Go modules and cached under ~/.cache/blazen-fleet: a rerun does nothing.
 toolchain-api:
 	hack/build-k8s.sh kube-apiserver kube-controller-manager
 	hack/build-etcd.sh
+	hack/build-helm.sh >/dev/null
+	hack/cert-manager-crds.sh >/dev/null
 
 api: $(STAMP) toolchain-api
 	$(PY) -m pytest tests/api
 
-test: lint toolchain-api
+# Every test: lint, unit, interop, browser, fuzz, API and end-to-end on the kind cluster.
+test: lint toolchain-api toolchain-kind
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
