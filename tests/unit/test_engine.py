@@ -14,6 +14,7 @@ from blazen_peer.errors import PeerStatusError, Status
 from blazen_peer.wire import SubWorkflowRequest
 
 STOP = "blazen::StopEvent"
+START_EVENT = "blazen::StartEvent"
 
 
 def req(
@@ -152,13 +153,73 @@ async def test_ref_lifetimes_and_caps() -> None:
     assert store.count == 3  # the context-drop ref is gone; the live-only one stays until released
     for key, d in resp.remote_refs.items():
         assert await svc.deref(key) == d.type_tag.encode()
-    again = await svc.invoke(req(["mk"]))
-    assert "session ref limit reached" in again.error
-    assert again.remote_refs == {}  # the failed run's own refs: context-drop dropped; none were listable
+    # The cap hit inside a step that does not catch it answers the whole call RESOURCE_EXHAUSTED (HTTP
+    # 429) naming the flag, as a cap hit while encoding the result does; it is not a step failure.
+    with pytest.raises(PeerStatusError) as err:
+        await svc.invoke(req(["mk"]))
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+    assert err.value.message == "session ref limit reached: 4 refs held, the cap is 4 (--ref-max-count)"
+    assert store.count == 3  # the failed run's own context-drop ref (its only insert that fit) is gone
 
     small = SessionRefStore(max_bytes=10)
     with pytest.raises(SessionRefLimitError, match="byte limit"):
         small.insert(b"x" * 11)
+
+
+async def test_ref_cap_hit_inside_a_step() -> None:
+    """Escaping the step: RESOURCE_EXHAUSTED naming the flag, on either cap, from async and sync steps and
+    from a step running alongside others; the run's context-drop refs are dropped. Caught by the step: the
+    run carries on and succeeds."""
+    reg = StepRegistry()
+
+    def fill(event: dict, ctx: Any) -> dict:
+        ctx.session_refs.insert(b"scratch")  # UntilContextDrop
+        refused = None
+        try:
+            ctx.session_refs.insert(b"k" * event["size"], lifetime=RefLifetime.UntilExplicitDrop)
+        except SessionRefLimitError as exc:
+            if not event.get("catch"):
+                raise
+            refused = str(exc)
+        return {"type": STOP, "result": {"refused": refused}}
+
+    async def fill_async(event: dict, ctx: Any) -> dict:
+        return fill(event, ctx)
+
+    async def idle(event: dict, ctx: Any) -> None:
+        await asyncio.sleep(10)
+
+    reg.register("fill", [START_EVENT], fill)
+    reg.register("fill-async", [START_EVENT], fill_async)
+    reg.register("idle", [START_EVENT], idle)
+    store = SessionRefStore(max_count=3, max_bytes=100)
+    svc = service(reg, refs=store)
+    assert (await svc.invoke(req(["fill"], {"size": 10}))).error is None
+    assert (store.count, store.bytes_used) == (1, 10)
+    for steps in (["fill"], ["fill-async"], ["idle", "fill"]):
+        with pytest.raises(PeerStatusError) as err:
+            await svc.invoke(req(steps, {"size": 200}))
+        assert err.value.status is Status.RESOURCE_EXHAUSTED
+        assert err.value.message == (
+            "session ref byte limit reached: 17 bytes held + 200 new > cap 100 (--ref-max-bytes)"
+        )
+        assert (store.count, store.bytes_used) == (1, 10)  # the scratch ref went with the run
+    resp = await svc.invoke(req(["fill"], {"size": 200, "catch": True}))
+    assert resp.error is None
+    assert "(--ref-max-bytes)" in resp.result_value()["refused"]
+    assert (store.count, store.bytes_used) == (1, 10)
+
+    assert (await svc.invoke(req(["fill-async"], {"size": 10}))).error is None
+    assert store.count == 2
+    with pytest.raises(PeerStatusError) as err:
+        await svc.invoke(req(["fill"], {"size": 10}))
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+    assert err.value.message == "session ref limit reached: 3 refs held, the cap is 3 (--ref-max-count)"
+    assert store.count == 2
+    resp = await svc.invoke(req(["fill-async"], {"size": 10, "catch": True}))
+    assert resp.error is None
+    assert "(--ref-max-count)" in resp.result_value()["refused"]
+    assert store.count == 2
 
 
 def test_parent_finish_ttl() -> None:

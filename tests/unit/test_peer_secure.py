@@ -37,6 +37,7 @@ from tests.unit.test_peer_secure_support import (
 
 INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
 DEREF = "/blazen.peer.v1.BlazenPeer/DerefSessionRef"
+STREAM = "/blazen.peer.v1.BlazenPeer/StreamSubWorkflowEvents"
 HTTP_INVOKE = "/v1/peer/invoke_sub_workflow"
 
 
@@ -293,7 +294,7 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
     assert status == 200
     assert json.loads(info) == {
         "node_id": "secure-0",
-        "steps": ["echo", "slow", "keep", "blob", "chatty"],
+        "steps": ["echo", "slow", "keep", "blob", "chatty", "fill"],
         "envelope_version": 1,
         "ready": True,
     }
@@ -407,17 +408,85 @@ async def test_ref_cache_and_request_size_limits(make_peer, pki: Pki) -> None:
     )
     assert (status, "--ref-max-count" in err["error"]) == (429, True)
     assert server.refs.count == 1
-    # Request size: tonic's limit and wording on gRPC (Blazen's clients know it), the body cap on HTTP.
+    # Request size: tonic's limit, status and wording on gRPC (Blazen's clients know them: wire compatibility
+    # wins over "429 for every limit"), the body cap on HTTP: 429 naming the flag.
     big = req(["echo"], {"pad": "a" * (4 * 1024 * 1024)})
     code, details, _ = await grpc_call(port, creds, big, token=TOKEN)
     assert code == grpc.StatusCode.OUT_OF_RANGE
     assert details.startswith("Error, decoded message length too large: found ")
     assert details.endswith("the limit is: 4194304 bytes")
-    status, err = await http_post(
-        server.http_port, client_ssl(pki), http_body(["echo"], {"pad": "a" * 4000}), token=TOKEN
-    )
-    assert status == 413
-    assert "2048" in err["error"]
+    for path in (HTTP_INVOKE, "/v1/peer/deref_session_ref", "/v1/peer/release_session_ref"):
+        status, err = await http_post(
+            server.http_port,
+            client_ssl(pki),
+            http_body(["echo"], {"pad": "a" * 4000}),
+            token=TOKEN,
+            path=path,
+        )
+        assert (status, err) == (
+            429,
+            {"error": "Maximum request body size 2048 exceeded (--http-max-body-bytes)"},
+        )
+    _, text = await http_get(f"http://127.0.0.1:{server.admin_port}/metrics")
+    calls = "blazen_peer_calls_total"
+    assert metric(text, calls, transport="http", method="InvokeSubWorkflow", code="429") == 2
+    assert metric(text, calls, transport="http", method="DerefSessionRef", code="429") == 1
+
+
+async def test_ref_cache_full_inside_a_step_on_both_transports(make_peer, pki: Pki) -> None:
+    """A step's own insert over --ref-max-bytes / --ref-max-count that the step does not catch answers the
+    whole call RESOURCE_EXHAUSTED / 429 naming the flag (invoke and stream); the run's context-drop refs
+    are dropped. A step that catches the refusal carries on: OK / 200."""
+    server = await make_peer(**tls_cfg(pki, ref_max_count=3, ref_max_bytes=100))
+    creds = grpc_creds(pki, pki.client_files)
+    port, hport, hctx = server.grpc_port, server.http_port, client_ssl(pki)
+    refs = server.refs
+
+    code, _, body = await grpc_call(port, creds, req(["fill"], {"size": 10}), token=TOKEN)
+    assert code == grpc.StatusCode.OK
+    assert SubWorkflowResponse.decode(body).error is None
+    assert (refs.count, refs.bytes_used) == (1, 10)
+    # The bytes cap, hit inside the step.
+    too_big = "session ref byte limit reached: 17 bytes held + 200 new > cap 100 (--ref-max-bytes)"
+    code, details, _ = await grpc_call(port, creds, req(["fill"], {"size": 200}), token=TOKEN)
+    assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, too_big)
+    status, err = await http_post(hport, hctx, http_body(["fill"], {"size": 200}), token=TOKEN)
+    assert (status, err) == (429, {"error": too_big})
+    code, details = await _stream_call(port, creds, req(["fill"], {"size": 200}))
+    assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, too_big)
+    assert (refs.count, refs.bytes_used) == (1, 10)  # each failed run's scratch ref was dropped
+    # ... caught by the step: the run succeeds.
+    code, _, body = await grpc_call(port, creds, req(["fill"], {"size": 200, "catch": True}), token=TOKEN)
+    resp = SubWorkflowResponse.decode(body)
+    assert (code, resp.error, resp.result_value()) == (grpc.StatusCode.OK, None, {"refused": too_big})
+    # The count cap, hit inside the step.
+    status, ok = await http_post(hport, hctx, http_body(["fill"], {"size": 10}), token=TOKEN)
+    assert (status, ok["error"]) == (200, None)
+    assert refs.count == 2
+    full = "session ref limit reached: 3 refs held, the cap is 3 (--ref-max-count)"
+    code, details, _ = await grpc_call(port, creds, req(["fill"], {"size": 10}), token=TOKEN)
+    assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+    status, err = await http_post(hport, hctx, http_body(["fill"], {"size": 10}), token=TOKEN)
+    assert (status, err) == (429, {"error": full})
+    status, ok = await http_post(hport, hctx, http_body(["fill"], {"size": 10, "catch": True}), token=TOKEN)
+    assert (status, ok["error"], json.loads(bytes(ok["result_json"]))) == (200, None, {"refused": full})
+    assert (refs.count, refs.bytes_used) == (2, 20)
+    _, text = await http_get(f"http://127.0.0.1:{server.admin_port}/metrics")
+    calls = "blazen_peer_calls_total"
+    assert metric(text, calls, transport="grpc", method="InvokeSubWorkflow", code="RESOURCE_EXHAUSTED") == 2
+    assert metric(text, calls, transport="http", method="InvokeSubWorkflow", code="429") == 2
+
+
+async def _stream_call(port: int, creds: grpc.ChannelCredentials, payload: bytes) -> tuple[Any, str]:
+    opts = [("grpc.ssl_target_name_override", "localhost")]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+        call = ch.unary_stream(STREAM)(payload, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=20)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 # -- forwarding under TLS + token ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ STEP_MODULE = "secure_peer_steps"
 STEPS_SOURCE = textwrap.dedent(
     """
     import asyncio, logging, os
-    from blazen_peer import StepRegistry, RefLifetime
+    from blazen_peer import StepRegistry, RefLifetime, SessionRefLimitError
 
     REG = StepRegistry()
     log = logging.getLogger("secure_peer_steps")
@@ -64,6 +64,20 @@ STEPS_SOURCE = textwrap.dedent(
     def chatty(event, ctx):
         log.info("step sees header %s and %s", event.get("header"), event.get("blob"))
         return {"type": "blazen::StopEvent", "result": None}
+
+    @REG.step("fill", accepts=["blazen::StartEvent"])
+    def fill(event, ctx):
+        # A context-drop scratch ref, then a kept one of event["size"] bytes; with "catch" the step
+        # handles a full cache itself and carries on.
+        ctx.session_refs.insert(b"scratch")
+        refused = None
+        try:
+            ctx.session_refs.insert(b"k" * event["size"], lifetime=RefLifetime.UntilExplicitDrop)
+        except SessionRefLimitError as exc:
+            if not event.get("catch"):
+                raise
+            refused = str(exc)
+        return {"type": "blazen::StopEvent", "result": {"refused": refused}}
     """
 )
 

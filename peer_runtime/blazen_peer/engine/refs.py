@@ -8,7 +8,8 @@ runs user code). Lifetimes:
 * ``UntilExplicitDrop``: kept until released.
 
 All entries count against ``max_count`` and ``max_bytes``; an insert beyond either raises
-``SessionRefLimitError``.
+``SessionRefLimitError`` (its message names ``--ref-max-count`` / ``--ref-max-bytes``). A step may catch it;
+if it escapes the step, the whole call answers RESOURCE_EXHAUSTED / 429 with that message.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ at the
 same time are handled concurrently (one "wave"); an event type nobody accepts fails the run. Async handlers
 run
 on the event loop; plain ``def`` handlers run in the executor, so a CPU-heavy step does not stall other calls.
+
+A step's exception fails the run as ``WorkflowFailed`` (Blazen's step failure), except
+``SessionRefLimitError`` escaping a step: a full session-ref cache is a resource limit, not a bug in the
+step, so it propagates unchanged and the service answers RESOURCE_EXHAUSTED / 429. A step that catches it
+carries on as usual.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+from .refs import SessionRefLimitError
 from .registry import STOP_EVENT, StepSpec
 
 EventSink = Callable[[str, dict, Any], None]
@@ -57,8 +63,8 @@ async def _call(spec: StepSpec, event: dict, ctx: Any, executor: Executor | None
             out = await asyncio.get_running_loop().run_in_executor(executor, run, spec.handler, event, ctx)
             if asyncio.iscoroutine(out):
                 out = await out
-    except WorkflowFailed:
-        raise
+    except (WorkflowFailed, SessionRefLimitError):
+        raise  # a cap hit the step did not handle is the call's answer (see the module docstring)
     except Exception as exc:
         raise WorkflowFailed(f"step '{spec.step_id}' failed: {exc}") from exc
     return _normalize(spec, out)

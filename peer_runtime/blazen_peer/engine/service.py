@@ -164,8 +164,12 @@ class PeerService:
         except (TypeError, ValueError) as exc:
             error = f"workflow error: result is not JSON-serializable: {exc}"
         except SessionRefLimitError as exc:
-            # A ref the result needs (an object with __blazen_serialize__) does not fit: a limit, not a bug.
+            # The session-ref cache is full (--ref-max-count / --ref-max-bytes, named in the message): an
+            # insert a step did not catch, or a ref the result needs (an object with __blazen_serialize__).
+            # A limit, not a bug: the whole call answers RESOURCE_EXHAUSTED / 429. The run's
+            # UntilContextDrop refs go as after any run.
             self.refs.end_run(run_id)
+            log.info("workflow %r refused: %s", req.workflow_name, exc)
             raise PeerStatusError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         if error is not None:
             result_json = None

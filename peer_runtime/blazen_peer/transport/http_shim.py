@@ -4,7 +4,8 @@ Routes: ``POST /v1/peer/invoke_sub_workflow``, ``/v1/peer/deref_session_ref``,
 ``/v1/peer/release_session_ref``.
 Bodies use Blazen's serde_json rendering (wire/json_form.py). Failures that gRPC reports as a status are
 non-2xx
-with ``{"error": "..."}``; workflow errors and timeouts stay 200 with ``"error"`` set, as in gRPC.
+with ``{"error": "..."}``; workflow errors and timeouts stay 200 with ``"error"`` set, as in gRPC. Limits
+answer 429: a body over ``--http-max-body-bytes``, a full session-ref cache.
 """
 
 from __future__ import annotations
@@ -44,8 +45,19 @@ def _ok(text: str) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
+def body_too_large_message(limit: int) -> str:
+    """aiohttp's own text for a body over ``client_max_size``, naming the flag that sets it."""
+    return f"Maximum request body size {limit} exceeded (--http-max-body-bytes)"
+
+
 async def _body(request: web.Request) -> Any:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        # A limit like the others: RESOURCE_EXHAUSTED / 429 naming it (aiohttp alone would answer 413).
+        raise PeerStatusError(
+            Status.RESOURCE_EXHAUSTED, body_too_large_message(request.client_max_size)
+        ) from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -102,8 +114,8 @@ async def release(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every non-2xx answer from the shim carries ``{"error": "..."}``, including aiohttp's own
-    404/405/413."""
+    """Every non-2xx answer from the shim carries ``{"error": "..."}``, including aiohttp's own 404/405
+    (a body over ``--http-max-body-bytes`` is answered 429 by the handlers, see ``_body``)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
