@@ -26,7 +26,7 @@ from controlplane import eventually
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
     workdir = tmp_path_factory.mktemp("controlplane")
     with controlplane.ControlPlane.start(workdir) as cp:
@@ -69,7 +69,7 @@ def _install_crds(api: Api, paths: list[Path]) -> None:
     eventually(established, timeout=60, what="CRDs established")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def api(control_plane: controlplane.ControlPlane) -> Api:
     api = Api(load_client_configuration())
     _install_crds(api, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
@@ -79,12 +79,12 @@ def api(control_plane: controlplane.ControlPlane) -> Api:
     return api
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator_ports() -> dict[str, int]:
     return {"liveness": controlplane.free_port(), "metrics": controlplane.free_port()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(api: Api, operator_ports: dict[str, int]) -> Iterator[Any]:
     from kopf.testing import KopfRunner
 
