@@ -4,14 +4,8 @@ import threading
 
 import grpc
 import pytest
-from blazen_peer.security.errors import LimitExceededError, PeerRejected, RequestTooLargeError
-from blazen_peer.security.limits import (
-    MAX_MESSAGE_BYTES,
-    ConcurrencyLimiter,
-    check_request_size,
-    ref_cache_bytes_message,
-    ref_cache_count_message,
-)
+from blazen_peer.security.errors import LimitExceededError
+from blazen_peer.security.limits import ConcurrencyLimiter
 
 
 def test_limiter_refuses_without_waiting():
@@ -64,23 +58,3 @@ def test_limiter_is_exact_under_threads():
         t.join()
     assert granted.count(True) == 5
     assert lim.in_use == 5
-
-
-def test_request_size():
-    check_request_size(MAX_MESSAGE_BYTES)
-    with pytest.raises(RequestTooLargeError) as ei:
-        check_request_size(MAX_MESSAGE_BYTES + 1)
-    assert isinstance(ei.value, PeerRejected)
-    assert ei.value.grpc_code == grpc.StatusCode.OUT_OF_RANGE
-    assert ei.value.http_status == 413
-    assert str(ei.value) == (
-        f"Error, decoded message length too large: found {MAX_MESSAGE_BYTES + 1} bytes, "
-        f"the limit is: {MAX_MESSAGE_BYTES} bytes"
-    )
-
-
-def test_ref_cache_messages_name_the_limits():
-    assert "10000 refs" in ref_cache_count_message(10000)
-    msg = ref_cache_bytes_message(2048, 1000, 2500)
-    assert "2048-byte" in msg
-    assert "1000 of the 2500 bytes" in msg

@@ -19,7 +19,6 @@ __all__ = [
     "PeerInsecureConfigError",
     "PeerRejected",
     "PeerTlsError",
-    "RequestTooLargeError",
     "UnauthenticatedError",
 ]
 
@@ -68,8 +67,3 @@ class DrainingError(PeerRejected):
 class LimitExceededError(PeerRejected):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
-
-
-class RequestTooLargeError(PeerRejected):
-    grpc_code = grpc.StatusCode.OUT_OF_RANGE
-    http_status = 413

@@ -1,4 +1,4 @@
-"""Resource limits: concurrent sub-workflows, request size, and the session-ref cache messages.
+"""The concurrent sub-workflow limit.
 
 ``ConcurrencyLimiter`` never queues: a call over the limit is refused at once (gRPC
 RESOURCE_EXHAUSTED, HTTP 429) with a message naming the limit, so the caller can back off or go to
@@ -12,20 +12,13 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from .errors import LimitExceededError, RequestTooLargeError
+from .errors import LimitExceededError
 
 __all__ = [
     "INVOKE_METHODS",
-    "MAX_MESSAGE_BYTES",
     "ConcurrencyLimiter",
-    "check_request_size",
-    "ref_cache_bytes_message",
-    "ref_cache_count_message",
-    "request_too_large_message",
 ]
 
-#: tonic's default decode limit, which Blazen's client and server both apply.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: the calls that start a sub-workflow, on both transports.
 INVOKE_METHODS = frozenset({"/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", "/v1/peer/invoke_sub_workflow"})
 
@@ -94,27 +87,3 @@ class ConcurrencyLimiter:
     def exit(self, acquired: bool, code: object) -> None:
         if acquired:
             self.release()
-
-
-def request_too_large_message(size: int, limit: int = MAX_MESSAGE_BYTES) -> str:
-    """tonic's wording, which Blazen clients already show for this case."""
-    return f"Error, decoded message length too large: found {size} bytes, the limit is: {limit} bytes"
-
-
-def check_request_size(size: int, limit: int = MAX_MESSAGE_BYTES) -> None:
-    """Raise ``RequestTooLargeError`` (OUT_OF_RANGE / 413) when ``size`` exceeds ``limit``."""
-    if size > limit:
-        raise RequestTooLargeError(request_too_large_message(size, limit))
-
-
-def ref_cache_count_message(limit: int) -> str:
-    """Message for a session ref refused because the cache holds ``limit`` refs already."""
-    return f"session ref cache is full: it holds the maximum of {limit} refs; release refs and retry"
-
-
-def ref_cache_bytes_message(size: int, held: int, limit: int) -> str:
-    """Message for a session ref of ``size`` bytes refused with ``held`` of ``limit`` bytes in use."""
-    return (
-        f"session ref cache is full: a {size}-byte ref does not fit, {held} of the {limit} bytes "
-        "allowed are held; release refs and retry"
-    )
