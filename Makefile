@@ -43,10 +43,7 @@ bench: $(STAMP)
 
 # The offline kind toolchain (Go modules + Debian packages, cached under ~/.cache/blazen-fleet): docs/cluster.md.
 toolchain-kind:
-	hack/docker-up.sh
-	hack/build-toolchain.sh
-	hack/build-node-image.sh
-	hack/build-images.sh
+	hack/toolchain-kind.sh
 
 demo: $(STAMP)
 	hack/demo.sh

@@ -8,14 +8,7 @@ source "$(dirname "$0")/kind-lib.sh"
 export KUBECONFIG="${KUBECONFIG:-$CACHE_ROOT/kind-$CLUSTER_NAME.kubeconfig}"
 t0=$SECONDS
 
-"$HACK_DIR/docker-up.sh"
-# The Debian rootfs images (network- and disk-bound) build beside the Go builds (CPU-bound): ~5 min less cold.
-"$HACK_DIR/build-rootfs.sh" > "$LOG_DIR/rootfs-background.log" 2>&1 &
-rootfs_pid=$!
-"$HACK_DIR/build-toolchain.sh"
-if ! wait "$rootfs_pid"; then cat "$LOG_DIR/rootfs-background.log" >&2; log "error: rootfs build failed"; exit 1; fi
-"$HACK_DIR/build-node-image.sh"
-"$HACK_DIR/build-images.sh" cert-manager
+"$HACK_DIR/toolchain-kind.sh"
 
 GPU_NODE="$CLUSTER_NAME-worker2"
 cluster_config() {
