@@ -145,7 +145,8 @@ PRINTER_COLUMNS = [
     },
     {
         "name": "Cert-Expiry",
-        "type": "date",
+        # not `date`: kubectl prints a date column as an age, and a time in the future as <invalid>
+        "type": "string",
         "jsonPath": ".status.certificate.notAfter",
         "description": "Serving certificate expiry",
     },

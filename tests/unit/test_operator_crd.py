@@ -68,6 +68,8 @@ def test_printer_columns(crd):
     for name in ("Ready", "Replicas", "Available", "GPU", "Endpoint", "Cert-Expiry", "Age"):
         assert name in cols
     assert cols["Cert-Expiry"]["jsonPath"] == ".status.certificate.notAfter"
+    # kubectl prints a `date` column as an age, and a future time as <invalid>: the expiry is a plain string.
+    assert cols["Cert-Expiry"]["type"] == "string"
     assert cols["GPU"]["jsonPath"] == ".spec.hardware.gpu"
 
 
