@@ -53,4 +53,4 @@ demo-down:
 
 # End-to-end tests on the kind cluster (brought up, or reused, by the session fixture through hack/kind-up.sh).
 e2e: $(STAMP)
-	BLAZEN_E2E=1 $(PY) -m pytest -m e2e tests/e2e
+	$(PY) -m pytest tests/e2e
