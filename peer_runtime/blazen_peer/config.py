@@ -43,6 +43,7 @@ class PeerConfig:
     sync_step_workers: int = 0  # 0: min(32, cpus + 4)
     http_max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_secs: float = 5.0
+    tls_wait_secs: float = 120.0
     log_level: str = "INFO"
     # security limits (read by blazen_peer.security)
     max_concurrent_workflows: int = 64
@@ -117,6 +118,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("sync_step_workers", "threads for plain-def steps (0: min(32, cpus+4))", int, metavar="N"),
     Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
     Flag("shutdown_grace_secs", "grace period for in-flight calls on shutdown", float, metavar="SECS"),
+    Flag(
+        "tls_wait_secs",
+        "how long to wait at start for TLS files that are not there yet",
+        float,
+        metavar="SECS",
+    ),
     Flag("log_level", "logging level", str.upper, metavar="LEVEL"),
     Flag(
         "max_concurrent_workflows",

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,40 @@ async def test_bad_tls_configuration_fails_at_start(make_peer, pki: Pki) -> None
         await make_peer(tls_cert=pki.cert, token=TOKEN)
     with pytest.raises(PeerTlsError, match="TLS configuration error"):
         await make_peer(tls_cert=pki.cert, tls_key=str(pki.foreign_files[1]), tls_ca=pki.ca_file)
+
+
+async def test_start_waits_for_tls_files_that_are_not_there_yet(make_peer, pki: Pki, tmp_path: Path) -> None:
+    # As in a pod whose Secret cert-manager has not filled yet: the files appear after the process started.
+    late = tmp_path / "late-tls"
+    paths = {name: late / name for name in ("tls.crt", "tls.key", "ca.crt")}
+
+    def publish() -> None:  # in a thread: start() blocks the loop while it waits
+        time.sleep(1.5)
+        late.mkdir()
+        for name, src in (("tls.crt", pki.cert), ("tls.key", pki.key), ("ca.crt", pki.ca_file)):
+            paths[name].write_bytes(Path(src).read_bytes())
+
+    publisher = asyncio.get_running_loop().run_in_executor(None, publish)
+    peer = await make_peer(
+        tls_cert=str(paths["tls.crt"]),
+        tls_key=str(paths["tls.key"]),
+        tls_ca=str(paths["ca.crt"]),
+        tls_wait_secs=30,
+    )
+    await publisher
+    creds = grpc_creds(pki, pki.client_files)
+    assert (await grpc_call(peer.grpc_port, creds, req(["echo"])))[0] == grpc.StatusCode.OK
+
+
+async def test_start_gives_up_on_missing_tls_files_after_the_wait(make_peer, tmp_path: Path) -> None:
+    missing = tmp_path / "never"
+    with pytest.raises(PeerTlsError):
+        await make_peer(
+            tls_cert=str(missing / "tls.crt"),
+            tls_key=str(missing / "tls.key"),
+            token=TOKEN,
+            tls_wait_secs=0.5,
+        )
 
 
 # -- the auth matrix ----------------------------------------------------------------------------------------

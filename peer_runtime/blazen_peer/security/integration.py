@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets as _secrets
 import time
 from collections.abc import Callable
@@ -351,6 +352,28 @@ def first_dns_name(cert_pem: bytes) -> str | None:
     return names[0] if names else None
 
 
+def _wait_for_tls(cert: str, key: str, ca: str | None, wait_secs: float) -> ReloadingTlsSource:
+    """Load the TLS files, waiting while some are still absent.
+
+    A pod can start before cert-manager has filled its Secret (the operator creates the Secret up front so it
+    carries an owner reference); exiting then would only buy a container restart. Files that exist but are
+    invalid fail at once. This runs before any listener is up, so blocking the loop here costs nothing."""
+    deadline = time.monotonic() + wait_secs
+    next_note = 0.0
+    while True:
+        try:
+            return ReloadingTlsSource(cert, key, ca)
+        except PeerTlsError:
+            missing = [p for p in (cert, key, ca) if p and not os.path.exists(p)]
+            now = time.monotonic()
+            if not missing or now >= deadline:
+                raise
+            if now >= next_note:
+                log.info("waiting up to %.0f s for TLS files: %s", deadline - now, ", ".join(missing))
+                next_note = now + 10
+            time.sleep(0.5)
+
+
 def install(server: BlazenPeerServer) -> SecurityState:
     cfg = server.config
     hooks = server.hooks
@@ -359,7 +382,11 @@ def install(server: BlazenPeerServer) -> SecurityState:
     if cfg.tls_ca and not cfg.tls_cert:
         raise PeerTlsError("--tls-ca needs --tls-cert and --tls-key")
     tokens = _tokens_from(cfg)
-    tls = ReloadingTlsSource(cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None) if cfg.tls_cert else None
+    tls = (
+        _wait_for_tls(cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None, cfg.tls_wait_secs)
+        if cfg.tls_cert
+        else None
+    )
     if tls is None and tokens is None and not cfg.insecure:
         raise PeerInsecureConfigError(INSECURE_MESSAGE)
     if tls is None and tokens is None:
