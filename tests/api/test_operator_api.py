@@ -343,6 +343,38 @@ def test_scale_subresource(api, operator, namespace):
     eventually(lambda: get(api, "PodDisruptionBudget", namespace, "bp") is None, what="PDB pruned")
 
 
+def test_hpa_scales_through_the_scale_subresource(api, operator, namespace):
+    # kube-controller-manager's HPA controller raises replicas to minReplicas before it needs any metric, so
+    # this proves an HPA drives a BlazenPeer (scale subresource + status.selector) without a metrics server.
+    create(api, manifest("bp", namespace, replicas=1))
+    eventually(lambda: get(api, "Deployment", namespace, "bp"))
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "bp", "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": BP, "kind": "BlazenPeer", "name": "bp"},
+            "minReplicas": 2,
+            "maxReplicas": 4,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+                }
+            ],
+        },
+    }
+    api.request("POST", f"/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers", body=hpa)
+    eventually(
+        lambda: get(api, "BlazenPeer", namespace, "bp")["spec"]["replicas"] == 2,
+        timeout=90,
+        what="the HPA scaled the BlazenPeer to minReplicas",
+    )
+    eventually(
+        lambda: get(api, "Deployment", namespace, "bp")["spec"]["replicas"] == 2, what="deployment follows"
+    )
+
+
 def test_drift_is_reverted(api, operator, namespace):
     create(api, manifest("bp", namespace, replicas=2))
     eventually(lambda: get(api, "Service", namespace, "bp-peers") and get(api, "Deployment", namespace, "bp"))
