@@ -251,6 +251,11 @@ def test_cpu_and_gpu_peers_ready_and_placed_by_pool(operator: str, namespace: st
     assert {p["spec"]["nodeName"] for p in gpu_pods} == {GPU_NODE}
     limits = gpu_pods[0]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] in ("1", 1)
+    # The status reports what the pods serve (read from their /v1/info), the --steps allow-list applied.
+    served = wait_until(
+        "served steps reported", lambda: status(namespace, "gpu").get("servedSteps"), timeout=120
+    )
+    assert served == ["examples::gpu_info"]
 
     tls = client_tls(namespace, "gpu", tmp)
     with port_forward(namespace, "svc/gpu", 50051) as port:
