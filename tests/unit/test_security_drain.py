@@ -38,7 +38,7 @@ async def test_drain_waits_for_in_flight_calls():
     assert ready.draining
     assert not d.finished.is_set()
     with pytest.raises(DrainingError) as ei:
-        d.enter("/x")
+        d.enter()
     assert ei.value.grpc_code == grpc.StatusCode.UNAVAILABLE
     assert ei.value.http_status == 503
     assert ei.value.message == DRAINING_MESSAGE

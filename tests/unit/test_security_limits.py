@@ -29,16 +29,15 @@ def test_limiter_refuses_without_waiting():
         lim.release()
 
 
-def test_unlimited_and_method_filter():
+def test_unlimited_and_acquire():
     lim = ConcurrencyLimiter(None)
     for _ in range(1000):
         assert lim.try_acquire()
     one = ConcurrencyLimiter(1)
-    assert one.enter("/blazen.peer.v1.BlazenPeer/DerefSessionRef") is False  # not limited
-    assert one.enter("/v1/peer/invoke_sub_workflow") is True
+    one.acquire()
     with pytest.raises(LimitExceededError):
-        one.enter("/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow")
-    one.exit(True, grpc.StatusCode.OK)
+        one.acquire()
+    one.release()
     assert one.in_use == 0
 
 

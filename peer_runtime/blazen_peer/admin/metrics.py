@@ -9,14 +9,11 @@ never collide in the global registry).
 * ``blazen_peer_session_refs`` / ``blazen_peer_session_ref_bytes``: read from a callback at scrape time.
 * ``blazen_peer_tls_cert_not_after_seconds``, ``blazen_peer_tls_reloads_total``,
   ``blazen_peer_tls_reload_failures_total``: read from a ``ReloadingTlsSource`` at scrape time.
-
-``metrics.guard(transport)`` is a call guard (see ``blazen_peer.security.guard``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -109,9 +106,6 @@ class PeerMetrics:
         label = method_label(method) if method.startswith("/") else method
         self.stats(transport, label).finish(_code_label(code), seconds, started=False)
 
-    def guard(self, transport: str) -> _MetricsGuard:
-        return _MetricsGuard(self, transport)
-
     def _collect_calls(self) -> Iterator[Metric]:
         ns = self.namespace
         calls = CounterMetricFamily(
@@ -183,18 +177,3 @@ class PeerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _MetricsGuard:
-    def __init__(self, metrics: PeerMetrics, transport: str) -> None:
-        self._m = metrics
-        self._transport = transport
-
-    def enter(self, method: str) -> tuple[CallStats, float]:
-        st = self._m.stats(self._transport, method_label(method))
-        st.start()
-        return st, time.perf_counter()
-
-    def exit(self, state: tuple[CallStats, float], code: Any) -> None:
-        st, start = state
-        st.finish(_code_label(code), time.perf_counter() - start)

@@ -1,8 +1,9 @@
 """Security building blocks of the peer runtime, one job per module (see docs/security.md):
 
-``errors`` (typed errors with their gRPC/HTTP status), ``tls`` (PEM validation), ``reload`` (certificates
-that follow a Secret volume), ``auth`` (bearer token), ``cors``, ``limits``, ``drain``, ``guard`` (per-call
-guards as interceptors/middleware), ``logging`` (JSON logs, redaction).
+``errors`` (typed errors with their gRPC/HTTP status), ``tls`` (PEM validation), ``reload``
+(certificates that follow a Secret volume), ``auth`` (bearer token), ``cors``, ``limits``, ``drain``,
+``logging`` (JSON logs, redaction), and ``integration``, the one per-call admission path that uses them on
+every listener.
 
 ``load_server_tls``, ``load_client_tls``, ``TlsMaterial``, ``PeerError``, ``PeerTlsError``,
 ``ReloadingTlsSource`` and ``TokenSource`` are also reachable here (loaded lazily). The package imports

@@ -1,7 +1,7 @@
 """Graceful drain: on SIGTERM stop being ready, refuse new calls, let in-flight calls finish.
 
-``Drainer`` is a guard (``enter``/``exit``, see ``guard.py``) counting in-flight calls. ``begin()``
-(called from the SIGTERM handler) marks the ``Readiness`` as draining, so ``/readyz`` and the gRPC
+``Drainer`` counts in-flight calls (``enter``/``exit``, called by ``integration.py`` around each call).
+``begin()`` (called from the SIGTERM handler) marks the ``Readiness`` as draining, so ``/readyz`` and the gRPC
 health service turn NOT_SERVING and Kubernetes takes the pod out of its Services; after
 ``admit_window`` seconds (default 0) new calls are refused with UNAVAILABLE / 503 "draining" (both
 retryable). ``drain()`` waits for the in-flight calls to end, at most ``grace_period`` seconds, then
@@ -62,7 +62,7 @@ class Drainer:
         return self._refuse_after is not None
 
     # -- per call -------------------------------------------------------------------------------------
-    def enter(self, method: str = "") -> None:
+    def enter(self) -> None:
         refuse_after = self._refuse_after
         if refuse_after is not None and self._clock() >= refuse_after:
             self.refused += 1
@@ -70,7 +70,7 @@ class Drainer:
         with self._cond:
             self._in_flight += 1
 
-    def exit(self, state: object = None, code: object = None) -> None:
+    def exit(self) -> None:
         with self._cond:
             self._in_flight -= 1
             # Wake waiters only if there are any (the common case, serving, has none: keep it cheap).

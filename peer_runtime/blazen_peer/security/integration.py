@@ -43,7 +43,6 @@ from .auth import DEFAULT_EXEMPT_METHODS, TokenSource
 from .cors import make_cors_middleware
 from .drain import Drainer
 from .errors import DrainingError, PeerInsecureConfigError, PeerTlsError
-from .guard import _aio_code
 from .limits import ConcurrencyLimiter
 from .logging import _CALLER, _REQUEST
 from .reload import ReloadingTlsSource
@@ -76,6 +75,23 @@ REQUEST_ID_KEY = "x-request-id"
 _AUTHORIZATION = "authorization"
 _OK = grpc.StatusCode.OK
 _STATUS_TEXT = {n: str(n) for n in range(100, 600)}
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _aio_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
+    """The status a grpc.aio call ended with: the code set on the context (``set_code`` or ``abort``),
+    else UNKNOWN for an exception, CANCELLED for a cancellation, OK otherwise."""
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    if exc is None:
+        return grpc.StatusCode.OK
+    return grpc.StatusCode.UNKNOWN if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
 
 
 @dataclass
@@ -397,7 +413,7 @@ def install(server: BlazenPeerServer) -> SecurityState:
     readiness = Readiness()
     metrics = PeerMetrics()
     drainer = Drainer(readiness, grace_period=cfg.shutdown_grace_secs)
-    limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None, methods=LIMITED_METHODS)
+    limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None)
     state = SecurityState(readiness, metrics, drainer, limiter, tokens, tls)
     server.security = state
 

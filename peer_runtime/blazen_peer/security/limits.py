@@ -2,25 +2,20 @@
 
 ``ConcurrencyLimiter`` never queues: a call over the limit is refused at once (gRPC
 RESOURCE_EXHAUSTED, HTTP 429) with a message naming the limit, so the caller can back off or go to
-another replica. It is a guard (``enter``/``exit``, see ``guard.py``) restricted to the methods that
-start a sub-workflow.
+another replica. Which calls it applies to is the caller's choice (``integration.LIMITED_METHODS``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import LimitExceededError
 
 __all__ = [
-    "INVOKE_METHODS",
     "ConcurrencyLimiter",
 ]
-
-#: the calls that start a sub-workflow, on both transports.
-INVOKE_METHODS = frozenset({"/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", "/v1/peer/invoke_sub_workflow"})
 
 
 class ConcurrencyLimiter:
@@ -31,13 +26,11 @@ class ConcurrencyLimiter:
         limit: int | None,
         *,
         name: str = "concurrent sub-workflows",
-        methods: Iterable[str] | None = INVOKE_METHODS,
     ) -> None:
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
         self.limit = limit or None
         self.name = name
-        self._methods = frozenset(methods) if methods is not None else None
         self._lock = threading.Lock()
         self.in_use = 0
         self.rejected = 0
@@ -75,15 +68,4 @@ class ConcurrencyLimiter:
         try:
             yield
         finally:
-            self.release()
-
-    # guard protocol
-    def enter(self, method: str) -> bool:
-        if self._methods is not None and method not in self._methods:
-            return False
-        self.acquire()
-        return True
-
-    def exit(self, acquired: bool, code: object) -> None:
-        if acquired:
             self.release()
