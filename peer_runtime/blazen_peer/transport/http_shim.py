@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -64,6 +64,14 @@ async def _body(request: web.Request) -> Any:
         raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
 
 
+async def _parse(request: web.Request, parse: Callable[..., Any], *args: Any) -> Any:
+    """The request body through a ``json_form`` parser; a malformed one is INVALID_ARGUMENT."""
+    try:
+        return parse(await _body(request), *args)
+    except json_form.JsonFormError as exc:
+        raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
+
+
 def _caller(request: web.Request, route: str) -> str | None:
     caller = request.headers.get(NODE_ID_HEADER)
     log.debug("POST %s from node %s (%s)", route, caller or "<unnamed>", request.remote)
@@ -74,10 +82,7 @@ async def invoke(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     caller = _caller(request, ROUTE_INVOKE)
     try:
-        try:
-            req = json_form.request_from_json(await _body(request))
-        except json_form.JsonFormError as exc:
-            raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
+        req = await _parse(request, json_form.request_from_json)
         resp = await service.invoke(req, caller_node_id=caller)
     except PeerStatusError as exc:
         return _error(exc.status, exc.message)
@@ -88,10 +93,7 @@ async def deref(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     _caller(request, ROUTE_DEREF)
     try:
-        try:
-            req = json_form.ref_request_from_json(await _body(request), DerefRequest)
-        except json_form.JsonFormError as exc:
-            raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
+        req = await _parse(request, json_form.ref_request_from_json, DerefRequest)
         payload = await service.deref(req.ref_uuid, version=req.envelope_version)
     except PeerStatusError as exc:
         return _error(exc.status, exc.message)
@@ -102,10 +104,7 @@ async def release(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     _caller(request, ROUTE_RELEASE)
     try:
-        try:
-            req = json_form.ref_request_from_json(await _body(request), ReleaseRequest)
-        except json_form.JsonFormError as exc:
-            raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
+        req = await _parse(request, json_form.ref_request_from_json, ReleaseRequest)
         released = await service.release(req.ref_uuid, version=req.envelope_version)
     except PeerStatusError as exc:
         return _error(exc.status, exc.message)
