@@ -1,14 +1,13 @@
 """Headless Chromium driving a page that ``fetch()``es a peer's HTTP/JSON shim from another origin.
 
-``run_cors_page(page_port, api_base, ...)`` serves nothing itself: the page server is an aiohttp app
-(``page_app``) the test starts on one localhost port; its HTML posts to ``api_base`` with the same
-headers Blazen's WASM ``HttpPeerClient`` sends (``Content-Type: application/json``,
-``X-Blazen-Peer-Node-Id``), plus ``Authorization`` when a token is given, which makes the browser send
-a CORS preflight. The script writes the outcome into ``<pre id="result">``; Chromium's ``--dump-dom``
-prints the DOM after ``--virtual-time-budget`` ms, and ``parse_result`` reads it back.
+The page server is an aiohttp app (``page_app``) the test starts on one localhost port (``start``); its
+HTML posts to ``cfg["url"]`` with the same headers Blazen's WASM ``HttpPeerClient`` sends
+(``Content-Type: application/json``, ``X-Blazen-Peer-Node-Id``), plus ``Authorization`` when a token is
+given, which makes the browser send a CORS preflight. The script writes the outcome into
+``<pre id="result">``; Chromium's ``--dump-dom`` prints the DOM after ``--virtual-time-budget`` ms, and
+``parse_result`` reads it back.
 
-Point ``api_base`` at any shim: ``test_cors_chromium.py`` uses a stub app with the CORS middleware,
-``test_cors_real_shim.py`` a real ``BlazenPeerServer``.
+Point ``cfg["url"]`` at any shim; ``test_cors_real_shim.py`` uses a real ``BlazenPeerServer``.
 """
 
 from __future__ import annotations

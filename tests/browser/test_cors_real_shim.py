@@ -40,17 +40,21 @@ def example_steps(monkeypatch: pytest.MonkeyPatch) -> str:
 
 async def _browse(chromium: str, entrypoint: str, *, allow_page_origin: bool, page_token: str | None):
     """Page on one port, the real peer's shim on another; returns (page result, answers the shim gave as
-    (method, origin, status), the preflight's headers, page origin)."""
+    (method, origin, status), the preflight's headers, the ``X-Blazen-Peer-Node-Id`` of each POST, page
+    origin)."""
     page = page_app(token=page_token, body=REQUEST)
     page_runner, page_port = await start(page)
     origin = f"http://127.0.0.1:{page_port}"
     seen: list[tuple[str, str | None, int]] = []
     preflight_headers: dict[str, str] = {}
+    callers: list[str | None] = []
 
     async def record(request: web.Request, response: web.StreamResponse) -> None:
         seen.append((request.method, request.headers.get("Origin"), response.status))
         if request.method == "OPTIONS":
             preflight_headers.update(response.headers)
+        elif request.method == "POST":
+            callers.append(request.headers.get("X-Blazen-Peer-Node-Id"))
 
     server = BlazenPeerServer(
         config=PeerConfig(
@@ -68,14 +72,14 @@ async def _browse(chromium: str, entrypoint: str, *, allow_page_origin: bool, pa
     page[CFG]["url"] = f"http://127.0.0.1:{server.http_port}{ROUTE}"
     try:
         result = parse_result(await dump_dom(chromium, f"{origin}/", budget_ms=8000))
-        return result, seen, preflight_headers, origin
+        return result, seen, preflight_headers, callers, origin
     finally:
         await page_runner.cleanup()
         await server.stop(grace=0)
 
 
 async def test_allowed_origin_calls_the_real_shim(chromium, example_steps) -> None:
-    result, seen, preflight, origin = await _browse(
+    result, seen, preflight, callers, origin = await _browse(
         chromium, example_steps, allow_page_origin=True, page_token=TOKEN
     )
     assert result["ok"] is True, result
@@ -88,10 +92,12 @@ async def test_allowed_origin_calls_the_real_shim(chromium, example_steps) -> No
     assert preflight["Access-Control-Allow-Origin"] == origin
     assert preflight["Access-Control-Allow-Headers"] == "Content-Type, X-Blazen-Peer-Node-Id, Authorization"
     assert preflight["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    # The browser sent the page's node id on the POST (the header the preflight allowed).
+    assert callers == ["browser-tab-7f3c"]
 
 
 async def test_other_origin_is_blocked_by_the_browser(chromium, example_steps) -> None:
-    result, seen, preflight, origin = await _browse(
+    result, seen, preflight, _, origin = await _browse(
         chromium, example_steps, allow_page_origin=False, page_token=TOKEN
     )
     assert result["ok"] is False, result
@@ -102,7 +108,9 @@ async def test_other_origin_is_blocked_by_the_browser(chromium, example_steps) -
 
 
 async def test_allowed_origin_without_token_reads_the_401(chromium, example_steps) -> None:
-    result, seen, _, origin = await _browse(chromium, example_steps, allow_page_origin=True, page_token=None)
+    result, seen, _, _, origin = await _browse(
+        chromium, example_steps, allow_page_origin=True, page_token=None
+    )
     # X-Blazen-Peer-Node-Id still forces a preflight; the 401 carries the CORS headers, so the page can
     # read the error instead of seeing a network failure.
     assert result["ok"] is True, result

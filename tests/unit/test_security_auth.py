@@ -1,18 +1,9 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from blazen_peer.security.auth import (
-    AioTokenAuthInterceptor,
-    TokenAuthInterceptor,
-    TokenSource,
-    make_auth_middleware,
-)
+from blazen_peer.security.auth import TokenSource
 from blazen_peer.security.errors import PeerAuthConfigError
 
 from tests.support.pki import KubeletSecretDir
@@ -82,6 +73,16 @@ def test_reasons_do_not_contain_the_token():
     assert src.metadata() == [("authorization", f"Bearer {TOKEN}")]
 
 
+def test_check_metadata():
+    # integration.py's gRPC admission hands the invocation metadata over as it comes.
+    src = TokenSource(token=TOKEN)
+    assert src.check_metadata([("x-blazen-peer-node-id", "n1"), ("authorization", f"Bearer {TOKEN}")]) is None
+    assert src.check_metadata([("authorization", "Bearer wrong")]) == "invalid bearer token"
+    assert src.check_metadata([("x-blazen-peer-node-id", "n1")]).startswith("missing bearer token")
+    assert src.check_metadata(None).startswith("missing bearer token")
+    assert src.check_metadata(()).startswith("missing bearer token")
+
+
 def test_rotated_secret_takes_effect_with_a_grace_window(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     clock = Clock()
@@ -114,121 +115,3 @@ def test_plain_file_rewrite(tmp_path):
     src = TokenSource(token_file=f, recheck_interval=0)
     f.write_text("b-token-longer")
     assert src.check_bearer("Bearer b-token-longer")
-
-
-# -- gRPC -------------------------------------------------------------------------------------------
-
-
-def _handlers(aio: bool) -> grpc.GenericRpcHandler:
-    if aio:
-
-        async def echo(req, ctx):
-            return b"echo:" + req
-
-        async def many(req, ctx):
-            yield b"1"
-            yield b"2"
-    else:
-
-        def echo(req, ctx):
-            return b"echo:" + req
-
-        def many(req, ctx):
-            yield b"1"
-            yield b"2"
-
-    return grpc.method_handlers_generic_handler(
-        "test.Svc",
-        {
-            "Echo": grpc.unary_unary_rpc_method_handler(echo),
-            "Many": grpc.unary_stream_rpc_method_handler(many),
-        },
-    )
-
-
-def _health_handler() -> grpc.GenericRpcHandler:
-    async def check(req, ctx):
-        return b""
-
-    return grpc.method_handlers_generic_handler(
-        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
-    )
-
-
-async def test_aio_interceptor():
-    src = TokenSource(token=TOKEN)
-    server = grpc.aio.server(interceptors=[AioTokenAuthInterceptor(src)])
-    server.add_generic_rpc_handlers((_handlers(True), _health_handler()))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            echo = ch.unary_unary("/test.Svc/Echo")
-            many = ch.unary_stream("/test.Svc/Many")
-            good = [("authorization", f"Bearer {TOKEN}")]
-            assert await echo(b"x", metadata=good) == b"echo:x"
-            assert [m async for m in many(b"", metadata=good)] == [b"1", b"2"]
-            for md, fragment in ((None, "missing"), ([("authorization", "Bearer wrong")], "invalid")):
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    await echo(b"x", metadata=md)
-                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert fragment in ei.value.details()
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    _ = [m async for m in many(b"", metadata=md)]
-                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            # Health checks (kubelet gRPC probes) need no token.
-            assert await ch.unary_unary("/grpc.health.v1.Health/Check")(b"") == b""
-            with pytest.raises(grpc.aio.AioRpcError) as ei:
-                await ch.unary_unary("/test.Svc/Nope")(b"", metadata=good)
-            assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        await server.stop(None)
-
-
-def test_sync_interceptor():
-    src = TokenSource(token=TOKEN)
-    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[TokenAuthInterceptor(src)])
-    server.add_generic_rpc_handlers((_handlers(False),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            echo = ch.unary_unary("/test.Svc/Echo")
-            assert echo(b"y", metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5) == b"echo:y"
-            with pytest.raises(grpc.RpcError) as ei:
-                echo(b"y", timeout=5)
-            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.RpcError) as ei:
-                list(ch.unary_stream("/test.Svc/Many")(b"", timeout=5))
-            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        server.stop(None)
-
-
-# -- aiohttp ----------------------------------------------------------------------------------------
-
-
-async def test_aiohttp_middleware(caplog):
-    caplog.set_level(logging.DEBUG)
-
-    async def ok(request):
-        return web.json_response({"ok": True})
-
-    app = web.Application(middlewares=[make_auth_middleware(TokenSource(token=TOKEN))])
-    app.router.add_post("/v1/peer/invoke_sub_workflow", ok)
-    app.router.add_route("OPTIONS", "/v1/peer/invoke_sub_workflow", ok)
-    async with TestClient(TestServer(app)) as client:
-        r = await client.post("/v1/peer/invoke_sub_workflow", json={})
-        assert r.status == 401
-        assert (await r.json())["error"].startswith("missing bearer token")
-        assert r.headers["WWW-Authenticate"].startswith("Bearer")
-        r = await client.post("/v1/peer/invoke_sub_workflow", headers={"Authorization": "Bearer no"})
-        assert r.status == 401
-        assert await r.json() == {"error": "invalid bearer token"}
-        r = await client.post(
-            "/v1/peer/invoke_sub_workflow", headers={"Authorization": f"Bearer {TOKEN}"}, json={}
-        )
-        assert r.status == 200
-        r = await client.options("/v1/peer/invoke_sub_workflow")  # preflights carry no credentials
-        assert r.status == 200
-    assert TOKEN not in caplog.text

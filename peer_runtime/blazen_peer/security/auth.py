@@ -1,5 +1,5 @@
-"""Bearer-token authentication: the token source, the per-call check, a gRPC interceptor, an aiohttp
-middleware.
+"""Bearer-token authentication: the token source and the per-call check. ``integration.py``'s admission
+path (its gRPC interceptor and HTTP middleware) calls ``check_metadata`` / ``why_rejected`` on every call.
 
 The token comes from ``--token-file`` (re-read when the file changes, so a rotated Secret takes effect
 without a restart) or from ``BLAZEN_PEER_TOKEN``; surrounding whitespace is stripped. Callers send
@@ -21,11 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-
-import grpc
-from aiohttp import web
 
 from .errors import PeerAuthConfigError
 
@@ -33,11 +30,7 @@ __all__ = [
     "DEFAULT_EXEMPT_METHODS",
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
-    "AioTokenAuthInterceptor",
-    "TokenAuthInterceptor",
     "TokenSource",
-    "make_auth_middleware",
-    "rejecting_handler",
 ]
 
 log = logging.getLogger("blazen_peer.security.auth")
@@ -199,93 +192,3 @@ class TokenSource:
         """The values a log redaction filter must hide."""
         current, previous, _ = self._state
         return [v.decode() for v in (current, previous) if v]
-
-
-# -- gRPC -------------------------------------------------------------------------------------------
-
-
-def rejecting_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, *, aio: bool
-) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers ``code``/``message`` without running it
-    (the request is not even deserialized)."""
-    if aio:
-
-        async def behaviour(request_or_iterator: Any, context: Any) -> Any:
-            await context.abort(code, message)
-
-    else:
-
-        def behaviour(request_or_iterator: Any, context: Any) -> Any:  # type: ignore[misc]
-            context.abort(code, message)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(behaviour)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(behaviour)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(behaviour)
-    return grpc.unary_unary_rpc_method_handler(behaviour)
-
-
-class _AuthBase:
-    def __init__(self, tokens: TokenSource, *, exempt_methods: Iterable[str] = DEFAULT_EXEMPT_METHODS):
-        self._tokens = tokens
-        self._exempt = frozenset(exempt_methods)
-
-    def _reason(self, details: grpc.HandlerCallDetails) -> str | None:
-        if details.method in self._exempt:
-            return None
-        reason = self._tokens.check_metadata(details.invocation_metadata)
-        if reason is not None:
-            log.info("rejected unauthenticated call to %s: %s", details.method, reason)
-        return reason
-
-
-class AioTokenAuthInterceptor(_AuthBase, grpc.aio.ServerInterceptor):
-    """grpc.aio interceptor: UNAUTHENTICATED unless ``authorization: Bearer <token>`` matches."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        reason = self._reason(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if reason is None or handler is None:
-            return handler
-        return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, reason, aio=True)
-
-
-class TokenAuthInterceptor(_AuthBase, grpc.ServerInterceptor):
-    """The same for a synchronous ``grpc.server``."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        reason = self._reason(handler_call_details)
-        handler = continuation(handler_call_details)
-        if reason is None or handler is None:
-            return handler
-        return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, reason, aio=False)
-
-
-# -- aiohttp ----------------------------------------------------------------------------------------
-
-
-def make_auth_middleware(
-    tokens: TokenSource, *, exempt_paths: Sequence[str] = (), realm: str = "blazen-peer"
-) -> Callable[..., Any]:
-    """aiohttp middleware answering 401 ``{"error": "..."}`` without a valid bearer token.
-
-    ``OPTIONS`` is never checked: browsers send CORS preflights without credentials. Place it inside
-    (after) the CORS middleware so that a 401 still carries the CORS headers the browser needs to read it.
-    """
-    exempt = frozenset(exempt_paths)
-    challenge = {"WWW-Authenticate": f'Bearer realm="{realm}"'}
-
-    @web.middleware
-    async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method == "OPTIONS" or request.path in exempt:
-            return await handler(request)
-        reason = tokens.why_rejected(request.headers.get("Authorization"))
-        if reason is None:
-            return await handler(request)
-        log.info("rejected unauthenticated %s %s: %s", request.method, request.path, reason)
-        return web.json_response({"error": reason}, status=401, headers=challenge)
-
-    return auth_middleware
