@@ -72,11 +72,44 @@ image_from_cache() {
   return 1
 }
 
-# Saves images into the cache (name without .tar).
+# The cache's tar names are <family>-<key>, the key being the hash/version part the writer derives from its
+# inputs. One anchored ERE per layout, family in group 1 and key in group 2; the key's shape ends the family, so
+# app-peer-runtime-<hash> and a hypothetical app-peer-runtime-extra-<hash> are two families. A name that matches
+# no layout is never pruned (image_to_cache logs it).
+IMAGE_CACHE_LAYOUTS=(
+  '^(app-[a-z0-9-]+)-([0-9a-f]{12})$'              # build-app-images.sh: app-<image>-<src hash>
+  '^(rootfs-[a-z0-9-]+)-([a-z]+-[0-9a-f]{10})$'    # build-rootfs.sh: rootfs-<kind>-<suite>-<package hash>
+  '^(node)-(v[0-9.]+-[0-9a-f]{10})$'               # build-node-image.sh: node-<k8s>-<bits hash>
+  '^(components)-(v[0-9.]+-etcd[0-9.]+-[0-9]+-corednsv[0-9.]+-[0-9a-f]{10})$'    # kind-images.sh COMPONENT_TAR
+  '^(cert-manager)-(v[0-9.]+-scratch)$'            # kind-images.sh CERT_MANAGER_TAR
+)
+
+# Prints the family of a cache tar name (without .tar); fails when no layout matches.
+image_cache_family() {
+  local re
+  for re in "${IMAGE_CACHE_LAYOUTS[@]}"; do
+    if [[ "$1" =~ $re ]]; then printf '%s\n' "${BASH_REMATCH[1]}"; return 0; fi
+  done
+  return 1
+}
+
+# Saves images into the cache (name without .tar), then removes the other tars of the same family (another
+# key: stale versions), so the cache holds one tar per family. The old tars go only once the new one is in place.
 image_to_cache() {
   local name="$1"; shift
   docker save -o "$IMAGES_DIR/$name.tar.tmp" "$@"
   mv "$IMAGES_DIR/$name.tar.tmp" "$IMAGES_DIR/$name.tar"
+  local family f other
+  if ! family=$(image_cache_family "$name"); then
+    log "warning: $name.tar matches no layout in IMAGE_CACHE_LAYOUTS (hack/kind-lib.sh); older versions kept"
+    return 0
+  fi
+  for f in "$IMAGES_DIR/$family"-*.tar; do
+    other=$(basename "$f" .tar)
+    [[ -f "$f" && "$other" != "$name" && "$(image_cache_family "$other" || true)" == "$family" ]] || continue
+    log "image cache: removing $other.tar (superseded by $name.tar)"
+    rm -f -- "$f"
+  done
 }
 
 # The nodes ordinary pods can land on (no NoSchedule/NoExecute taint), comma-separated, for `kind load --nodes`:
