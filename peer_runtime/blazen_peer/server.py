@@ -152,10 +152,9 @@ class BlazenPeerServer:
                 else:
                     self.grpc_port = server.add_insecure_port(cfg.grpc_addr)
             if cfg.plaintext_grpc_addr is not None:
-                # Its own grpc.aio server: interceptors (token auth) cannot tell the ports apart.
-                plain = create_grpc_server(
-                    self.service, hooks, interceptors=hooks.plaintext_grpc_interceptors
-                )
+                # Its own grpc.aio server: handlers cannot tell which port a call came in on, and this one
+                # answers without the token check.
+                plain = create_grpc_server(self.service, hooks, plaintext=True)
                 self._grpc_servers.append(plain)
                 self.plaintext_grpc_port = plain.add_insecure_port(cfg.plaintext_grpc_addr)
         except RuntimeError as exc:

@@ -9,11 +9,11 @@ the blocks"). It builds, from ``server.config``:
 * the secure-by-default check: neither TLS nor a token and no ``--insecure`` raises
   ``PeerInsecureConfigError``;
 * one ``Readiness``, ``PeerMetrics``, ``Drainer`` and ``ConcurrencyLimiter`` shared by every listener;
-* per-call admission, fused into one grpc.aio interceptor per gRPC server and one aiohttp middleware (the
-  per-call cost matters, see docs/benchmarks.md): request context for the JSON logs (caller node id,
+* per-call admission, fused into one wrapper around each BlazenPeer gRPC method and one aiohttp middleware
+  (the per-call cost matters, see docs/benchmarks.md): request context for the JSON logs (caller node id,
   request id), drain (UNAVAILABLE / 503), token (UNAUTHENTICATED / 401), concurrency
   (RESOURCE_EXHAUSTED / 429), metrics for every answer. The plaintext listener's server has the same
-  interceptor without the token check;
+  wrapper without the token check;
 * the gRPC health service on each gRPC server, the admin app, session-ref forwarding over mTLS with the
   token, and the drain in ``on_stop`` (SIGTERM -> ``server.stop()``).
 
@@ -39,7 +39,7 @@ from ..admin.app import make_admin_app
 from ..admin.health import AioReadinessHealthServicer, add_health_servicer
 from ..admin.metrics import CallStats, PeerMetrics, method_label
 from ..admin.readiness import Readiness
-from .auth import DEFAULT_EXEMPT_METHODS, TokenSource
+from .auth import TokenSource
 from .cors import make_cors_middleware
 from .drain import Drainer
 from .errors import DrainingError, PeerInsecureConfigError, PeerTlsError
@@ -67,9 +67,6 @@ LIMITED_METHODS = frozenset(
         "/v1/peer/invoke_sub_workflow",
     }
 )
-#: gRPC methods outside every guard: kubelet probes (no token), and ``Watch`` streams that must not hold
-#: the drain open.
-UNGUARDED_METHODS = DEFAULT_EXEMPT_METHODS
 NODE_ID_KEY = "x-blazen-peer-node-id"
 REQUEST_ID_KEY = "x-request-id"
 _AUTHORIZATION = "authorization"
@@ -126,7 +123,7 @@ _new_request_id = _RequestIds()
 
 
 class _Admission:
-    """The per-call checks shared by the gRPC interceptor and the HTTP middleware."""
+    """The per-call checks shared by the gRPC method wrapper and the HTTP middleware."""
 
     def __init__(
         self,
@@ -145,32 +142,22 @@ class _Admission:
         return self.metrics.stats(self.transport, label)
 
 
-class PeerCallInterceptor(grpc.aio.ServerInterceptor):
-    """One grpc.aio interceptor doing, per call: log context, drain, token, concurrency, metrics.
+class PeerCallAdmission:
+    """Wraps each BlazenPeer gRPC method handler, once, with the per-call work: log context, drain, token,
+    concurrency, metrics (``hooks.grpc_method_wrapper``).
 
     Order of the checks (the answer of the first that refuses is sent): drain (UNAVAILABLE), token
     (UNAUTHENTICATED), concurrency (RESOURCE_EXHAUSTED). Every answer is counted, refusals included;
-    a refused call never holds a concurrency slot. Wrapped handlers are cached per method, so the
-    per-call work is a dict lookup plus the checks themselves.
+    a refused call never holds a concurrency slot. The gRPC health service and unknown methods are other
+    handlers, never wrapped: kubelet probes carry no token, and health ``Watch`` streams must not hold the
+    drain open.
     """
 
     def __init__(self, state: SecurityState, *, transport: str = "grpc", check_token: bool = True) -> None:
         self._adm = _Admission(state, transport, check_token=check_token)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if method in UNGUARDED_METHODS or handler.request_streaming:
-            return handler  # health probes; unknown methods (UNIMPLEMENTED, never cached: unbounded names)
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def __call__(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return self._wrap(handler, method)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         adm = self._adm
@@ -418,10 +405,10 @@ def install(server: BlazenPeerServer) -> SecurityState:
     server.security = state
 
     # gRPC: the main server (TLS, token) and the plaintext server (no token: Blazen's clients send none).
-    hooks.grpc_interceptors[:0] = [PeerCallInterceptor(state, transport="grpc")]
-    hooks.plaintext_grpc_interceptors = [
-        PeerCallInterceptor(state, transport="grpc-plaintext", check_token=False)
-    ]
+    hooks.grpc_method_wrapper = PeerCallAdmission(state, transport="grpc")
+    hooks.plaintext_grpc_method_wrapper = PeerCallAdmission(
+        state, transport="grpc-plaintext", check_token=False
+    )
     health = AioReadinessHealthServicer(readiness)
     hooks.grpc_server_setup.append(lambda srv: add_health_servicer(srv, health))
 

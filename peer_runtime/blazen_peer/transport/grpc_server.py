@@ -37,7 +37,7 @@ from ..wire.messages import (
 from ..wire.postcard import PostcardDecodeError
 
 if TYPE_CHECKING:
-    from .hooks import ServerHooks
+    from .hooks import MethodWrapper, ServerHooks
 
 log = logging.getLogger("blazen_peer.grpc")
 
@@ -194,7 +194,7 @@ async def _unimplemented(request_iterator, context: grpc.aio.ServicerContext) ->
 
 
 class _Handlers(grpc.GenericRpcHandler):
-    def __init__(self, servicer: BlazenPeerServicer) -> None:
+    def __init__(self, servicer: BlazenPeerServicer, wrap: MethodWrapper | None = None) -> None:
         prefix = f"/{SERVICE}/"
         self._methods = {
             prefix + METHOD_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
@@ -202,6 +202,8 @@ class _Handlers(grpc.GenericRpcHandler):
             prefix + METHOD_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
             prefix + METHOD_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
         }
+        if wrap is not None:
+            self._methods = {name: wrap(handler, name) for name, handler in self._methods.items()}
         # Unknown methods: UNIMPLEMENTED with an empty message, as tonic answers.
         self._fallback = grpc.stream_stream_rpc_method_handler(_unimplemented)
 
@@ -221,18 +223,16 @@ def grpc_server_options(hooks: ServerHooks | None = None) -> list[tuple[str, obj
 
 
 def create_grpc_server(
-    service: PeerService, hooks: ServerHooks | None = None, *, interceptors: list | None = None
+    service: PeerService, hooks: ServerHooks | None = None, *, plaintext: bool = False
 ) -> grpc.aio.Server:
-    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. ``interceptors``
-    overrides ``hooks.grpc_interceptors``; ``hooks.grpc_server_setup`` callbacks run on the server."""
-    if interceptors is None and hooks is not None:
-        interceptors = hooks.grpc_interceptors
-    server = grpc.aio.server(
-        interceptors=list(interceptors) if interceptors else None,
-        options=grpc_server_options(hooks),
-        compression=grpc.Compression.NoCompression,
-    )
-    server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service)),))
+    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. The methods are
+    wrapped by ``hooks.grpc_method_wrapper`` (``hooks.plaintext_grpc_method_wrapper`` for the
+    ``--plaintext-grpc-addr`` server); ``hooks.grpc_server_setup`` callbacks run on the server."""
+    wrap = None
+    if hooks is not None:
+        wrap = hooks.plaintext_grpc_method_wrapper if plaintext else hooks.grpc_method_wrapper
+    server = grpc.aio.server(options=grpc_server_options(hooks), compression=grpc.Compression.NoCompression)
+    server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service), wrap),))
     if hooks is not None:
         for setup in hooks.grpc_server_setup:
             setup(server)

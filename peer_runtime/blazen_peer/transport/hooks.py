@@ -19,15 +19,19 @@ if TYPE_CHECKING:
     from ..server import BlazenPeerServer
 
 Callback = Callable[["BlazenPeerServer"], Awaitable[None] | None]
+#: ``wrap(handler, full_method_name) -> handler``: applied once to each BlazenPeer method handler when a gRPC
+#: server is built.
+MethodWrapper = Callable[["grpc.RpcMethodHandler", str], "grpc.RpcMethodHandler"]
 
 
 @dataclass
 class ServerHooks:
-    #: grpc.aio server interceptors, applied to every gRPC listener (auth, metrics, limits).
-    grpc_interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
-    #: interceptors of the separate grpc.aio server behind ``--plaintext-grpc-addr`` (grpc.aio interceptors
-    #: cannot see the port, so that listener has its own server); None: the same as ``grpc_interceptors``.
-    plaintext_grpc_interceptors: list[grpc.aio.ServerInterceptor] | None = None
+    #: per-call admission (auth, metrics, limits) around the four BlazenPeer methods of ``--grpc-addr``. A
+    #: handler wrapper rather than a grpc.aio interceptor: grpc.aio runs an interceptor chain as extra
+    #: coroutines on every call, which shows at concurrency 32 (docs/benchmarks.md).
+    grpc_method_wrapper: MethodWrapper | None = None
+    #: the same for the separate server behind ``--plaintext-grpc-addr`` (no token check there).
+    plaintext_grpc_method_wrapper: MethodWrapper | None = None
     #: called with each grpc.aio server before it starts (e.g. to add the gRPC health service).
     grpc_server_setup: list[Callable[[grpc.aio.Server], None]] = field(default_factory=list)
     #: credentials for ``--grpc-addr``; None (or returning None) means plaintext. ``--plaintext-grpc-addr`` is
