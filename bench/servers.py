@@ -68,18 +68,21 @@ async def bare_grpcio_sync(port: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, server.wait_for_termination)
 
 
-async def ours(port: int) -> None:
-    from blazen_peer import BlazenPeerServer, PeerConfig
+def ours(port: int) -> None:
+    """The product as a pod runs it: the ``blazen-peer serve`` CLI (its event loop, logging, signals)."""
+    from blazen_peer.cli import main
 
-    config = PeerConfig(
-        node_id="bench-ours",
-        entrypoint="bench.steps",
-        grpc_addr=f"127.0.0.1:{port}",
-        admin_addr=None,
-        insecure=True,
-        log_level="WARNING",
+    main(
+        [
+            "serve",
+            "--entrypoint=bench.steps",
+            "--node-id=bench-ours",
+            f"--grpc-addr=127.0.0.1:{port}",
+            "--admin-addr=off",
+            "--insecure",
+            "--log-level=WARNING",
+        ]
     )
-    await BlazenPeerServer(config=config).serve()
 
 
 async def ours_sync(port: int) -> None:
@@ -112,5 +115,6 @@ KINDS = {
 }
 
 if __name__ == "__main__":
-    kind, port = sys.argv[1], int(sys.argv[2])
-    asyncio.run(KINDS[kind](port))
+    started = KINDS[sys.argv[1]](int(sys.argv[2]))
+    if asyncio.iscoroutine(started):  # the others run their own loop
+        asyncio.run(started)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import add_flags, config_from
+from .event_loop import run_event_loop
 from .server import BlazenPeerServer
 
 log = logging.getLogger("blazen_peer")
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     holder.append(server)
     log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
     try:
-        asyncio.run(_serve(server))
+        run_event_loop(_serve(server), config.event_loop)
     except PeerError as exc:
         log.error("%s", exc)
         print(f"blazen-peer: error: {exc}", file=sys.stderr)

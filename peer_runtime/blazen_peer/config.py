@@ -45,6 +45,7 @@ class PeerConfig:
     shutdown_grace_secs: float = 5.0
     tls_wait_secs: float = 120.0
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
     # security limits (read by blazen_peer.security)
     max_concurrent_workflows: int = 64
 
@@ -66,6 +67,16 @@ def _bool(value: str | bool) -> bool:
     if v in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {value!r}")
+
+
+def _event_loop(value: str) -> str:
+    v = value.strip().lower()
+    if v not in EVENT_LOOPS:
+        raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, not {value!r}")
+    return v
+
+
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _optional_addr(value: str) -> str | None:
@@ -125,6 +136,7 @@ FLAGS: tuple[Flag, ...] = (
         metavar="SECS",
     ),
     Flag("log_level", "logging level", str.upper, metavar="LEVEL"),
+    Flag("event_loop", "uvloop (default) or asyncio's own loop", _event_loop, metavar="uvloop|asyncio"),
     Flag(
         "max_concurrent_workflows",
         "sub-workflows run at once (Invoke + Stream); more are refused RESOURCE_EXHAUSTED / 429 (0: no cap)",

@@ -13,6 +13,7 @@ from blazen_peer import BlazenPeerServer, PeerConfig, ServerConsumedError, StepR
 from blazen_peer.client import BlazenPeerClient, HttpPeerClient, PeerTransportError
 from blazen_peer.config import FLAGS, parse_serve_args
 from blazen_peer.engine.registry import load_entrypoint
+from blazen_peer.event_loop import run_event_loop
 
 
 def test_flags_env_twins_and_precedence() -> None:
@@ -161,3 +162,17 @@ async def test_forward_dns_siblings_skip_self() -> None:
     assert await static.siblings() == ["10.0.0.9:7000"]
     missing = SiblingForwarder(dns_name="no-such-host.invalid", own_ports=[1])
     assert await missing.siblings() == []
+
+
+def test_event_loop_flag_and_the_loop_it_runs() -> None:
+    assert parse_serve_args([], {}).event_loop == "uvloop"
+    assert parse_serve_args(["--event-loop", "asyncio"], {}).event_loop == "asyncio"
+    assert parse_serve_args([], {"BLAZEN_PEER_EVENT_LOOP": "AsyncIO"}).event_loop == "asyncio"
+    with pytest.raises(ValueError, match=r"BLAZEN_PEER_EVENT_LOOP.*uvloop, asyncio"):
+        parse_serve_args([], {"BLAZEN_PEER_EVENT_LOOP": "trio"})
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_event_loop(loop_module(), "uvloop").startswith("uvloop")
+    assert run_event_loop(loop_module(), "asyncio").startswith("asyncio")
