@@ -252,3 +252,43 @@ async def test_timeout_cancels() -> None:
     assert time.perf_counter() - t0 < 0.3
     await asyncio.sleep(0.6)
     assert done == []
+
+
+async def test_result_encoding_handles_refs_and_rejects_other_objects() -> None:
+    class Model:
+        def __blazen_serialize__(self) -> bytes:
+            return b"weights"
+
+    reg = StepRegistry()
+
+    @reg.step("plain")
+    async def plain(event: dict, ctx: Any) -> dict:
+        return {"type": STOP, "result": {"text": "é", "n": [1, 2]}}
+
+    @reg.step("refs")
+    async def refs(event: dict, ctx: Any) -> dict:
+        handle = ctx.session_refs.insert(b"kept", lifetime=RefLifetime.UntilExplicitDrop)
+        return {"type": STOP, "result": {"handle": handle, "model": Model()}}
+
+    @reg.step("opaque")
+    async def opaque(event: dict, ctx: Any) -> dict:
+        return {"type": STOP, "result": {"x": object()}}
+
+    svc = service(reg)
+    resp = await svc.invoke(req(["plain"]))
+    assert resp.result_json == '{"n":[1,2],"text":"é"}'.encode()
+    resp = await svc.invoke(req(["refs"]))
+    assert resp.error is None
+    result = resp.result_value()
+    assert len(resp.remote_refs) == 2  # the inserted handle and the auto-ref of the serializable model
+    assert {result["handle"]["__blazen_session_ref__"], result["model"]["__blazen_session_ref__"]} == set(
+        resp.remote_refs
+    )
+    model_ref = result["model"]["__blazen_session_ref__"]
+    assert (await svc.deref(model_ref)).endswith(b"weights")  # behind the ref envelope header
+    resp = await svc.invoke(req(["opaque"]))
+    assert resp.result_json is None
+    assert (
+        resp.error
+        == "workflow error: result is not JSON-serializable: Object of type object is not JSON serializable"
+    )

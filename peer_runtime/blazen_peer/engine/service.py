@@ -22,6 +22,7 @@ from ..wire.messages import (
     SubWorkflowRequest,
     SubWorkflowResponse,
     dumps_json,
+    json_encoder,
 )
 from .context import Context
 from .refs import (
@@ -38,6 +39,21 @@ from .runner import EventSink, WorkflowFailed, run_workflow
 log = logging.getLogger("blazen_peer.engine")
 
 EMPTY_WORKFLOW = "workflow build failed: workflow validation failed: workflow must have at least one step"
+
+
+class _NeedsRun(Exception):
+    """A value to encode becomes a new session ref, which needs the run's context."""
+
+
+def _marker(obj: Any) -> Any:
+    if isinstance(obj, SessionRefHandle):
+        return obj.marker
+    if hasattr(obj, "__blazen_serialize__"):
+        raise _NeedsRun
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+_RESULT_ENCODER = json_encoder(_marker)
 
 
 class Forwarder(Protocol):
@@ -135,8 +151,9 @@ class PeerService:
                 raise PeerStatusError(Status.INTERNAL, EMPTY_WORKFLOW)
         index = self._index(step_ids)
         try:
-            data = json.loads(req.input_json)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # Decoded as UTF-8 here: json.loads(bytes) sniffs UTF-16/32 first, which Blazen never sends.
+            data = json.loads(req.input_json.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError included
             raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid input JSON: {exc}") from None
         start = (
             {**data, "type": START_EVENT} if isinstance(data, dict) else {"type": START_EVENT, "input": data}
@@ -186,13 +203,17 @@ class PeerService:
     def encode_json(self, value: Any, ctx: Context) -> bytes:
         """JSON for results, state and streamed events. Session-ref handles become ref markers; an object with
         ``__blazen_serialize__`` becomes a new ``UntilParentFinish`` ref owned by this run."""
+        try:
+            return _RESULT_ENCODER.encode(value).encode("utf-8")
+        except _NeedsRun:
+            pass
 
+        # Only values that become new refs need the run; the first pass stopped before inserting any.
         def default(obj: Any) -> Any:
-            if isinstance(obj, SessionRefHandle):
-                return obj.marker
-            if hasattr(obj, "__blazen_serialize__"):
+            try:
+                return _marker(obj)
+            except _NeedsRun:
                 return ctx.session_refs.insert(obj, lifetime=RefLifetime.UntilParentFinish).marker
-            raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
         return dumps_json(value, default)
 

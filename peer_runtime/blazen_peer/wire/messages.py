@@ -376,8 +376,22 @@ def decode_stream_frame(buf: bytes) -> SubWorkflowEvent | SubWorkflowResponse:
     raise PostcardDecodeError("Serde Deserialization Error")
 
 
+_JSON_OPTIONS: dict[str, Any] = {
+    "separators": (",", ":"),
+    "ensure_ascii": False,
+    "sort_keys": True,
+    "allow_nan": False,
+}
+# json.dumps builds a new encoder whenever it is given options; this one is built once (hot path).
+_PLAIN_ENCODER = json.JSONEncoder(**_JSON_OPTIONS)
+
+
+def json_encoder(default: Any) -> json.JSONEncoder:
+    """An encoder writing ``dumps_json``'s form with a ``default`` hook; build it once and keep it."""
+    return json.JSONEncoder(**_JSON_OPTIONS, default=default)
+
+
 def dumps_json(value: Any, default: Any = None) -> bytes:
     """Compact JSON text as UTF-8 bytes, keys sorted, non-ASCII raw: the form Blazen writes."""
-    return json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False, sort_keys=True, allow_nan=False, default=default
-    ).encode("utf-8")
+    encoder = _PLAIN_ENCODER if default is None else json_encoder(default)
+    return encoder.encode(value).encode("utf-8")
