@@ -73,6 +73,7 @@ _AUTHORIZATION = "authorization"
 _OK = grpc.StatusCode.OK
 _STATUS_TEXT = {n: str(n) for n in range(100, 600)}
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+_CODE_NAMES = {c: c.name for c in grpc.StatusCode}  # Enum.name is a property lookup per access
 
 
 def _aio_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
@@ -188,7 +189,8 @@ class PeerCallAdmission:
                 limiter.release()
             drainer.exit()
 
-        def ids(metadata: Any) -> tuple[Any, Any]:
+        def set_log_context(metadata: Any) -> None:
+            # No reset: grpc.aio serves every call in a task of its own, whose context ends with the call.
             caller = rid = None
             for item in metadata or ():
                 key = item[0]
@@ -196,14 +198,15 @@ class PeerCallAdmission:
                     caller = item[1]
                 elif key == REQUEST_ID_KEY:
                     rid = item[1]
-            return _CALLER.set(caller), _REQUEST.set(rid or _new_request_id())
+            _CALLER.set(caller)
+            _REQUEST.set(rid or _new_request_id())
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
                 metadata = context.invocation_metadata()
-                t_caller, t_rid = ids(metadata)
+                set_log_context(metadata)
                 start = time.perf_counter()
                 stats.start()
                 code: Any = _OK
@@ -225,9 +228,7 @@ class PeerCallAdmission:
                         release()
                         code = _aio_code(context, exc_seen)
                 finally:
-                    stats.finish(code.name, time.perf_counter() - start)
-                    _CALLER.reset(t_caller)
-                    _REQUEST.reset(t_rid)
+                    stats.finish(_CODE_NAMES[code], time.perf_counter() - start)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -239,7 +240,7 @@ class PeerCallAdmission:
 
         async def unary_unary(request, context):
             metadata = context.invocation_metadata()
-            t_caller, t_rid = ids(metadata)
+            set_log_context(metadata)
             start = time.perf_counter()
             stats.start()
             code: Any = _OK
@@ -260,9 +261,7 @@ class PeerCallAdmission:
                     release()
                     code = _aio_code(context, exc_seen)
             finally:
-                stats.finish(code.name, time.perf_counter() - start)
-                _CALLER.reset(t_caller)
-                _REQUEST.reset(t_rid)
+                stats.finish(_CODE_NAMES[code], time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
