@@ -1,5 +1,5 @@
-"""Bearer-token authentication: the token source and the per-call check. ``integration.py``'s admission
-path (its gRPC interceptor and HTTP middleware) calls ``check_metadata`` / ``why_rejected`` on every call.
+"""Bearer-token authentication: the token source and the per-call check. ``integration.py``'s per-call
+admission (gRPC and HTTP) calls ``check_metadata`` / ``why_rejected`` on every call.
 
 The token comes from ``--token-file`` (re-read when the file changes, so a rotated Secret takes effect
 without a restart) or from ``BLAZEN_PEER_TOKEN``; surrounding whitespace is stripped. Callers send
@@ -27,7 +27,6 @@ from typing import Any
 from .errors import PeerAuthConfigError
 
 __all__ = [
-    "DEFAULT_EXEMPT_METHODS",
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
     "TokenSource",
@@ -38,8 +37,6 @@ log = logging.getLogger("blazen_peer.security.auth")
 TOKEN_ENV = "BLAZEN_PEER_TOKEN"
 TOKEN_FILE_ENV = "BLAZEN_PEER_TOKEN_FILE"
 AUTHORIZATION = "authorization"
-#: kubelet gRPC probes and grpc-health-probe send no token; health answers reveal nothing.
-DEFAULT_EXEMPT_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 MISSING = "missing bearer token (send 'authorization: Bearer <token>')"
 INVALID = "invalid bearer token"
 
