@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -90,8 +89,6 @@ class PeerService:
         self.forwarder = forwarder
         self._allow = frozenset(served_steps) if served_steps is not None else None
         self._index_cache: dict[tuple[str, ...], dict[str, list[StepSpec]]] = {}
-        #: called after every finished invoke with (workflow_name, seconds, error-or-None); a metrics seam.
-        self.on_invoke_done: Callable[[str, float, str | None], None] | None = None
 
     # -- served steps ----------
 
@@ -161,7 +158,6 @@ class PeerService:
 
         run_id = next_run_id()
         ctx = Context(self.refs, run_id, self.node_id, req.workflow_name, caller_node_id)
-        t0 = time.perf_counter() if self.on_invoke_done is not None else 0.0
         error: str | None = None
         result_json: bytes | None = None
         state_json: dict[str, bytes] = {}
@@ -196,8 +192,6 @@ class PeerService:
         if ctx.refs_used:
             for key, tag, created in self.refs.end_run(run_id):
                 refs[key] = RemoteRefDescriptor(self.node_id, tag, created)
-        if self.on_invoke_done is not None:
-            self.on_invoke_done(req.workflow_name, time.perf_counter() - t0, error)
         return SubWorkflowResponse(state_json, result_json, refs, error)
 
     def encode_json(self, value: Any, ctx: Context) -> bytes:
