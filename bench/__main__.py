@@ -63,7 +63,14 @@ def wait_listening(port: int, proc: subprocess.Popen, logdir: Path, timeout: flo
     raise RuntimeError(f"server on {port} did not start")
 
 
-def start(kind: str, shim: Path, logdir: Path) -> tuple[subprocess.Popen, int]:
+def pinned_to(cpu: int | None):
+    """A ``preexec_fn`` binding the child to one CPU (None: no binding)."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def start(kind: str, shim: Path, logdir: Path, cpu: int | None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     # The servers' stderr goes to a file: an unread pipe fills up and stalls the server mid-run.
     log = open(logdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -74,7 +81,12 @@ def start(kind: str, shim: Path, logdir: Path) -> tuple[subprocess.Popen, int]:
         env["RUST_LOG"] = "error"
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.servers", kind, str(port)], cwd=ROOT, env=env, stderr=log, stdout=log
+        [sys.executable, "-m", "bench.servers", kind, str(port)],
+        cwd=ROOT,
+        env=env,
+        stderr=log,
+        stdout=log,
+        preexec_fn=pinned_to(cpu),
     )
     try:
         wait_listening(port, proc, logdir)
@@ -84,7 +96,9 @@ def start(kind: str, shim: Path, logdir: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def ghz(binary: str, port: int, data: Path, concurrency: int, calls: int) -> tuple[float, list[float], dict]:
+def ghz(
+    binary: str, port: int, data: Path, concurrency: int, calls: int, cpu: int | None = None
+) -> tuple[float, list[float], dict]:
     cmd = [
         binary,
         "--insecure",
@@ -106,7 +120,10 @@ def ghz(binary: str, port: int, data: Path, concurrency: int, calls: int) -> tup
         "json",
         f"127.0.0.1:{port}",
     ]
-    report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout)
+    done = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, timeout=600, preexec_fn=pinned_to(cpu)
+    )
+    report = json.loads(done.stdout)
     # ghz leaves failed calls out of its latency distribution, and (a)-(c) fail by design (NOT_FOUND):
     # take the latencies from the per-call details, the same way for every target.
     lat = [d["latency"] / 1e6 for d in report.get("details") or []]
@@ -139,10 +156,19 @@ def main() -> None:
         "--calls", type=int, default=1000, help="calls per measurement at concurrency 1 (x4 at 32)"
     )
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let servers and ghz share every CPU (default: servers on CPU 0, ghz on CPU 1)",
+    )
     parser.add_argument("--out", default=str(ROOT / ".work/bench.json"))
     args = parser.parse_args()
 
     binary = ghz_path()
+    # On a small box the load generator and the server otherwise fight over the same cores, and where the
+    # scheduler puts them moves a round's figure by +-20%: each server gets CPU 0, ghz CPU 1.
+    pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+    server_cpu, ghz_cpu = (0, 1) if pin else (None, None)
     tmp = Path(tempfile.mkdtemp(prefix="blazen-bench-"))
     shim = build_isoc23_shim(tmp)
     unknown = tmp / "unknown.bin"
@@ -164,10 +190,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     try:
         for kind in dict.fromkeys(t[2] for t in targets):
-            servers[kind] = start(kind, shim, tmp)
+            servers[kind] = start(kind, shim, tmp, server_cpu)
         load_before = os.getloadavg()
         for _, _, kind, data in targets:
-            ghz(binary, servers[kind][1], data, 8, 500)  # warm-up
+            ghz(binary, servers[kind][1], data, 8, 500, ghz_cpu)  # warm-up
         raw: dict[str, list] = {}
         # Rounds interleave the targets, so a burst of background load hits all of them alike, and each round
         # starts one target later, so no target always runs right after the same neighbour.
@@ -175,7 +201,8 @@ def main() -> None:
             order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
             for conc in (1, 32):
                 for key, label, kind, data in order:
-                    r = ghz(binary, servers[kind][1], data, conc, args.calls * (4 if conc > 1 else 1))
+                    calls = args.calls * (4 if conc > 1 else 1)
+                    r = ghz(binary, servers[kind][1], data, conc, calls, ghz_cpu)
                     raw.setdefault(f"{key}@{conc}", []).append(r)
                     print(f"round {rnd + 1} ({key}) c={conc:<2} {r[0]:8.0f} calls/s  {label}", flush=True)
         for key, label, _, _ in targets:
@@ -197,8 +224,9 @@ def main() -> None:
     before = "/".join(f"{x:.2f}" for x in load_before)
     after = "/".join(f"{x:.2f}" for x in load_after)
     print(
-        f"date {when}, {os.cpu_count()} cpus, Python {platform.python_version()}, load average (1/5/15 min) "
-        f"before {before}, after {after}"
+        f"date {when}, {os.cpu_count()} cpus, "
+        f"{'servers on CPU 0, ghz on CPU 1' if pin else 'no CPU pinning'}, "
+        f"Python {platform.python_version()}, load average (1/5/15 min) before {before}, after {after}"
     )
     print("| target | conc | calls/s | p50 ms | p99 ms | calls/s vs (b) | per-round ratio | p50 vs (b) |")
     print("|---|---|---|---|---|---|---|---|")
