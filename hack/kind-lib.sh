@@ -61,17 +61,6 @@ ensure_apt() {
 
 docker_image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# Loads an image from its cached tarball when the Docker store lacks it. Returns 1 if neither has it.
-image_from_cache() {
-  local ref="$1" tar="$IMAGES_DIR/$2.tar"
-  docker_image_exists "$ref" && return 0
-  if [[ -f "$tar" ]]; then
-    log "docker load $tar"
-    docker load -i "$tar" >/dev/null && docker_image_exists "$ref" && return 0
-  fi
-  return 1
-}
-
 # The cache's tar names are <family>-<key>, the key being the hash/version part the writer derives from its
 # inputs. One anchored ERE per layout, family in group 1 and key in group 2; the key's shape ends the family, so
 # app-peer-runtime-<hash> and a hypothetical app-peer-runtime-extra-<hash> are two families. A name that matches
