@@ -54,7 +54,7 @@ USER 65535:65535
 ENTRYPOINT ["/pause"]' "$CACHE_ROOT/pause/pause"
   docker tag "$PAUSE_IMAGE" "$KIND_SANDBOX_IMAGE"
   build_ctx "$KINDNET_IMAGE" "$(cat "$REPO_ROOT/images/kindnet-lite/Dockerfile")" \
-    "$REPO_ROOT/images/kindnet-lite/kindnet-lite.sh"
+    "$REPO_ROOT/images/kindnet-lite/kindnet-lite.sh" "$REPO_ROOT/images/kindnet-lite/netpol.py"
   image_to_cache "$COMPONENT_TAR" "${COMPONENT_IMAGES[@]}"
 }
 

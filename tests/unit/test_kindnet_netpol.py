@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,19 +19,15 @@ from blazen_operator.builders import Peer, workload
 from blazen_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "images" / "kindnet-lite" / "kindnet-lite.sh"
-MARKER = "# ---- netpol.py"
+ENFORCER = ROOT / "images" / "kindnet-lite" / "netpol.py"
 NODE, OTHER_NODE = "n1", "n2"
 NODE_IPS = ["172.18.0.2", "172.18.0.3"]
 
 
 @pytest.fixture(scope="module")
-def np(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """The enforcer as the image has it: kindnet-lite.sh from the marker line on (see the Dockerfile)."""
-    text = SCRIPT.read_text()
-    path = tmp_path_factory.mktemp("kindnet") / "netpol.py"
-    path.write_text(text[text.index(MARKER) :])
-    spec = importlib.util.spec_from_file_location("kindnet_netpol", path)
+def np() -> ModuleType:
+    """The enforcer, loaded from its file (it is not a package: the image runs it as a script)."""
+    spec = importlib.util.spec_from_file_location("kindnet_netpol", ENFORCER)
     assert spec
     assert spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -513,29 +506,3 @@ def test_our_jump_ends_up_first_once_and_never_goes_missing(
     ]
     if had_jump:
         assert all(any(r.endswith("-j KINDNET-NETPOL") for r in s) for s in fake.states), fake.states
-
-
-# ------------------------------------------------------------ the file it lives in
-
-
-def test_the_script_parses_as_bash_and_the_dockerfile_extracts_the_same_part() -> None:
-    if shutil.which("bash"):
-        subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    dockerfile = (SCRIPT.parent / "Dockerfile").read_text()
-    assert re.search(r"sed -n '/\^" + re.escape(MARKER) + r"/,\$p' /bin/kindnetd", dockerfile), dockerfile
-
-
-def test_the_embedded_python_is_ruff_clean() -> None:
-    """`ruff check .` does not see Python inside a .sh file; this does, with the repository's settings."""
-    pytest.importorskip("ruff")
-    text = SCRIPT.read_text()
-    code = text[text.index(MARKER) :]
-    for args in (["check"], ["format", "--check"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "ruff", *args, "--stdin-filename", "netpol.py", "-"],
-            input=code,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
