@@ -45,8 +45,10 @@ PLAINTEXT_CALL = textwrap.dedent(
 )
 
 
-def client_pod(ns: str, name: str, node: str, labels: dict[str, str] | None = None) -> None:
-    """A pod that only sleeps, to exec probes in; on `node` (the GPU-pool node needs its toleration)."""
+def python_pod(
+    ns: str, name: str, node: str, command: list[str], labels: dict[str, str] | None = None
+) -> None:
+    """A pod of the example image running `command` on `node` (the GPU-pool node needs its toleration)."""
     apply(
         {
             "apiVersion": "v1",
@@ -61,7 +63,7 @@ def client_pod(ns: str, name: str, node: str, labels: dict[str, str] | None = No
                         "name": "c",
                         "image": IMAGE,
                         "imagePullPolicy": "Never",
-                        "command": ["sleep", "3600"],
+                        "command": command,
                         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
                     }
                 ],
@@ -69,6 +71,11 @@ def client_pod(ns: str, name: str, node: str, labels: dict[str, str] | None = No
         },
         ns,
     )
+
+
+def client_pod(ns: str, name: str, node: str, labels: dict[str, str] | None = None) -> None:
+    """A pod that only sleeps, to exec probes in."""
+    python_pod(ns, name, node, ["sleep", "3600"], labels)
 
 
 def running(ns: str, *names: str) -> None:
@@ -152,28 +159,7 @@ def test_the_operators_policy_fences_the_plaintext_port(operator: str, namespace
 def test_a_policy_takes_effect_and_deleting_it_reopens_the_port(operator: str, namespace: str) -> None:
     """A hand-written deny-all ingress policy (no operator involved) closes a pod within seconds, for a
     client on another node; deleting it reopens the port."""
-    apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "server", "labels": {"app": "server"}},
-            "spec": {
-                "nodeName": GPU_NODE,
-                "tolerations": [GPU_TOLERATION],
-                "terminationGracePeriodSeconds": 0,
-                "containers": [
-                    {
-                        "name": "c",
-                        "image": IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["python", "-m", "http.server", "8000"],
-                        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
-                    }
-                ],
-            },
-        },
-        namespace,
-    )
+    python_pod(namespace, "server", GPU_NODE, ["python", "-m", "http.server", "8000"], {"app": "server"})
     client_pod(namespace, "client", CPU_NODE)
     running(namespace, "server", "client")
     server_ip = kubectl_json("-n", namespace, "get", "pod", "server")["status"]["podIP"]
