@@ -24,7 +24,7 @@ import collections
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,6 +329,18 @@ def expected_grpc(method: str, msg: bytes) -> str | None:
     return None
 
 
+async def in_batches(
+    one: Callable[[], Awaitable[None]], inputs: int, concurrency: int, report: Report
+) -> None:
+    """Runs ``one`` ``inputs`` times, ``concurrency`` at once, counting what ran in ``report.inputs``."""
+    done = 0
+    while done < inputs:
+        batch = min(concurrency, inputs - done)
+        await asyncio.gather(*(one() for _ in range(batch)))
+        done += batch
+        report.inputs = done
+
+
 async def fuzz_grpc(inputs: int, seed: int = 2, concurrency: int = 32) -> Report:
     report = Report("gRPC transport")
     rng = random.Random(seed)
@@ -379,12 +391,7 @@ async def fuzz_grpc(inputs: int, seed: int = 2, concurrency: int = 32) -> Report
                 ):
                     report.finding(f"{method} {msg.hex()[:200]}: INTERNAL {details!r}")
 
-            done = 0
-            while done < inputs:
-                batch = min(concurrency, inputs - done)
-                await asyncio.gather(*(one() for _ in range(batch)))
-                done += batch
-                report.inputs = done
+            await in_batches(one, inputs, concurrency, report)
             # Still alive and well: a valid call answers.
             ok = await calls["InvokeSubWorkflow"](
                 wrap(SubWorkflowRequest.new("wf", ["echo"], {"alive": True}).encode()),
@@ -451,12 +458,7 @@ async def fuzz_http(inputs: int, seed: int = 3, concurrency: int = 16) -> Report
                     if status == 500 and err != EMPTY_WORKFLOW:
                         report.finding(f"{route} {body[:200]!r}: 500 {err}")
 
-            done = 0
-            while done < inputs:
-                batch = min(concurrency, inputs - done)
-                await asyncio.gather(*(one() for _ in range(batch)))
-                done += batch
-                report.inputs = done
+            await in_batches(one, inputs, concurrency, report)
             good = {
                 "envelope_version": 1,
                 "workflow_name": "wf",
