@@ -69,14 +69,14 @@ def _bool(value: str | bool) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 def _event_loop(value: str) -> str:
     v = value.strip().lower()
     if v not in EVENT_LOOPS:
         raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, not {value!r}")
     return v
-
-
-EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _optional_addr(value: str) -> str | None:

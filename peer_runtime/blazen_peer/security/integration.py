@@ -158,9 +158,6 @@ class PeerCallAdmission:
         self._adm = _Admission(state, transport, check_token=check_token)
 
     def __call__(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return self._wrap(handler, method)
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         adm = self._adm
         label = method_label(method)
         stats = adm.stats(label)
