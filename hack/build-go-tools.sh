@@ -37,16 +37,11 @@ wrapper_build() {
 
 build_crictl() {
   local out="$NODE_BITS/crictl-$CRICTL_VERSION"
-  [[ -x "$out/crictl" || -f "$out.unavailable" ]] && return 0
-  # Optional for kind (only `kind load`'s "already present?" check and `kind export logs` use it). The proxy
-  # here serves no cri-tools release whose go.mod matches its path (v1.31+ are refused, v1.30.0 declares
-  # github.com/kubernetes-sigs/cri-tools), so a failure is recorded and the node image goes without crictl.
-  if ! wrapper_build sigs.k8s.io/cri-tools "$CRICTL_VERSION" "$out" \
-      "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" "" sigs.k8s.io/cri-tools/cmd/crictl; then
-    log "warning: crictl $CRICTL_VERSION could not be built from the module proxy; the node image has no crictl"
-    rm -rf "$out.tmp"; date -u +%FT%TZ > "$out.unavailable"   # delete this stamp to try again
-    return 0
-  fi
+  [[ -x "$out/crictl" ]] && return 0
+  # kind calls it on the nodes (`kind load` checks `crictl inspecti` before importing an image; `kind export
+  # logs`), and it is the first tool on call for a node: the real one, built like containerd.
+  wrapper_build sigs.k8s.io/cri-tools "$CRICTL_VERSION" "$out" \
+    "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" "" sigs.k8s.io/cri-tools/cmd/crictl
   ln -sf "$out/crictl" "$TOOLS_BIN/crictl"
 }
 

@@ -15,8 +15,7 @@ kind_files="$GOMODCACHE/sigs.k8s.io/kind@$KIND_VERSION/images/base/files"
 [[ -d "$kind_files" ]] || (cd /tmp && go mod download "sigs.k8s.io/kind@$KIND_VERSION")
 
 bits_sum=$( { echo "$K8S_VERSION $CONTAINERD_VERSION $RUNC_VERSION $CRICTL_VERSION $CNI_PLUGINS_VERSION $KIND_VERSION"
-  echo "$COMPONENT_TAR"; ls "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" 2>/dev/null || true
-  sha256sum "$0" "$REPO_ROOT/images/crictl-lite/crictl"; } | sha256sum | cut -c1-10)
+  echo "$COMPONENT_TAR"; sha256sum "$0"; } | sha256sum | cut -c1-10)
 NODE_TAR="node-$K8S_VERSION-$bits_sum"
 BASE_IMAGE="blazen-fleet/kind-node-base:$K8S_VERSION-$bits_sum"
 
@@ -37,9 +36,7 @@ build_base() {
   mkdir -p "$ctx/bin" "$ctx/cni"
   cp "$NODE_BITS/containerd-$CONTAINERD_VERSION/"{containerd,ctr,containerd-shim-runc-v2} "$ctx/bin/"
   cp "$NODE_BITS/runc-$RUNC_VERSION/runc" "$ctx/bin/"
-  # crictl is optional (see build-go-tools.sh); without it images/crictl-lite answers kind's `crictl inspecti`.
-  if [[ -x "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" ]]; then cp "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" "$ctx/bin/"
-  else cp "$REPO_ROOT/images/crictl-lite/crictl" "$ctx/bin/crictl"; fi   # `crictl inspecti` for kind load
+  cp "$NODE_BITS/crictl-$CRICTL_VERSION/crictl" "$ctx/bin/"
   cp "$NODE_BITS/cni-$CNI_PLUGINS_VERSION/"* "$ctx/cni/"
   cat > "$ctx/Dockerfile" <<DOCKERFILE
 FROM blazen-fleet/kind-base-rootfs:$DEBIAN_SUITE

@@ -13,6 +13,16 @@ t0=$SECONDS
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Port-forwards and client-certificate copies outlive a failed step unless the exit removes them: with
+# `set -e` a failing client would otherwise leave a kubectl process and a private key behind.
+cleanup_pids=() cleanup_dirs=()
+cleanup() {
+  local pid
+  for pid in "${cleanup_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  ((${#cleanup_dirs[@]} == 0)) || rm -rf -- "${cleanup_dirs[@]}"
+}
+trap cleanup EXIT
+
 step "cluster (toolchain, node image, 3 nodes, cert-manager)"
 "$HACK_DIR/kind-up.sh"
 
@@ -45,19 +55,17 @@ invoke() { # name port input step...
   local name="$1" input="$3"; shift 3
   local steps=(); local s; for s in "$@"; do steps+=(--step "$s"); done
   local dir; dir=$(mktemp -d)
+  cleanup_dirs+=("$dir")
   local secret; secret=$(kubectl -n "$NS" get blazenpeer "$name" -o jsonpath='{.status.certificate.clientSecretName}')
   for k in tls.crt tls.key ca.crt; do
     kubectl -n "$NS" get secret "$secret" -o jsonpath="{.data.${k//./\\.}}" | base64 -d > "$dir/$k"
   done
   local port; port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   kubectl -n "$NS" port-forward "svc/$name" "$port:50051" >"$dir/pf.log" 2>&1 &
-  local pf=$!
+  cleanup_pids+=($!)
   for _ in $(seq 50); do grep -q Forwarding "$dir/pf.log" && break; sleep 0.2; done
   "$PY" "$REPO_ROOT/examples/client.py" "127.0.0.1:$port" --cert "$dir/tls.crt" --key "$dir/tls.key" \
     --ca "$dir/ca.crt" --server-name "$name.$NS.svc" "${steps[@]}" --input "$input"
-  local rc=$?
-  kill "$pf" 2>/dev/null; rm -rf "$dir"
-  return $rc
 }
 
 pods_where() { # name -> "pod node pool" lines

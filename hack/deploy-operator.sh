@@ -11,7 +11,7 @@ OPERATOR_IMAGE="${OPERATOR_IMAGE:-blazen-fleet/operator:dev}"
 "$HACK_DIR/build-app-images.sh"
 # One `kind load` of both images (one tarball: the shared python layers go once) onto the workers, where they
 # can run (the operator on a schedulable node, the example steps there and on the GPU pool). kind skips images a
-# node already has with the same id (crictl inspecti; images/crictl-lite in our node image).
+# node already has with the same id (`crictl inspecti` on the node).
 workers=$(kind get nodes --name "$CLUSTER_NAME" | grep -v control-plane | paste -sd, -)
 timed load-app-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$workers" \
   "$OPERATOR_IMAGE" blazen-fleet/example-steps:dev

@@ -9,7 +9,7 @@ REPO_ROOT="$(cd "$HACK_DIR/.." && pwd)"
 KIND_VERSION="${KIND_VERSION:-v0.30.0}"
 CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.1.4}"
 RUNC_VERSION="${RUNC_VERSION:-v1.3.0}"
-CRICTL_VERSION="${CRICTL_VERSION:-v1.30.0}"   # the newest cri-tools the module proxy here serves (kind ships v1.33.0)
+CRICTL_VERSION="${CRICTL_VERSION:-v1.34.0}"   # matches K8S_VERSION's minor (kind v0.30.0 ships v1.33.0)
 CNI_PLUGINS_VERSION="${CNI_PLUGINS_VERSION:-v1.7.1}"
 COREDNS_VERSION="${COREDNS_VERSION:-v1.12.1}"
 # kindnetd is a nested module without tags; this commit is the one behind kindest/kindnetd:v20250512-df8de77b.

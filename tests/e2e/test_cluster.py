@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from .conftest import CLUSTER, CPU_NODE, GPU_NODE, K8S_VERSION, apply, kubectl, kubectl_json, wait_until
 
@@ -31,6 +32,26 @@ def test_gpu_pool_node_is_labelled_tainted_and_advertises_gpus(cluster: str) -> 
     cpu = kubectl_json("get", "node", CPU_NODE)
     assert "nvidia.com/gpu.present" not in cpu["metadata"]["labels"]
     assert "nvidia.com/gpu" not in cpu["status"]["capacity"]
+
+
+def _node_crictl(node: str, *args: str) -> str:
+    return subprocess.run(
+        ["docker", "exec", node, "crictl", *args], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+
+
+def test_nodes_carry_the_real_crictl(cluster: str) -> None:
+    """crictl built from sigs.k8s.io/cri-tools (not a stand-in) talks CRI to each node's containerd."""
+    for node in (f"{CLUSTER}-control-plane", CPU_NODE, GPU_NODE):
+        assert _node_crictl(node, "--version").strip() == "crictl version v1.34.0"
+        # `kind load` asks `crictl inspecti` to skip images a node already has; pause is on every node.
+        tags = [
+            t
+            for i in json.loads(_node_crictl(node, "images", "-o", "json"))["images"]
+            for t in i["repoTags"] or []
+        ]
+        pause = next(t for t in tags if "/pause:" in t)
+        assert pause in json.loads(_node_crictl(node, "inspecti", "-o", "json", pause))["status"]["repoTags"]
 
 
 def test_system_pods_run(cluster: str) -> None:
