@@ -6,7 +6,6 @@ API errors propagate as :class:`ApiError` with ``transient`` set so the caller r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -107,9 +106,6 @@ class Reconciler:
                 token_missing = f"token Secret {ref.name} does not exist"
             elif ref.key not in (secret.get("data") or {}):
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
-            else:
-                digest = c.secret_data_digest({ref.key: secret["data"][ref.key]})
-                peer = dataclasses.replace(peer, token_digest=digest)
 
         children = desired(peer)
         apply_error = self._apply_children(peer, children)

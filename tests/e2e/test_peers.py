@@ -241,7 +241,12 @@ def test_cpu_and_gpu_peers_ready_and_placed_by_pool(operator: str, namespace: st
         {"name": "BLAZEN_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "BLAZEN_POOL", "value": "gpu"},
     ]
-    apply(peer("gpu", steps=["examples::gpu_info"], hardware={"gpu": 1}, env=gpu_env), namespace)
+    # Small requests: the kind nodes share a laptop-sized host (GPU peers default to 1 CPU / 4Gi per GPU).
+    small = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    apply(
+        peer("gpu", steps=["examples::gpu_info"], hardware={"gpu": 1}, env=gpu_env, resources=small),
+        namespace,
+    )
     wait_ready(namespace, "cpu", replicas=2)
     wait_ready(namespace, "gpu", replicas=1)
 
