@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "blazen.dev"
@@ -23,7 +23,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 # Volume names the operator mounts itself; spec.volumes may not reuse them.
-RESERVED_VOLUMES = ("tmp", "home", "dshm", "tls", "token")
+RESERVED_VOLUMES = ("tmp", "home", "dshm", "tls", "token", "trust")
 
 # An extended-resource or Kubernetes quantity: 1, "500m", "2Gi".
 Quantity = Annotated[
@@ -115,6 +115,41 @@ class IssuerRef(Model):
     group: str = Field("cert-manager.io", description="API group of the issuer.")
 
 
+class BundleKeyRef(Model):
+    """A key of a ConfigMap or Secret in the BlazenPeer's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, description="ConfigMap or Secret name.")
+    key: str = Field("ca.crt", min_length=1, max_length=253, description="Key holding the PEM bundle.")
+
+
+class TrustBundle(Model):
+    """The CA bundle the peers trust, instead of the ca.crt the issuer writes into the certificate Secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.configMap) != has(self.secret)",
+                    "message": "tls.trustBundle: set exactly one of configMap and secret",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
+    config_map: BundleKeyRef | None = Field(
+        None, description="ConfigMap key with the PEM bundle (e.g. one trust-manager writes)."
+    )
+    secret: BundleKeyRef | None = Field(None, description="Secret key with the PEM bundle.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TrustBundle:
+        # The CRD's CEL rule says the same; this covers objects that reach the operator some other way.
+        if (self.config_map is None) == (self.secret is None):
+            raise ValueError("tls.trustBundle: set exactly one of configMap and secret")
+        return self
+
+
 class TLS(Model):
     """Transport security of the gRPC and HTTP listeners (cert-manager Certificates)."""
 
@@ -138,6 +173,12 @@ class TLS(Model):
         None,
         description="Issuer of the peer certificates. Unset: the operator bootstraps a namespace CA "
         "(self-signed Issuer 'blazen-selfsigned' -> CA Certificate 'blazen-ca' -> CA Issuer 'blazen-ca').",
+    )
+    trust_bundle: TrustBundle | None = Field(
+        None,
+        description="CA bundle that verifies callers' client certificates and siblings' certificates "
+        "(--tls-ca). Unset: the issuer's ca.crt. Needed for issuers that write no ca.crt (ACME and "
+        "other public CAs); mounted as a directory, so updates reach the running pods.",
     )
     duration: str = Field(
         "2160h",

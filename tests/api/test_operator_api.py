@@ -116,6 +116,7 @@ CHILDREN = [
         ({"volumes": [{"name": "tmp", "emptyDir": {}}]}, "bp", "spec.volumes"),
         ({"volumeMounts": [{"name": "w", "mountPath": "/models"}]}, "bp", "spec.volumeMounts"),
         ({"volumes": [{"emptyDir": {}}]}, "bp", "spec.volumes[0].name"),
+        ({"tls": {"trustBundle": {}}}, "bp", "spec.tls.trustBundle"),
         ({}, "x" * 53, "metadata.name"),
     ],
 )

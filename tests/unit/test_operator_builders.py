@@ -595,3 +595,33 @@ def test_render_cli_reports_invalid_specs(tmp_path, capsys):
 def test_render_examples(path, capsys):
     assert cli.main(["render", "-f", str(path)]) == 0
     assert any(d["kind"] == "Deployment" for d in yaml.safe_load_all(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "volume"),
+    [
+        (
+            {"configMap": {"name": "roots"}},
+            {"name": "trust", "configMap": {"name": "roots", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ),
+        (
+            {"secret": {"name": "acme-roots", "key": "bundle.pem"}},
+            {
+                "name": "trust",
+                "secret": {"secretName": "acme-roots", "items": [{"key": "bundle.pem", "path": "ca.crt"}]},
+            },
+        ),
+    ],
+)
+def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
+    """Issuers that write no ca.crt (ACME): the CA bundle comes from a ConfigMap or Secret key instead."""
+    p = peer(tls={"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}, "trustBundle": bundle})
+    assert flag(container(p)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert volumes(p)["trust"] == volume
+    assert mounts(p)["/etc/blazen/trust"] == {
+        "name": "trust",
+        "mountPath": "/etc/blazen/trust",
+        "readOnly": True,
+    }
+    assert flag(container(peer())["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
+    assert "trust" not in volumes(peer())

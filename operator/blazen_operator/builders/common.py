@@ -15,6 +15,7 @@ CONFIG_HASH_ANNOTATION = "blazen.dev/config-hash"
 
 TLS_DIR = "/etc/blazen/tls"
 TOKEN_DIR = "/etc/blazen/token"
+TRUST_DIR = "/etc/blazen/trust"
 TOKEN_KEY_PATH = "token"
 
 CA_SELFSIGNED_ISSUER = "blazen-selfsigned"

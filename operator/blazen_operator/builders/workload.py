@@ -88,7 +88,7 @@ def peer_args(p: Peer) -> list[str]:
             "--tls-key",
             f"{c.TLS_DIR}/tls.key",
             "--tls-ca",
-            f"{c.TLS_DIR}/ca.crt",
+            f"{c.TRUST_DIR if sp.tls.trust_bundle is not None else c.TLS_DIR}/ca.crt",
         ]
     if sp.auth.token_secret_ref is not None:
         args += ["--token-file", f"{c.TOKEN_DIR}/{c.TOKEN_KEY_PATH}"]
@@ -197,6 +197,14 @@ def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         # A directory mount (never subPath): the kubelet swaps in renewed files and the runtime reloads them.
         volumes.append({"name": "tls", "secret": {"secretName": c.server_cert_name(p), "defaultMode": 0o440}})
         mounts.append({"name": "tls", "mountPath": c.TLS_DIR, "readOnly": True})
+    if sp.tls.enabled and (bundle := sp.tls.trust_bundle) is not None:
+        if bundle.config_map is not None:
+            items = [{"key": bundle.config_map.key, "path": "ca.crt"}]
+            volumes.append({"name": "trust", "configMap": {"name": bundle.config_map.name, "items": items}})
+        elif bundle.secret is not None:
+            items = [{"key": bundle.secret.key, "path": "ca.crt"}]
+            volumes.append({"name": "trust", "secret": {"secretName": bundle.secret.name, "items": items}})
+        mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
     if sp.auth.token_secret_ref is not None:
         # A directory mount too: a rotated token reaches the running pods, which re-read the file.
         ref = sp.auth.token_secret_ref
