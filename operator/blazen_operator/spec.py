@@ -618,6 +618,12 @@ class BlazenPeerStatus(Model):
         "(unknown).",
     )
     steps_unknown_pods: int | None = Field(None, description="Ready pods whose /v1/info could not be read.")
+    session_refs: dict[str, int] | None = Field(
+        None,
+        description="Live session refs per ready pod, as each reports on /v1/info (pods that did not answer "
+        "are absent). Also each pod's controller.kubernetes.io/pod-deletion-cost, so a scale-down "
+        "removes pods without refs first.",
+    )
     conditions: list[Condition] | None = Field(
         None,
         description="Ready, Available, Progressing, CertificateReady, Degraded.",

@@ -84,6 +84,12 @@ def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> tuple[str, str
 CERT_FAILURES = ("CertificateFailed", "CertificateExpired")
 
 
+def session_refs(info: dict[str, Any] | None) -> int | None:
+    """The live session refs a pod reported on /v1/info (None: not reported, e.g. an older runtime)."""
+    value = (info or {}).get("session_refs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def compute(
     observed: Observed,
     previous: dict[str, Any] | None = None,
@@ -156,6 +162,8 @@ def compute(
     if reported:
         out.served_steps = sorted({str(s) for p in reported for s in p.info["steps"]})
     out.steps_unknown_pods = len(ready_pods) - len(reported) if ready_pods else None
+    refs = {p.name: r for p in ready_pods if (r := session_refs(p.info)) is not None}
+    out.session_refs = refs or None
 
     # deployment
     dep_gen_ok = dep is not None and (dstatus.get("observedGeneration") or 0) >= (

@@ -114,6 +114,8 @@ class BlazenPeerServer:
             "steps": self.served_step_ids,
             "envelope_version": ENVELOPE_VERSION,
             "ready": self._ready,
+            # the operator turns it into the pod's deletion cost: scale-down removes pods without refs first
+            "session_refs": self.refs.count,
         }
 
     # -- lifecycle ----------

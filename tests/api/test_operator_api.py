@@ -330,8 +330,11 @@ def test_token_secret_change_does_not_roll_the_pods(api, operator, namespace):
     assert len(api.list("apps/v1", "ReplicaSet", namespace)) == 1
 
 
-def _mark_pods_ready(api: Api, namespace: str, template_hash: str | None = None) -> int:
-    """Play the kubelet: set Ready on the peer's pods (of one ReplicaSet when ``template_hash`` is given)."""
+def _mark_pods_ready(
+    api: Api, namespace: str, template_hash: str | None = None, ips: dict[str, str] | None = None
+) -> int:
+    """Play the kubelet: set Ready on the peer's pods (of one ReplicaSet when ``template_hash`` is given),
+    with a pod IP from ``ips`` when given."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n = 0
     for pod in api.list("v1", "Pod", namespace):
@@ -346,6 +349,8 @@ def _mark_pods_ready(api: Api, namespace: str, template_hash: str | None = None)
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
             ],
         }
+        if ips is not None:
+            status["podIP"] = ips[pod["metadata"]["name"]]
         merge_patch(api, "Pod", namespace, pod["metadata"]["name"], {"status": status}, "status", "v1")
         n += 1
     return n
@@ -396,6 +401,55 @@ def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespac
         return st
 
     eventually(done, what="Ready once the new pod serves and the old one is gone")
+
+
+def test_scale_down_prefers_pods_without_session_refs(api, operator, namespace, monkeypatch):
+    """The pods' own reports (/v1/info session_refs; here answered for the pods the test made ready) become
+    each pod's deletion cost and the status' sessionRefs; scaling 3 -> 1 keeps the pod holding refs."""
+    from blazen_operator import reconcile
+
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"one").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    create(
+        api,
+        manifest(
+            "bp", namespace, replicas=3, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "tok"}}
+        ),
+    )
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 3, what="three pods")
+    names = sorted(p["metadata"]["name"] for p in api.list("v1", "Pod", namespace))
+    keeper = names[1]
+    ips = {name: f"10.9.0.{i + 1}" for i, name in enumerate(names)}
+    refs = {ips[name]: (5 if name == keeper else 0) for name in names}
+    monkeypatch.setattr(
+        reconcile,
+        "read_peer_infos",
+        lambda urls: [
+            {"steps": ["examples::echo"], "session_refs": refs[u.split("/")[2].split(":")[0]]} for u in urls
+        ],
+    )
+    _mark_pods_ready(api, namespace, ips=ips)
+
+    def costs():
+        out = {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            )
+            for p in api.list("v1", "Pod", namespace)
+        }
+        assert out == {name: ("5" if name == keeper else "0") for name in names}
+        return out
+
+    eventually(costs, what="deletion costs from the pods' reports")
+    st = eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"].get("sessionRefs"))
+    assert st == {name: (5 if name == keeper else 0) for name in names}
+
+    merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"replicas": 1}}, "scale")
+    eventually(
+        lambda: [p["metadata"]["name"] for p in api.list("v1", "Pod", namespace)] == [keeper],
+        what="the pod with refs is the one kept",
+    )
 
 
 def test_scale_subresource(api, operator, namespace):

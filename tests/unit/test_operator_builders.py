@@ -625,3 +625,9 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
     }
     assert flag(container(peer())["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
     assert "trust" not in volumes(peer())
+
+
+def test_pod_deletion_cost_is_the_live_refs():
+    assert workload.pod_deletion_cost(0) == "0"
+    assert workload.pod_deletion_cost(42) == "42"
+    assert workload.pod_deletion_cost(10**12) == str(2**31 - 1)  # the annotation is an int32

@@ -336,3 +336,19 @@ def test_not_ready_until_the_current_template_serves():
         observed(generation=2, peer=p, deployment=deployment(), certificate=certificate()), now=T0
     )
     assert (done["phase"], conds(done)["Available"]) == ("Ready", ("True", "MinimumReplicasAvailable"))
+
+
+def test_session_refs_per_ready_pod():
+    pods = (
+        st.PodReport("bp-a", True, {"steps": [], "session_refs": 3}),
+        st.PodReport("bp-b", True, {"steps": [], "session_refs": 0}),
+        st.PodReport("bp-c", True, {"steps": []}),  # a runtime that does not report refs
+        st.PodReport("bp-d", True, {"steps": [], "session_refs": "7"}),  # nonsense is not believed
+        st.PodReport("bp-e", False, None),
+    )
+    out = st.compute(
+        observed(generation=1, peer=peer(replicas=5), deployment=deployment(), pods=pods), now=T0
+    )
+    assert out["sessionRefs"] == {"bp-a": 3, "bp-b": 0}
+    none = st.compute(observed(generation=1, peer=peer(), deployment=deployment()), now=T0)
+    assert "sessionRefs" not in none

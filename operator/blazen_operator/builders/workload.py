@@ -307,6 +307,16 @@ def pod_template(p: Peer) -> dict[str, Any]:
     return template
 
 
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+_MAX_DELETION_COST = 2**31 - 1
+
+
+def pod_deletion_cost(session_refs: int) -> str:
+    """The ReplicaSet controller deletes pods with the lowest cost first: a pod's live session refs (what a
+    caller loses when it goes) are its cost."""
+    return str(min(session_refs, _MAX_DELETION_COST))
+
+
 def config_hash(p: Peer) -> str:
     """Hash of everything that shapes the pods: the pod template. Not the token Secret's data: a rotated
     token reaches the running pods through the mounted file, so pods roll only when what they run changes."""
