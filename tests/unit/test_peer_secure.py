@@ -332,10 +332,13 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
         "steps": ["echo", "slow", "keep", "blob", "chatty", "fill"],
         "envelope_version": 1,
         "ready": True,
+        "session_refs": 0,
     }
     creds = grpc_creds(pki, pki.client_files)
     code, _, _body = await grpc_call(server.grpc_port, creds, req(["keep"], {"data": "hello"}), token=TOKEN)
     assert code == grpc.StatusCode.OK
+    # the kept ref shows in what the operator reads (it becomes the pod's deletion cost)
+    assert json.loads((await http_get(admin + "/v1/info"))[1])["session_refs"] == 1
     await grpc_call(server.grpc_port, creds, req(["echo"]), token="nope")
     await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
     await http_post(server.http_port, client_ssl(pki), http_body(["nope"]), token=TOKEN)
