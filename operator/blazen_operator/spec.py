@@ -584,7 +584,11 @@ class Endpoints(Model):
     grpc: str | None = Field(None, description="gRPC endpoint host:port (TLS when enabled).")
     http: str | None = Field(None, description="HTTP shim URL.")
     plaintext_grpc: str | None = Field(None, description="Plaintext gRPC endpoint, when enabled.")
-    headless: str | None = Field(None, description="Headless Service DNS name (per-pod addressing).")
+    headless: str | None = Field(
+        None,
+        description="Headless Service DNS name: every pod, starting and stopping ones included (sibling "
+        "discovery; load-balance through the grpc endpoint).",
+    )
 
 
 class CertificateStatus(Model):

@@ -220,8 +220,9 @@ class BlazenPeerServer:
         """Stop within ``grace`` seconds (``--shutdown-grace-secs``): the ``on_stop`` hooks (the drain: not
         ready, then the admit window), then the listeners close and in-flight calls get what is left of
         the grace (gRPC sends GOAWAY so clients reconnect elsewhere; the HTTP shim closes idle keep-alive
-        connections and lets running requests finish), then whatever still runs is cancelled. The admin
-        listener closes last: probes and metrics answer until the end."""
+        connections and lets running requests finish), then whatever still runs is cancelled. While session
+        refs are held the gRPC listeners stay open for deref/release until they are gone or the grace is
+        over. The admin listener closes last: probes and metrics answer until the end."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -237,10 +238,15 @@ class BlazenPeerServer:
             if self._sweeper is not None:
                 self._sweeper.cancel()
             remaining = max(0.0, deadline - loop.time())
-            await asyncio.gather(
-                *(_close_app(runner, remaining) for runner in self._runners),
-                *(srv.stop(remaining) for srv in self._grpc_servers),
-            )
+            http = asyncio.gather(*(_close_app(runner, remaining) for runner in self._runners))
+            # Session refs live only in this process: while it holds any, the gRPC listeners stay open until
+            # the grace ends, so callers and siblings (forwarding) can still deref and release them (new
+            # sub-workflows are refused meanwhile). A pod without refs closes at once. (Polled: the store
+            # has no change event, and this runs once, at shutdown.)
+            while self.refs.count > 0 and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(min(0.1, deadline - loop.time()))
+            remaining = max(0.0, deadline - loop.time())
+            await asyncio.gather(http, *(srv.stop(remaining) for srv in self._grpc_servers))
             for cb in self.hooks.on_closed:
                 await _maybe_await(cb(self))
             if self._admin_runner is not None:

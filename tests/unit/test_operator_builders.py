@@ -491,7 +491,8 @@ def test_services():
     assert svc["spec"]["ports"][2]["port"] == 50052
     headless = workload.headless_service(p)
     assert headless["spec"]["clusterIP"] == "None"
-    assert headless["spec"]["publishNotReadyAddresses"] is False
+    # terminating pods stay listed: siblings forward deref/release to the pod holding the ref until it is gone
+    assert headless["spec"]["publishNotReadyAddresses"] is True
     assert headless["spec"]["selector"] == svc["spec"]["selector"] == common.selector_labels(p)
 
 

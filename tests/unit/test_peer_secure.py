@@ -23,7 +23,14 @@ from blazen_peer.security.errors import PeerInsecureConfigError, PeerTlsError
 from blazen_peer.security.integration import INSECURE_MESSAGE
 from blazen_peer.security.logging import configure_json_logging
 from blazen_peer.wire.envelope import unwrap, wrap
-from blazen_peer.wire.messages import DerefRequest, DerefResponse, SubWorkflowRequest, SubWorkflowResponse
+from blazen_peer.wire.messages import (
+    DerefRequest,
+    DerefResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    SubWorkflowRequest,
+    SubWorkflowResponse,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.unit.test_peer_secure_support import (
@@ -38,6 +45,7 @@ from tests.unit.test_peer_secure_support import (
 
 INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
 DEREF = "/blazen.peer.v1.BlazenPeer/DerefSessionRef"
+RELEASE = "/blazen.peer.v1.BlazenPeer/ReleaseSessionRef"
 STREAM = "/blazen.peer.v1.BlazenPeer/StreamSubWorkflowEvents"
 HTTP_INVOKE = "/v1/peer/invoke_sub_workflow"
 
@@ -406,6 +414,34 @@ async def test_readiness_follows_start_and_drain(make_peer, pki: Pki) -> None:
     await asyncio.wait_for(stopping, 30)
     assert state.drainer.clean is True
     assert time.monotonic() - t0 < 5
+
+
+async def test_stopping_peer_answers_for_its_refs_until_they_are_released(make_peer, pki: Pki) -> None:
+    """After the admit window a peer that holds session refs refuses new sub-workflows but keeps its gRPC
+    listener open for deref/release (a sibling forwards them), and closes once its refs are gone."""
+    a = await make_peer(**tls_cfg(pki, node_id="peer-a", shutdown_grace_secs=20, shutdown_admit_secs=0.3))
+    b = await make_peer(**tls_cfg(pki, node_id="peer-b", forward_peers=(f"127.0.0.1:{a.grpc_port}",)))
+    creds = grpc_creds(pki, pki.client_files)
+    code, _, body = await grpc_call(a.grpc_port, creds, req(["keep"], {"data": "held by a"}), token=TOKEN)
+    assert code == grpc.StatusCode.OK
+    ref = SubWorkflowResponse.decode(body).result_value()["ref"]
+    t0 = time.monotonic()
+    stopping = asyncio.ensure_future(a.stop())
+    await asyncio.sleep(0.6)  # past the window
+    code, details, _ = await grpc_call(a.grpc_port, creds, req(["echo"]), token=TOKEN)
+    assert (code, details.startswith("draining")) == (grpc.StatusCode.UNAVAILABLE, True)
+    deref = wrap(DerefRequest(ref).encode())
+    code, _, body = await grpc_call(b.grpc_port, creds, deref, token=TOKEN, method=DEREF)
+    assert code == grpc.StatusCode.OK
+    assert DerefResponse.decode(body).payload == b"held by a"
+    assert not stopping.done()
+    release = wrap(ReleaseRequest(ref).encode())
+    code, _, body = await grpc_call(b.grpc_port, creds, release, token=TOKEN, method=RELEASE)
+    assert code == grpc.StatusCode.OK
+    assert ReleaseResponse.decode(body).released is True
+    await asyncio.wait_for(stopping, 5)  # closed once the refs were gone, long before the 20 s grace
+    assert time.monotonic() - t0 < 6
+    assert a.security.drainer.clean is True
 
 
 async def test_grace_bounds_the_http_shim_too(make_peer, pki: Pki) -> None:

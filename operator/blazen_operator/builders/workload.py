@@ -401,7 +401,10 @@ def headless_service(p: Peer) -> dict[str, Any]:
         "metadata": c.metadata(p, c.headless_name(p)),
         "spec": {
             "clusterIP": "None",
-            "publishNotReadyAddresses": False,
+            # Sibling discovery for session-ref forwarding: a stopping pod keeps answering deref/release for
+            # the refs it holds until its grace ends, so it must stay listed (starting pods are listed too;
+            # forwarding skips whoever does not answer). Clients load-balance through the ClusterIP Service.
+            "publishNotReadyAddresses": True,
             "selector": c.selector_labels(p),
             "ports": [
                 {"name": "grpc", "port": sp.ports.grpc, "targetPort": "grpc", "protocol": "TCP"},

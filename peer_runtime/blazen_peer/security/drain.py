@@ -5,9 +5,11 @@
 health service turn NOT_SERVING, but calls are still admitted for ``admit_window`` seconds: Kubernetes needs
 that long to take the pod out of its Services' endpoints, and until it has, kube-proxy still sends new
 connections here. After the window new calls are refused with UNAVAILABLE / 503 "draining" (both
-retryable); the server then closes its listeners (gRPC sends GOAWAY, so clients reconnect elsewhere) and
-gives the in-flight calls what is left of ``grace_period``, which is counted from ``begin()`` and includes
-the window. ``finish()`` records whether every call ended in time and sets ``finished``.
+retryable), except deref/release of the session refs this process holds (``enter(ref_call=True)``); the
+server then closes its listeners (gRPC sends GOAWAY, so clients reconnect elsewhere; while refs are held, the
+gRPC listeners stay open for those calls until the grace ends) and gives the in-flight calls what is left of
+``grace_period``, which is counted from ``begin()`` and includes the window. ``finish()`` records whether
+every call ended in time and sets ``finished``.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ class Drainer:
         return self._refuse_after is not None
 
     # -- per call -------------------------------------------------------------------------------------
-    def enter(self) -> None:
+    def enter(self, *, ref_call: bool = False) -> None:
+        """Count a call in; refused after the admit window, except a ``ref_call`` (deref/release): the
+        refs live only in this process, so it answers for them as long as it still listens."""
         refuse_after = self._refuse_after
-        if refuse_after is not None and self._clock() >= refuse_after:
+        if refuse_after is not None and not ref_call and self._clock() >= refuse_after:
             self.refused += 1
             raise DrainingError(DRAINING_MESSAGE)
         with self._cond:

@@ -168,7 +168,7 @@ class PeerCallAdmission:
         def admit(metadata: Any) -> Any:
             """None (admitted: drain entered, slot taken if limited) or the refusal (code, message)."""
             try:
-                drainer.enter()
+                drainer.enter(ref_call=not limited)
             except DrainingError as exc:
                 return exc.grpc_code, exc.message
             if tokens is not None:
@@ -294,7 +294,7 @@ def make_peer_middleware(state: SecurityState, *, transport: str = "http") -> Ca
         status = 500
         try:
             try:
-                drainer.enter()
+                drainer.enter(ref_call=path not in LIMITED_METHODS)
             except DrainingError as exc:
                 status = exc.http_status
                 return refuse(status, exc.message)
