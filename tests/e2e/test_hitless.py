@@ -296,3 +296,58 @@ def test_sigkilled_replica_fails_exactly_its_in_flight_calls(operator: str, name
         assert end >= killed_from, f"a call that ended before the kill failed: {kind}"
     assert result["ok"] == result["sent"] - len(result["failed"]), result
     wait_ready(namespace, "chaos", replicas=2)
+
+
+REF_SCRIPT = """
+import asyncio, json, os
+from blazen_peer.client import BlazenPeerClient
+
+SVC = os.environ["SVC"]
+ROOT, CHAIN, KEY = (open(f"/tls/{f}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
+
+async def main():
+    c = await BlazenPeerClient.connect(f"https://{SVC}:50051", "e2e-refs", root_certificates=ROOT,
+                                       certificate_chain=CHAIN, private_key=KEY)
+    if {make}:
+        resp = await c.invoke_sub_workflow(
+            "examples", ["examples::remember"], {{"value": "kept"}}, timeout_secs=10
+        )
+        ref = resp.result_value()["ref"]
+        ref = ref["__blazen_session_ref__"] if isinstance(ref, dict) else ref
+        origin = [d.origin_node_id for d in resp.remote_refs.values()][0]
+        print(json.dumps({{"ref": ref, "origin": origin}}))
+    else:
+        payload = await c.deref_session_ref({ref!r})
+        print(json.dumps({{"payload": payload.decode(errors="replace")}}))
+    await c.close()
+
+asyncio.run(main())
+"""
+
+
+def test_scale_down_removes_the_pods_without_refs_and_keeps_the_ref(operator: str, namespace: str) -> None:
+    """A ref made before a scale-down 3 -> 1 is still dereferenceable afterwards: the operator set each pod's
+    deletion cost from the refs it reports, so the ReplicaSet removed the two pods holding none."""
+    apply(peer("keeper", replicas=3), namespace)
+    wait_ready(namespace, "keeper", replicas=3)
+    made = in_cluster(namespace, "keeper", REF_SCRIPT.format(make=True, ref=""))
+    holder = made["origin"]
+    assert holder in {p["metadata"]["name"] for p in pods(namespace, "keeper")}
+
+    def costs() -> dict[str, str | None]:
+        out = {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            )
+            for p in pods(namespace, "keeper")
+        }
+        return out if out[holder] == "1" and all(v == "0" for k, v in out.items() if k != holder) else {}
+
+    wait_until("deletion costs from the pods' reports", costs, timeout=180, interval=3)
+    assert status(namespace, "keeper")["sessionRefs"][holder] == 1
+    kubectl("-n", namespace, "scale", "blazenpeer/keeper", "--replicas=1")
+    wait_until(
+        "only the holder left", lambda: [p["metadata"]["name"] for p in pods(namespace, "keeper")] == [holder]
+    )
+    got = in_cluster(namespace, "keeper", REF_SCRIPT.format(make=False, ref=made["ref"]))
+    assert "kept" in got["payload"], got
