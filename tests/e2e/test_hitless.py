@@ -303,10 +303,10 @@ import asyncio, json, os
 from blazen_peer.client import BlazenPeerClient
 
 SVC = os.environ["SVC"]
-ROOT, CHAIN, KEY = (open(f"/tls/{f}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
+ROOT, CHAIN, KEY = (open(f"/tls/{{f}}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
 
 async def main():
-    c = await BlazenPeerClient.connect(f"https://{SVC}:50051", "e2e-refs", root_certificates=ROOT,
+    c = await BlazenPeerClient.connect(f"https://{{SVC}}:50051", "e2e-refs", root_certificates=ROOT,
                                        certificate_chain=CHAIN, private_key=KEY)
     if {make}:
         resp = await c.invoke_sub_workflow(
