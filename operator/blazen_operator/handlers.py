@@ -263,5 +263,5 @@ async def secret_event(body: Any, namespace: str, name: str, token_secret_refs: 
         return
     for owner in _owner_names(body):  # our TLS Secret stubs
         STATE.queue.request(namespace, owner)
-    for peer_name in token_secret_refs.get((namespace, name), []):  # a token rotated: roll the pods
+    for peer_name in token_secret_refs.get((namespace, name), []):  # status: TokenSecretMissing
         STATE.queue.request(namespace, peer_name)

@@ -6,7 +6,6 @@ API errors propagate as :class:`ApiError` with ``transient`` set so the caller r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -18,8 +17,8 @@ from pydantic import ValidationError
 from . import metrics
 from . import spec as s
 from . import status as st
-from .apply import FIELD_MANAGER, PRUNABLE, Api, ApiError, read_peer_infos
-from .builders import Child, Peer, desired
+from .apply import FIELD_MANAGER, PRUNABLE, Api, ApiError, path_for, read_peer_infos
+from .builders import Child, Peer, desired, workload
 from .builders import common as c
 
 log = logging.getLogger(__name__)
@@ -107,9 +106,6 @@ class Reconciler:
                 token_missing = f"token Secret {ref.name} does not exist"
             elif ref.key not in (secret.get("data") or {}):
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
-            else:
-                digest = c.secret_data_digest({ref.key: secret["data"][ref.key]})
-                peer = dataclasses.replace(peer, token_digest=digest)
 
         children = desired(peer)
         apply_error = self._apply_children(peer, children)
@@ -182,7 +178,7 @@ class Reconciler:
 
     def _observe_pods(self, peer: Peer) -> tuple[st.PodReport, ...]:
         pods = self.api.list("v1", "Pod", peer.namespace, c.selector_string(peer))
-        reports: list[tuple[str, bool, str | None]] = []
+        reports: list[tuple[dict[str, Any], bool, str | None]] = []
         for pod in pods:
             if pod["metadata"].get("deletionTimestamp"):
                 continue
@@ -190,10 +186,37 @@ class Reconciler:
             ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
             ip = (pod.get("status") or {}).get("podIP")
             url = f"http://{ip}:{peer.spec.ports.admin}/v1/info" if ready and ip else None
-            reports.append((pod["metadata"]["name"], ready, url))
+            reports.append((pod, ready, url))
         urls = [u for _, _, u in reports if u]
         infos = dict(zip(urls, read_peer_infos(urls), strict=True))
-        return tuple(st.PodReport(n, r, infos.get(u) if u else None) for n, r, u in reports)
+        out = []
+        for pod, ready, url in reports:
+            info = infos.get(url) if url else None
+            self._keep_deletion_cost(pod, st.session_refs(info))
+            out.append(st.PodReport(pod["metadata"]["name"], ready, info))
+        return tuple(out)
+
+    def _keep_deletion_cost(self, pod: dict[str, Any], refs: int | None) -> None:
+        """Keep the pod's deletion cost at what it reported: a scale-down then removes pods without session
+        refs first. Best effort: a failed patch only means the controller picks by its own rules."""
+        if refs is None:
+            return
+        meta = pod["metadata"]
+        cost = workload.pod_deletion_cost(refs)
+        if (meta.get("annotations") or {}).get(workload.DELETION_COST_ANNOTATION) == cost:
+            return
+        try:
+            self.api.request(
+                "PATCH",
+                path_for("v1", "Pod", meta["namespace"], meta["name"]),
+                body={"metadata": {"annotations": {workload.DELETION_COST_ANNOTATION: cost}}},
+                content_type="application/merge-patch+json",
+                what="pod deletion cost",
+            )
+        except ApiError as exc:
+            if exc.transient:
+                raise
+            log.info("pod %s/%s: deletion cost not updated: %s", meta["namespace"], meta["name"], exc)
 
     def _write_status(self, body: dict[str, Any], observed: st.Observed, previous: dict[str, Any]) -> Outcome:
         meta = body["metadata"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "blazen.dev"
@@ -22,7 +22,8 @@ SHORT_NAMES = ["bp"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-DEFAULT_GPU_POOL_SELECTOR = {"nvidia.com/gpu.present": "true"}
+# Volume names the operator mounts itself; spec.volumes may not reuse them.
+RESERVED_VOLUMES = ("tmp", "home", "dshm", "tls", "token", "trust")
 
 # An extended-resource or Kubernetes quantity: 1, "500m", "2Gi".
 Quantity = Annotated[
@@ -70,8 +71,9 @@ class Hardware(Model):
         0,
         ge=0,
         le=64,
-        description="GPUs per pod. Above 0 the pod requests and limits that many of gpuResourceName, selects "
-        "the GPU pool (poolSelector) and tolerates the GPU taint.",
+        description="GPUs per pod. Above 0 the pod requests and limits that many of gpuResourceName, "
+        "tolerates the GPU taint, selects poolSelector when set, and gets default CPU/memory requests "
+        "and a /dev/shm. See spec.rollout for GPU peers without a spare GPU.",
     )
     gpu_resource_name: str = Field(
         DEFAULT_GPU_RESOURCE,
@@ -81,9 +83,10 @@ class Hardware(Model):
     )
     pool_selector: dict[str, str] | None = Field(
         None,
-        description="Node labels that select the GPU pool. Unset: {nvidia.com/gpu.present: 'true'} "
-        "when gpu > 0; "
-        "set to {} to select no pool. Merged under spec.nodeSelector.",
+        description="Node labels that select the GPU pool, e.g. {nvidia.com/gpu.present: 'true'} (NVIDIA "
+        "GPU feature discovery), {cloud.google.com/gke-accelerator: nvidia-l4} (GKE) or "
+        "{k8s.amazonaws.com/accelerator: nvidia-tesla-t4} (EKS). Unset: no selector; the GPU request "
+        "and the taint toleration alone place the pod. Merged under spec.nodeSelector.",
     )
     tolerate_gpu_taint: bool = Field(
         True,
@@ -112,6 +115,41 @@ class IssuerRef(Model):
     group: str = Field("cert-manager.io", description="API group of the issuer.")
 
 
+class BundleKeyRef(Model):
+    """A key of a ConfigMap or Secret in the BlazenPeer's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, description="ConfigMap or Secret name.")
+    key: str = Field("ca.crt", min_length=1, max_length=253, description="Key holding the PEM bundle.")
+
+
+class TrustBundle(Model):
+    """The CA bundle the peers trust, instead of the ca.crt the issuer writes into the certificate Secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.configMap) != has(self.secret)",
+                    "message": "tls.trustBundle: set exactly one of configMap and secret",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
+    config_map: BundleKeyRef | None = Field(
+        None, description="ConfigMap key with the PEM bundle (e.g. one trust-manager writes)."
+    )
+    secret: BundleKeyRef | None = Field(None, description="Secret key with the PEM bundle.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TrustBundle:
+        # The CRD's CEL rule says the same; this covers objects that reach the operator some other way.
+        if (self.config_map is None) == (self.secret is None):
+            raise ValueError("tls.trustBundle: set exactly one of configMap and secret")
+        return self
+
+
 class TLS(Model):
     """Transport security of the gRPC and HTTP listeners (cert-manager Certificates)."""
 
@@ -135,6 +173,12 @@ class TLS(Model):
         None,
         description="Issuer of the peer certificates. Unset: the operator bootstraps a namespace CA "
         "(self-signed Issuer 'blazen-selfsigned' -> CA Certificate 'blazen-ca' -> CA Issuer 'blazen-ca').",
+    )
+    trust_bundle: TrustBundle | None = Field(
+        None,
+        description="CA bundle that verifies callers' client certificates and siblings' certificates "
+        "(--tls-ca). Unset: the issuer's ca.crt. Needed for issuers that write no ca.crt (ACME and "
+        "other public CAs); mounted as a directory, so updates reach the running pods.",
     )
     duration: str = Field(
         "2160h",
@@ -164,7 +208,8 @@ class Auth(Model):
     token_secret_ref: SecretKeyRef | None = Field(
         None,
         description="Secret key with the bearer token, mounted at /etc/blazen/token/token. A change to the "
-        "Secret's data rolls the pods.",
+        "Secret's data reaches the running pods through the mounted file (the runtime re-reads it and "
+        "accepts the previous token for 120 s more); it does not roll the pods.",
     )
 
 
@@ -262,7 +307,21 @@ class LocalObjectReference(Model):
 
 
 class PodOverrides(Model):
-    """Escape hatch for pod-level settings."""
+    """Pod-level settings."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.drainAdmitSeconds + 2 <= self.terminationGracePeriodSeconds",
+                    "message": "pod.drainAdmitSeconds must leave at least 2 s of "
+                    "pod.terminationGracePeriodSeconds for in-flight calls and the exit",
+                    "fieldPath": ".drainAdmitSeconds",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
 
     image_pull_secrets: list[LocalObjectReference] = Field(
         default_factory=list, max_length=16, description="Secrets for pulling the image."
@@ -275,7 +334,91 @@ class PodOverrides(Model):
         default_factory=dict, description="Extra pod labels (the operator's own labels win)."
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    termination_grace_period_seconds: int | None = Field(None, ge=0, description="Grace period on stop.")
+    runtime_class_name: str | None = Field(
+        None, max_length=253, description="RuntimeClass of the pods (e.g. 'nvidia' with the GPU operator)."
+    )
+    termination_grace_period_seconds: int = Field(
+        30,
+        ge=3,
+        le=86400,
+        description="The one shutdown budget: the pod's terminationGracePeriodSeconds, and the runtime's "
+        "--shutdown-grace-secs (this minus 1 s to exit). After SIGTERM the peer is not ready at once, "
+        "keeps serving for drainAdmitSeconds, then lets in-flight calls finish for the rest.",
+    )
+    drain_admit_seconds: int = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="After SIGTERM, keep admitting new calls this long (not ready meanwhile) while the "
+        "Service endpoints drop the pod; gRPC connections are also sent a graceful GOAWAY every "
+        "drainAdmitSeconds/2 so open channels reconnect to a staying replica. Part of "
+        "terminationGracePeriodSeconds. 0: refuse at once (calls racing the endpoint update fail).",
+    )
+
+
+class Rollout(Model):
+    """How a spec change replaces the pods (the Deployment's strategy)."""
+
+    strategy: Literal["Surge", "Recreate"] = Field(
+        "Surge",
+        description="Surge: start new pods first, stop an old pod only when a new one is ready "
+        "(maxUnavailable 0): capacity never drops, but each surge pod needs room, a spare GPU for GPU "
+        "peers (without one the rollout waits, the old pods serving). Recreate: stop an old pod, then "
+        "start its replacement, one at a time (maxSurge 0, maxUnavailable 1): no spare needed, capacity "
+        "drops by one pod meanwhile, and a one-replica peer is down until the new pod is ready.",
+    )
+    max_surge: int = Field(1, ge=1, le=1000, description="Surge: new pods started ahead of the old ones.")
+
+
+class Probes(Model):
+    """Probe timings of the admin port (/healthz, /readyz)."""
+
+    startup_budget_seconds: int = Field(
+        300,
+        ge=10,
+        le=86400,
+        description="How long a pod may take to start (import the entrypoint, load a model) before the "
+        "kubelet restarts it. Also bounds the Deployment's progress deadline (this + 300 s).",
+    )
+    liveness_period_seconds: int = Field(10, ge=1, le=3600, description="Liveness probe period.")
+    liveness_failure_threshold: int = Field(
+        3, ge=1, le=100, description="Failed liveness probes in a row before a restart."
+    )
+    readiness_period_seconds: int = Field(5, ge=1, le=3600, description="Readiness probe period.")
+    readiness_failure_threshold: int = Field(
+        2, ge=1, le=100, description="Failed readiness probes in a row before the pod leaves the endpoints."
+    )
+    timeout_seconds: int = Field(2, ge=1, le=60, description="Timeout of each probe.")
+
+
+class Volume(BaseModel):
+    """A pod volume as in a Pod's spec.volumes[] (persistentVolumeClaim, configMap, secret, emptyDir, csi),
+    passed through."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Volume name (tmp, home, dshm, tls and token are the operator's).",
+    )
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, mode="json")
+
+
+class VolumeMount(Model):
+    """Where a spec.volumes entry appears in the peer container."""
+
+    name: str = Field(..., min_length=1, max_length=63, description="Name of a spec.volumes entry.")
+    mount_path: str = Field(..., min_length=1, pattern=r"^/", description="Absolute path in the container.")
+    sub_path: str | None = Field(None, description="Sub-path of the volume to mount.")
+    read_only: bool = Field(True, description="Mount read-only (the default: model weights are read).")
 
 
 class EnvVar(Model):
@@ -324,6 +467,23 @@ class BlazenPeerSpec(Model):
                     "message": "ports must be distinct",
                     "fieldPath": ".ports",
                     "reason": "FieldValueDuplicate",
+                },
+                {
+                    "rule": "!has(self.volumes) || self.volumes.all(v, !(v.name in "
+                    + str(list(RESERVED_VOLUMES)).replace("'", '"')
+                    + "))",
+                    "message": "spec.volumes: the names "
+                    + ", ".join(RESERVED_VOLUMES)
+                    + " are the operator's",
+                    "fieldPath": ".volumes",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+                    "self.volumes.exists(v, v.name == m.name))",
+                    "message": "spec.volumeMounts: every name must be a spec.volumes entry",
+                    "fieldPath": ".volumeMounts",
+                    "reason": "FieldValueInvalid",
                 },
                 {
                     "rule": "self.hardware.gpu == 0 || !has(self.resources.limits) || "
@@ -377,7 +537,31 @@ class BlazenPeerSpec(Model):
     disruption_budget: DisruptionBudget = Field(
         default_factory=DisruptionBudget, description="PodDisruptionBudget (replicas > 1 only)."
     )
-    pod: PodOverrides = Field(default_factory=PodOverrides, description="Pod-level overrides.")
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Pod-level settings.")
+    rollout: Rollout = Field(default_factory=Rollout, description="How spec changes replace the pods.")
+    probes: Probes = Field(default_factory=Probes, description="Probe timings and the startup budget.")
+    volumes: list[Volume] | None = Field(
+        None, max_length=64, description="Extra pod volumes (model weights, caches, configuration)."
+    )
+    volume_mounts: list[VolumeMount] | None = Field(
+        None, max_length=64, description="Mounts of spec.volumes in the peer container."
+    )
+    shm_size: Quantity | None = Field(
+        None,
+        description="Size of a memory-backed /dev/shm (counts against the memory limit). Unset: 1Gi for "
+        "GPU peers (PyTorch and NCCL need more than the runtime's 64 MiB), none otherwise.",
+    )
+    scratch_size_limit: Quantity = Field(
+        "4Gi",
+        description="sizeLimit of each writable emptyDir under the read-only root (/tmp, and HOME "
+        "/home/blazen with its .cache): a pod writing more is evicted instead of filling the node.",
+    )
+    topology_spread_constraints: list[FreeForm] | None = Field(
+        None,
+        max_length=16,
+        description="As a Pod's topologySpreadConstraints. Unset: spread the current revision's pods "
+        "across nodes and zones (maxSkew 1, ScheduleAnyway); [] for none.",
+    )
 
 
 # ------------------------------------------------------------ status
@@ -400,7 +584,11 @@ class Endpoints(Model):
     grpc: str | None = Field(None, description="gRPC endpoint host:port (TLS when enabled).")
     http: str | None = Field(None, description="HTTP shim URL.")
     plaintext_grpc: str | None = Field(None, description="Plaintext gRPC endpoint, when enabled.")
-    headless: str | None = Field(None, description="Headless Service DNS name (per-pod addressing).")
+    headless: str | None = Field(
+        None,
+        description="Headless Service DNS name: every pod, starting and stopping ones included (sibling "
+        "discovery; load-balance through the grpc endpoint).",
+    )
 
 
 class CertificateStatus(Model):
@@ -434,6 +622,12 @@ class BlazenPeerStatus(Model):
         "(unknown).",
     )
     steps_unknown_pods: int | None = Field(None, description="Ready pods whose /v1/info could not be read.")
+    session_refs: dict[str, int] | None = Field(
+        None,
+        description="Live session refs per ready pod, as each reports on /v1/info (pods that did not answer "
+        "are absent). Also each pod's controller.kubernetes.io/pod-deletion-cost, so a scale-down "
+        "removes pods without refs first.",
+    )
     conditions: list[Condition] | None = Field(
         None,
         description="Ready, Available, Progressing, CertificateReady, Degraded.",

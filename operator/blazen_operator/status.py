@@ -84,6 +84,12 @@ def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> tuple[str, str
 CERT_FAILURES = ("CertificateFailed", "CertificateExpired")
 
 
+def session_refs(info: dict[str, Any] | None) -> int | None:
+    """The live session refs a pod reported on /v1/info (None: not reported, e.g. an older runtime)."""
+    value = (info or {}).get("session_refs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def compute(
     observed: Observed,
     previous: dict[str, Any] | None = None,
@@ -156,6 +162,8 @@ def compute(
     if reported:
         out.served_steps = sorted({str(s) for p in reported for s in p.info["steps"]})
     out.steps_unknown_pods = len(ready_pods) - len(reported) if ready_pods else None
+    refs = {p.name: r for p in ready_pods if (r := session_refs(p.info)) is not None}
+    out.session_refs = refs or None
 
     # deployment
     dep_gen_ok = dep is not None and (dstatus.get("observedGeneration") or 0) >= (
@@ -165,7 +173,15 @@ def compute(
     dep_available = _cond(dep, "Available")
     dep_failure = _cond(dep, "ReplicaFailure")
     deadline = dep_progress is not None and dep_progress.get("reason") == "ProgressDeadlineExceeded"
-    rolled_out = dep_gen_ok and updated == desired and replicas == desired and ready == desired
+    # The Deployment must carry this spec (not a stale read or someone else's template), the controller must
+    # have seen it, and every pod must be new and ready: Ready means the current spec serves.
+    template_current = (
+        ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations")
+        or {}
+    ).get(c.CONFIG_HASH_ANNOTATION) == out.config_hash
+    rolled_out = (
+        template_current and dep_gen_ok and updated == desired and replicas == desired and ready == desired
+    )
 
     if dep is None:
         msg = f"Deployment {c.deployment_name(peer)} not created yet"
@@ -173,7 +189,11 @@ def compute(
     elif desired == 0:
         conds["Available"] = ("True", "ScaledToZero", "spec.replicas is 0")
     elif dep_available is not None and dep_available.get("status") == "True" and available > 0:
-        conds["Available"] = ("True", "MinimumReplicasAvailable", f"{available}/{desired} pods available")
+        if rolled_out:
+            conds["Available"] = ("True", "MinimumReplicasAvailable", f"{available}/{desired} pods available")
+        else:  # callers are served, but not by pods of the current spec (yet)
+            msg = f"{available} pods available, {updated}/{desired} on the current template"
+            conds["Available"] = ("True", "PreviousPodsServing", msg)
     else:
         conds["Available"] = ("False", "MinimumReplicasUnavailable", f"{available}/{desired} pods available")
 

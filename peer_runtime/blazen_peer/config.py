@@ -43,6 +43,8 @@ class PeerConfig:
     sync_step_workers: int = 0  # 0: min(32, cpus + 4)
     http_max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_secs: float = 5.0
+    shutdown_admit_secs: float = 0.0
+    grpc_max_connection_age_secs: float = 0.0
     tls_wait_secs: float = 120.0
     log_level: str = "INFO"
     event_loop: str = "uvloop"
@@ -128,10 +130,29 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ref_ttl_secs", "TTL of UntilParentFinish refs (0: none)", float, metavar="SECS"),
     Flag("sync_step_workers", "threads for plain-def steps (0: min(32, cpus+4))", int, metavar="N"),
     Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
-    Flag("shutdown_grace_secs", "grace period for in-flight calls on shutdown", float, metavar="SECS"),
+    Flag(
+        "shutdown_grace_secs",
+        "on SIGTERM, time until exit: the admit window, then in-flight calls finish (then cancelled)",
+        float,
+        metavar="SECS",
+    ),
+    Flag(
+        "shutdown_admit_secs",
+        "on SIGTERM, keep admitting new calls this long while not ready (endpoints catch up); "
+        "part of the grace",
+        float,
+        metavar="SECS",
+    ),
     Flag(
         "tls_wait_secs",
         "how long to wait at start for TLS files that are not there yet",
+        float,
+        metavar="SECS",
+    ),
+    Flag(
+        "grpc_max_connection_age_secs",
+        "send each gRPC connection a graceful GOAWAY after this long (0: never), so open channels "
+        "reconnect through the Service; keep it under half of --shutdown-admit-secs",
         float,
         metavar="SECS",
     ),

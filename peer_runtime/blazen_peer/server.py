@@ -82,6 +82,7 @@ class BlazenPeerServer:
         #: the grace period of the ``stop()`` in progress (on_stop hooks read it).
         self.stop_grace: float | None = None
         self._runners: list[web.AppRunner] = []
+        self._admin_runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._forwarder: SiblingForwarder | None = None
         self._sweeper: asyncio.Task | None = None
@@ -113,6 +114,8 @@ class BlazenPeerServer:
             "steps": self.served_step_ids,
             "envelope_version": ENVELOPE_VERSION,
             "ready": self._ready,
+            # the operator turns it into the pod's deletion cost: scale-down removes pods without refs first
+            "session_refs": self.refs.count,
         }
 
     # -- lifecycle ----------
@@ -141,7 +144,8 @@ class BlazenPeerServer:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blazen-step")
         self.service.executor = self._executor
 
-        server = create_grpc_server(self.service, hooks)
+        age = cfg.grpc_max_connection_age_secs
+        server = create_grpc_server(self.service, hooks, max_connection_age_secs=age)
         if cfg.grpc_addr is not None:
             self._grpc_servers.append(server)
         try:
@@ -154,7 +158,7 @@ class BlazenPeerServer:
             if cfg.plaintext_grpc_addr is not None:
                 # Its own grpc.aio server: handlers cannot tell which port a call came in on, and this one
                 # answers without the token check.
-                plain = create_grpc_server(self.service, hooks, plaintext=True)
+                plain = create_grpc_server(self.service, hooks, plaintext=True, max_connection_age_secs=age)
                 self._grpc_servers.append(plain)
                 self.plaintext_grpc_port = plain.add_insecure_port(cfg.plaintext_grpc_addr)
         except RuntimeError as exc:
@@ -188,6 +192,7 @@ class BlazenPeerServer:
             log.info("HTTP/JSON shim listening on %s (port %s)", cfg.http_addr, self.http_port)
         if hooks.admin_app_factory is not None and cfg.admin_addr is not None:
             self.admin_port = await self._start_app(hooks.admin_app_factory(self), cfg.admin_addr, None)
+            self._admin_runner = self._runners.pop()
 
         self._sweeper = asyncio.ensure_future(self._sweep_refs())
         self._ready = True
@@ -212,22 +217,40 @@ class BlazenPeerServer:
                 log.info("dropped %d expired session refs", dropped)
 
     async def stop(self, grace: float | None = None) -> None:
+        """Stop within ``grace`` seconds (``--shutdown-grace-secs``): the ``on_stop`` hooks (the drain: not
+        ready, then the admit window), then the listeners close and in-flight calls get what is left of
+        the grace (gRPC sends GOAWAY so clients reconnect elsewhere; the HTTP shim closes idle keep-alive
+        connections and lets running requests finish), then whatever still runs is cancelled. While session
+        refs are held the gRPC listeners stay open for deref/release until they are gone or the grace is
+        over. The admin listener closes last: probes and metrics answer until the end."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         self._ready = False
+        loop = asyncio.get_running_loop()
         grace = self.config.shutdown_grace_secs if grace is None else grace
         self.stop_grace = grace
+        deadline = loop.time() + grace
         try:
             for cb in self.hooks.on_stop:
                 await _maybe_await(cb(self))
             if self._sweeper is not None:
                 self._sweeper.cancel()
-            for runner in self._runners:
-                await runner.cleanup()
-            if self._grpc_servers:
-                await asyncio.gather(*(srv.stop(grace) for srv in self._grpc_servers))
+            remaining = max(0.0, deadline - loop.time())
+            http = asyncio.gather(*(_close_app(runner, remaining) for runner in self._runners))
+            # Session refs live only in this process: while it holds any, the gRPC listeners stay open until
+            # the grace ends, so callers and siblings (forwarding) can still deref and release them (new
+            # sub-workflows are refused meanwhile). A pod without refs closes at once. (Polled: the store
+            # has no change event, and this runs once, at shutdown.)
+            while self.refs.count > 0 and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(min(0.1, deadline - loop.time()))
+            remaining = max(0.0, deadline - loop.time())
+            await asyncio.gather(http, *(srv.stop(remaining) for srv in self._grpc_servers))
+            for cb in self.hooks.on_closed:
+                await _maybe_await(cb(self))
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
             if self._forwarder is not None:
                 await self._forwarder.close()
             if self._executor is not None:
@@ -237,6 +260,17 @@ class BlazenPeerServer:
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()
+
+
+async def _close_app(runner: web.AppRunner, grace: float) -> None:
+    """Close an aiohttp app within ``grace`` seconds: no new connections, idle keep-alive connections closed,
+    running requests get ``grace`` seconds and are then cancelled (``cleanup()`` alone allows 60 s)."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+        await runner.server.shutdown(grace)
+    await runner.cleanup()
 
 
 async def _maybe_await(value: Any) -> None:

@@ -106,6 +106,17 @@ CHILDREN = [
         ),
         ({"disruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}, "bp", "spec.disruptionBudget"),
         ({"steps": ["a b"]}, "bp", "spec.steps[0]"),
+        (
+            {"pod": {"terminationGracePeriodSeconds": 10, "drainAdmitSeconds": 9}},
+            "bp",
+            "spec.pod.drainAdmitSeconds",
+        ),
+        ({"pod": {"terminationGracePeriodSeconds": 1}}, "bp", "spec.pod.terminationGracePeriodSeconds"),
+        ({"rollout": {"strategy": "BlueGreen"}}, "bp", "spec.rollout.strategy"),
+        ({"volumes": [{"name": "tmp", "emptyDir": {}}]}, "bp", "spec.volumes"),
+        ({"volumeMounts": [{"name": "w", "mountPath": "/models"}]}, "bp", "spec.volumeMounts"),
+        ({"volumes": [{"emptyDir": {}}]}, "bp", "spec.volumes[0].name"),
+        ({"tls": {"trustBundle": {}}}, "bp", "spec.tls.trustBundle"),
         ({}, "x" * 53, "metadata.name"),
     ],
 )
@@ -127,6 +138,9 @@ def test_defaults_are_applied_by_the_api_server(api, namespace):
     assert spec["ports"] == {"grpc": 50051, "http": 8080, "admin": 9090, "plaintextGrpc": 50052}
     assert spec["hardware"]["gpu"] == 0
     assert spec["plaintextGrpc"]["enabled"] is False
+    assert spec["rollout"] == {"strategy": "Surge", "maxSurge": 1}
+    assert spec["pod"]["terminationGracePeriodSeconds"] == 30
+    assert spec["pod"]["drainAdmitSeconds"] == 10
 
 
 # ------------------------------------------------------------ lifecycle
@@ -279,7 +293,9 @@ def test_spec_change_rolls_the_pod_template(api, operator, namespace):
     assert st["configHash"]
 
 
-def test_token_secret_change_rolls_the_pods(api, operator, namespace):
+def test_token_secret_change_does_not_roll_the_pods(api, operator, namespace):
+    """A rotated token reaches the pods through the mounted Secret (the runtime re-reads it): the template,
+    and so the pods, stay as they are; no digest of the token is written anywhere."""
     create(api, manifest("bp", namespace, auth={"tokenSecretRef": {"name": "tok"}}))
 
     def degraded():
@@ -294,13 +310,10 @@ def test_token_secret_change_rolls_the_pods(api, operator, namespace):
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
     secret["data"] = {"token": base64.b64encode(b"one").decode()}
     api.request("POST", path_for("v1", "Secret", namespace), body=secret)
-
-    def digest():
-        d = get(api, "Deployment", namespace, "bp")
-        return d["spec"]["template"]["metadata"]["annotations"].get("blazen.dev/token-digest")
-
-    first = eventually(digest, what="token digest")
     eventually(lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["status"] == "False")
+    before = get(api, "Deployment", namespace, "bp")
+    template = before["spec"]["template"]
+    assert set(template["metadata"]["annotations"]) == {"blazen.dev/config-hash"}
 
     merge_patch(
         api,
@@ -310,7 +323,133 @@ def test_token_secret_change_rolls_the_pods(api, operator, namespace):
         {"data": {"token": base64.b64encode(b"two").decode()}},
         api_version="v1",
     )
-    eventually(lambda: digest() not in (None, first), what="new token digest")
+    time.sleep(5)  # the Secret event reconciles the peer (it used to roll the pods within a second)
+    after = get(api, "Deployment", namespace, "bp")
+    assert after["spec"]["template"] == template
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert len(api.list("apps/v1", "ReplicaSet", namespace)) == 1
+
+
+def _mark_pods_ready(
+    api: Api, namespace: str, template_hash: str | None = None, ips: dict[str, str] | None = None
+) -> int:
+    """Play the kubelet: set Ready on the peer's pods (of one ReplicaSet when ``template_hash`` is given),
+    with a pod IP from ``ips`` when given."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    n = 0
+    for pod in api.list("v1", "Pod", namespace):
+        labels = pod["metadata"].get("labels") or {}
+        if template_hash is not None and labels.get("pod-template-hash") != template_hash:
+            continue
+        status = {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            ],
+        }
+        if ips is not None:
+            status["podIP"] = ips[pod["metadata"]["name"]]
+        merge_patch(api, "Pod", namespace, pod["metadata"]["name"], {"status": status}, "status", "v1")
+        n += 1
+    return n
+
+
+def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespace):
+    """Surge by default (maxUnavailable 0): during a spec change the old pod keeps serving and the
+    BlazenPeer stays Progressing / not Ready (observedGeneration current) until the new pod is ready."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"one").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    create(api, manifest("bp", namespace, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "tok"}}))
+    dep = eventually(lambda: get(api, "Deployment", namespace, "bp"))
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 1, what="first pod")
+    _mark_pods_ready(api, namespace)
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["phase"] == "Ready", what="Ready")
+
+    merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"image": "reg.local/peer:2"}})
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 2, what="surge pod")
+
+    def rolling():
+        st = get(api, "BlazenPeer", namespace, "bp")["status"]
+        assert st["observedGeneration"] == 2
+        assert st["phase"] == "Progressing"
+        assert cond({"status": st}, "Ready")["status"] == "False"
+        assert cond({"status": st}, "Available")["reason"] == "PreviousPodsServing"
+        return st
+
+    eventually(rolling, what="Progressing while the new pod is not ready")
+    time.sleep(3)  # more reconciles (pod and Deployment events): still not Ready
+    st = rolling()
+    assert st["updatedReplicas"] == 1
+    assert st["readyReplicas"] == 1  # the old pod
+    new_rs = [
+        rs
+        for rs in api.list("apps/v1", "ReplicaSet", namespace)
+        if rs["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.local/peer:2"
+    ]
+    assert len(new_rs) == 1
+    assert _mark_pods_ready(api, namespace, new_rs[0]["metadata"]["labels"]["pod-template-hash"]) == 1
+
+    def done():
+        st = get(api, "BlazenPeer", namespace, "bp")["status"]
+        assert st["phase"] == "Ready", st
+        assert (st["updatedReplicas"], st["readyReplicas"], st["replicas"]) == (1, 1, 1)
+        assert cond({"status": st}, "Available")["reason"] == "MinimumReplicasAvailable"
+        return st
+
+    eventually(done, what="Ready once the new pod serves and the old one is gone")
+
+
+def test_scale_down_prefers_pods_without_session_refs(api, operator, namespace, monkeypatch):
+    """The pods' own reports (/v1/info session_refs; here answered for the pods the test made ready) become
+    each pod's deletion cost and the status' sessionRefs; scaling 3 -> 1 keeps the pod holding refs."""
+    from blazen_operator import reconcile
+
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"one").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    create(
+        api,
+        manifest(
+            "bp", namespace, replicas=3, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "tok"}}
+        ),
+    )
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 3, what="three pods")
+    names = sorted(p["metadata"]["name"] for p in api.list("v1", "Pod", namespace))
+    keeper = names[1]
+    ips = {name: f"10.9.0.{i + 1}" for i, name in enumerate(names)}
+    refs = {ips[name]: (5 if name == keeper else 0) for name in names}
+    monkeypatch.setattr(
+        reconcile,
+        "read_peer_infos",
+        lambda urls: [
+            {"steps": ["examples::echo"], "session_refs": refs[u.split("/")[2].split(":")[0]]} for u in urls
+        ],
+    )
+    _mark_pods_ready(api, namespace, ips=ips)
+
+    def costs():
+        out = {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            )
+            for p in api.list("v1", "Pod", namespace)
+        }
+        assert out == {name: ("5" if name == keeper else "0") for name in names}
+        return out
+
+    eventually(costs, what="deletion costs from the pods' reports")
+    st = eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"].get("sessionRefs"))
+    assert st == {name: (5 if name == keeper else 0) for name in names}
+
+    merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"replicas": 1}}, "scale")
+    eventually(
+        lambda: [p["metadata"]["name"] for p in api.list("v1", "Pod", namespace)] == [keeper],
+        what="the pod with refs is the one kept",
+    )
 
 
 def test_scale_subresource(api, operator, namespace):
@@ -490,7 +629,8 @@ def test_gpu_peer_lands_on_the_gpu_pool(api, operator, namespace):
     create(api, manifest("gpu", namespace, hardware={"gpu": 2}))
     dep = eventually(lambda: get(api, "Deployment", namespace, "gpu"))
     pod = dep["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # No pool label by default: the GPU request and the taint toleration place the pod on a plain cluster.
+    assert "nodeSelector" not in pod
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 

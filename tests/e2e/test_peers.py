@@ -241,7 +241,12 @@ def test_cpu_and_gpu_peers_ready_and_placed_by_pool(operator: str, namespace: st
         {"name": "BLAZEN_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "BLAZEN_POOL", "value": "gpu"},
     ]
-    apply(peer("gpu", steps=["examples::gpu_info"], hardware={"gpu": 1}, env=gpu_env), namespace)
+    # Small requests: the kind nodes share a laptop-sized host (GPU peers default to 1 CPU / 4Gi per GPU).
+    small = {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    apply(
+        peer("gpu", steps=["examples::gpu_info"], hardware={"gpu": 1}, env=gpu_env, resources=small),
+        namespace,
+    )
     wait_ready(namespace, "cpu", replicas=2)
     wait_ready(namespace, "gpu", replicas=1)
 
@@ -502,7 +507,9 @@ def test_scale_up_and_down(operator: str, namespace: str) -> None:
     wait_until("scale-down to one pod", lambda: len(pods(namespace, "scale")) == 1, timeout=120)
 
 
-def test_pod_deleted_under_load_gives_clean_errors_then_recovers(operator: str, namespace: str) -> None:
+def test_pod_deleted_under_load_fails_no_call(operator: str, namespace: str) -> None:
+    """A graceful delete (SIGTERM) drains: not ready, admitting while the endpoints catch up, GOAWAY,
+    in-flight calls finished; no call fails. A SIGKILL is tests/e2e/test_hitless.py's chaos test."""
     apply(peer("chaos", replicas=2, steps=["examples::echo"]), namespace)
     wait_ready(namespace, "chaos", replicas=2)
     victim = pods(namespace, "chaos")[0]["metadata"]["name"]
@@ -510,17 +517,9 @@ def test_pod_deleted_under_load_gives_clean_errors_then_recovers(operator: str, 
     time.sleep(12)
     kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
     result = joined(t, out)
-    # Every call ended (no hang: elapsed bounded), failures are transport/unavailable errors of our client.
     assert result["elapsed"] < 60, result
-    for kind in result["errors"]:
-        assert kind.split(":")[0] in (
-            "PeerTransportError",
-            "PeerUnavailableError",
-            "PeerError",
-            "PeerDeadlineError",
-            "TimeoutError",
-        ), result
-    assert result["ok"] >= result["sent"] * 0.5, result
+    assert result["errors"] == {}, result
+    assert result["ok"] == result["sent"] == 50 * 30, result
     wait_ready(namespace, "chaos", replicas=2)
     after = in_cluster(namespace, "chaos", load_script(20, 5, 2))
     assert after["errors"] == {}, after

@@ -7,6 +7,7 @@ stdout: one JSON list, one result per op. An op names its "transport" ("grpc" or
    "version"}
   {"op": "deref", "uuid": str | "$ref0"/"$ref1"...}   -> {"payload_hex"}
   {"op": "release", "uuid": ...}                       -> {"released"}
+  {"op": "sleep", "secs": float}                       -> {} (time passes on the open client)
 Any exception -> {"exc": class name, "msg": str(e)}. "$refN" is the N-th key (sorted) of the last invoke's
 refs.
 """
@@ -36,7 +37,10 @@ async def main() -> None:
         is_http = client is http_client
         t0 = time.monotonic()
         try:
-            if op["op"] == "invoke":
+            if op["op"] == "sleep":
+                await asyncio.sleep(op["secs"])
+                out = {}
+            elif op["op"] == "invoke":
                 req = blazen.SubWorkflowRequest(
                     op["workflow"], op.get("steps"), op.get("input"), op.get("timeout")
                 )

@@ -165,3 +165,46 @@ async def test_http_node_id_header_reaches_the_step(peer, run_blazen) -> None:
     )
     assert res_http["result"] == {"caller": "tab-7f3c", "node": NODE_ID}
     assert res_grpc["result"] == {"caller": None, "node": NODE_ID}  # Blazen's gRPC client sends no node id
+
+
+async def test_graceful_goaway_every_few_hundred_ms_fails_no_call(run_blazen) -> None:
+    """The operator gives gRPC connections a maximum age (pod.drainAdmitSeconds / 2) so a draining pod's
+    open channels move elsewhere: the real client, on one channel, must ride through many graceful GOAWAYs."""
+    from blazen_peer import BlazenPeerServer, PeerConfig
+
+    from tests.unit.test_hitless_drain import Balancer
+
+    from .conftest import Peer, build_registry
+
+    config = PeerConfig(
+        node_id=NODE_ID,
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        insecure=True,
+        admin_addr="127.0.0.1:0",
+        grpc_max_connection_age_secs=0.3,
+    )
+    server = BlazenPeerServer(config=config, registry=build_registry([]))
+    await server.start()
+    # A counting TCP relay in front: every reconnect after a GOAWAY is a new connection through it.
+    relay = Balancer({"peer": (server.grpc_port, server.admin_port)})
+    await relay.start()
+
+    class ThroughRelay(Peer):
+        @property
+        def grpc_url(self) -> str:
+            return f"http://127.0.0.1:{relay.port}"
+
+    try:
+        ops = []
+        for i in range(60):
+            ops += [invoke("grpc", ["echo"], {"i": i}), {"op": "sleep", "secs": 0.05}]
+        results = await run_blazen(ThroughRelay(server, []), ops)
+    finally:
+        await relay.close()
+        await server.stop(grace=0)
+    answers = results[::2]
+    print(f"blazen wheel under GOAWAYs: 60 calls, {relay.connections['peer']} connections")
+    assert [r.get("exc") for r in answers] == [None] * 60, [r for r in answers if "exc" in r][:3]
+    assert [r["result"] for r in answers] == [{"i": i} for i in range(60)]
+    assert relay.connections["peer"] >= 5, relay.connections  # ~3 s of calls, a GOAWAY every ~0.3 s

@@ -85,7 +85,7 @@ EXPECTED_RULES: dict[tuple[str, str], set[str]] = {
     ("networking.k8s.io", "networkpolicies"): APPLY,
     ("cert-manager.io", "certificates"): APPLY,
     ("cert-manager.io", "issuers"): APPLY,
-    ("", "pods"): {"get", "list"},
+    ("", "pods"): {"get", "list", "patch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

@@ -406,7 +406,6 @@ def operator_policy(**spec: Any) -> dict[str, Any]:
         uid="uid-1",
         labels={},
         spec=parse_spec({"image": "reg/peer:1", "entrypoint": "pkg.steps", **spec}),
-        token_digest=None,
     )
     pol = workload.network_policy(p)
     assert pol is not None

@@ -16,14 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = {"image": "reg/peer:1", "entrypoint": "pkg.steps:register"}
 
 
-def peer(token_digest: str | None = None, name: str = "bp", labels: dict | None = None, **spec: Any) -> Peer:
+def peer(name: str = "bp", labels: dict | None = None, **spec: Any) -> Peer:
     return Peer(
-        name=name,
-        namespace="ns1",
-        uid="uid-1",
-        labels=labels or {},
-        spec=parse_spec({**BASE, **spec}),
-        token_digest=token_digest,
+        name=name, namespace="ns1", uid="uid-1", labels=labels or {}, spec=parse_spec({**BASE, **spec})
     )
 
 
@@ -42,6 +37,7 @@ def flag(args: list[str], name: str) -> str | None:
 # ------------------------------------------------------------ GPU pools
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+GPU_DEFAULT_REQUESTS = {"cpu": 1, "memory": "4Gi"}
 
 
 @pytest.mark.parametrize(
@@ -50,24 +46,27 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
         pytest.param({}, {}, None, None, id="cpu-only: no gpu, no pool, no toleration"),
         pytest.param(
             {"hardware": {"gpu": 2}},
-            {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
-            {"nvidia.com/gpu.present": "true"},
+            {
+                "requests": {"cpu": 2, "memory": "8Gi", "nvidia.com/gpu": 2},
+                "limits": {"nvidia.com/gpu": 2},
+            },
+            None,
             [GPU_TOLERATION],
-            id="gpu: resource, default pool, toleration",
+            id="gpu: resource, Burstable requests, toleration, no pool label (plain clusters)",
         ),
         pytest.param(
             {"hardware": {"gpu": 1, "gpuResourceName": "amd.com/gpu", "poolSelector": {"pool": "mi300"}}},
-            {"requests": {"amd.com/gpu": 1}, "limits": {"amd.com/gpu": 1}},
+            {"requests": {"amd.com/gpu": 1, **GPU_DEFAULT_REQUESTS}, "limits": {"amd.com/gpu": 1}},
             {"pool": "mi300"},
             [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             id="gpu: custom resource name and pool",
         ),
         pytest.param(
             {"hardware": {"gpu": 1, "poolSelector": {}, "tolerateGpuTaint": False}},
-            {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+            {"requests": {"nvidia.com/gpu": 1, **GPU_DEFAULT_REQUESTS}, "limits": {"nvidia.com/gpu": 1}},
             None,
             None,
-            id="gpu: pool and toleration switched off",
+            id="gpu: toleration switched off",
         ),
         pytest.param(
             {
@@ -104,12 +103,143 @@ def test_gpu_pools(spec, resources, node_selector, tolerations):
     assert pod_spec(p).get("tolerations") == tolerations
 
 
-def test_gpu_rollout_does_not_need_a_spare_gpu():
-    assert workload.deployment(peer(hardware={"gpu": 1}))["spec"]["strategy"]["rollingUpdate"] == {
-        "maxSurge": 0,
-        "maxUnavailable": 1,
+@pytest.mark.parametrize(
+    ("spec", "rolling"),
+    [
+        pytest.param({}, {"maxSurge": 1, "maxUnavailable": 0}, id="default keeps capacity"),
+        pytest.param(
+            {"hardware": {"gpu": 1}}, {"maxSurge": 1, "maxUnavailable": 0}, id="gpu default: surge too"
+        ),
+        pytest.param(
+            {"replicas": 4, "rollout": {"maxSurge": 2}}, {"maxSurge": 2, "maxUnavailable": 0}, id="surge 2"
+        ),
+        pytest.param(
+            {"hardware": {"gpu": 1}, "rollout": {"strategy": "Recreate"}},
+            {"maxSurge": 0, "maxUnavailable": 1},
+            id="gpu without a spare: recreate one at a time",
+        ),
+    ],
+)
+def test_rollout_strategy(spec, rolling):
+    dep = workload.deployment(peer(**spec))["spec"]
+    assert dep["strategy"] == {"type": "RollingUpdate", "rollingUpdate": rolling}
+
+
+def test_progress_deadline_covers_the_startup_budget():
+    assert workload.deployment(peer())["spec"]["progressDeadlineSeconds"] == 600
+    slow = peer(probes={"startupBudgetSeconds": 1800})
+    assert workload.deployment(slow)["spec"]["progressDeadlineSeconds"] == 2100
+    assert container(slow)["startupProbe"]["failureThreshold"] * 2 == 1800
+
+
+# ------------------------------------------------------------ GPU-ready pod shape
+
+
+def mounts(p: Peer) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container(p)["volumeMounts"]}
+
+
+def volumes(p: Peer) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in pod_spec(p)["volumes"]}
+
+
+def test_writable_home_and_scratch_under_the_read_only_root():
+    p = peer()
+    assert container(p)["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mounts(p)["/tmp"]["name"] == "tmp"
+    assert mounts(p)["/home/blazen"]["name"] == "home"
+    assert volumes(p)["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
+    assert volumes(p)["home"] == {"name": "home", "emptyDir": {"sizeLimit": "4Gi"}}
+    env = {e["name"]: e.get("value") for e in container(p)["env"]}
+    assert env["HOME"] == "/home/blazen"
+    assert env["XDG_CACHE_HOME"] == "/home/blazen/.cache"
+    bigger = peer(scratchSizeLimit="50Gi", env=[{"name": "HOME", "value": "/data"}])
+    assert volumes(bigger)["home"]["emptyDir"]["sizeLimit"] == "50Gi"
+    assert [e for e in container(bigger)["env"] if e["name"] == "HOME"] == [
+        {"name": "HOME", "value": "/data"}
+    ]
+
+
+def test_dev_shm_is_memory_backed_for_gpu_peers():
+    assert "dshm" not in volumes(peer())
+    gpu = peer(hardware={"gpu": 1})
+    assert volumes(gpu)["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+    assert mounts(gpu)["/dev/shm"]["name"] == "dshm"
+    assert volumes(peer(shmSize="256Mi"))["dshm"]["emptyDir"]["sizeLimit"] == "256Mi"
+
+
+def test_model_volume_and_mount():
+    p = peer(
+        hardware={"gpu": 1},
+        volumes=[
+            {"name": "weights", "persistentVolumeClaim": {"claimName": "llama", "readOnly": True}},
+            {"name": "cfg", "configMap": {"name": "model-cfg"}},
+        ],
+        volumeMounts=[
+            {"name": "weights", "mountPath": "/models"},
+            {
+                "name": "cfg",
+                "mountPath": "/etc/model/config.json",
+                "subPath": "config.json",
+                "readOnly": False,
+            },
+        ],
+    )
+    assert volumes(p)["weights"] == {
+        "name": "weights",
+        "persistentVolumeClaim": {"claimName": "llama", "readOnly": True},
     }
-    assert workload.deployment(peer())["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert volumes(p)["cfg"] == {"name": "cfg", "configMap": {"name": "model-cfg"}}
+    assert mounts(p)["/models"] == {"name": "weights", "mountPath": "/models", "readOnly": True}
+    assert mounts(p)["/etc/model/config.json"] == {
+        "name": "cfg",
+        "mountPath": "/etc/model/config.json",
+        "readOnly": False,
+        "subPath": "config.json",
+    }
+
+
+def test_runtime_class_probes_and_spread():
+    p = peer(
+        replicas=3,
+        pod={"runtimeClassName": "nvidia"},
+        probes={"livenessPeriodSeconds": 30, "readinessFailureThreshold": 5, "timeoutSeconds": 4},
+    )
+    ps = pod_spec(p)
+    assert ps["runtimeClassName"] == "nvidia"
+    assert container(p)["livenessProbe"]["periodSeconds"] == 30
+    assert container(p)["readinessProbe"]["failureThreshold"] == 5
+    assert {
+        container(p)[k]["timeoutSeconds"] for k in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {4}
+    spread = ps["topologySpreadConstraints"]
+    assert [s["topologyKey"] for s in spread] == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    assert all(s["whenUnsatisfiable"] == "ScheduleAnyway" and s["maxSkew"] == 1 for s in spread)
+    assert all(s["matchLabelKeys"] == ["pod-template-hash"] for s in spread)
+    assert spread[0]["labelSelector"] == {"matchLabels": common.selector_labels(p)}
+    assert pod_spec(peer())["topologySpreadConstraints"] == spread  # scaling must not roll the pods
+    assert "topologySpreadConstraints" not in pod_spec(peer(replicas=3, topologySpreadConstraints=[]))
+    assert "runtimeClassName" not in pod_spec(peer())
+
+
+# ------------------------------------------------------------ shutdown
+
+
+@pytest.mark.parametrize(
+    ("pod", "grace", "admit", "age"),
+    [
+        ({}, "29", "10", "5"),
+        ({"terminationGracePeriodSeconds": 120, "drainAdmitSeconds": 15}, "119", "15", "7.5"),
+        ({"terminationGracePeriodSeconds": 5, "drainAdmitSeconds": 0}, "4", "0", None),
+    ],
+)
+def test_one_field_sets_the_pod_grace_and_the_runtime_drain(pod, grace, admit, age):
+    p = peer(pod=pod)
+    args = container(p)["args"]
+    assert pod_spec(p)["terminationGracePeriodSeconds"] == int(grace) + 1
+    assert flag(args, "--shutdown-grace-secs") == grace
+    assert flag(args, "--shutdown-admit-secs") == admit
+    assert flag(args, "--grpc-max-connection-age-secs") == age
 
 
 # ------------------------------------------------------------ container
@@ -179,7 +309,7 @@ def test_node_id_is_pod_name_and_cannot_be_overridden():
         "name": "BLAZEN_PEER_NODE_ID",
         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
     }
-    assert [e["name"] for e in env] == ["BLAZEN_PEER_NODE_ID", "A"]
+    assert [e["name"] for e in env] == ["BLAZEN_PEER_NODE_ID", "HOME", "XDG_CACHE_HOME", "A"]
 
 
 def test_hardening_probes_and_mounts():
@@ -196,10 +326,10 @@ def test_hardening_probes_and_mounts():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert set(mounts) == {"/tmp", "/etc/blazen/tls", "/etc/blazen/token"}
+    assert set(mounts) == {"/tmp", "/home/blazen", "/etc/blazen/tls", "/etc/blazen/token"}
     assert all("subPath" not in m for m in c["volumeMounts"]), "subPath mounts never see rotated secrets"
     vols = {v["name"]: v for v in ps["volumes"]}
-    assert vols["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
     assert vols["tls"]["secret"]["secretName"] == "bp-tls"
     assert vols["token"]["secret"]["secretName"] == "tok"
     assert vols["token"]["secret"]["items"] == [{"key": "t", "path": "token"}]
@@ -261,11 +391,18 @@ def test_replicas_do_not_change_the_template():
     assert a == b
 
 
-def test_token_secret_change_rolls_the_pods():
-    spec = {"auth": {"tokenSecretRef": {"name": "tok"}}}
-    a = workload.deployment(peer(token_digest=common.secret_data_digest({"token": "b2xk"}), **spec))
-    b = workload.deployment(peer(token_digest=common.secret_data_digest({"token": "bmV3"}), **spec))
-    assert a["spec"]["template"] != b["spec"]["template"]
+def test_token_is_a_mounted_directory_and_no_digest_of_it_is_in_the_template():
+    """A rotated token reaches the pods through the volume (the runtime re-reads the file): the template
+    depends on the Secret's name and key only, so a rotation does not roll the pods."""
+    p = peer(auth={"tokenSecretRef": {"name": "tok"}})
+    template = workload.deployment(p)["spec"]["template"]
+    assert set(template["metadata"]["annotations"]) == {common.CONFIG_HASH_ANNOTATION}
+    assert mounts(p)["/etc/blazen/token"] == {
+        "name": "token",
+        "mountPath": "/etc/blazen/token",
+        "readOnly": True,
+    }
+    assert "subPath" not in mounts(p)["/etc/blazen/token"]
 
 
 def test_builders_are_deterministic():
@@ -354,7 +491,8 @@ def test_services():
     assert svc["spec"]["ports"][2]["port"] == 50052
     headless = workload.headless_service(p)
     assert headless["spec"]["clusterIP"] == "None"
-    assert headless["spec"]["publishNotReadyAddresses"] is False
+    # terminating pods stay listed: siblings forward deref/release to the pod holding the ref until it is gone
+    assert headless["spec"]["publishNotReadyAddresses"] is True
     assert headless["spec"]["selector"] == svc["spec"]["selector"] == common.selector_labels(p)
 
 
@@ -458,3 +596,39 @@ def test_render_cli_reports_invalid_specs(tmp_path, capsys):
 def test_render_examples(path, capsys):
     assert cli.main(["render", "-f", str(path)]) == 0
     assert any(d["kind"] == "Deployment" for d in yaml.safe_load_all(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "volume"),
+    [
+        (
+            {"configMap": {"name": "roots"}},
+            {"name": "trust", "configMap": {"name": "roots", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ),
+        (
+            {"secret": {"name": "acme-roots", "key": "bundle.pem"}},
+            {
+                "name": "trust",
+                "secret": {"secretName": "acme-roots", "items": [{"key": "bundle.pem", "path": "ca.crt"}]},
+            },
+        ),
+    ],
+)
+def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
+    """Issuers that write no ca.crt (ACME): the CA bundle comes from a ConfigMap or Secret key instead."""
+    p = peer(tls={"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}, "trustBundle": bundle})
+    assert flag(container(p)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert volumes(p)["trust"] == volume
+    assert mounts(p)["/etc/blazen/trust"] == {
+        "name": "trust",
+        "mountPath": "/etc/blazen/trust",
+        "readOnly": True,
+    }
+    assert flag(container(peer())["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
+    assert "trust" not in volumes(peer())
+
+
+def test_pod_deletion_cost_is_the_live_refs():
+    assert workload.pod_deletion_cost(0) == "0"
+    assert workload.pod_deletion_cost(42) == "42"
+    assert workload.pod_deletion_cost(10**12) == str(2**31 - 1)  # the annotation is an int32

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from blazen_operator import status as st
-from blazen_operator.builders import Peer
+from blazen_operator.builders import Peer, common, workload
 from blazen_operator.spec import parse_spec
 
 T0 = dt.datetime(2026, 11, 22, 4, 0, 0, tzinfo=dt.UTC)
@@ -39,6 +39,16 @@ def deployment(replicas=2, ready=2, updated=2, available=None, gen=1, observed_g
     }
 
 
+def observed(**kw: Any) -> st.Observed:
+    """An Observed whose Deployment carries the peer's current template (the config-hash annotation),
+    unless the test gave it a template of its own."""
+    dep, p = kw.get("deployment"), kw.get("peer")
+    if dep is not None and p is not None and "spec" not in dep:
+        annotations = {common.CONFIG_HASH_ANNOTATION: workload.config_hash(p)}
+        kw["deployment"] = {**dep, "spec": {"template": {"metadata": {"annotations": annotations}}}}
+    return st.Observed(**kw)
+
+
 def certificate(ready="True", gen=1, cond_gen=1, reason="Ready", message="ok"):
     return {
         "metadata": {"generation": gen},
@@ -66,9 +76,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     ("observed", "phase", "expected"),
     [
         pytest.param(
-            st.Observed(
-                generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()
-            ),
+            observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
             "Ready",
             {
                 "Ready": ("True", "AllPodsReady"),
@@ -80,7 +88,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="all-ready",
         ),
         pytest.param(
-            st.Observed(generation=1, peer=peer(replicas=2)),
+            observed(generation=1, peer=peer(replicas=2)),
             "Pending",
             {
                 "Ready": ("False", "DeploymentMissing"),
@@ -90,7 +98,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="nothing-yet",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=2,
                 peer=peer(replicas=2),
                 deployment=deployment(ready=1, updated=1, available=1),
@@ -101,7 +109,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="rolling",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(replicas=2),
                 deployment=deployment(),
@@ -115,7 +123,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="cert-condition-stale",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(replicas=2),
                 deployment=deployment(),
@@ -126,7 +134,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="cert-failed",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(replicas=1, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "t"}}),
                 deployment=deployment(replicas=1, ready=1, updated=1),
@@ -136,7 +144,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="tls-off",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(replicas=2),
                 deployment=deployment(
@@ -161,13 +169,13 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="deadline",
         ),
         pytest.param(
-            st.Observed(generation=3, peer=None, invalid="spec.image: Field required"),
+            observed(generation=3, peer=None, invalid="spec.image: Field required"),
             "Invalid",
             {"Ready": ("False", "InvalidSpec"), "Degraded": ("True", "InvalidSpec")},
             id="invalid",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(replicas=0),
                 deployment=deployment(replicas=0, ready=0, updated=0),
@@ -178,7 +186,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             id="scaled-to-zero",
         ),
         pytest.param(
-            st.Observed(
+            observed(
                 generation=1,
                 peer=peer(),
                 apply_error="Deployment bp: invalid affinity",
@@ -203,7 +211,7 @@ def test_conditions_and_phase(observed, phase, expected):
 
 def test_replica_counts_selector_endpoints_and_certificate():
     out = st.compute(
-        st.Observed(
+        observed(
             generation=1,
             peer=peer(replicas=3, plaintextGrpc={"enabled": True, "allowedFrom": [{"podSelector": {}}]}),
             deployment=deployment(replicas=3, ready=1, updated=3),
@@ -244,7 +252,7 @@ def test_replica_counts_selector_endpoints_and_certificate():
     ],
 )
 def test_served_steps_are_reported_never_invented(pods, served, unknown):
-    out = st.compute(st.Observed(generation=1, peer=peer(), deployment=deployment(), pods=pods), now=T0)
+    out = st.compute(observed(generation=1, peer=peer(), deployment=deployment(), pods=pods), now=T0)
     assert out.get("servedSteps") == served
     assert out.get("stepsUnknownPods") == unknown
 
@@ -252,7 +260,7 @@ def test_served_steps_are_reported_never_invented(pods, served, unknown):
 def test_steps_not_served_is_degraded():
     pods = (st.PodReport("a", ready=True, info={"steps": ["a::x"]}),)
     out = st.compute(
-        st.Observed(generation=1, peer=peer(steps=["a::x", "a::y"]), deployment=deployment(), pods=pods),
+        observed(generation=1, peer=peer(steps=["a::x", "a::y"]), deployment=deployment(), pods=pods),
         now=T0,
     )
     assert conds(out)["Degraded"] == ("True", "StepsNotServed")
@@ -260,16 +268,14 @@ def test_steps_not_served_is_degraded():
 
 
 def test_last_transition_time_moves_only_on_change():
-    observed = st.Observed(
+    half = observed(
         generation=1, peer=peer(replicas=2), deployment=deployment(ready=1), certificate=certificate()
     )
-    first = st.compute(observed, now=T0)
-    again = st.compute(observed, previous=first, now=T1)
+    first = st.compute(half, now=T0)
+    again = st.compute(half, previous=first, now=T1)
     assert again == first, "same observation, same status: nothing to write"
 
-    ready = st.Observed(
-        generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()
-    )
+    ready = observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate())
     second = st.compute(ready, previous=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Ready"] == "2026-11-22T04:05:00Z"
@@ -278,17 +284,17 @@ def test_last_transition_time_moves_only_on_change():
 
 
 def test_transitions_produce_events():
-    pending = st.compute(st.Observed(generation=1, peer=peer(), deployment=deployment(ready=0)), now=T0)
+    pending = st.compute(observed(generation=1, peer=peer(), deployment=deployment(ready=0)), now=T0)
     assert st.transitions({}, pending) == []
     issued = st.compute(
-        st.Observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
+        observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
         previous=pending,
         now=T1,
     )
     reasons = [(e.type, e.reason) for e in st.transitions(pending, issued)]
     assert ("Normal", "CertificateIssued") in reasons
     assert ("Normal", "Ready") in reasons
-    broken = st.compute(st.Observed(generation=2, peer=None, invalid="bad"), previous=issued, now=T1)
+    broken = st.compute(observed(generation=2, peer=None, invalid="bad"), previous=issued, now=T1)
     reasons = [(e.type, e.reason) for e in st.transitions(issued, broken)]
     assert ("Warning", "InvalidSpec") in reasons
     assert st.transitions(broken, broken) == []
@@ -296,10 +302,53 @@ def test_transitions_produce_events():
 
 def test_invalid_spec_keeps_what_is_known():
     good = st.compute(
-        st.Observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
+        observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
         now=T0,
     )
-    bad = st.compute(st.Observed(generation=2, peer=None, invalid="bad"), previous=good, now=T1)
+    bad = st.compute(observed(generation=2, peer=None, invalid="bad"), previous=good, now=T1)
     assert bad["replicas"] == 2
     assert bad["endpoints"] == good["endpoints"]
     assert bad["observedGeneration"] == 2
+
+
+def test_not_ready_until_the_current_template_serves():
+    """A Deployment still on the previous template (a stale read, or the rollout not started) with every old
+    pod ready is not Ready: Available says the previous pods serve, Progressing says rolling out."""
+    p = peer(replicas=2)
+    stale = {
+        **deployment(),
+        "spec": {"template": {"metadata": {"annotations": {common.CONFIG_HASH_ANNOTATION: "old"}}}},
+    }
+    out = st.compute(observed(generation=2, peer=p, deployment=stale, certificate=certificate()), now=T0)
+    assert out["phase"] == "Progressing"
+    assert conds(out)["Ready"] == ("False", "PodsNotReady")
+    assert conds(out)["Available"] == ("True", "PreviousPodsServing")
+    assert conds(out)["Progressing"] == ("True", "RollingOut")
+    # Surge in progress: one new pod not ready yet, the old ones serving.
+    surging = deployment(replicas=3, ready=2, updated=1)
+    out = st.compute(observed(generation=2, peer=p, deployment=surging, certificate=certificate()), now=T0)
+    assert (out["phase"], conds(out)["Ready"][0], conds(out)["Available"]) == (
+        "Progressing",
+        "False",
+        ("True", "PreviousPodsServing"),
+    )
+    done = st.compute(
+        observed(generation=2, peer=p, deployment=deployment(), certificate=certificate()), now=T0
+    )
+    assert (done["phase"], conds(done)["Available"]) == ("Ready", ("True", "MinimumReplicasAvailable"))
+
+
+def test_session_refs_per_ready_pod():
+    pods = (
+        st.PodReport("bp-a", True, {"steps": [], "session_refs": 3}),
+        st.PodReport("bp-b", True, {"steps": [], "session_refs": 0}),
+        st.PodReport("bp-c", True, {"steps": []}),  # a runtime that does not report refs
+        st.PodReport("bp-d", True, {"steps": [], "session_refs": "7"}),  # nonsense is not believed
+        st.PodReport("bp-e", False, None),
+    )
+    out = st.compute(
+        observed(generation=1, peer=peer(replicas=5), deployment=deployment(), pods=pods), now=T0
+    )
+    assert out["sessionRefs"] == {"bp-a": 3, "bp-b": 0}
+    none = st.compute(observed(generation=1, peer=peer(), deployment=deployment()), now=T0)
+    assert "sessionRefs" not in none

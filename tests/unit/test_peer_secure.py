@@ -23,7 +23,14 @@ from blazen_peer.security.errors import PeerInsecureConfigError, PeerTlsError
 from blazen_peer.security.integration import INSECURE_MESSAGE
 from blazen_peer.security.logging import configure_json_logging
 from blazen_peer.wire.envelope import unwrap, wrap
-from blazen_peer.wire.messages import DerefRequest, DerefResponse, SubWorkflowRequest, SubWorkflowResponse
+from blazen_peer.wire.messages import (
+    DerefRequest,
+    DerefResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    SubWorkflowRequest,
+    SubWorkflowResponse,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.unit.test_peer_secure_support import (
@@ -38,6 +45,7 @@ from tests.unit.test_peer_secure_support import (
 
 INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
 DEREF = "/blazen.peer.v1.BlazenPeer/DerefSessionRef"
+RELEASE = "/blazen.peer.v1.BlazenPeer/ReleaseSessionRef"
 STREAM = "/blazen.peer.v1.BlazenPeer/StreamSubWorkflowEvents"
 HTTP_INVOKE = "/v1/peer/invoke_sub_workflow"
 
@@ -332,10 +340,13 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
         "steps": ["echo", "slow", "keep", "blob", "chatty", "fill"],
         "envelope_version": 1,
         "ready": True,
+        "session_refs": 0,
     }
     creds = grpc_creds(pki, pki.client_files)
     code, _, _body = await grpc_call(server.grpc_port, creds, req(["keep"], {"data": "hello"}), token=TOKEN)
     assert code == grpc.StatusCode.OK
+    # the kept ref shows in what the operator reads (it becomes the pod's deletion cost)
+    assert json.loads((await http_get(admin + "/v1/info"))[1])["session_refs"] == 1
     await grpc_call(server.grpc_port, creds, req(["echo"]), token="nope")
     await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
     await http_post(server.http_port, client_ssl(pki), http_body(["nope"]), token=TOKEN)
@@ -361,36 +372,93 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
 
 
 async def test_readiness_follows_start_and_drain(make_peer, pki: Pki) -> None:
-    server = await make_peer(**tls_cfg(pki, shutdown_grace_secs=10))
+    """stop(): not ready at once but still serving through the admit window, then the listeners close
+    (GOAWAY on the open channel) while the in-flight call finishes."""
+    server = await make_peer(**tls_cfg(pki, shutdown_grace_secs=10, shutdown_admit_secs=1.5))
     state = server.security
     assert state.readiness.ready
     assert server.ready
     creds = grpc_creds(pki, pki.client_files)
-    slow = asyncio.ensure_future(
-        grpc_call(server.grpc_port, creds, req(["slow"], {"secs": 1.5}), token=TOKEN, timeout=30)
-    )
-    await _until(lambda: state.drainer.in_flight == 1)
-    stopping = asyncio.ensure_future(server.stop())
-    await _until(lambda: state.drainer.draining)
-    # Draining: not ready anywhere, new calls refused cleanly on both transports, the in-flight one runs on.
-    assert await http_get(f"http://127.0.0.1:{server.admin_port}/readyz") == (
-        503,
-        '{"ready": false, "reason": "draining"}',
-    )
-    async with grpc.aio.secure_channel(
-        f"127.0.0.1:{server.grpc_port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
-    ) as ch:
-        got = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+    opts = [("grpc.ssl_target_name_override", "localhost")]
+    md = [("authorization", f"Bearer {TOKEN}")]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{server.grpc_port}", creds, options=opts) as held:
+        invoke = held.unary_unary(INVOKE)
+        slow = asyncio.ensure_future(invoke(req(["slow"], {"secs": 3.0}), metadata=md, timeout=30))
+        await _until(lambda: state.drainer.in_flight == 1)
+        t0 = time.monotonic()
+        stopping = asyncio.ensure_future(server.stop())
+        await _until(lambda: state.drainer.draining)
+        # Admit window: not ready anywhere, yet new calls are served on both transports, on the open
+        # channel and on new connections (endpoints are still catching up).
+        assert await http_get(f"http://127.0.0.1:{server.admin_port}/readyz") == (
+            503,
+            '{"ready": false, "reason": "draining"}',
+        )
+        got = await health_pb2_grpc.HealthStub(held).Check(health_pb2.HealthCheckRequest(service=""))
         assert got.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    code, details, _ = await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN)
-    assert (code, details.startswith("draining")) == (grpc.StatusCode.UNAVAILABLE, True)
-    status, err = await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
-    assert (status, err["error"].startswith("draining")) == (503, True)
-    code, _, body = await slow
-    assert code == grpc.StatusCode.OK
-    assert SubWorkflowResponse.decode(body).result_value() == {"slept": 1.5}
+        assert SubWorkflowResponse.decode(unwrap(await invoke(req(["echo"]), metadata=md))).result_value()
+        code, _, _ = await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN)
+        assert code == grpc.StatusCode.OK
+        status, body = await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
+        assert (status, body["error"], json.loads(bytes(body["result_json"]))["x"]) == (200, None, 1), body
+        assert time.monotonic() - t0 < 1.5, "the admit window checks took too long to mean anything"
+        # After the window: GOAWAY moves the held channel off READY while the slow call still runs, and the
+        # listeners are closed to new connections.
+        await _until(lambda: held.get_state() != grpc.ChannelConnectivity.READY, limit=5)
+        assert not slow.done()
+        code, _, _ = await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN, timeout=2)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
+        assert SubWorkflowResponse.decode(unwrap(await slow)).result_value() == {"slept": 3.0}
     await asyncio.wait_for(stopping, 30)
     assert state.drainer.clean is True
+    assert time.monotonic() - t0 < 5
+
+
+async def test_stopping_peer_answers_for_its_refs_until_they_are_released(make_peer, pki: Pki) -> None:
+    """After the admit window a peer that holds session refs refuses new sub-workflows but keeps its gRPC
+    listener open for deref/release (a sibling forwards them), and closes once its refs are gone."""
+    a = await make_peer(**tls_cfg(pki, node_id="peer-a", shutdown_grace_secs=20, shutdown_admit_secs=0.3))
+    b = await make_peer(**tls_cfg(pki, node_id="peer-b", forward_peers=(f"127.0.0.1:{a.grpc_port}",)))
+    creds = grpc_creds(pki, pki.client_files)
+    code, _, body = await grpc_call(a.grpc_port, creds, req(["keep"], {"data": "held by a"}), token=TOKEN)
+    assert code == grpc.StatusCode.OK
+    ref = SubWorkflowResponse.decode(body).result_value()["ref"]
+    t0 = time.monotonic()
+    stopping = asyncio.ensure_future(a.stop())
+    await asyncio.sleep(0.6)  # past the window
+    code, details, _ = await grpc_call(a.grpc_port, creds, req(["echo"]), token=TOKEN)
+    assert (code, details.startswith("draining")) == (grpc.StatusCode.UNAVAILABLE, True)
+    deref = wrap(DerefRequest(ref).encode())
+    code, _, body = await grpc_call(b.grpc_port, creds, deref, token=TOKEN, method=DEREF)
+    assert code == grpc.StatusCode.OK
+    assert DerefResponse.decode(body).payload == b"held by a"
+    assert not stopping.done()
+    release = wrap(ReleaseRequest(ref).encode())
+    code, _, body = await grpc_call(b.grpc_port, creds, release, token=TOKEN, method=RELEASE)
+    assert code == grpc.StatusCode.OK
+    assert ReleaseResponse.decode(body).released is True
+    await asyncio.wait_for(stopping, 5)  # closed once the refs were gone, long before the 20 s grace
+    assert time.monotonic() - t0 < 6
+    assert a.security.drainer.clean is True
+
+
+async def test_grace_bounds_the_http_shim_too(make_peer, pki: Pki) -> None:
+    """An HTTP request still running when the grace is over is cancelled: stop() returns within the grace
+    (aiohttp alone would wait 60 s)."""
+    server = await make_peer(**tls_cfg(pki, shutdown_grace_secs=1.0))
+    state = server.security
+    slow = asyncio.ensure_future(
+        http_post(server.http_port, client_ssl(pki), http_body(["slow"], {"secs": 30}), token=TOKEN)
+    )
+    await _until(lambda: state.drainer.in_flight == 1)
+    t0 = time.monotonic()
+    await asyncio.wait_for(server.stop(), 10)
+    assert time.monotonic() - t0 < 3
+    assert state.drainer.clean is False
+    with pytest.raises(aiohttp.ClientError):
+        await slow
 
 
 # -- limits ------------------------------------------------------------------------------------------------

@@ -67,7 +67,13 @@ async def test_serve_consumes_and_http_is_off_by_default() -> None:
     task = asyncio.ensure_future(server.serve("127.0.0.1:0"))
     await asyncio.wait_for(ready.wait(), 10)
     assert server.http_port is None
-    assert server.info() == {"node_id": "n", "steps": [], "envelope_version": 1, "ready": True}
+    assert server.info() == {
+        "node_id": "n",
+        "steps": [],
+        "envelope_version": 1,
+        "ready": True,
+        "session_refs": 0,
+    }
     with pytest.raises(ServerConsumedError, match="server already consumed by serve"):
         await server.serve("127.0.0.1:0")
     task.cancel()

@@ -106,3 +106,16 @@ async def test_sigterm_starts_the_drain_and_signals_exit():
         assert await d.wait_finished() is True
     finally:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+
+async def test_admit_window_is_part_of_the_grace_period():
+    """The grace counts from begin() and includes the window: a window longer than the grace is cut to it,
+    and drain() returns within the grace even with a call that never ends."""
+    d = Drainer(grace_period=0.3, admit_window=5)
+    d.enter()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await d.drain() is False
+    assert 0.25 <= loop.time() - t0 < 2
+    with pytest.raises(DrainingError):
+        d.enter()

@@ -71,7 +71,7 @@ The rules the operator needs in every namespace it watches (docs/operator.md). R
 - apiGroups: ["blazen.dev"]
   resources: ["blazenpeers/finalizers"]
   verbs: ["update"]
-# The objects a BlazenPeer is reconciled into. Secrets: the token Secret is read (its hash rolls the pods) and
+# The objects a BlazenPeer is reconciled into. Secrets: the token Secret is read (a missing one is reported) and
 # the TLS Secret stubs carrying owner references are created. The peers' Role has no rules, so no
 # escalate/bind is needed to create it.
 - apiGroups: ["apps"]
@@ -92,10 +92,11 @@ The rules the operator needs in every namespace it watches (docs/operator.md). R
 - apiGroups: ["cert-manager.io"]
   resources: ["certificates", "issuers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods are only read: the operator asks ready pods (/v1/info) which steps they serve.
+# Pods: the operator asks ready pods (/v1/info) which steps they serve and how many session refs they hold,
+# and patches that count in as the pod's controller.kubernetes.io/pod-deletion-cost annotation.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "patch"]
 # Events on transitions, through both event APIs.
 - apiGroups: [""]
   resources: ["events"]

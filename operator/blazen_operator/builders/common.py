@@ -12,10 +12,10 @@ from .. import spec as s
 MANAGED_BY = "blazen-operator"
 PEER_LABEL = "blazen.dev/peer"
 CONFIG_HASH_ANNOTATION = "blazen.dev/config-hash"
-TOKEN_DIGEST_ANNOTATION = "blazen.dev/token-digest"
 
 TLS_DIR = "/etc/blazen/tls"
 TOKEN_DIR = "/etc/blazen/token"
+TRUST_DIR = "/etc/blazen/trust"
 TOKEN_KEY_PATH = "token"
 
 CA_SELFSIGNED_ISSUER = "blazen-selfsigned"
@@ -34,11 +34,9 @@ class Peer:
     spec: s.BlazenPeerSpec
     uid: str = "00000000-0000-0000-0000-000000000000"
     labels: dict[str, str] = field(default_factory=dict)
-    # sha256 of the token Secret's data (None: no token, or not read, as in `render`)
-    token_digest: str | None = None
 
     @classmethod
-    def from_body(cls, body: Any, token_digest: str | None = None) -> Peer:
+    def from_body(cls, body: Any) -> Peer:
         meta = body["metadata"]
         return cls(
             name=meta["name"],
@@ -46,7 +44,6 @@ class Peer:
             uid=meta.get("uid") or cls.uid,
             labels=dict(meta.get("labels") or {}),
             spec=s.parse_spec(body.get("spec")),
-            token_digest=token_digest,
         )
 
 
@@ -139,7 +136,3 @@ def digest(obj: Any, length: int = 16) -> str:
     """A stable short sha256 of a JSON-able object."""
     raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(raw).hexdigest()[:length]
-
-
-def secret_data_digest(data: dict[str, str] | None) -> str:
-    return digest(data or {}, 32)

@@ -10,18 +10,20 @@ from . import common as c
 from .common import Peer
 
 NODE_ID_ENV = "BLAZEN_PEER_NODE_ID"
+HOME_DIR = "/home/blazen"
+# Default requests of GPU peers that name none (per GPU): Burstable QoS instead of BestEffort, so a busy
+# node neither starves the step's CPU-side work nor evicts the pod first.
+GPU_CPU_REQUEST_PER_GPU = 1
+GPU_MEMORY_REQUEST_PER_GPU_GI = 4
+GPU_SHM_SIZE = "1Gi"
+EXIT_MARGIN_SECS = 1  # of terminationGracePeriodSeconds, left for the process to exit after the drain
 
 
 # ------------------------------------------------------------ placement
 
 
 def node_selector(p: Peer) -> dict[str, str]:
-    hw = p.spec.hardware
-    out: dict[str, str] = {}
-    if hw.gpu > 0:
-        out.update(s.DEFAULT_GPU_POOL_SELECTOR if hw.pool_selector is None else hw.pool_selector)
-    elif hw.pool_selector:
-        out.update(hw.pool_selector)
+    out = dict(p.spec.hardware.pool_selector or {})
     out.update(p.spec.node_selector or {})
     return out
 
@@ -39,9 +41,12 @@ def resources(p: Peer) -> dict[str, Any]:
     res = p.spec.resources
     requests = dict(res.requests or {})
     limits = dict(res.limits or {})
-    if p.spec.hardware.gpu > 0:
-        requests[p.spec.hardware.gpu_resource_name] = p.spec.hardware.gpu
-        limits[p.spec.hardware.gpu_resource_name] = p.spec.hardware.gpu
+    gpu = p.spec.hardware.gpu
+    if gpu > 0:
+        requests[p.spec.hardware.gpu_resource_name] = gpu
+        limits[p.spec.hardware.gpu_resource_name] = gpu
+        requests.setdefault("cpu", GPU_CPU_REQUEST_PER_GPU * gpu)
+        requests.setdefault("memory", f"{GPU_MEMORY_REQUEST_PER_GPU_GI * gpu}Gi")
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = {k: requests[k] for k in sorted(requests)}
@@ -66,6 +71,7 @@ def peer_args(p: Peer) -> list[str]:
         f"0.0.0.0:{ports.admin}",
         "--forward-dns",
         c.headless_host(p),
+        *shutdown_args(p),
     ]
     if sp.http.enabled:
         args += ["--http-addr", f"0.0.0.0:{ports.http}"]
@@ -82,17 +88,39 @@ def peer_args(p: Peer) -> list[str]:
             "--tls-key",
             f"{c.TLS_DIR}/tls.key",
             "--tls-ca",
-            f"{c.TLS_DIR}/ca.crt",
+            f"{c.TRUST_DIR if sp.tls.trust_bundle is not None else c.TLS_DIR}/ca.crt",
         ]
     if sp.auth.token_secret_ref is not None:
         args += ["--token-file", f"{c.TOKEN_DIR}/{c.TOKEN_KEY_PATH}"]
     return args
 
 
-def env(p: Peer) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {"name": NODE_ID_ENV, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}
+def shutdown_args(p: Peer) -> list[str]:
+    """The runtime's drain, from the one budget (pod.terminationGracePeriodSeconds) so the kubelet's
+    SIGKILL never comes before the runtime is done."""
+    pod = p.spec.pod
+    args = [
+        "--shutdown-grace-secs",
+        str(pod.termination_grace_period_seconds - EXIT_MARGIN_SECS),
+        "--shutdown-admit-secs",
+        str(pod.drain_admit_seconds),
     ]
+    if pod.drain_admit_seconds > 0:
+        # Every open channel gets a graceful GOAWAY within the admit window, after the endpoints dropped
+        # the pod, and reconnects to a replica that stays.
+        args += ["--grpc-max-connection-age-secs", f"{pod.drain_admit_seconds / 2:g}"]
+    return args
+
+
+def env(p: Peer) -> list[dict[str, Any]]:
+    ours: list[dict[str, Any]] = [
+        {"name": NODE_ID_ENV, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+        # The root filesystem is read-only: HOME and the caches (torch, Hugging Face, pip) go to an emptyDir.
+        {"name": "HOME", "value": HOME_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{HOME_DIR}/.cache"},
+    ]
+    user = {var.name for var in p.spec.env or []}
+    out = [var for var in ours if var["name"] == NODE_ID_ENV or var["name"] not in user]
     for var in p.spec.env or []:
         if var.name != NODE_ID_ENV:  # the node id is always the pod name
             out.append(var.dump())
@@ -110,24 +138,75 @@ def container_ports(p: Peer) -> list[dict[str, Any]]:
     return ports
 
 
-def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+STARTUP_PROBE_PERIOD = 2
+
+
+def _probe(path: str, *, period: int, failures: int, timeout: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "admin", "scheme": "HTTP"},
         "periodSeconds": period,
-        "timeoutSeconds": 2,
+        "timeoutSeconds": timeout,
         "failureThreshold": failures,
     }
 
 
-def pod_template(p: Peer) -> dict[str, Any]:
+def probes(p: Peer) -> dict[str, Any]:
+    pr = p.spec.probes
+    startup_failures = -(-pr.startup_budget_seconds // STARTUP_PROBE_PERIOD)
+    return {
+        "startupProbe": _probe(
+            "/healthz", period=STARTUP_PROBE_PERIOD, failures=startup_failures, timeout=pr.timeout_seconds
+        ),
+        "livenessProbe": _probe(
+            "/healthz",
+            period=pr.liveness_period_seconds,
+            failures=pr.liveness_failure_threshold,
+            timeout=pr.timeout_seconds,
+        ),
+        "readinessProbe": _probe(
+            "/readyz",
+            period=pr.readiness_period_seconds,
+            failures=pr.readiness_failure_threshold,
+            timeout=pr.timeout_seconds,
+        ),
+    }
+
+
+def shm_size(p: Peer) -> s.Quantity | None:
+    if p.spec.shm_size is not None:
+        return p.spec.shm_size
+    return GPU_SHM_SIZE if p.spec.hardware.gpu > 0 else None
+
+
+def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): scratch and HOME under the read-only root, /dev/shm, TLS, token, the user's."""
     sp = p.spec
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    scratch = {"sizeLimit": sp.scratch_size_limit}
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": dict(scratch)},
+        {"name": "home", "emptyDir": dict(scratch)},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home", "mountPath": HOME_DIR},
+    ]
+    if (shm := shm_size(p)) is not None:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     if sp.tls.enabled:
         # A directory mount (never subPath): the kubelet swaps in renewed files and the runtime reloads them.
         volumes.append({"name": "tls", "secret": {"secretName": c.server_cert_name(p), "defaultMode": 0o440}})
         mounts.append({"name": "tls", "mountPath": c.TLS_DIR, "readOnly": True})
+    if sp.tls.enabled and (bundle := sp.tls.trust_bundle) is not None:
+        if bundle.config_map is not None:
+            items = [{"key": bundle.config_map.key, "path": "ca.crt"}]
+            volumes.append({"name": "trust", "configMap": {"name": bundle.config_map.name, "items": items}})
+        elif bundle.secret is not None:
+            items = [{"key": bundle.secret.key, "path": "ca.crt"}]
+            volumes.append({"name": "trust", "secret": {"secretName": bundle.secret.name, "items": items}})
+        mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
     if sp.auth.token_secret_ref is not None:
+        # A directory mount too: a rotated token reaches the running pods, which re-read the file.
         ref = sp.auth.token_secret_ref
         volumes.append(
             {
@@ -140,6 +219,36 @@ def pod_template(p: Peer) -> dict[str, Any]:
             }
         )
         mounts.append({"name": "token", "mountPath": c.TOKEN_DIR, "readOnly": True})
+    volumes += [v.dump() for v in sp.volumes or []]
+    for m in sp.volume_mounts or []:
+        mount: dict[str, Any] = {"name": m.name, "mountPath": m.mount_path, "readOnly": m.read_only}
+        if m.sub_path:
+            mount["subPath"] = m.sub_path
+        mounts.append(mount)
+    return volumes, mounts
+
+
+def topology_spread(p: Peer) -> list[dict[str, Any]]:
+    """Unset: spread the current revision's pods over nodes, then zones; ScheduleAnyway, so a small or
+    unlabelled cluster still schedules them. Also with one replica: scaling must not change the template
+    (that would roll every pod)."""
+    if p.spec.topology_spread_constraints is not None:
+        return copy.deepcopy(p.spec.topology_spread_constraints)
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": c.selector_labels(p)},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
+
+
+def pod_template(p: Peer) -> dict[str, Any]:
+    sp = p.spec
+    volumes, mounts = storage(p)
 
     container: dict[str, Any] = {
         "name": "peer",
@@ -148,9 +257,7 @@ def pod_template(p: Peer) -> dict[str, Any]:
         "args": peer_args(p),
         "env": env(p),
         "ports": container_ports(p),
-        "startupProbe": _probe("/healthz", period=2, failures=150),
-        "livenessProbe": _probe("/healthz", period=10, failures=3),
-        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        **probes(p),
         "resources": resources(p),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -190,32 +297,43 @@ def pod_template(p: Peer) -> dict[str, Any]:
         pod_spec["imagePullSecrets"] = [{"name": r.name} for r in sp.pod.image_pull_secrets]
     if sp.pod.priority_class_name:
         pod_spec["priorityClassName"] = sp.pod.priority_class_name
-    if sp.pod.termination_grace_period_seconds is not None:
-        pod_spec["terminationGracePeriodSeconds"] = sp.pod.termination_grace_period_seconds
+    if sp.pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = sp.pod.runtime_class_name
+    if spread := topology_spread(p):
+        pod_spec["topologySpreadConstraints"] = spread
+    pod_spec["terminationGracePeriodSeconds"] = sp.pod.termination_grace_period_seconds
 
     template = {"metadata": {"labels": pod_labels, "annotations": dict(sp.pod.annotations)}, "spec": pod_spec}
     return template
 
 
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+_MAX_DELETION_COST = 2**31 - 1
+
+
+def pod_deletion_cost(session_refs: int) -> str:
+    """The ReplicaSet controller deletes pods with the lowest cost first: a pod's live session refs (what a
+    caller loses when it goes) are its cost."""
+    return str(min(session_refs, _MAX_DELETION_COST))
+
+
 def config_hash(p: Peer) -> str:
-    """Hash of everything that shapes the pods: the pod template and the token Secret's data."""
-    return c.digest({"template": pod_template(p), "token": p.token_digest})
+    """Hash of everything that shapes the pods: the pod template. Not the token Secret's data: a rotated
+    token reaches the running pods through the mounted file, so pods roll only when what they run changes."""
+    return c.digest({"template": pod_template(p)})
 
 
 def rolling_update(p: Peer) -> dict[str, Any]:
-    """Surge a new pod before stopping an old one, except on GPU pools, which rarely have a spare GPU:
-    there one pod at a time is replaced, so a full pool never deadlocks a rollout."""
-    if p.spec.hardware.gpu > 0:
+    """spec.rollout: Surge keeps full capacity (a new pod is ready before an old one stops); Recreate
+    replaces one pod at a time without a spare (for GPU pools with no free GPU)."""
+    if p.spec.rollout.strategy == "Recreate":
         return {"maxSurge": 0, "maxUnavailable": 1}
-    return {"maxSurge": 1, "maxUnavailable": 0}
+    return {"maxSurge": p.spec.rollout.max_surge, "maxUnavailable": 0}
 
 
 def deployment(p: Peer) -> dict[str, Any]:
     template = pod_template(p)
     template["metadata"]["annotations"][c.CONFIG_HASH_ANNOTATION] = config_hash(p)
-    if p.token_digest is not None:
-        # A token change rolls the pods (the runtime reads the token file at start).
-        template["metadata"]["annotations"][c.TOKEN_DIGEST_ANNOTATION] = p.token_digest[:16]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -224,6 +342,8 @@ def deployment(p: Peer) -> dict[str, Any]:
             "replicas": p.spec.replicas,
             "selector": {"matchLabels": c.selector_labels(p)},
             "revisionHistoryLimit": 5,
+            # A rollout is stuck (Degraded) only once a new pod had its whole startup budget.
+            "progressDeadlineSeconds": max(600, p.spec.probes.startup_budget_seconds + 300),
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(p)},
             "template": template,
         },
@@ -281,7 +401,10 @@ def headless_service(p: Peer) -> dict[str, Any]:
         "metadata": c.metadata(p, c.headless_name(p)),
         "spec": {
             "clusterIP": "None",
-            "publishNotReadyAddresses": False,
+            # Sibling discovery for session-ref forwarding: a stopping pod keeps answering deref/release for
+            # the refs it holds until its grace ends, so it must stay listed (starting pods are listed too;
+            # forwarding skips whoever does not answer). Clients load-balance through the ClusterIP Service.
+            "publishNotReadyAddresses": True,
             "selector": c.selector_labels(p),
             "ports": [
                 {"name": "grpc", "port": sp.ports.grpc, "targetPort": "grpc", "protocol": "TCP"},

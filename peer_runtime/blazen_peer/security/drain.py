@@ -1,12 +1,15 @@
-"""Graceful drain: on SIGTERM stop being ready, refuse new calls, let in-flight calls finish.
+"""Graceful drain: on SIGTERM stop being ready, keep admitting for a while, then let in-flight calls finish.
 
 ``Drainer`` counts in-flight calls (``enter``/``exit``, called by ``integration.py`` around each call).
-``begin()`` (called from the SIGTERM handler) marks the ``Readiness`` as draining, so ``/readyz`` and the gRPC
-health service turn NOT_SERVING and Kubernetes takes the pod out of its Services; after
-``admit_window`` seconds (default 0) new calls are refused with UNAVAILABLE / 503 "draining" (both
-retryable). ``drain()`` waits for the in-flight calls to end, at most ``grace_period`` seconds, then
-sets ``finished``: the server stops its listeners and exits. Keep ``grace_period`` below the pod's
-``terminationGracePeriodSeconds``.
+``begin()`` (called when the server stops) marks the ``Readiness`` as draining, so ``/readyz`` and the gRPC
+health service turn NOT_SERVING, but calls are still admitted for ``admit_window`` seconds: Kubernetes needs
+that long to take the pod out of its Services' endpoints, and until it has, kube-proxy still sends new
+connections here. After the window new calls are refused with UNAVAILABLE / 503 "draining" (both
+retryable), except deref/release of the session refs this process holds (``enter(ref_call=True)``); the
+server then closes its listeners (gRPC sends GOAWAY, so clients reconnect elsewhere; while refs are held, the
+gRPC listeners stay open for those calls until the grace ends) and gives the in-flight calls what is left of
+``grace_period``, which is counted from ``begin()`` and includes the window. ``finish()`` records whether
+every call ended in time and sets ``finished``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Drainer:
         self._clock = clock
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._began: float | None = None
         self._refuse_after: float | None = None
         self.refused = 0
         self.finished = threading.Event()
@@ -62,9 +66,11 @@ class Drainer:
         return self._refuse_after is not None
 
     # -- per call -------------------------------------------------------------------------------------
-    def enter(self) -> None:
+    def enter(self, *, ref_call: bool = False) -> None:
+        """Count a call in; refused after the admit window, except a ``ref_call`` (deref/release): the
+        refs live only in this process, so it answers for them as long as it still listens."""
         refuse_after = self._refuse_after
-        if refuse_after is not None and self._clock() >= refuse_after:
+        if refuse_after is not None and not ref_call and self._clock() >= refuse_after:
             self.refused += 1
             raise DrainingError(DRAINING_MESSAGE)
         with self._cond:
@@ -112,10 +118,42 @@ class Drainer:
         """Start draining (idempotent): not ready from now on, new calls refused after the window."""
         if self._refuse_after is not None:
             return
-        self._refuse_after = self._clock() + self.admit_window
+        self._began = self._clock()
+        self._refuse_after = self._began + min(self.admit_window, self.grace_period)
         if self.readiness is not None:
             self.readiness.set_draining()
-        log.info("draining: %d call(s) in flight, grace period %.0f s", self._in_flight, self.grace_period)
+        log.info(
+            "draining: %d call(s) in flight, admitting for %.1f s, grace period %.1f s",
+            self._in_flight,
+            self._refuse_after - self._began,
+            self.grace_period,
+        )
+
+    def remaining(self) -> float:
+        """Seconds left of the grace period (the whole period before ``begin()``)."""
+        if self._began is None:
+            return self.grace_period
+        return max(0.0, self._began + self.grace_period - self._clock())
+
+    async def admit_window_over(self) -> None:
+        """``begin()``, then sleep until the admit window has passed (new calls are refused from then on)."""
+        self.begin()
+        assert self._refuse_after is not None
+        delay = self._refuse_after - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def finish(self) -> bool:
+        """Record the outcome and set ``finished``. ``clean``: every call ended within the grace period
+        (the server cancels what still runs when it is over, so an empty count alone proves nothing)."""
+        self.clean = self._in_flight <= 0 and self.remaining() > 0
+        if not self.clean:
+            log.warning("grace period over: calls still in flight were cancelled")
+        else:
+            log.info("drained")
+        self.finished.set()
+        self._wake("finished")
+        return self.clean
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no call is in flight (threads); False on timeout."""
@@ -127,18 +165,11 @@ class Drainer:
                 self._thread_waiters -= 1
 
     async def drain(self) -> bool:
-        """``begin()``, then wait for in-flight calls up to the grace period; sets ``finished``.
-        Returns True when every call ended in time."""
-        self.begin()
-        await self._wait("idle", lambda: self._in_flight <= 0, self.grace_period)
-        self.clean = self._in_flight <= 0
-        if not self.clean:
-            log.warning("grace period over with %d call(s) still in flight", self._in_flight)
-        else:
-            log.info("drained")
-        self.finished.set()
-        self._wake("finished")
-        return self.clean
+        """The whole drain without a server: the admit window, then wait for in-flight calls until the
+        grace period is over; ``finish()``. Returns True when every call ended in time."""
+        await self.admit_window_over()
+        await self._wait("idle", lambda: self._in_flight <= 0, self.remaining())
+        return self.finish()
 
     async def wait_finished(self) -> bool:
         """Await the end of a drain started elsewhere (e.g. by the signal handler); returns ``clean``."""

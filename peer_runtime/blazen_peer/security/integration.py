@@ -15,7 +15,8 @@ the blocks"). It builds, from ``server.config``:
   (RESOURCE_EXHAUSTED / 429), metrics for every answer. The plaintext listener's server has the same
   wrapper without the token check;
 * the gRPC health service on each gRPC server, the admin app, session-ref forwarding over mTLS with the
-  token, and the drain in ``on_stop`` (SIGTERM -> ``server.stop()``).
+  token, and the drain in ``on_stop`` / ``on_closed`` (SIGTERM -> ``server.stop()``: not ready, the
+  admit window, then the server closes its listeners within the grace).
 
 The objects are kept on ``server.security`` (a ``SecurityState``).
 """
@@ -167,7 +168,7 @@ class PeerCallAdmission:
         def admit(metadata: Any) -> Any:
             """None (admitted: drain entered, slot taken if limited) or the refusal (code, message)."""
             try:
-                drainer.enter()
+                drainer.enter(ref_call=not limited)
             except DrainingError as exc:
                 return exc.grpc_code, exc.message
             if tokens is not None:
@@ -293,7 +294,7 @@ def make_peer_middleware(state: SecurityState, *, transport: str = "http") -> Ca
         status = 500
         try:
             try:
-                drainer.enter()
+                drainer.enter(ref_call=path not in LIMITED_METHODS)
             except DrainingError as exc:
                 status = exc.http_status
                 return refuse(status, exc.message)
@@ -395,7 +396,7 @@ def install(server: BlazenPeerServer) -> SecurityState:
 
     readiness = Readiness()
     metrics = PeerMetrics()
-    drainer = Drainer(readiness, grace_period=cfg.shutdown_grace_secs)
+    drainer = Drainer(readiness, grace_period=cfg.shutdown_grace_secs, admit_window=cfg.shutdown_admit_secs)
     limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None)
     state = SecurityState(readiness, metrics, drainer, limiter, tokens, tls)
     server.security = state
@@ -465,10 +466,14 @@ def install(server: BlazenPeerServer) -> SecurityState:
         grace = s.stop_grace
         if grace is not None:
             drainer.grace_period = grace
-        await drainer.drain()
+        await drainer.admit_window_over()
+
+    def on_closed(s: Any) -> None:
+        drainer.finish()
         if tls is not None:
             tls.stop()
 
     hooks.on_ready.insert(0, on_ready)
     hooks.on_stop.insert(0, on_stop)
+    hooks.on_closed.insert(0, on_closed)
     return state

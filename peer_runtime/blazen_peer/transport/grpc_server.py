@@ -211,19 +211,30 @@ class _Handlers(grpc.GenericRpcHandler):
         return self._methods.get(handler_call_details.method, self._fallback)
 
 
-def grpc_server_options(hooks: ServerHooks | None = None) -> list[tuple[str, object]]:
+def grpc_server_options(
+    hooks: ServerHooks | None = None, *, max_connection_age_secs: float = 0.0
+) -> list[tuple[str, object]]:
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
+    if max_connection_age_secs > 0:
+        # A graceful GOAWAY (calls racing it are still served, unlike after server.stop(), which cancels
+        # them) with no limit on the calls already running: while a peer drains, every open channel is
+        # asked to reconnect, through the Service, to a replica that stays.
+        options.append(("grpc.max_connection_age_ms", int(max_connection_age_secs * 1000)))
     if hooks is not None:
         options.extend(hooks.grpc_options)
     return options
 
 
 def create_grpc_server(
-    service: PeerService, hooks: ServerHooks | None = None, *, plaintext: bool = False
+    service: PeerService,
+    hooks: ServerHooks | None = None,
+    *,
+    plaintext: bool = False,
+    max_connection_age_secs: float = 0.0,
 ) -> grpc.aio.Server:
     """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. The methods are
     wrapped by ``hooks.grpc_method_wrapper`` (``hooks.plaintext_grpc_method_wrapper`` for the
@@ -231,7 +242,8 @@ def create_grpc_server(
     wrap = None
     if hooks is not None:
         wrap = hooks.plaintext_grpc_method_wrapper if plaintext else hooks.grpc_method_wrapper
-    server = grpc.aio.server(options=grpc_server_options(hooks), compression=grpc.Compression.NoCompression)
+    options = grpc_server_options(hooks, max_connection_age_secs=max_connection_age_secs)
+    server = grpc.aio.server(options=options, compression=grpc.Compression.NoCompression)
     server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service), wrap),))
     if hooks is not None:
         for setup in hooks.grpc_server_setup:

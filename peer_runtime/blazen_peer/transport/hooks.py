@@ -54,6 +54,8 @@ class ServerHooks:
     forward_metadata: Callable[[], list[tuple[str, str]]] | None = None
     #: extra channel options for forwarding channels (e.g. ``grpc.ssl_target_name_override``).
     forward_channel_options: Callable[[], list[tuple[str, Any]]] | None = None
-    #: lifecycle callbacks: after all listeners are bound (the server is then ready), and when stopping.
+    #: lifecycle callbacks: after all listeners are bound (the server is then ready); when stopping, before
+    #: the listeners close (the drain's admit window runs here); once the listeners are closed.
     on_ready: list[Callback] = field(default_factory=list)
     on_stop: list[Callback] = field(default_factory=list)
+    on_closed: list[Callback] = field(default_factory=list)

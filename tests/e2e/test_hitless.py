@@ -1,0 +1,353 @@
+"""Hitless operations on the kind cluster: a rollout, a scale-down, a node drain and a token rotation, each
+under >= 200 calls/s from a client pod that keeps ONE gRPC channel open through the Service, with 0 failed
+calls; and a SIGKILLed replica, where exactly the calls in flight on it fail, with a transport error.
+
+What makes it hold (docs/operator.md, "What a rollout guarantees"): Surge rollouts (maxUnavailable 0), the
+runtime's drain (not ready at once, admitting for pod.drainAdmitSeconds while the endpoints drop the pod,
+graceful GOAWAYs moving open channels to staying replicas, in-flight calls finishing within
+pod.terminationGracePeriodSeconds), the PodDisruptionBudget, and a token re-read from its mounted file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from blazen_peer.client import BlazenPeerClient
+from blazen_peer.client.errors import PeerError
+
+from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, port_forward, secret_files, wait_until
+from .test_peers import in_background, in_cluster, joined, peer, pods, status, wait_ready
+
+RATE = 220  # calls/s offered on one channel; >= 200/s must be answered
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+LOAD = """
+import asyncio, collections, json, os, time
+import grpc
+from blazen_peer.wire.envelope import wrap, unwrap
+from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse
+
+RATE, SECONDS, TOKEN, WAIT_FOR_READY = {rate}, {seconds}, {token!r}, {wait_for_ready}
+SVC = os.environ["SVC"]
+ROOT, CHAIN, KEY = (open(f"/tls/{{f}}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
+
+async def main():
+    creds = grpc.ssl_channel_credentials(ROOT, KEY, CHAIN)
+    md = [("x-blazen-peer-node-id", "e2e-hitless")]
+    if TOKEN:
+        md.append(("authorization", "Bearer " + TOKEN))
+    async with grpc.aio.secure_channel(f"{{SVC}}:50051", creds) as channel:  # ONE channel for the whole run
+        await channel.channel_ready()
+        invoke = channel.unary_unary("/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow")
+        ok, errors, failed, tasks = 0, collections.Counter(), [], set()
+        start = time.monotonic()
+
+        async def one(i):
+            nonlocal ok
+            t0 = time.time()
+            try:
+                req = wrap(SubWorkflowRequest.new("examples", ["examples::echo"], {{"i": i}}, 10).encode())
+                raw = await invoke(req, metadata=md, timeout=15, wait_for_ready=WAIT_FOR_READY)
+                resp = SubWorkflowResponse.decode(unwrap(raw))
+                if resp.error is None and resp.result_value() == {{"i": i}}:
+                    ok += 1
+                    return
+                kind = "workflow:" + str(resp.error)[:80]
+            except grpc.aio.AioRpcError as e:
+                kind = e.code().name + ":" + (e.details() or "")[:80]
+            except Exception as e:
+                kind = type(e).__name__ + ":" + str(e)[:80]
+            errors[kind] += 1
+            failed.append([t0, time.time(), kind])
+
+        n = int(RATE * SECONDS)
+        for i in range(n):
+            delay = start + i / RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = asyncio.ensure_future(one(i))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - start
+        print(json.dumps({{"sent": n, "ok": ok, "errors": dict(errors), "failed": failed[:200],
+                          "elapsed": elapsed, "started": time.time() - elapsed}}))
+
+asyncio.run(main())
+"""
+
+
+def load(ns: str, name: str, seconds: int, token: str = "", wait_for_ready: bool = False) -> Any:
+    """Starts the one-channel load client pod in the background; ``joined()`` returns its JSON result."""
+    script = LOAD.format(rate=RATE, seconds=seconds, token=token, wait_for_ready=wait_for_ready)
+    return in_background(lambda: in_cluster(ns, name, script, timeout=seconds + 300))
+
+
+def assert_no_failed_call(result: dict[str, Any], seconds: int) -> None:
+    print(f"load: {result['sent']} sent, {result['ok']} ok, {result['errors']} in {result['elapsed']:.1f}s")
+    assert result["errors"] == {}, result
+    assert result["ok"] == result["sent"] == RATE * seconds, result
+    assert result["sent"] / result["elapsed"] >= 200, result
+
+
+def started_load(ns: str, name: str) -> None:
+    """Waits until the client pod is running, so what follows happens under load."""
+    wait_until(
+        "load client running",
+        lambda: any(
+            p["status"].get("phase") == "Running"
+            for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
+        ),
+        timeout=120,
+        interval=1,
+    )
+    time.sleep(5)
+
+
+def restarts(ns: str, name: str) -> dict[str, tuple[str, int]]:
+    return {
+        p["metadata"]["name"]: (p["metadata"]["uid"], p["status"]["containerStatuses"][0]["restartCount"])
+        for p in pods(ns, name)
+    }
+
+
+def test_rollout_of_two_replicas_fails_no_call(operator: str, namespace: str) -> None:
+    apply(peer("roll", replicas=2, steps=["examples::echo"]), namespace)
+    wait_ready(namespace, "roll", replicas=2)
+    before = set(restarts(namespace, "roll"))
+    t, out = load(namespace, "roll", 90)
+    started_load(namespace, "roll")
+    patch = {"spec": {"env": [{"name": "E2E_ROLL", "value": "2"}]}}
+    kubectl("-n", namespace, "patch", "blazenpeer", "roll", "--type=merge", "-p", json.dumps(patch))
+
+    def rolled() -> bool:
+        now = pods(namespace, "roll")
+        return len(now) == 2 and not ({p["metadata"]["name"] for p in now} & before)
+
+    wait_until("both pods replaced", rolled, timeout=240, interval=2)
+    wait_ready(namespace, "roll", replicas=2)
+    assert_no_failed_call(joined(t, out), 90)
+
+
+def test_scale_down_three_to_one_fails_no_call(operator: str, namespace: str) -> None:
+    apply(peer("shrink", replicas=3, steps=["examples::echo"]), namespace)
+    wait_ready(namespace, "shrink", replicas=3)
+    t, out = load(namespace, "shrink", 60)
+    started_load(namespace, "shrink")
+    kubectl("-n", namespace, "scale", "blazenpeer/shrink", "--replicas=1")
+    wait_until("one pod left", lambda: len(pods(namespace, "shrink")) == 1, timeout=120, interval=1)
+    assert_no_failed_call(joined(t, out), 60)
+    wait_ready(namespace, "shrink", replicas=1)
+
+
+def test_drain_of_the_node_holding_a_replica_fails_no_call(operator: str, namespace: str) -> None:
+    # One replica per schedulable worker (the GPU worker included: the peer tolerates its taint), so draining
+    # GPU_NODE evicts one replica through the PodDisruptionBudget while the client pod stays on CPU_NODE.
+    spread = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "nodeTaintsPolicy": "Honor",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "drained"}},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+    ]
+    spec = {"tolerations": [GPU_TOLERATION], "topologySpreadConstraints": spread, "steps": ["examples::echo"]}
+    apply(peer("drained", replicas=2, **spec), namespace)
+    wait_ready(namespace, "drained", replicas=2)
+    assert {p["spec"]["nodeName"] for p in pods(namespace, "drained")} == {CPU_NODE, GPU_NODE}
+    assert kubectl_json("-n", namespace, "get", "pdb", "drained")["spec"]["maxUnavailable"] == 1
+    t, out = load(namespace, "drained", 90)
+    started_load(namespace, "drained")
+    try:
+        kubectl(
+            "drain",
+            GPU_NODE,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--pod-selector=app.kubernetes.io/instance=drained",
+            "--timeout=180s",
+            timeout=240,
+        )
+        wait_ready(namespace, "drained", replicas=2)
+        assert {p["spec"]["nodeName"] for p in pods(namespace, "drained")} == {CPU_NODE}
+        assert_no_failed_call(joined(t, out), 90)
+    finally:
+        kubectl("uncordon", GPU_NODE)
+
+
+def _secret(ns: str, name: str, token: str) -> None:
+    data = {"token": base64.b64encode(token.encode()).decode()}
+    apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}, ns)
+
+
+async def _call(port: int, ns: str, name: str, tls: Any, token: str) -> bool:
+    """True when a call with ``token`` is answered, False when it is refused UNAUTHENTICATED."""
+    async with await BlazenPeerClient.connect(
+        f"https://127.0.0.1:{port}",
+        "e2e-token",
+        root_certificates=tls.ca.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        server_name=f"{name}.{ns}.svc",
+        token=token,
+    ) as client:
+        try:
+            resp = await client.invoke_sub_workflow("examples", ["examples::echo"], {"x": 1}, timeout_secs=10)
+        except PeerError as exc:
+            if getattr(exc, "code", None) != "UNAUTHENTICATED":
+                raise
+            return False
+        return resp.error is None
+
+
+def test_token_rotation_restarts_nothing_and_fails_no_call(
+    operator: str, namespace: str, tmp_path: Path
+) -> None:
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    _secret(namespace, "rot-token", old)
+    apply(
+        peer("rot", replicas=2, steps=["examples::echo"], auth={"tokenSecretRef": {"name": "rot-token"}}),
+        namespace,
+    )
+    wait_ready(namespace, "rot", replicas=2)
+    before = restarts(namespace, "rot")
+    generation = kubectl_json("-n", namespace, "get", "deployment", "rot")["metadata"]["generation"]
+    tls = secret_files(namespace, status(namespace, "rot")["certificate"]["clientSecretName"], tmp_path / "c")
+
+    # The old token keeps working across the switch: the load (old token) runs through the rotation.
+    t, out = load(namespace, "rot", 60, token=old)
+    started_load(namespace, "rot")
+    _secret(namespace, "rot-token", new)
+    for pod in before:
+        with port_forward(namespace, f"pod/{pod}", 50051) as port:
+            wait_until(
+                f"{pod} accepts the new token",
+                lambda port=port: asyncio.run(_call(port, namespace, "rot", tls, new)),
+                timeout=180,
+                interval=3,
+            )
+    assert_no_failed_call(joined(t, out), 60)
+    # After the runtime's 120 s overlap the old token is refused, the new one accepted, on every pod.
+    for pod in before:
+        with port_forward(namespace, f"pod/{pod}", 50051) as port:
+            wait_until(
+                f"{pod} refuses the old token",
+                lambda port=port: not asyncio.run(_call(port, namespace, "rot", tls, old)),
+                timeout=300,
+                interval=5,
+            )
+            assert asyncio.run(_call(port, namespace, "rot", tls, new))
+    assert restarts(namespace, "rot") == before, "a token rotation must not restart or replace a pod"
+    assert kubectl_json("-n", namespace, "get", "deployment", "rot")["metadata"]["generation"] == generation
+
+
+def _sigkill(pod: dict[str, Any]) -> tuple[float, float]:
+    """SIGKILL the peer container's process on its kind node (no SIGTERM, no drain); returns the wall-clock
+    interval the kill happened in (the client pod shares the host's clock)."""
+    node = pod["spec"]["nodeName"]
+    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    pid = subprocess.run(
+        [
+            "docker",
+            "exec",
+            node,
+            "crictl",
+            "inspect",
+            "--output",
+            "go-template",
+            "--template",
+            "{{.info.pid}}",
+            cid,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    before = time.time()
+    subprocess.run(["docker", "exec", node, "kill", "-9", pid], check=True)
+    return before, time.time()
+
+
+def test_sigkilled_replica_fails_exactly_its_in_flight_calls(operator: str, namespace: str) -> None:
+    """No drain can save calls in flight on a killed process: those fail, with a transport status
+    (UNAVAILABLE), and nothing else does. The client waits for a ready connection (wait_for_ready), so calls
+    issued while its channel reconnects wait instead of failing fast."""
+    apply(peer("chaos", replicas=2, steps=["examples::echo"]), namespace)
+    wait_ready(namespace, "chaos", replicas=2)
+    t, out = load(namespace, "chaos", 40, wait_for_ready=True)
+    started_load(namespace, "chaos")
+    killed_from, killed_by = _sigkill(pods(namespace, "chaos")[0])
+    result = joined(t, out)
+    print(f"chaos: {result['sent']} sent, {result['ok']} ok, {result['errors']}")
+    assert result["sent"] == RATE * 40
+    for start, end, kind in result["failed"]:
+        assert kind.startswith("UNAVAILABLE"), result["errors"]
+        # in flight at the kill: started before it was done, ended after it began
+        assert start <= killed_by, f"a call started {start - killed_by:.3f}s after the kill failed: {kind}"
+        assert end >= killed_from, f"a call that ended before the kill failed: {kind}"
+    assert result["ok"] == result["sent"] - len(result["failed"]), result
+    wait_ready(namespace, "chaos", replicas=2)
+
+
+REF_SCRIPT = """
+import asyncio, json, os
+from blazen_peer.client import BlazenPeerClient
+
+SVC = os.environ["SVC"]
+ROOT, CHAIN, KEY = (open(f"/tls/{{f}}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
+
+async def main():
+    c = await BlazenPeerClient.connect(f"https://{{SVC}}:50051", "e2e-refs", root_certificates=ROOT,
+                                       certificate_chain=CHAIN, private_key=KEY)
+    if {make}:
+        resp = await c.invoke_sub_workflow(
+            "examples", ["examples::remember"], {{"value": "kept"}}, timeout_secs=10
+        )
+        ref = resp.result_value()["ref"]
+        ref = ref["__blazen_session_ref__"] if isinstance(ref, dict) else ref
+        origin = [d.origin_node_id for d in resp.remote_refs.values()][0]
+        print(json.dumps({{"ref": ref, "origin": origin}}))
+    else:
+        payload = await c.deref_session_ref({ref!r})
+        print(json.dumps({{"payload": payload.decode(errors="replace")}}))
+    await c.close()
+
+asyncio.run(main())
+"""
+
+
+def test_scale_down_removes_the_pods_without_refs_and_keeps_the_ref(operator: str, namespace: str) -> None:
+    """A ref made before a scale-down 3 -> 1 is still dereferenceable afterwards: the operator set each pod's
+    deletion cost from the refs it reports, so the ReplicaSet removed the two pods holding none."""
+    apply(peer("keeper", replicas=3), namespace)
+    wait_ready(namespace, "keeper", replicas=3)
+    made = in_cluster(namespace, "keeper", REF_SCRIPT.format(make=True, ref=""))
+    holder = made["origin"]
+    assert holder in {p["metadata"]["name"] for p in pods(namespace, "keeper")}
+
+    def costs() -> dict[str, str | None]:
+        out = {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            )
+            for p in pods(namespace, "keeper")
+        }
+        return out if out[holder] == "1" and all(v == "0" for k, v in out.items() if k != holder) else {}
+
+    wait_until("deletion costs from the pods' reports", costs, timeout=180, interval=3)
+    assert status(namespace, "keeper")["sessionRefs"][holder] == 1
+    kubectl("-n", namespace, "scale", "blazenpeer/keeper", "--replicas=1")
+    wait_until(
+        "only the holder left", lambda: [p["metadata"]["name"] for p in pods(namespace, "keeper")] == [holder]
+    )
+    got = in_cluster(namespace, "keeper", REF_SCRIPT.format(make=False, ref=made["ref"]))
+    assert "kept" in got["payload"], got
