@@ -44,8 +44,8 @@ async def test_repeated_step_ids_run_each_step_once(peer_factory: PeerFactory) -
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "steps",
-    [["stubborn"], ["fan", "fan_stubborn", "fan_sleep"], ["fan", "fan_sleep"]],
-    ids=["stubborn", "fan-out-stubborn", "fan-out"],
+    [["stubborn"], ["fan", "fan_stubborn", "fan_sleep"], ["fan", "fan_sleep"], ["tick", "tock"]],
+    ids=["stubborn", "fan-out-stubborn", "fan-out", "endless-cycle"],
 )
 async def test_timeout_bounds_the_whole_run(peer_factory: PeerFactory, steps: list[str]) -> None:
     peer = await peer_factory()

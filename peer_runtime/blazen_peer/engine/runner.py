@@ -87,10 +87,16 @@ async def run_workflow(
 ) -> Any:
     """Run to the first stop event and return its ``result``; raise ``WorkflowFailed`` otherwise."""
     pending = [start_event]
+    wave = 0
     while pending:
         for ev in pending:
             if ev["type"] == STOP_EVENT:
                 return ev.get("result")
+        if wave:
+            # Steps that never suspend would otherwise chain waves without giving the loop a turn: a cycle
+            # of them would hold it (no timeout, no other call) until the watchdog ends the process.
+            await asyncio.sleep(0)
+        wave += 1
         jobs: list[tuple[StepSpec, dict]] = []
         for ev in pending:
             specs = index.get(ev["type"])
