@@ -8,6 +8,7 @@ exact message Blazen's server uses, checked in Blazen's order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -84,15 +85,28 @@ def _discard_outcome(task: asyncio.Task) -> None:
         task.exception()
 
 
+def _wake(waiter: asyncio.Future, *_: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def _within(run: Coroutine[Any, Any, Any], secs: float) -> Any:
     """``await run``, or TimeoutError after ``secs`` without waiting for the run to stop: a step that
-    swallows its cancellation cannot stretch the call past its ``timeout_secs``."""
-    task = asyncio.ensure_future(run)
+    swallows its cancellation cannot stretch the call past its ``timeout_secs``. (A waiter future woken by
+    the task or a timer: about half the cost of ``asyncio.wait``, close to ``asyncio.timeout``'s.)"""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(run)
+    waiter = loop.create_future()
+    wake = functools.partial(_wake, waiter)
+    task.add_done_callback(wake)
+    timer = loop.call_later(secs, wake)
     try:
-        await asyncio.wait((task,), timeout=secs)
+        await waiter
     finally:
+        timer.cancel()
         abandoned = not task.done()
         if abandoned:  # timed out, or the call itself was cancelled
+            task.remove_done_callback(wake)
             task.cancel()
             task.add_done_callback(_discard_outcome)
     if abandoned:
