@@ -83,3 +83,24 @@ async def test_timed_out_sync_steps_hold_their_slot_and_saturation_is_refused(
     calls = [peer.invoke(["sleep"], {"secs": 1}) for _ in range(4)]
     assert all(r.error is None for r in await asyncio.gather(*calls))
     await peer.assert_serving()
+
+
+@pytest.mark.timeout(120)
+async def test_an_async_step_that_ignores_its_timeout_keeps_its_slot_until_it_stops(
+    peer_factory: PeerFactory,
+) -> None:
+    peer = await peer_factory("--max-concurrent-workflows", "2")
+    t0 = time.monotonic()
+    resp = await peer.invoke(["stubborn"], {"secs": 4}, timeout_secs=1)
+    assert resp.error == "workflow timed out after 1s", resp
+    assert time.monotonic() - t0 < 3
+    # The answer went out, the step goes on: of 2 slots, 1 is left.
+    first = asyncio.ensure_future(peer.invoke(["sleep"], {"secs": 1}))
+    await asyncio.sleep(0.3)
+    code, details = await peer.invoke(["echo"], {"x": 1})
+    assert (code, details[:33]) == ("RESOURCE_EXHAUSTED", "too many concurrent sub-workflows"), details
+    assert (await first).error is None
+    await asyncio.sleep(max(0.0, t0 + 4.5 - time.monotonic()))
+    calls = [peer.invoke(["sleep"], {"secs": 0.5}) for _ in range(2)]
+    assert [r.error for r in await asyncio.gather(*calls)] == [None, None]
+    await peer.assert_serving()

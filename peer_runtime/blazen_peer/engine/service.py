@@ -25,7 +25,7 @@ from ..wire.messages import (
     json_encoder,
 )
 from .context import Context
-from .executor import StepExecutor, StepWorkersSaturated, default_workers
+from .executor import Slots, StepExecutor, StepWorkersSaturated, default_workers
 from .refs import (
     REF_MARKER,
     RefLifetime,
@@ -79,8 +79,11 @@ def check_version(version: int) -> None:
         )
 
 
-def _discard_outcome(task: asyncio.Task) -> None:
-    """Done callback of an abandoned run: fetch its exception, so asyncio logs no "never retrieved"."""
+def _abandoned_run_ended(slots: Slots | None, task: asyncio.Task) -> None:
+    """Done callback of a run abandoned at its timeout: give back the slot it kept, and fetch its exception
+    so asyncio logs no "never retrieved"."""
+    if slots is not None:
+        slots.release()
     if not task.cancelled():
         task.exception()
 
@@ -90,10 +93,12 @@ def _wake(waiter: asyncio.Future, *_: Any) -> None:
         waiter.set_result(None)
 
 
-async def _within(run: Coroutine[Any, Any, Any], secs: float) -> Any:
+async def _within(run: Coroutine[Any, Any, Any], secs: float, slots: Slots | None) -> Any:
     """``await run``, or TimeoutError after ``secs`` without waiting for the run to stop: a step that
-    swallows its cancellation cannot stretch the call past its ``timeout_secs``. (A waiter future woken by
-    the task or a timer: about half the cost of ``asyncio.wait``, close to ``asyncio.timeout``'s.)"""
+    swallows its cancellation cannot stretch the call past its ``timeout_secs``. Until the abandoned run
+    does stop, it keeps a slot of the concurrency limiter (``slots``), like a sync step that outlives its
+    run (executor.py). (A waiter future woken by the task or a timer: about half the cost of
+    ``asyncio.wait``.)"""
     loop = asyncio.get_running_loop()
     task = loop.create_task(run)
     waiter = loop.create_future()
@@ -108,7 +113,9 @@ async def _within(run: Coroutine[Any, Any, Any], secs: float) -> Any:
         if abandoned:  # timed out, or the call itself was cancelled
             task.remove_done_callback(wake)
             task.cancel()
-            task.add_done_callback(_discard_outcome)
+            if slots is not None:
+                slots.occupy()
+            task.add_done_callback(functools.partial(_abandoned_run_ended, slots))
     if abandoned:
         raise TimeoutError
     return task.result()
@@ -229,7 +236,9 @@ class PeerService:
         state_json: dict[str, bytes] = {}
         try:
             run = run_workflow(index, start, ctx, self.executor, on_event)
-            result = await (run if req.timeout_secs is None else _within(run, req.timeout_secs))
+            if req.timeout_secs is not None:
+                run = _within(run, req.timeout_secs, self.executor.slots)
+            result = await run
             result_json = self.encode_json(result, ctx)
             if ctx.state:
                 state_json = {str(k): self.encode_json(v, ctx) for k, v in ctx.state.items()}
