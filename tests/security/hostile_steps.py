@@ -249,3 +249,10 @@ def late_insert(event: dict, ctx: Any) -> dict:
         with _lock:
             LATE.append("accepted")
     return stop("late")
+
+
+@REG.step("stubborn_chatty")
+async def stubborn_chatty(event: dict, ctx: Any) -> list:
+    """Swallows its cancellation, then emits more events than a stream queues."""
+    await stubborn(event, ctx)
+    return [{"type": "Noise", "n": i} for i in range(200)]

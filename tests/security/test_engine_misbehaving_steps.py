@@ -14,7 +14,7 @@ from blazen_peer.wire.messages import SubWorkflowResponse
 
 from tests.unit.test_peer_secure_support import http_get
 
-from .conftest import ROUTE_INVOKE, PeerFactory, invoke_json
+from .conftest import ROUTE_INVOKE, PeerFactory, invoke_json, request
 
 
 @pytest.mark.timeout(120)
@@ -104,3 +104,22 @@ async def test_an_async_step_that_ignores_its_timeout_keeps_its_slot_until_it_st
     calls = [peer.invoke(["sleep"], {"secs": 0.5}) for _ in range(2)]
     assert [r.error for r in await asyncio.gather(*calls)] == [None, None]
     await peer.assert_serving()
+
+
+@pytest.mark.timeout(120)
+async def test_a_stream_abandoned_at_its_timeout_gives_its_slot_back_when_its_step_stops(
+    peer_factory: PeerFactory,
+) -> None:
+    """The step outlives the stream's answer, then emits 200 events nobody will read."""
+    peer = await peer_factory("--max-concurrent-workflows", "1")
+    code, _, frames = await peer.stream(request(["stubborn_chatty", "noise"], {"secs": 2}, 1))
+    assert (code, frames[-1].error) == ("OK", "workflow timed out after 1s"), (code, frames)
+    # The step stops ~1 s after the answer; its events then end the abandoned run, which gives its slot back.
+    deadline = time.monotonic() + 3
+    while isinstance(resp := await peer.invoke(["echo"], {"x": 1}), tuple):
+        assert resp[0] == "RESOURCE_EXHAUSTED", resp
+        assert time.monotonic() < deadline, "the abandoned run did not give its slot back"
+        await asyncio.sleep(0.2)
+    await peer.assert_serving()
+    await asyncio.sleep(1)
+    assert "Task was destroyed but it is pending" not in peer.log()

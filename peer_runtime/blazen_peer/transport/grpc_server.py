@@ -129,9 +129,12 @@ class BlazenPeerServicer:
             STREAM_QUEUE_EVENTS
         )
         seq = 0
+        closed = False
 
         async def on_event(step_id: str, event: dict, ctx: Any) -> None:
             nonlocal seq
+            if closed:  # the stream has ended: a run abandoned at its timeout stops at its next event
+                raise asyncio.CancelledError
             body = service.encode_event(step_id, event, ctx)
             await queue.put(SubWorkflowEvent(seq, step_id, event["type"], body, int(time.time() * 1000)))
             seq += 1
@@ -160,8 +163,11 @@ class BlazenPeerServicer:
                     return
                 yield wrap(encode_stream_event(item))
         finally:
+            closed = True
             if not task.done():
                 task.cancel()
+            while not queue.empty():  # wakes a run waiting on the full queue, to see ``closed``
+                queue.get_nowait()
 
     async def deref(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
         try:
