@@ -31,6 +31,7 @@ async def test_an_async_step_that_never_awaits_gets_the_process_restarted(peer_f
     peer.proc.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(peer.proc.wait(), 15)
     seconds = time.monotonic() - t0
+    print(f"exit {code} {seconds + 0.5:.1f} s after the step took the loop (--loop-stall-secs 2)")
     stuck.cancel()
     log = peer.log()
     assert code == 70, log[-3000:]
