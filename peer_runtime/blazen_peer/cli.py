@@ -35,7 +35,7 @@ async def _serve(server: BlazenPeerServer) -> None:
         # Armed once serving: start() may block the loop on purpose while it waits for TLS files.
         watchdog = LoopWatchdog(loop, server.config.loop_stall_secs)
         server.hooks.on_ready.append(lambda s: watchdog.start())
-        server.hooks.on_stop.append(lambda s: watchdog.stop())
+        server.hooks.on_closed.append(lambda s: watchdog.stop())  # it guards the drain too
     await server.serve()
 
 
