@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import add_flags, config_from
+from .engine.watchdog import LoopWatchdog
 from .event_loop import run_event_loop
 from .server import BlazenPeerServer
 
@@ -30,6 +31,11 @@ async def _serve(server: BlazenPeerServer) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    if server.config.loop_stall_secs > 0:
+        # Armed once serving: start() may block the loop on purpose while it waits for TLS files.
+        watchdog = LoopWatchdog(loop, server.config.loop_stall_secs)
+        server.hooks.on_ready.append(lambda s: watchdog.start())
+        server.hooks.on_closed.append(lambda s: watchdog.stop())  # it guards the drain too
     await server.serve()
 
 

@@ -40,7 +40,8 @@ class PeerConfig:
     ref_max_count: int = 10_000
     ref_max_bytes: int = 256 * 1024 * 1024
     ref_ttl_secs: float = 3600.0
-    sync_step_workers: int = 0  # 0: min(32, cpus + 4)
+    sync_step_workers: int = 0  # 0: engine.executor.default_workers
+    loop_stall_secs: float = 30.0  # 0: no watchdog
     http_max_body_bytes: int = 64 * 1024 * 1024
     shutdown_grace_secs: float = 5.0
     shutdown_admit_secs: float = 0.0
@@ -128,7 +129,20 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ref_max_count", "cap on session refs held", int, metavar="N"),
     Flag("ref_max_bytes", "cap on serialized session-ref bytes held", int, metavar="BYTES"),
     Flag("ref_ttl_secs", "TTL of UntilParentFinish refs (0: none)", float, metavar="SECS"),
-    Flag("sync_step_workers", "threads for plain-def steps (0: min(32, cpus+4))", int, metavar="N"),
+    Flag(
+        "sync_step_workers",
+        "threads for plain-def steps; when all are busy, sync work is refused RESOURCE_EXHAUSTED / 429 "
+        "(0: --max-concurrent-workflows, at least min(32, cpus+4))",
+        int,
+        metavar="N",
+    ),
+    Flag(
+        "loop_stall_secs",
+        "exit (status 70) when the event loop has been blocked this long, e.g. by an async step that never "
+        "awaits (0: never)",
+        float,
+        metavar="SECS",
+    ),
     Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
     Flag(
         "shutdown_grace_secs",

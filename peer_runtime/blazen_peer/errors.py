@@ -36,3 +36,12 @@ class PeerStatusError(Exception):
 
     def __repr__(self) -> str:
         return f"PeerStatusError({self.status.name}, {self.message!r})"
+
+
+def exception_text(exc: BaseException) -> str:
+    """What a failure message says of ``exc``: its text, led by its class name when the text is empty or
+    ``exc`` is not an ``Exception`` (``SystemExit: 3``, ``KeyboardInterrupt``)."""
+    text = str(exc)
+    if isinstance(exc, Exception) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

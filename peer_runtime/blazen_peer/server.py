@@ -10,14 +10,13 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 from aiohttp import web
 
 from .config import PeerConfig
+from .engine.executor import StepExecutor, default_workers
 from .engine.refs import SessionRefStore
 from .engine.registry import StepRegistry, default_registry, load_entrypoint
 from .engine.service import PeerService
@@ -83,7 +82,7 @@ class BlazenPeerServer:
         self.stop_grace: float | None = None
         self._runners: list[web.AppRunner] = []
         self._admin_runner: web.AppRunner | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: StepExecutor | None = None
         self._forwarder: SiblingForwarder | None = None
         self._sweeper: asyncio.Task | None = None
         self._stopped = asyncio.Event()
@@ -140,8 +139,10 @@ class BlazenPeerServer:
                 split_host_port(a)
         _install_security(self)
         hooks = self.hooks
-        workers = cfg.sync_step_workers or min(32, (os.cpu_count() or 1) + 4)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blazen-step")
+        workers = cfg.sync_step_workers or default_workers(cfg.max_concurrent_workflows)
+        # Steps still running after their run ended keep a slot of the concurrency limit (executor.py).
+        limiter = getattr(self.security, "limiter", None)
+        self._executor = StepExecutor(workers, slots=limiter)
         self.service.executor = self._executor
 
         age = cfg.grpc_max_connection_age_secs
@@ -254,7 +255,7 @@ class BlazenPeerServer:
             if self._forwarder is not None:
                 await self._forwarder.close()
             if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor.shutdown()
         finally:
             self._stopped.set()
 

@@ -2,8 +2,8 @@
 
 Each input is a valid message put through random mutations (bit flips, interesting bytes, overlong
 varints, insertions, deletions, truncations, splices) or plain random bytes; JSON bodies also get
-structural mutations (keys dropped, values retyped, huge numbers, deep nesting). A run is reproducible
-from its seed. Findings are:
+structural mutations (keys dropped, values retyped, huge numbers, nesting 10,000 levels deep, step ids
+repeated up to 2,000 times). A run is reproducible from its seed. Findings are:
 
 * decoder: any exception other than ``PostcardDecodeError`` / ``EnvelopeDecodeError``, or one input taking
   longer than ``HANG_SECS``;
@@ -11,7 +11,9 @@ from its seed. Findings are:
   bytes (envelope error -> INTERNAL, postcard error -> INVALID_ARGUMENT), UNKNOWN (an unhandled exception),
   a deadline hit (a hang), or the server not answering a health call afterwards;
 * HTTP: a status outside the documented set, a 500 that is not the documented empty-workflow error, a
-  non-JSON error body, a connection failure, or the server not answering afterwards.
+  non-JSON error body, a connection failure, or the server not answering afterwards;
+* both transports: the ``echo`` step running more often than calls were made (repeated step ids
+  multiplying work).
 
 The servers are real ``BlazenPeerServer`` instances with ``blazen_peer.security`` installed (token
 required), in this process.
@@ -51,6 +53,8 @@ TOKEN = "fuzz-token-0123456789"
 SERVICE = "/blazen.peer.v1.BlazenPeer/"
 UUID = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
 INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x10, 0x22, 0x5B, 0x7B)
+DEPTH = 10_000  # nesting far past what json (or any recursive parser) can take
+DEEP_JSON = ("[" * DEPTH + "]" * DEPTH, '{"a":' * DEPTH + "1" + "}" * DEPTH)
 
 
 @dataclass
@@ -87,6 +91,8 @@ def seed_payloads() -> list[bytes]:
         SubWorkflowRequest.new("wf", ["echo", "echo"], {"x": [1, 2, {"y": "z"}]}, timeout_secs=3),
         SubWorkflowRequest.new("", [], None),
         SubWorkflowRequest.new("w" * 200, ["a" * 300], {"k": "v" * 500}, timeout_secs=2**31),
+        SubWorkflowRequest.new("wf", ["echo"] * 300, {"x": 1}),  # repeated ids run echo once
+        *(SubWorkflowRequest("wf", ["echo"], deep.encode()) for deep in DEEP_JSON),
     ]
     out = [r.encode() for r in reqs]
     out += [DerefRequest(UUID).encode(), ReleaseRequest(UUID).encode()]
@@ -158,7 +164,7 @@ class Mutator:
         body: Any = {
             "envelope_version": 1,
             "workflow_name": "wf",
-            "step_ids": ["echo"],
+            "step_ids": ["echo"] * (rng.randrange(2, 2000) if rng.random() < 0.05 else 1),
             "input_json": list(b'{"x":1}'),
             "timeout_secs": None,
             "ref_uuid": UUID,
@@ -166,6 +172,13 @@ class Mutator:
         for _ in range(rng.choice((1, 1, 2, 3))):
             body = self._mutate_json(body)
         text = json.dumps(body)
+        if rng.random() < 0.05:  # deep nesting: the whole body, or in place of one value
+            deep = rng.choice(DEEP_JSON)
+            if rng.random() < 0.3 or not isinstance(body, dict) or not body:
+                return deep.encode()
+            key = rng.choice(list(body))
+            value = json.dumps(deep) if key == "input_json" and rng.random() < 0.5 else deep
+            text = json.dumps({**body, key: "@deep@"}).replace('"@deep@"', value)
         if rng.random() < 0.1:
             t = bytearray(text.encode())
             self._mutate(t)
@@ -274,13 +287,25 @@ def fuzz_decoder(inputs: int, seed: int = 1) -> Report:
 # -- the transports ------------------------------------------------------------------------------------
 
 
-def fuzz_registry() -> StepRegistry:
+def fuzz_registry(runs: collections.Counter) -> StepRegistry:
+    """``echo``, counting its runs in ``runs["echo"]``: a call never runs it more than once, whatever its
+    ``step_ids`` repeat."""
     reg = StepRegistry()
-    reg.register("echo", ["blazen::StartEvent"], lambda e, c: {"type": "blazen::StopEvent", "result": e})
+
+    def echo(event: dict, ctx: Any) -> dict:
+        runs["echo"] += 1
+        return {"type": "blazen::StopEvent", "result": event}
+
+    reg.register("echo", ["blazen::StartEvent"], echo)
     return reg
 
 
-async def start_server(**cfg: Any) -> BlazenPeerServer:
+def check_runs(report: Report, runs: collections.Counter, calls: int) -> None:
+    if runs["echo"] > calls:
+        report.finding(f"echo ran {runs['echo']} times for {calls} calls: repeated step ids multiplied work")
+
+
+async def start_server(runs: collections.Counter, **cfg: Any) -> BlazenPeerServer:
     config = PeerConfig(
         node_id="fuzz-0",
         grpc_addr="127.0.0.1:0",
@@ -290,7 +315,7 @@ async def start_server(**cfg: Any) -> BlazenPeerServer:
         max_concurrent_workflows=1000,
         **cfg,
     )
-    server = BlazenPeerServer(config=config, registry=fuzz_registry())
+    server = BlazenPeerServer(config=config, registry=fuzz_registry(runs))
     await server.start()
     return server
 
@@ -345,7 +370,8 @@ async def fuzz_grpc(inputs: int, seed: int = 2, concurrency: int = 32) -> Report
     report = Report("gRPC transport")
     rng = random.Random(seed)
     m = Mutator(rng, seed_payloads())
-    server = await start_server()
+    runs: collections.Counter = collections.Counter()
+    server = await start_server(runs)
     good_md = (("authorization", f"Bearer {TOKEN}"), ("x-blazen-peer-node-id", "fuzzer"))
     bad_mds = ((), (("authorization", "Bearer nope"),), (("authorization", "Basic " + TOKEN),))
     names = [*METHODS, "StreamSubWorkflowEvents", "NoSuchMethod"]
@@ -357,6 +383,7 @@ async def fuzz_grpc(inputs: int, seed: int = 2, concurrency: int = 32) -> Report
 
             async def one() -> None:
                 method = rng.choice(names)
+                runs["calls"] += 1
                 msg = m.envelope()
                 authed = rng.random() < 0.95
                 md = good_md if authed else rng.choice(bad_mds)
@@ -400,6 +427,7 @@ async def fuzz_grpc(inputs: int, seed: int = 2, concurrency: int = 32) -> Report
             )
             if SubWorkflowResponse.decode(unwrap(ok)).error is not None:
                 report.finding("the server no longer answers a valid call")
+            check_runs(report, runs, runs["calls"] + 1)
     finally:
         report.seconds = time.perf_counter() - t0
         await server.stop(grace=0)
@@ -418,7 +446,8 @@ async def fuzz_http(inputs: int, seed: int = 3, concurrency: int = 16) -> Report
     report = Report("HTTP/JSON shim")
     rng = random.Random(seed)
     m = Mutator(rng, seed_payloads())
-    server = await start_server(http_max_body_bytes=1024 * 1024)
+    runs: collections.Counter = collections.Counter()
+    server = await start_server(runs, http_max_body_bytes=1024 * 1024)
     base = f"http://127.0.0.1:{server.http_port}"
     routes = list(HTTP_ROUTES)
     t0 = time.perf_counter()
@@ -429,6 +458,7 @@ async def fuzz_http(inputs: int, seed: int = 3, concurrency: int = 16) -> Report
 
             async def one() -> None:
                 route = rng.choice(routes)
+                runs["calls"] += 1
                 body = m.json_body()
                 authed = rng.random() < 0.95
                 headers = {"content-type": "application/json", "x-blazen-peer-node-id": "fuzzer"}
@@ -473,6 +503,7 @@ async def fuzz_http(inputs: int, seed: int = 3, concurrency: int = 16) -> Report
             ) as r:
                 if r.status != 200:
                     report.finding(f"the server no longer answers a valid call: {r.status}")
+            check_runs(report, runs, runs["calls"] + 1)
     finally:
         report.seconds = time.perf_counter() - t0
         await server.stop(grace=0)

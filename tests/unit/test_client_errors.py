@@ -223,6 +223,38 @@ async def test_response_version_checked_by_client() -> None:
         await srv.stop(0)
 
 
+async def test_http_client_refuses_a_hostile_servers_deep_nesting() -> None:
+    """A reply (or error body) nested 10,000 levels deep is a ``PeerEncodeError`` / a typed HTTP error,
+    not a RecursionError out of the client."""
+    from aiohttp import web
+
+    deep = "[" * 10_000 + "]" * 10_000
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text=deep, content_type="application/json")
+
+    async def failing(request: web.Request) -> web.Response:
+        return web.Response(status=400, text=deep, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/peer/invoke_sub_workflow", ok)
+    app.router.add_post("/v1/peer/deref_session_ref", failing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        c = HttpPeerClient.new_http(f"http://127.0.0.1:{port}", "c")
+        with pytest.raises(PeerEncodeError, match="json deserialize: maximum recursion depth"):
+            await c.invoke_sub_workflow("wf", ["echo"])
+        with pytest.raises(PeerError, match="HTTP 400"):
+            await c.deref_session_ref(str(uuid.uuid4()))
+        await c.close()
+    finally:
+        await runner.cleanup()
+
+
 async def test_stream_events_then_final(server: BlazenPeerServer) -> None:
     async with await BlazenPeerClient.connect(f"http://127.0.0.1:{server.grpc_port}", "c") as c:
         items = [

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from blazen_peer.engine import PeerService, RefLifetime, SessionRefStore, StepRegistry, Workflow
+from blazen_peer.engine.executor import StepExecutor
 from blazen_peer.engine.refs import SessionRefLimitError
 from blazen_peer.errors import PeerStatusError, Status
 from blazen_peer.wire import SubWorkflowRequest
@@ -24,7 +25,7 @@ def req(
 
 
 def service(reg: StepRegistry, **kw: Any) -> PeerService:
-    return PeerService("node", reg, executor=ThreadPoolExecutor(4), **kw)
+    return PeerService("node", reg, executor=StepExecutor(4), **kw)
 
 
 async def test_fan_out_duplicates_and_routing_by_type() -> None:
@@ -48,8 +49,31 @@ async def test_fan_out_duplicates_and_routing_by_type() -> None:
     assert resp.error is None
     assert sorted(seen) == ["w1", "w2"]
     seen.clear()
-    resp = await service(reg).invoke(req(["start", "w1", "w1", "w2"]))  # a duplicated id runs twice
-    assert seen.count("w1") == 2
+    # A repeated id runs once (Blazen would register the step twice: issue #10, repeats cannot multiply work).
+    resp = await service(reg).invoke(req(["start", "w1", "w1", "w2", "w1"]))
+    assert seen.count("w1") == 1
+
+
+def test_step_index_cache_is_bounded_and_holds_only_valid_lists_without_repeats() -> None:
+    from blazen_peer.engine.service import INDEX_CACHE_SIZE
+
+    reg = StepRegistry()
+    ids = [f"s{i}" for i in range(12)]
+    for sid in ids:
+        reg.register(sid, ["blazen::StartEvent"], lambda e, c: {"type": STOP})
+    svc = service(reg)
+    svc.precheck(SubWorkflowRequest("wf", ["s1", "s2"]))
+    orderings = itertools.islice(itertools.permutations(ids, 4), 3 * INDEX_CACHE_SIZE)
+    for n, ordering in enumerate(orderings):  # distinct valid lists
+        svc.precheck(SubWorkflowRequest("wf", list(ordering)))
+        svc.precheck(SubWorkflowRequest("wf", ["s1"] * (n + 2)))  # repeats: valid, never cached
+        with pytest.raises(PeerStatusError):
+            svc.precheck(SubWorkflowRequest("wf", ["s1", f"unknown-{n}"]))  # invalid: never cached
+        svc.precheck(SubWorkflowRequest("wf", ["s1", "s2"]))  # recently used: kept
+    cache = svc._index_cache
+    assert len(cache) == INDEX_CACHE_SIZE
+    assert ("s1", "s2") in cache
+    assert all(len(set(key)) == len(key) and set(key) <= set(ids) for key in cache)
 
 
 async def test_status_checks_in_blazens_order() -> None:
@@ -225,6 +249,7 @@ async def test_ref_cap_hit_inside_a_step() -> None:
 def test_parent_finish_ttl() -> None:
     now = [100.0]
     store = SessionRefStore(parent_ttl_secs=30, clock=lambda: now[0])
+    store.open_run(1, lambda: False)
     h = store.insert(b"v", lifetime="UntilParentFinish", run_id=1)
     e = store.insert(b"w", lifetime=RefLifetime.UntilExplicitDrop, run_id=1)
     assert store.payload(h.uuid) == b"v"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl as _ssl
 from typing import Any
 
@@ -72,13 +71,13 @@ class HttpPeerClient:
             raise PeerTransportError(f"http transport: {route} timed out") from None
         if not 200 <= status < 300:
             try:
-                detail = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
+                detail = json_form.loads(raw)["error"]
+            except (json_form.JsonFormError, KeyError, TypeError):
                 detail = raw.decode("utf-8", "replace")
             raise error_for_http(status, f"HTTP {status} from {route}: {detail}", method)
         try:
-            return json.loads(raw)
-        except ValueError as exc:
+            return json_form.loads(raw)
+        except json_form.JsonFormError as exc:  # a hostile server's deep nesting included
             raise PeerEncodeError(f"json deserialize: {exc}") from None
 
     async def invoke_sub_workflow(

@@ -16,7 +16,7 @@ class Context:
       client's metadata; None when the caller did not say).
     """
 
-    __slots__ = ("_refs", "_store", "caller_node_id", "node_id", "run_id", "state", "workflow_name")
+    __slots__ = ("_ended", "_refs", "_store", "caller_node_id", "node_id", "run_id", "state", "workflow_name")
 
     def __init__(
         self,
@@ -28,6 +28,7 @@ class Context:
     ) -> None:
         self._store = store
         self._refs: RunRefs | None = None
+        self._ended = False
         self.run_id = run_id
         self.node_id = node_id
         self.workflow_name = workflow_name
@@ -38,9 +39,20 @@ class Context:
     def session_refs(self) -> RunRefs:
         refs = self._refs
         if refs is None:
+            # The run is opened in the store on first use (most runs never touch refs). ``_refs`` is set
+            # before ``open_run`` checks ``_ended``, and ``end`` sets ``_ended`` before it reads ``_refs``:
+            # whichever comes second sees the other, so a run ending meanwhile never stays open.
             refs = self._refs = RunRefs(self._store, self.run_id)
+            self._store.open_run(self.run_id, self._has_ended)
         return refs
 
-    @property
-    def refs_used(self) -> bool:
-        return self._refs is not None
+    def _has_ended(self) -> bool:
+        return self._ended
+
+    def end(self) -> list[tuple[str, str, int]]:
+        """The run is over: its ``UntilContextDrop`` refs go and its steps can insert no more. Returns the
+        surviving refs (``SessionRefStore.end_run``); idempotent."""
+        self._ended = True
+        if self._refs is None:
+            return []
+        return self._store.end_run(self.run_id)

@@ -3,7 +3,9 @@
 A ref's payload is serialized when it is inserted (so the bytes cap is enforced up front and a Deref never
 runs user code). Lifetimes:
 
-* ``UntilContextDrop`` (the default for ``insert``): dropped when the sub-workflow that created it ends.
+* ``UntilContextDrop`` (the default for ``insert``): dropped when the sub-workflow that created it ends,
+  however it ends (result, error, timeout, cancellation). A step still running after its run ended (a
+  plain ``def`` step past the timeout) cannot insert any more: ``SessionRefError``.
 * ``UntilParentFinish``: kept until released, or until ``parent_ttl_secs`` after creation (when set).
 * ``UntilExplicitDrop``: kept until released.
 
@@ -23,6 +25,8 @@ import time
 import uuid as _uuid
 from collections.abc import Callable
 from typing import Any
+
+from ..errors import exception_text
 
 REF_MARKER = "__blazen_session_ref__"
 
@@ -174,8 +178,9 @@ class SessionRefStore:
                 payload = bytes(value)
             else:
                 payload = None  # live-only: usable in-process, not derefable
-        except Exception as exc:
-            raise SessionRefError(f"serialization of session ref ({tag}) failed: {exc}") from exc
+        except BaseException as exc:  # user code: its SystemExit must not stop the event loop either
+            reason = exception_text(exc)
+            raise SessionRefError(f"serialization of session ref ({tag}) failed: {reason}") from exc
         size = len(payload) if payload is not None else 0
         if self._expiry and self._expiry[0][0] <= self._clock():
             self.sweep()
@@ -185,6 +190,13 @@ class SessionRefStore:
         if life is RefLifetime.UntilParentFinish and self.parent_ttl_secs:
             expires = self._clock() + self.parent_ttl_secs
         with self._lock:
+            run_keys = None
+            if run_id is not None:
+                run_keys = self._by_run.get(run_id)
+                if run_keys is None:
+                    raise SessionRefError(
+                        f"session ref insert refused: run {run_id} has ended (its step outlived it)"
+                    )
             if len(self._entries) >= self.max_count:
                 raise SessionRefLimitError(
                     f"session ref limit reached: {len(self._entries)} refs held, the cap is {self.max_count} "
@@ -207,8 +219,8 @@ class SessionRefStore:
                 size=size,
             )
             self._bytes += size
-            if run_id is not None:
-                self._by_run.setdefault(run_id, []).append(key)
+            if run_keys is not None:
+                run_keys.append(key)
             if expires is not None:
                 heapq.heappush(self._expiry, (expires, key))
         return SessionRefHandle(key, tag, life)
@@ -243,10 +255,16 @@ class SessionRefStore:
         with self._lock:
             return self._drop(key) is not None
 
+    def open_run(self, run_id: int, ended: Callable[[], bool]) -> None:
+        """Let run ``run_id`` insert, unless ``ended()``: checked under the lock ``end_run`` takes, so a
+        run ending while its step opens the run never leaves an open run behind."""
+        with self._lock:
+            if not ended():
+                self._by_run.setdefault(run_id, [])
+
     def end_run(self, run_id: int) -> list[tuple[str, str, int]]:
-        """Drop the run's ``UntilContextDrop`` refs; return ``(uuid, type_tag, created_at_ms)`` for each of
-        its
-        surviving, derefable refs."""
+        """Close the run to inserts and drop its ``UntilContextDrop`` refs; return ``(uuid, type_tag,
+        created_at_ms)`` for each of its surviving, derefable refs."""
         with self._lock:
             keys = self._by_run.pop(run_id, None)
             if not keys:

@@ -6,26 +6,31 @@ that accepts their type, and so on. A ``blazen::StopEvent`` ends the run with it
 at the
 same time are handled concurrently (one "wave"); an event type nobody accepts fails the run. Async handlers
 run
-on the event loop; plain ``def`` handlers run in the executor, so a CPU-heavy step does not stall other calls.
+on the event loop; plain ``def`` handlers run on the ``StepExecutor``'s threads, so a CPU-heavy step does not
+stall other calls.
 
-A step's exception fails the run as ``WorkflowFailed`` (Blazen's step failure), except
-``SessionRefLimitError`` escaping a step: a full session-ref cache is a resource limit, not a bug in the
-step, so it propagates unchanged and the service answers RESOURCE_EXHAUSTED / 429. A step that catches it
-carries on as usual.
+Whatever a step raises fails the run as ``WorkflowFailed`` (Blazen's step failure), ``BaseException``
+subclasses included: a step's ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` or its own
+``CancelledError`` must not reach the event loop, which would stop serving. Only a real cancellation of the
+run (timeout, client gone) propagates as such. Two limits also propagate unchanged, so the service answers
+RESOURCE_EXHAUSTED / 429: ``SessionRefLimitError`` escaping a step (a full session-ref cache is a limit, not a
+bug in the step; a step that catches it carries on as usual) and ``StepWorkersSaturated``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections.abc import Callable
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..errors import exception_text
+from .executor import StepExecutor, StepWorkersSaturated
 from .refs import SessionRefLimitError
 from .registry import STOP_EVENT, StepSpec
 
-EventSink = Callable[[str, dict, Any], None]
+#: ``await on_event(step_id, event, ctx)`` for each emitted event, before the next wave starts: a sink that
+#: waits (a full stream queue) holds the run back.
+EventSink = Callable[[str, dict, Any], Awaitable[None]]
 
 
 class WorkflowFailed(Exception):
@@ -53,20 +58,23 @@ def _normalize(spec: StepSpec, out: Any) -> list[dict]:
     return events
 
 
-async def _call(spec: StepSpec, event: dict, ctx: Any, executor: Executor | None) -> list[dict]:
+async def _call(spec: StepSpec, event: dict, ctx: Any, executor: StepExecutor) -> list[dict]:
     try:
         if spec.is_async:
             out = await spec.handler(event, ctx)
         else:
-            # In the caller's context, so that log records carry its caller node id and request id.
-            run = contextvars.copy_context().run
-            out = await asyncio.get_running_loop().run_in_executor(executor, run, spec.handler, event, ctx)
+            out = await executor.run(spec.handler, event, ctx)
             if asyncio.iscoroutine(out):
                 out = await out
-    except (WorkflowFailed, SessionRefLimitError):
+    except (WorkflowFailed, SessionRefLimitError, StepWorkersSaturated):
         raise  # a cap hit the step did not handle is the call's answer (see the module docstring)
-    except Exception as exc:
-        raise WorkflowFailed(f"step '{spec.step_id}' failed: {exc}") from exc
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the run itself is being cancelled
+        raise WorkflowFailed(f"step '{spec.step_id}' failed: {exception_text(exc)}") from exc
+    except BaseException as exc:  # see the module docstring
+        raise WorkflowFailed(f"step '{spec.step_id}' failed: {exception_text(exc)}") from exc
     return _normalize(spec, out)
 
 
@@ -74,15 +82,21 @@ async def run_workflow(
     index: dict[str, list[StepSpec]],
     start_event: dict,
     ctx: Any,
-    executor: Executor | None = None,
+    executor: StepExecutor,
     on_event: EventSink | None = None,
 ) -> Any:
     """Run to the first stop event and return its ``result``; raise ``WorkflowFailed`` otherwise."""
     pending = [start_event]
+    wave = 0
     while pending:
         for ev in pending:
             if ev["type"] == STOP_EVENT:
                 return ev.get("result")
+        if wave:
+            # Steps that never suspend would otherwise chain waves without giving the loop a turn: a cycle
+            # of them would hold it (no timeout, no other call) until the watchdog ends the process.
+            await asyncio.sleep(0)
+        wave += 1
         jobs: list[tuple[StepSpec, dict]] = []
         for ev in pending:
             specs = index.get(ev["type"])
@@ -95,7 +109,7 @@ async def run_workflow(
             pending = await _call(spec, ev, ctx, executor)
             if on_event is not None:
                 for out in pending:
-                    on_event(spec.step_id, out, ctx)
+                    await on_event(spec.step_id, out, ctx)
             continue
         tasks = [asyncio.ensure_future(_call(spec, ev, ctx, executor)) for spec, ev in jobs]
         try:
@@ -114,6 +128,6 @@ async def run_workflow(
             outs = t.result()
             if on_event is not None:
                 for out in outs:
-                    on_event(spec.step_id, out, ctx)
+                    await on_event(spec.step_id, out, ctx)
             pending.extend(outs)
     raise WorkflowFailed(f"the run ended without a {STOP_EVENT}: no step emitted an event")

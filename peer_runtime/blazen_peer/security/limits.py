@@ -51,6 +51,12 @@ class ConcurrencyLimiter:
             self.in_use += 1
             return True
 
+    def occupy(self) -> None:
+        """Take a slot even over the limit: for work that is already running (a step that outlived its
+        run, see engine/executor.py); ``release()`` it when that work ends."""
+        with self._lock:
+            self.in_use += 1
+
     def release(self) -> None:
         with self._lock:
             if self.in_use <= 0:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ..engine.service import PeerService
-from ..errors import PeerStatusError, Status
+from ..errors import PeerStatusError, Status, exception_text
 from ..wire.envelope import (
     MAX_MESSAGE_BYTES,
     METHOD_DEREF,
@@ -30,7 +30,6 @@ from ..wire.messages import (
     SubWorkflowEvent,
     SubWorkflowRequest,
     SubWorkflowResponse,
-    dumps_json,
     encode_stream_event,
     encode_stream_final,
 )
@@ -46,6 +45,8 @@ FORWARDED_METADATA = "x-blazen-forwarded"
 # grpcio's own receive limit sits above tonic's, so an oversized request gets tonic's exact status and
 # message.
 GRPC_RECEIVE_LIMIT = 2 * MAX_MESSAGE_BYTES
+#: events a stream buffers ahead of its client before the run waits
+STREAM_QUEUE_EVENTS = 64
 
 _CODES = {s: getattr(grpc.StatusCode, s.name) for s in Status}
 
@@ -121,23 +122,34 @@ class BlazenPeerServicer:
             self._fail(context, exc.status, exc.message)
             return
         caller = _metadata_value(context, NODE_ID_METADATA)
-        queue: asyncio.Queue[SubWorkflowEvent | SubWorkflowResponse | PeerStatusError] = asyncio.Queue()
+        service = self.service
+        # Bounded: a client that reads slowly holds the run back (the runner awaits on_event) instead of
+        # letting events pile up here.
+        queue: asyncio.Queue[SubWorkflowEvent | SubWorkflowResponse | PeerStatusError] = asyncio.Queue(
+            STREAM_QUEUE_EVENTS
+        )
         seq = 0
+        closed = False
 
-        def on_event(step_id: str, event: dict, ctx: object) -> None:
+        async def on_event(step_id: str, event: dict, ctx: Any) -> None:
             nonlocal seq
-            try:
-                body = self.service.encode_json(event, ctx)
-            except (TypeError, ValueError):
-                body = dumps_json(event, default=repr)
-            queue.put_nowait(SubWorkflowEvent(seq, step_id, event["type"], body, int(time.time() * 1000)))
+            if closed:  # the stream has ended: a run abandoned at its timeout stops at its next event
+                raise asyncio.CancelledError
+            body = service.encode_event(step_id, event, ctx)
+            await queue.put(SubWorkflowEvent(seq, step_id, event["type"], body, int(time.time() * 1000)))
             seq += 1
 
         async def run() -> None:
             try:
-                queue.put_nowait(await self.service.invoke(req, caller_node_id=caller, on_event=on_event))
+                final: SubWorkflowResponse | PeerStatusError = await service.invoke(
+                    req, caller_node_id=caller, on_event=on_event
+                )
             except PeerStatusError as exc:
-                queue.put_nowait(exc)
+                final = exc
+            except Exception as exc:  # an engine bug must still end the stream with a status
+                log.exception("StreamSubWorkflowEvents %r failed", req.workflow_name)
+                final = PeerStatusError(Status.INTERNAL, f"internal error: {exception_text(exc)}")
+            await queue.put(final)
 
         task = asyncio.ensure_future(run())
         try:
@@ -151,8 +163,11 @@ class BlazenPeerServicer:
                     return
                 yield wrap(encode_stream_event(item))
         finally:
+            closed = True
             if not task.done():
                 task.cancel()
+            while not queue.empty():  # wakes a run waiting on the full queue, to see ``closed``
+                queue.get_nowait()
 
     async def deref(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
         try:

@@ -59,8 +59,8 @@ async def _body(request: web.Request) -> Any:
             Status.RESOURCE_EXHAUSTED, body_too_large_message(request.client_max_size)
         ) from None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json_form.loads(raw)
+    except json_form.JsonFormError as exc:
         raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid request JSON: {exc}") from None
 
 

@@ -70,6 +70,15 @@ def _uuid_text(value: Any, name: str) -> str:
         raise JsonFormError(f"invalid value for `{name}`: not a UUID") from None
 
 
+def loads(raw: bytes) -> Any:
+    """Parse a body; ``JsonFormError`` for anything that is not JSON, nesting too deep to parse included
+    (``json`` recurses once per level and raises RecursionError near the interpreter's limit)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise JsonFormError(str(exc)) from None
+
+
 # -- requests (what the shim reads) ----------------------------------------------------------------------
 
 
