@@ -15,7 +15,7 @@ repeated up to 2,000 times). A run is reproducible from its seed. Findings are:
 * both transports: the ``echo`` step running more often than calls were made (repeated step ids
   multiplying work).
 
-The servers are real ``BlazenPeerServer`` instances with ``blazen_peer.security`` installed (token
+The servers are real ``BlazenPeerServer`` instances with the runtime composed by ``blazen_peer.app`` (token
 required), in this process.
 """
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from blazen_peer import BlazenPeerServer, PeerConfig, RefLifetime, StepRegistry, Workflow
-from blazen_peer.testing import blazen_env
+
+from tests.support.blazen_wheel import blazen_env
 
 DRIVER = Path(__file__).with_name("blazen_driver.py")
 NODE_ID = "peer-under-test"

@@ -8,12 +8,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..wire.protocol import ENVELOPE_VERSION
 from .metrics import PeerMetrics
 from .readiness import Readiness
 
-__all__ = ["ENVELOPE_VERSION", "make_admin_app"]
-
-ENVELOPE_VERSION = 1
+__all__ = ["make_admin_app"]
 
 
 def make_admin_app(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ..errors import exception_text
+from ..wire.errors import exception_text
 
 
 class StepWorkersSaturated(Exception):

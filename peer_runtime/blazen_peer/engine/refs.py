@@ -26,7 +26,7 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import exception_text
+from ..wire.errors import exception_text
 
 REF_MARKER = "__blazen_session_ref__"
 

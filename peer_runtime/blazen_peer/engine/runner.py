@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import exception_text
+from ..wire.errors import exception_text
 from .executor import StepExecutor, StepWorkersSaturated
 from .refs import SessionRefLimitError
 from .registry import STOP_EVENT, StepSpec

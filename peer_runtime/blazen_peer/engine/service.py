@@ -15,15 +15,15 @@ from collections import OrderedDict
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
-from ..errors import PeerStatusError, Status, exception_text
+from ..wire.errors import PeerStatusError, Status, exception_text
 from ..wire.messages import (
-    ENVELOPE_VERSION,
     RemoteRefDescriptor,
     SubWorkflowRequest,
     SubWorkflowResponse,
     dumps_json,
     json_encoder,
 )
+from ..wire.protocol import ENVELOPE_VERSION
 from .context import Context
 from .executor import Slots, StepExecutor, StepWorkersSaturated, default_workers
 from .refs import (

@@ -8,15 +8,6 @@ from __future__ import annotations
 
 from .postcard import varint
 
-SERVICE = "blazen.peer.v1.BlazenPeer"
-METHOD_INVOKE = "InvokeSubWorkflow"
-METHOD_STREAM = "StreamSubWorkflowEvents"
-METHOD_DEREF = "DerefSessionRef"
-METHOD_RELEASE = "ReleaseSessionRef"
-
-# tonic's default decode limit, applied to the protobuf message.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
 
 class EnvelopeDecodeError(ValueError):
     pass

@@ -11,8 +11,8 @@ import json
 from typing import Any
 
 from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str, varint
+from .protocol import ENVELOPE_VERSION
 
-ENVELOPE_VERSION = 1
 STREAM_FRAME_EVENT = 0
 STREAM_FRAME_FINAL = 1
 
