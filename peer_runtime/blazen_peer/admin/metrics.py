@@ -74,8 +74,8 @@ class PeerMetrics:
         self._stats_lock = threading.Lock()
         self._refs: Callable[[], tuple[int, int]] | None = None
         self._tls: list[tuple[str, Any]] = []
-        self.registry.register(_CallbackCollector(self._collect_calls))  # type: ignore[arg-type]
-        self.registry.register(_CallbackCollector(self._collect_callbacks))  # type: ignore[arg-type]
+        self.registry.register(_CallbackCollector(self._collect_calls))
+        self.registry.register(_CallbackCollector(self._collect_callbacks))
 
     # -- per call ----------------------------------------------------------------------------------------
     def stats(self, transport: str, method: str) -> CallStats:

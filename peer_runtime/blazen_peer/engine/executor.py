@@ -97,7 +97,7 @@ class StepExecutor:
                 self._orphan(job)
             raise
 
-    def _work(self, job: _Job, run: Callable[..., Any], fn: Callable[..., Any], args: tuple) -> Any:
+    def _work(self, job: _Job, run: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         try:
             return run(fn, *args)
         except Exception:

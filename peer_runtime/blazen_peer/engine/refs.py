@@ -87,6 +87,15 @@ class _Entry:
         "uuid",
         "value",
     )
+    created_at_ms: int
+    expires_at: float | None
+    lifetime: RefLifetime
+    payload: bytes | None
+    run_id: str | None
+    size: int
+    type_tag: str
+    uuid: str
+    value: Any
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():

@@ -325,9 +325,11 @@ def load_client_tls(
     )
 
 
-def first_dns_name(cert_pem: bytes) -> str | None:
+def first_dns_name(cert_pem: bytes | None) -> str | None:
     """The first DNS subjectAltName of the leaf in ``cert_pem`` (the name siblings' certificates carry,
     which session-ref forwarding asks for when it dials a sibling by IP)."""
+    if cert_pem is None:
+        return None
     leaf = x509.load_pem_x509_certificate(cert_pem)
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -79,7 +79,7 @@ class SiblingForwarder:
                 infos = await asyncio.get_running_loop().getaddrinfo(
                     self.dns_name, self.dns_port, family=socket.AF_INET, type=socket.SOCK_STREAM
                 )
-                targets.extend((info[4][0], self.dns_port) for info in infos)
+                targets.extend((str(info[4][0]), self.dns_port) for info in infos)
             except OSError as exc:
                 log.warning("cannot resolve %s for session-ref forwarding: %s", self.dns_name, exc)
         seen: list[str] = []
