@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from blazen_peer import BlazenPeerServer, PeerConfig
+from blazen_peer import BlazenPeerServer
 from blazen_peer.admin.logs import configure_json_logging
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.security.policy import INSECURE_MESSAGE
@@ -42,15 +42,16 @@ from blazen_peer.wire.protocol import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.unit.test_peer_secure_support import (
+from tests.support.peers import (
     STEP_MODULE,
     TOKEN,
-    Pki,
     client_ssl,
     http_get,
     metric,
+    start_peer,
     write_steps,
 )
+from tests.support.pki import Pki
 
 INVOKE = PATH_INVOKE
 DEREF = PATH_DEREF
@@ -75,16 +76,7 @@ async def make_peer(steps_on_path: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[BlazenPeerServer] = []
 
     async def make(**cfg: Any) -> BlazenPeerServer:
-        base: dict[str, Any] = {
-            "node_id": "secure-0",
-            "entrypoint": steps_on_path,
-            "grpc_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
-            "admin_addr": "127.0.0.1:0",
-        }
-        base.update(cfg)
-        server = BlazenPeerServer(config=PeerConfig(**base))
-        await server.start()
+        server = await start_peer(**{"node_id": "secure-0", "entrypoint": steps_on_path, **cfg})
         started.append(server)
         return server
 

@@ -16,13 +16,10 @@ from blazen_peer.client import BlazenPeerClient
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
 
-from tests.support.pki import KubeletSecretDir
-from tests.unit.test_peer_secure_support import (
+from tests.support.peers import (
     STEP_MODULE,
     TOKEN,
-    Pki,
     client_ssl,
-    free_port,
     http_get,
     metric,
     served_serial,
@@ -31,6 +28,8 @@ from tests.unit.test_peer_secure_support import (
     wait_serial,
     write_steps,
 )
+from tests.support.pki import KubeletSecretDir, Pki
+from tests.support.ports import free_port
 
 INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
 RATE = 250  # calls/s offered; the test requires >= 200/s answered
