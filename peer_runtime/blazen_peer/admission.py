@@ -72,23 +72,17 @@ class ConcurrencyLimiter:
     """At most ``limit`` concurrent calls (None or 0: unlimited). Thread-safe and non-blocking: a call over
     the limit is refused at once, never queued, so the caller can back off or go to another replica."""
 
-    def __init__(self, limit: int | None, *, name: str = "concurrent sub-workflows") -> None:
+    def __init__(self, limit: int | None) -> None:
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
         self.limit = limit or None
-        self.name = name
         self._lock = threading.Lock()
         self.in_use = 0
-        self.rejected = 0
-
-    @property
-    def message(self) -> str:
-        return f"too many {self.name}: the limit of {self.limit} is reached, retry later"
+        self.message = f"too many concurrent sub-workflows: the limit of {self.limit} is reached, retry later"
 
     def try_acquire(self) -> bool:
         with self._lock:
             if self.limit is not None and self.in_use >= self.limit:
-                self.rejected += 1
                 return False
             self.in_use += 1
             return True

@@ -23,12 +23,13 @@ from .hooks import ServerHooks, combine
 from .transport.forwarding import SiblingForwarder, split_host_port
 from .transport.grpc_server import create_grpc_server
 from .transport.http_shim import create_http_app
+from .wire.errors import PeerError
 from .wire.protocol import ENVELOPE_VERSION
 
 log = logging.getLogger("blazen_peer.server")
 
 
-class ServerConsumedError(RuntimeError):
+class ServerConsumedError(PeerError, RuntimeError):
     pass
 
 

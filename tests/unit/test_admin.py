@@ -39,7 +39,11 @@ async def test_admin_endpoints():
     ready = Readiness()
     metrics = PeerMetrics()
     steps = ["my_app::analyze"]
-    app = make_admin_app(readiness=ready, metrics=metrics, node_id="peer-0", steps=lambda: steps)
+    app = make_admin_app(
+        readiness=ready,
+        metrics=metrics,
+        info=lambda: {"node_id": "peer-0", "steps": list(steps), "envelope_version": 1},
+    )
     async with TestClient(TestServer(app)) as client:
         r = await client.get("/healthz")
         assert r.status == 200
@@ -71,7 +75,8 @@ async def test_info_callback_and_liveness():
     alive = [True]
     app = make_admin_app(
         readiness=Readiness(),
-        info=lambda: {"node_id": "n1", "steps": ["a"], "ready": True},
+        metrics=PeerMetrics(),
+        info=lambda: {"node_id": "n1", "steps": ["a"], "envelope_version": 1, "ready": True},
         liveness=lambda: alive[0],
     )
     async with TestClient(TestServer(app)) as client:
@@ -79,7 +84,6 @@ async def test_info_callback_and_liveness():
         assert info == {"node_id": "n1", "steps": ["a"], "envelope_version": 1, "ready": False}
         alive[0] = False
         assert (await client.get("/healthz")).status == 503
-        assert (await client.get("/metrics")).status == 404
 
 
 async def test_metrics_exposition(tmp_path):
@@ -101,7 +105,7 @@ async def test_metrics_exposition(tmp_path):
         stats.finish(code, seconds)
     d.write(secret_files(ca.issue(serial=100, not_after=dt.datetime(2032, 1, 2, tzinfo=dt.UTC)), ca))
     assert src.check_now()
-    app = make_admin_app(readiness=Readiness(), metrics=a)
+    app = make_admin_app(readiness=Readiness(), metrics=a, info=dict)
     async with TestClient(TestServer(app)) as client:
         r = await client.get("/metrics")
         assert r.status == 200

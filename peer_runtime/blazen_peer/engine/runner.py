@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..wire.errors import exception_text
+from ..wire.errors import PeerError, exception_text
 from .executor import StepExecutor, StepWorkersSaturated
 from .refs import SessionRefLimitError
 from .registry import STOP_EVENT, StepSpec
@@ -33,7 +33,7 @@ from .registry import STOP_EVENT, StepSpec
 EventSink = Callable[[str, dict[str, Any], Any], Awaitable[None]]
 
 
-class WorkflowFailed(Exception):
+class WorkflowFailed(PeerError):
     """The run failed; ``str()`` is the Display text that follows ``workflow error: ``."""
 
 

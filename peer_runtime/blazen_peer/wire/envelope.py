@@ -6,10 +6,11 @@ unknown fields (skipped) and repeats (last wins), as prost does.
 
 from __future__ import annotations
 
+from .errors import PeerError
 from .postcard import varint
 
 
-class EnvelopeDecodeError(ValueError):
+class EnvelopeDecodeError(PeerError, ValueError):
     pass
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import builtins
 import uuid as _uuid
 
+from .errors import PeerError
+
 UNEXPECTED_END = "Hit the end of buffer, expected more data"
 BAD_VARINT = "Found a varint that didn't terminate. Is the usize too big for this platform?"
 BAD_BOOL = "Found a bool that wasn't 0 or 1"
@@ -21,7 +23,7 @@ U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
-class PostcardDecodeError(ValueError):
+class PostcardDecodeError(PeerError, ValueError):
     """Raised for any malformed postcard input; ``str()`` is postcard's message."""
 
 
