@@ -266,9 +266,6 @@ class BlazenPeerServer:
         finally:
             self._stopped.set()
 
-    async def wait_closed(self) -> None:
-        await self._stopped.wait()
-
 
 async def _close_app(runner: web.AppRunner, grace: float) -> None:
     """Close an aiohttp app within ``grace`` seconds: no new connections, idle keep-alive connections closed,
