@@ -42,6 +42,7 @@ from .wire.protocol import (
     REQUEST_ID_HEADER,
     REQUEST_ID_METADATA,
     ROUTE_DEREF,
+    ROUTE_INVOKE,
     ROUTE_RELEASE,
     RPC_NAMES,
 )
@@ -257,7 +258,7 @@ class Admission:
     def http_middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """The gate as an aiohttp middleware (inside the CORS middleware, outside the shim's JSON-error
         middleware). CORS preflights (``OPTIONS``) pass untouched; every answer carries ``X-Request-Id``."""
-        gates = {route: self.gate(route) for route in LIMITED_METHODS if route.startswith("/v1/")}
+        gates = {route: self.gate(route) for route in (ROUTE_INVOKE, ROUTE_DEREF, ROUTE_RELEASE)}
         metrics, transport = self.metrics, self.transport
 
         @web.middleware
