@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
-from ..wire.errors import PeerStatusError, Status, exception_text
+from ..wire.errors import PeerError, PeerStatusError, Status, exception_text
 from ..wire.messages import (
     RemoteRefDescriptor,
     SubWorkflowRequest,
@@ -48,7 +48,7 @@ class _NeedsRun(Exception):
     """A value to encode becomes a new session ref, which needs the run's context."""
 
 
-class Unencodable(Exception):
+class Unencodable(PeerError):
     """A result, state value or event that cannot be written as JSON; ``str()`` says why."""
 
 
