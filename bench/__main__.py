@@ -26,8 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from blazen_peer.testing import blazen_env, build_isoc23_shim
 from blazen_peer.wire import SubWorkflowRequest, wrap
+
+from tests.support.blazen_wheel import blazen_env, build_isoc23_shim
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = Path(__file__).with_name("peer.proto")

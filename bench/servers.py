@@ -86,12 +86,13 @@ def ours(port: int) -> None:
 
 
 async def ours_sync(port: int) -> None:
-    """Experimental: our engine behind grpcio's synchronous server (transport/grpc_sync.py)."""
+    """Experimental: our engine behind grpcio's synchronous server (bench/grpc_sync.py)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from blazen_peer.engine import PeerService, default_registry, load_entrypoint
-    from blazen_peer.transport.grpc_sync import create_sync_grpc_server
+
+    from .grpc_sync import create_sync_grpc_server
 
     load_entrypoint("bench.steps")
     service = PeerService("bench-ours-sync", default_registry, executor=ThreadPoolExecutor(4))

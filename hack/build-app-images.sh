@@ -29,7 +29,7 @@ build_app() { # name recipe extras entry extra-src...  (recipe: the images/ dire
   "$HACK_DIR/build-rootfs.sh" python
   local ctx; ctx=$(mktemp -d)
   mkdir "$ctx/wheels"
-  local target="$REPO_ROOT[$extras]" deps=() plog="$LOG_DIR/pip-wheel-$name.log"
+  local target="${REPO_ROOT}[$extras]" deps=() plog="$LOG_DIR/pip-wheel-$name.log"
   # The project's wheel plus its dependencies' wheels (binary wheels from PyPI; pip's cache makes reruns fast).
   [[ "$name" == example-steps ]] && { target="$REPO_ROOT/examples/steps"; deps=(--no-deps); }
   if ! $PIP wheel --quiet "${deps[@]}" --wheel-dir "$ctx/wheels" "$target" >"$plog" 2>&1; then

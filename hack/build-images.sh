@@ -79,7 +79,9 @@ cert_manager_images() {
   image_to_cache "$CERT_MANAGER_TAR" "${CERT_MANAGER_IMAGES[@]}"
 }
 
-for s in ${@:-components cert-manager}; do
+steps=("$@")
+[[ $# -gt 0 ]] || steps=(components cert-manager)
+for s in "${steps[@]}"; do
   case "$s" in
     components) timed images-components component_images ;;
     cert-manager) timed images-cert-manager cert_manager_images ;;

@@ -35,6 +35,7 @@ build_one() {
   fi
   local tar; tar=$(mktemp -d)/rootfs.tar
   log "mmdebstrap $kind: ${PKGS[$kind]}"
+  # shellcheck disable=SC2016  # "$1" belongs to the hook: mmdebstrap's shell expands it, not this one
   mmdebstrap --quiet --variant=minbase --aptopt='Apt::Install-Recommends "false"' \
     --include="${PKGS[$kind]// /,}" \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/usr/share/doc/* "$1"/usr/share/man/*' \

@@ -18,13 +18,15 @@ tmp="$out.tmp"
 : > "$tmp"
 for f in certificaterequests certificates challenges clusterissuers issuers orders; do
   src="$dir/deploy/crds/crd-$f.yaml"
-  echo "---" >> "$tmp"
-  # Render the Helm bits: name/instance labels become static, the "Generated labels" include is dropped.
-  sed -e "s/'{{ template \"cert-manager.name\" . }}'/cert-manager/" \
-      -e "s/'{{ .Release.Name }}'/cert-manager/" \
-      -e '/{{-* *include /d' \
-      "$src" >> "$tmp"
-  echo >> "$tmp"
+  {
+    echo "---"
+    # Render the Helm bits: name/instance labels become static, the "Generated labels" include is dropped.
+    sed -e "s/'{{ template \"cert-manager.name\" . }}'/cert-manager/" \
+        -e "s/'{{ .Release.Name }}'/cert-manager/" \
+        -e '/{{-* *include /d' \
+        "$src"
+    echo
+  } >> "$tmp"
 done
 if grep -n '{{' "$tmp" >&2; then log "cert-manager CRDs: unrendered template lines above"; exit 1; fi
 mv "$tmp" "$out"

@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # sourced: the scripts that source this file read its variables
 # Sourced: the image names of the node's preload set and of cert-manager (needs kind-versions.sh first).
 _kn_sum=$(cat "$REPO_ROOT/images/kindnet-lite/"* | sha256sum | cut -c1-10)
 KINDNET_IMAGE="docker.io/blazen-fleet/kindnet-lite:$_kn_sum"

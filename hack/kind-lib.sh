@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # sourced: the scripts that source this file read its variables
 # Shared settings for the kind toolchain (hack/kind-*.sh, hack/build-*.sh of the cluster side).
 # Sources lib.sh for the cache root, Go settings and the k8s/etcd versions.
 # shellcheck source=hack/lib.sh
@@ -49,14 +51,14 @@ timed() {
 
 # Installs Debian packages that are missing (dpkg-query), running apt-get update at most once per call.
 ensure_apt() {
-  local missing=() p
+  local wanting=() p
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || wanting+=("$p")
   done
-  ((${#missing[@]} == 0)) && return 0
-  log "apt: installing ${missing[*]}"
+  ((${#wanting[@]} == 0)) && return 0
+  log "apt: installing ${wanting[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${wanting[@]}" >/dev/null
 }
 
 docker_image_exists() { docker image inspect "$1" >/dev/null 2>&1; }

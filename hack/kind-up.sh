@@ -60,8 +60,7 @@ create_cluster() {
 # Extended resources are not managed by kubelet: patching node status is the documented way to advertise one,
 # and it sticks. Re-applied (idempotent) on every run and checked.
 fake_gpus() {
-  local i
-  for i in $(seq 10); do
+  for _ in $(seq 10); do
     kubectl patch node "$GPU_NODE" --subresource=status --type=json \
       -p '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"4"}]' >/dev/null
     sleep 1

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced after kubeadm is built: reads the image tags kubeadm expects for $K8S_VERSION (no network with an
 # explicit version) and exports them, so every component image is tagged exactly as kubeadm and kind expect.
 #   KUBEADM_IMAGES (newline list), ETCD_IMAGE_TAG (3.6.x-0), ETCD_VERSION (v3.6.x), COREDNS_IMAGE_TAG, PAUSE_IMAGE_TAG

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared settings for the toolchain scripts. Every artefact lives under one cache root, keyed by version,
 # so a rerun finds it and does nothing.
 set -euo pipefail

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from blazen_peer.testing import build_isoc23_shim
+
+from tests.support.blazen_wheel import build_isoc23_shim
 
 
 @pytest.fixture(scope="session")

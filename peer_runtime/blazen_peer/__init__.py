@@ -13,9 +13,9 @@ from .config import PeerConfig
 from .engine.context import Context
 from .engine.refs import RefLifetime, SessionRefError, SessionRefHandle, SessionRefLimitError
 from .engine.registry import START_EVENT, STOP_EVENT, StepRegistry, Workflow, default_registry, step
+from .hooks import ServerHooks
 from .server import BlazenPeerServer, ServerConsumedError
-from .transport.hooks import ServerHooks
-from .wire.messages import ENVELOPE_VERSION
+from .wire.protocol import ENVELOPE_VERSION
 
 __all__ = [
     "ENVELOPE_VERSION",

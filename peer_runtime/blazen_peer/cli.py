@@ -9,10 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .admin.logs import configure_json_logging
 from .config import add_flags, config_from
 from .engine.watchdog import LoopWatchdog
 from .event_loop import run_event_loop
 from .server import BlazenPeerServer
+from .wire.errors import PeerError
 
 log = logging.getLogger("blazen_peer")
 
@@ -48,14 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if not config.entrypoint:
         parser.error("--entrypoint (or BLAZEN_PEER_ENTRYPOINT) is required")
-    from .security.errors import PeerError
-    from .security.logging import configure_json_logging
-
     holder: list[BlazenPeerServer] = []
 
     def secrets() -> list[str]:
-        state = holder[0].security if holder else None
-        return state.secrets() if state is not None else []
+        runtime = holder[0].runtime if holder else None
+        return runtime.secrets() if runtime is not None else []
 
     configure_json_logging(node_id=config.node_id, level=config.log_level, secrets=secrets)
     sys.path.insert(0, ".")  # the console script does not put the working directory on the path

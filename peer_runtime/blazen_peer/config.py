@@ -15,8 +15,8 @@ ENV_PREFIX = "BLAZEN_PEER_"
 
 @dataclass
 class PeerConfig:
-    """Everything ``blazen-peer serve`` can be told. The security fields are read by
-    ``blazen_peer.security``."""
+    """Everything ``blazen-peer serve`` can be told; ``blazen_peer.app`` builds the server's parts from
+    it."""
 
     node_id: str = field(default_factory=socket.gethostname)
     entrypoint: str | None = None
@@ -25,7 +25,7 @@ class PeerConfig:
     plaintext_grpc_addr: str | None = None
     admin_addr: str | None = "0.0.0.0:9090"
     steps: tuple[str, ...] | None = None
-    # security (handed to blazen_peer.security.install)
+    # security (blazen_peer.security.policy)
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -49,7 +49,7 @@ class PeerConfig:
     tls_wait_secs: float = 120.0
     log_level: str = "INFO"
     event_loop: str = "uvloop"
-    # security limits (read by blazen_peer.security)
+    # the admission's concurrency limit (blazen_peer.admission)
     max_concurrent_workflows: int = 64
 
     @classmethod
@@ -174,7 +174,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("event_loop", "uvloop (default) or asyncio's own loop", _event_loop, metavar="uvloop|asyncio"),
     Flag(
         "max_concurrent_workflows",
-        "sub-workflows run at once (Invoke + Stream); more are refused RESOURCE_EXHAUSTED / 429 (0: no cap)",
+        "calls run at once (Invoke, Stream, Deref, Release); more are refused RESOURCE_EXHAUSTED / 429 "
+        "(0: no cap)",
         int,
         metavar="N",
     ),

@@ -1,13 +1,11 @@
 """``BlazenPeerServer``: binds the gRPC listener(s), the optional HTTP/JSON shim and the optional admin app
-around
-one ``PeerService``."""
+around one ``PeerService``, with the parts the composition root (``app.compose``) builds from its config."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import logging
 from typing import Any
@@ -15,35 +13,24 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from .app import PeerRuntime, compose
 from .config import PeerConfig
 from .engine.executor import StepExecutor, default_workers
 from .engine.refs import SessionRefStore
 from .engine.registry import StepRegistry, default_registry, load_entrypoint
 from .engine.service import PeerService
+from .hooks import ServerHooks, combine
 from .transport.forwarding import SiblingForwarder, split_host_port
 from .transport.grpc_server import create_grpc_server
-from .transport.hooks import ServerHooks
 from .transport.http_shim import create_http_app
-from .wire.messages import ENVELOPE_VERSION
+from .wire.errors import PeerError
+from .wire.protocol import ENVELOPE_VERSION
 
 log = logging.getLogger("blazen_peer.server")
 
 
-class ServerConsumedError(RuntimeError):
+class ServerConsumedError(PeerError, RuntimeError):
     pass
-
-
-def _install_security(server: BlazenPeerServer) -> None:
-    """The single seam to ``blazen_peer.security``: its ``install(server)``, when present."""
-    try:
-        module = importlib.import_module("blazen_peer.security")
-    except ModuleNotFoundError as exc:
-        if exc.name == "blazen_peer.security":
-            return
-        raise
-    install = getattr(module, "install", None)
-    if install is not None:
-        install(server)
 
 
 class BlazenPeerServer:
@@ -61,6 +48,7 @@ class BlazenPeerServer:
         if node_id is not None:
             cfg.node_id = node_id
         self.config = cfg
+        #: the caller's hooks (added to the runtime's at start, never modified).
         self.hooks = hooks or ServerHooks()
         if cfg.entrypoint:
             registry = load_entrypoint(cfg.entrypoint, registry)
@@ -76,8 +64,8 @@ class BlazenPeerServer:
         self._consumed = False
         self._ready = False
         self._grpc_servers: list[grpc.aio.Server] = []
-        #: set by ``blazen_peer.security.install`` (its objects: readiness, metrics, drainer ...).
-        self.security: Any = None
+        #: what ``app.compose`` built at start (readiness, metrics, drainer, limiter, tokens, TLS).
+        self.runtime: PeerRuntime | None = None
         #: the grace period of the ``stop()`` in progress (on_stop hooks read it).
         self.stop_grace: float | None = None
         self._runners: list[web.AppRunner] = []
@@ -87,6 +75,8 @@ class BlazenPeerServer:
         self._sweeper: asyncio.Task | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: the hooks in force once started (the runtime's and the caller's).
+        self._hooks = self.hooks
 
     # -- hooks for health / info / drain ----------
 
@@ -101,6 +91,11 @@ class BlazenPeerServer:
 
     def set_ready(self, ready: bool) -> None:
         self._ready = ready
+
+    def reset_forwarding(self) -> None:
+        """New forwarding calls open new channels (after a certificate reload). Call on the event loop."""
+        if self._forwarder is not None:
+            self._forwarder.reset_channels()
 
     @property
     def served_step_ids(self) -> list[str]:
@@ -137,16 +132,22 @@ class BlazenPeerServer:
         for a in (cfg.grpc_addr, cfg.plaintext_grpc_addr, cfg.http_addr):
             if a is not None:
                 split_host_port(a)
-        _install_security(self)
-        hooks = self.hooks
+        self.runtime = compose(self)
+        hooks = combine(self.runtime.hooks, self.hooks)
+        self._hooks = hooks
         workers = cfg.sync_step_workers or default_workers(cfg.max_concurrent_workflows)
         # Steps still running after their run ended keep a slot of the concurrency limit (executor.py).
-        limiter = getattr(self.security, "limiter", None)
-        self._executor = StepExecutor(workers, slots=limiter)
+        self._executor = StepExecutor(workers, slots=self.runtime.limiter)
         self.service.executor = self._executor
 
         age = cfg.grpc_max_connection_age_secs
-        server = create_grpc_server(self.service, hooks, max_connection_age_secs=age)
+        server = create_grpc_server(
+            self.service,
+            wrap=hooks.grpc_method_wrapper,
+            options=hooks.grpc_options,
+            setup=hooks.grpc_server_setup,
+            max_connection_age_secs=age,
+        )
         if cfg.grpc_addr is not None:
             self._grpc_servers.append(server)
         try:
@@ -159,7 +160,13 @@ class BlazenPeerServer:
             if cfg.plaintext_grpc_addr is not None:
                 # Its own grpc.aio server: handlers cannot tell which port a call came in on, and this one
                 # answers without the token check.
-                plain = create_grpc_server(self.service, hooks, plaintext=True, max_connection_age_secs=age)
+                plain = create_grpc_server(
+                    self.service,
+                    wrap=hooks.plaintext_grpc_method_wrapper,
+                    options=hooks.grpc_options,
+                    setup=hooks.grpc_server_setup,
+                    max_connection_age_secs=age,
+                )
                 self._grpc_servers.append(plain)
                 self.plaintext_grpc_port = plain.add_insecure_port(cfg.plaintext_grpc_addr)
         except RuntimeError as exc:
@@ -234,7 +241,7 @@ class BlazenPeerServer:
         self.stop_grace = grace
         deadline = loop.time() + grace
         try:
-            for cb in self.hooks.on_stop:
+            for cb in self._hooks.on_stop:
                 await _maybe_await(cb(self))
             if self._sweeper is not None:
                 self._sweeper.cancel()
@@ -248,7 +255,7 @@ class BlazenPeerServer:
                 await asyncio.sleep(min(0.1, deadline - loop.time()))
             remaining = max(0.0, deadline - loop.time())
             await asyncio.gather(http, *(srv.stop(remaining) for srv in self._grpc_servers))
-            for cb in self.hooks.on_closed:
+            for cb in self._hooks.on_closed:
                 await _maybe_await(cb(self))
             if self._admin_runner is not None:
                 await self._admin_runner.cleanup()
@@ -258,9 +265,6 @@ class BlazenPeerServer:
                 self._executor.shutdown()
         finally:
             self._stopped.set()
-
-    async def wait_closed(self) -> None:
-        await self._stopped.wait()
 
 
 async def _close_app(runner: web.AppRunner, grace: float) -> None:

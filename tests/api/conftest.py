@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-
-import controlplane
 from blazen_operator.apply import Api, ApiError, load_client_configuration
-from controlplane import eventually
+
+from tests.support import controlplane
+from tests.support.controlplane import eventually
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +80,7 @@ def api(control_plane: controlplane.ControlPlane) -> Api:
 
 @pytest.fixture(scope="package")
 def operator_ports() -> dict[str, int]:
-    return {"liveness": controlplane.free_port(), "metrics": controlplane.free_port()}
+    return {"liveness": free_port(), "metrics": free_port()}
 
 
 @pytest.fixture(scope="package")

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from blazen_operator.apply import Api, ApiError, path_for
-from controlplane import eventually
+
+from tests.support.controlplane import eventually
 
 pytestmark = pytest.mark.api
 

@@ -11,7 +11,9 @@ import urllib.request
 
 import pytest
 from blazen_operator.apply import path_for
-from controlplane import eventually, free_port
+
+from tests.support.controlplane import eventually
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.api
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from blazen_peer import BlazenPeerServer, PeerConfig
+from blazen_peer import ServerHooks
 
 from tests.browser.harness import CFG, dump_dom, find_chromium, page_app, parse_result, start
+from tests.support.peers import start_peer
 
 pytestmark = pytest.mark.browser
 
@@ -56,19 +57,14 @@ async def _browse(chromium: str, entrypoint: str, *, allow_page_origin: bool, pa
         elif request.method == "POST":
             callers.append(request.headers.get("X-Blazen-Peer-Node-Id"))
 
-    server = BlazenPeerServer(
-        config=PeerConfig(
-            node_id="browser-peer-0",
-            entrypoint=entrypoint,
-            grpc_addr="127.0.0.1:0",
-            http_addr="127.0.0.1:0",
-            admin_addr=None,
-            token=TOKEN,
-            cors_allow_origin=(origin if allow_page_origin else "https://app.example.com",),
-        )
+    server = await start_peer(
+        hooks=ServerHooks(http_app_setup=[lambda app: app.on_response_prepare.append(record)]),
+        node_id="browser-peer-0",
+        entrypoint=entrypoint,
+        admin_addr=None,
+        token=TOKEN,
+        cors_allow_origin=(origin if allow_page_origin else "https://app.example.com",),
     )
-    server.hooks.http_app_setup.append(lambda app: app.on_response_prepare.append(record))
-    await server.start()
     page[CFG]["url"] = f"http://127.0.0.1:{server.http_port}{ROUTE}"
     try:
         result = parse_result(await dump_dom(chromium, f"{origin}/", budget_ms=8000))

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HACK = REPO / "hack"
@@ -135,12 +136,6 @@ def namespace(cluster: str) -> Iterator[str]:
     kubectl("create", "namespace", ns)
     yield ns
     kubectl("delete", "namespace", ns, "--wait=false", check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 from blazen_peer.client import BlazenPeerClient, HttpPeerClient
-from blazen_peer.testing import blazen_env
 from cryptography import x509
+
+from tests.support.blazen_wheel import blazen_env
 
 from .conftest import (
     CPU_NODE,

@@ -15,7 +15,7 @@ repeated up to 2,000 times). A run is reproducible from its seed. Findings are:
 * both transports: the ``echo`` step running more often than calls were made (repeated step ids
   multiplying work).
 
-The servers are real ``BlazenPeerServer`` instances with ``blazen_peer.security`` installed (token
+The servers are real ``BlazenPeerServer`` instances with the runtime composed by ``blazen_peer.app`` (token
 required), in this process.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 import grpc
-from blazen_peer import BlazenPeerServer, PeerConfig, StepRegistry
+from blazen_peer import BlazenPeerServer, StepRegistry
 from blazen_peer.engine.service import EMPTY_WORKFLOW
 from blazen_peer.wire.envelope import EnvelopeDecodeError, unwrap, wrap
 from blazen_peer.wire.messages import (
@@ -47,6 +47,8 @@ from blazen_peer.wire.messages import (
     encode_stream_event,
 )
 from blazen_peer.wire.postcard import PostcardDecodeError
+
+from tests.support.peers import start_peer
 
 HANG_SECS = 2.0
 TOKEN = "fuzz-token-0123456789"
@@ -306,18 +308,14 @@ def check_runs(report: Report, runs: collections.Counter, calls: int) -> None:
 
 
 async def start_server(runs: collections.Counter, **cfg: Any) -> BlazenPeerServer:
-    config = PeerConfig(
+    return await start_peer(
+        fuzz_registry(runs),
         node_id="fuzz-0",
-        grpc_addr="127.0.0.1:0",
-        http_addr="127.0.0.1:0",
         admin_addr=None,
         token=TOKEN,
         max_concurrent_workflows=1000,
         **cfg,
     )
-    server = BlazenPeerServer(config=config, registry=fuzz_registry(runs))
-    await server.start()
-    return server
 
 
 GRPC_ALLOWED = {

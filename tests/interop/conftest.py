@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blazen_peer import BlazenPeerServer, PeerConfig, RefLifetime, StepRegistry, Workflow
-from blazen_peer.testing import blazen_env
+from blazen_peer import BlazenPeerServer, RefLifetime, StepRegistry, Workflow
+
+from tests.support.blazen_wheel import blazen_env
+from tests.support.peers import running_peer
 
 DRIVER = Path(__file__).with_name("blazen_driver.py")
 NODE_ID = "peer-under-test"
@@ -104,19 +106,8 @@ class Peer:
 @pytest.fixture
 async def peer() -> AsyncIterator[Peer]:
     finished: list[str] = []
-    config = PeerConfig(
-        node_id=NODE_ID,
-        grpc_addr="127.0.0.1:0",
-        http_addr="127.0.0.1:0",
-        insecure=True,
-        admin_addr="127.0.0.1:0",
-    )
-    server = BlazenPeerServer(config=config, registry=build_registry(finished))
-    await server.start()
-    try:
+    async with running_peer(build_registry(finished), node_id=NODE_ID, insecure=True) as server:
         yield Peer(server, finished)
-    finally:
-        await server.stop(grace=0)
 
 
 BlazenRun = Callable[..., Awaitable[list[dict]]]

@@ -20,18 +20,22 @@ import grpc
 import pytest
 from blazen_peer.wire.envelope import unwrap, wrap
 from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse, decode_stream_frame
+from blazen_peer.wire.protocol import (
+    PATH_DEREF,
+    PATH_INVOKE,
+    PATH_RELEASE,
+    PATH_STREAM,
+    ROUTE_DEREF,
+    ROUTE_INVOKE,
+    ROUTE_RELEASE,
+)
 
-from tests.unit.test_peer_secure_support import free_port, http_get, metric, spawn_peer, wait_ready
+from tests.support.peers import http_get, metric, spawn_peer, wait_ready
+from tests.support.ports import free_port
 
 STEPS = Path(__file__).with_name("hostile_steps.py")
-SERVICE = "/blazen.peer.v1.BlazenPeer/"
-INVOKE = SERVICE + "InvokeSubWorkflow"
-STREAM = SERVICE + "StreamSubWorkflowEvents"
-DEREF = SERVICE + "DerefSessionRef"
-RELEASE = SERVICE + "ReleaseSessionRef"
-ROUTE_INVOKE = "/v1/peer/invoke_sub_workflow"
-ROUTE_DEREF = "/v1/peer/deref_session_ref"
-ROUTE_RELEASE = "/v1/peer/release_session_ref"
+INVOKE, STREAM, DEREF, RELEASE = PATH_INVOKE, PATH_STREAM, PATH_DEREF, PATH_RELEASE
+__all__ = ["DEREF", "INVOKE", "RELEASE", "ROUTE_DEREF", "ROUTE_INVOKE", "ROUTE_RELEASE", "STREAM"]
 
 
 def request(steps: list[str], input_value: Any = None, timeout_secs: int | None = None) -> bytes:

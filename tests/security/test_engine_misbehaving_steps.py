@@ -12,7 +12,7 @@ import time
 import pytest
 from blazen_peer.wire.messages import SubWorkflowResponse
 
-from tests.unit.test_peer_secure_support import http_get
+from tests.support.peers import http_get
 
 from .conftest import ROUTE_INVOKE, PeerFactory, invoke_json, request
 

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
+
+from .ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -58,12 +59,6 @@ def cert_manager_crds() -> Path:
 
 def missing_binaries() -> list[str]:
     return [name for name, path in toolchain_paths().items() if name != "cache_root" and not path.exists()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_sa_keys(directory: Path) -> tuple[Path, Path]:

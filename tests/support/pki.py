@@ -208,3 +208,54 @@ class KubeletSecretDir:
             for child in oldpath.iterdir():
                 child.unlink()
             oldpath.rmdir()
+
+
+@dataclass
+class Pki:
+    """A CA, the peer's server leaf (kubelet-style Secret dir), a client leaf, and the bad ones."""
+
+    root: Path
+    ca: CA = field(default_factory=lambda: CA("blazen-peer-ca"))
+    other_ca: CA = field(default_factory=lambda: CA("some-other-ca"))
+
+    def __post_init__(self) -> None:
+        self.secret = KubeletSecretDir(self.root / "tls")
+        self.server = self.issue_server(1001)
+        self.secret.write(secret_files(self.server, self.ca))
+        now = dt.datetime.now(dt.UTC)
+        self.client = self.ca.issue("caller", server=False)
+        self.client_files = write_pem_files(self.root / "client", self.client, self.ca)
+        self.foreign_files = write_pem_files(
+            self.root / "foreign", self.other_ca.issue("intruder", server=False), self.other_ca
+        )
+        expired = self.ca.issue(
+            "expired",
+            server=False,
+            not_before=now - dt.timedelta(days=10),
+            not_after=now - dt.timedelta(days=1),
+        )
+        self.expired_files = write_pem_files(self.root / "expired", expired, self.ca)
+
+    def issue_server(self, serial: int) -> Issued:
+        return self.ca.issue("peer-0", serial=serial, dns=("localhost", "peer-0.peers.example"))
+
+    def rotate(self, serial: int) -> Issued:
+        self.server = self.issue_server(serial)
+        self.secret.write(secret_files(self.server, self.ca))
+        return self.server
+
+    @property
+    def cert(self) -> str:
+        return str(self.secret.path("tls.crt"))
+
+    @property
+    def key(self) -> str:
+        return str(self.secret.path("tls.key"))
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.secret.path("ca.crt"))
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca.cert_pem

@@ -10,9 +10,8 @@ from blazen_peer.admin.app import make_admin_app
 from blazen_peer.admin.health import (
     AioReadinessHealthServicer,
     add_health_servicer,
-    make_sync_health_servicer,
 )
-from blazen_peer.admin.metrics import PeerMetrics
+from blazen_peer.admin.metrics import PeerMetrics, method_label
 from blazen_peer.admin.readiness import Readiness
 from blazen_peer.security.reload import ReloadingTlsSource
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,7 +39,11 @@ async def test_admin_endpoints():
     ready = Readiness()
     metrics = PeerMetrics()
     steps = ["my_app::analyze"]
-    app = make_admin_app(readiness=ready, metrics=metrics, node_id="peer-0", steps=lambda: steps)
+    app = make_admin_app(
+        readiness=ready,
+        metrics=metrics,
+        info=lambda: {"node_id": "peer-0", "steps": list(steps), "envelope_version": 1},
+    )
     async with TestClient(TestServer(app)) as client:
         r = await client.get("/healthz")
         assert r.status == 200
@@ -72,7 +75,8 @@ async def test_info_callback_and_liveness():
     alive = [True]
     app = make_admin_app(
         readiness=Readiness(),
-        info=lambda: {"node_id": "n1", "steps": ["a"], "ready": True},
+        metrics=PeerMetrics(),
+        info=lambda: {"node_id": "n1", "steps": ["a"], "envelope_version": 1, "ready": True},
         liveness=lambda: alive[0],
     )
     async with TestClient(TestServer(app)) as client:
@@ -80,7 +84,6 @@ async def test_info_callback_and_liveness():
         assert info == {"node_id": "n1", "steps": ["a"], "envelope_version": 1, "ready": False}
         alive[0] = False
         assert (await client.get("/healthz")).status == 503
-        assert (await client.get("/metrics")).status == 404
 
 
 async def test_metrics_exposition(tmp_path):
@@ -92,12 +95,17 @@ async def test_metrics_exposition(tmp_path):
     a, b = PeerMetrics(), PeerMetrics()  # separate registries: no duplicate-timeseries error
     a.track_refs(lambda: (3, 4096))
     a.track_tls(src)
-    a.observe("grpc", "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", grpc.StatusCode.OK, 0.02)
-    a.observe("http", "/some/scanner/path", 404, 0.001)
-    b.observe("grpc", "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", grpc.StatusCode.OK, 0.02)
+    for metrics, transport, path, code, seconds in (
+        (a, "grpc", "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", "OK", 0.02),
+        (a, "http", "/some/scanner/path", "404", 0.001),
+        (b, "grpc", "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow", "OK", 0.02),
+    ):
+        stats = metrics.stats(transport, method_label(path))
+        stats.start()
+        stats.finish(code, seconds)
     d.write(secret_files(ca.issue(serial=100, not_after=dt.datetime(2032, 1, 2, tzinfo=dt.UTC)), ca))
     assert src.check_now()
-    app = make_admin_app(readiness=Readiness(), metrics=a)
+    app = make_admin_app(readiness=Readiness(), metrics=a, info=dict)
     async with TestClient(TestServer(app)) as client:
         r = await client.get("/metrics")
         assert r.status == 200
@@ -153,24 +161,3 @@ async def test_aio_health_follows_readiness():
             assert ei.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(None)
-
-
-def test_sync_health_follows_readiness():
-    from concurrent.futures import ThreadPoolExecutor
-
-    ready = Readiness()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    add_health_servicer(server, make_sync_health_servicer(ready))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            req = health_pb2.HealthCheckRequest(service="")
-            assert stub.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            ready.set_ready()
-            assert stub.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-            ready.set_draining()
-            assert stub.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    finally:
-        server.stop(None)

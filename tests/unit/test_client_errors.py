@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from blazen_peer import BlazenPeerServer, PeerConfig, RefLifetime, StepRegistry
+from blazen_peer import BlazenPeerServer, RefLifetime, StepRegistry
 from blazen_peer.client import (
     BlazenPeerClient,
     DerefRequest,
@@ -30,6 +29,9 @@ from blazen_peer.client import (
     resolve_peer_token,
 )
 from blazen_peer.wire import wrap
+
+from tests.support.peers import start_peer
+from tests.support.ports import free_port
 
 
 def registry() -> StepRegistry:
@@ -77,17 +79,7 @@ def registry() -> StepRegistry:
 
 
 async def start(name: str, **cfg: Any) -> BlazenPeerServer:
-    config = PeerConfig(
-        node_id=name,
-        grpc_addr="127.0.0.1:0",
-        http_addr="127.0.0.1:0",
-        admin_addr="127.0.0.1:0",
-        insecure=True,
-        **cfg,
-    )
-    server = BlazenPeerServer(config=config, registry=registry())
-    await server.start()
-    return server
+    return await start_peer(registry(), node_id=name, insecure=True, **cfg)
 
 
 @pytest.fixture
@@ -275,12 +267,6 @@ async def test_stream_events_then_final(server: BlazenPeerServer) -> None:
                 pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_forwarding_between_two_replicas() -> None:
     ports = [free_port(), free_port()]
     peers = tuple(
@@ -288,17 +274,7 @@ async def test_forwarding_between_two_replicas() -> None:
     )  # both listed on both, as a headless Service's A records are
     replicas = []
     for name, port in zip(("replica-a", "replica-b"), ports, strict=True):
-        config = PeerConfig(
-            node_id=name,
-            grpc_addr=f"127.0.0.1:{port}",
-            http_addr="127.0.0.1:0",
-            admin_addr="127.0.0.1:0",
-            insecure=True,
-            forward_peers=peers,
-        )
-        server = BlazenPeerServer(config=config, registry=registry())
-        await server.start()
-        replicas.append(server)
+        replicas.append(await start(name, grpc_addr=f"127.0.0.1:{port}", forward_peers=peers))
     a, b = replicas
     try:
         ca = await BlazenPeerClient.connect(f"http://127.0.0.1:{a.grpc_port}", "c")

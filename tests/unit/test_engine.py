@@ -11,8 +11,8 @@ import pytest
 from blazen_peer.engine import PeerService, RefLifetime, SessionRefStore, StepRegistry, Workflow
 from blazen_peer.engine.executor import StepExecutor
 from blazen_peer.engine.refs import SessionRefLimitError
-from blazen_peer.errors import PeerStatusError, Status
 from blazen_peer.wire import SubWorkflowRequest
+from blazen_peer.wire.errors import PeerStatusError, Status
 
 STOP = "blazen::StopEvent"
 START_EVENT = "blazen::StartEvent"

@@ -19,7 +19,7 @@ from blazen_operator.spec import parse_spec
 from blazen_peer import BlazenPeerServer, PeerConfig, ServerHooks, default_registry
 from blazen_peer.client import PeerTransportError
 from blazen_peer.engine.service import PeerService
-from blazen_peer.errors import PeerStatusError, Status
+from blazen_peer.wire.errors import PeerStatusError, Status
 from blazen_peer.wire.messages import SubWorkflowRequest
 
 from tests.support.pki import CA, write_pem_files

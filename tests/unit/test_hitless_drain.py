@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.unit.test_peer_secure_process import PeerProcess
-from tests.unit.test_peer_secure_support import TOKEN, Pki, client_ssl, http_get, metric, wait_ready
+from tests.support.peers import TOKEN, PeerProcess, client_ssl, http_get, metric, wait_ready
+from tests.support.pki import Pki
 
 GRPC_RATE = 220  # calls/s on one open channel
 HTTP_RATE = 40  # calls/s on one keep-alive session

@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from blazen_operator import status as st
+from blazen_operator import status
 from blazen_operator.builders import Peer, common, workload
 from blazen_operator.spec import parse_spec
 
@@ -39,14 +39,14 @@ def deployment(replicas=2, ready=2, updated=2, available=None, gen=1, observed_g
     }
 
 
-def observed(**kw: Any) -> st.Observed:
+def observed(**kw: Any) -> status.Observed:
     """An Observed whose Deployment carries the peer's current template (the config-hash annotation),
     unless the test gave it a template of its own."""
     dep, p = kw.get("deployment"), kw.get("peer")
     if dep is not None and p is not None and "spec" not in dep:
         annotations = {common.CONFIG_HASH_ANNOTATION: workload.config_hash(p)}
         kw["deployment"] = {**dep, "spec": {"template": {"metadata": {"annotations": annotations}}}}
-    return st.Observed(**kw)
+    return status.Observed(**kw)
 
 
 def certificate(ready="True", gen=1, cond_gen=1, reason="Ready", message="ok"):
@@ -68,8 +68,8 @@ def certificate(ready="True", gen=1, cond_gen=1, reason="Ready", message="ok"):
     }
 
 
-def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+def conds(body: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in body["conditions"]}
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     ],
 )
 def test_conditions_and_phase(observed, phase, expected):
-    out = st.compute(observed, now=T0)
+    out = status.compute(observed, now=T0)
     assert out["phase"] == phase
     got = conds(out)
     for type_, value in expected.items():
@@ -210,7 +210,7 @@ def test_conditions_and_phase(observed, phase, expected):
 
 
 def test_replica_counts_selector_endpoints_and_certificate():
-    out = st.compute(
+    out = status.compute(
         observed(
             generation=1,
             peer=peer(replicas=3, plaintextGrpc={"enabled": True, "allowedFrom": [{"podSelector": {}}]}),
@@ -236,15 +236,15 @@ def test_replica_counts_selector_endpoints_and_certificate():
     ("pods", "served", "unknown"),
     [
         ((), None, None),
-        ((st.PodReport("a", ready=False, info=None),), None, None),
-        ((st.PodReport("a", ready=True, info=None),), None, 1),
-        ((st.PodReport("a", ready=True, info={"steps": ["x", "y"]}),), ["x", "y"], 0),
+        ((status.PodReport("a", ready=False, info=None),), None, None),
+        ((status.PodReport("a", ready=True, info=None),), None, 1),
+        ((status.PodReport("a", ready=True, info={"steps": ["x", "y"]}),), ["x", "y"], 0),
         (
             (
-                st.PodReport("a", ready=True, info={"steps": ["y"]}),
-                st.PodReport("b", ready=True, info={"steps": ["x"]}),
-                st.PodReport("c", ready=True, info=None),
-                st.PodReport("d", ready=False, info={"steps": ["never-counted"]}),
+                status.PodReport("a", ready=True, info={"steps": ["y"]}),
+                status.PodReport("b", ready=True, info={"steps": ["x"]}),
+                status.PodReport("c", ready=True, info=None),
+                status.PodReport("d", ready=False, info={"steps": ["never-counted"]}),
             ),
             ["x", "y"],
             1,
@@ -252,14 +252,14 @@ def test_replica_counts_selector_endpoints_and_certificate():
     ],
 )
 def test_served_steps_are_reported_never_invented(pods, served, unknown):
-    out = st.compute(observed(generation=1, peer=peer(), deployment=deployment(), pods=pods), now=T0)
+    out = status.compute(observed(generation=1, peer=peer(), deployment=deployment(), pods=pods), now=T0)
     assert out.get("servedSteps") == served
     assert out.get("stepsUnknownPods") == unknown
 
 
 def test_steps_not_served_is_degraded():
-    pods = (st.PodReport("a", ready=True, info={"steps": ["a::x"]}),)
-    out = st.compute(
+    pods = (status.PodReport("a", ready=True, info={"steps": ["a::x"]}),)
+    out = status.compute(
         observed(generation=1, peer=peer(steps=["a::x", "a::y"]), deployment=deployment(), pods=pods),
         now=T0,
     )
@@ -271,12 +271,12 @@ def test_last_transition_time_moves_only_on_change():
     half = observed(
         generation=1, peer=peer(replicas=2), deployment=deployment(ready=1), certificate=certificate()
     )
-    first = st.compute(half, now=T0)
-    again = st.compute(half, previous=first, now=T1)
+    first = status.compute(half, now=T0)
+    again = status.compute(half, previous=first, now=T1)
     assert again == first, "same observation, same status: nothing to write"
 
     ready = observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate())
-    second = st.compute(ready, previous=first, now=T1)
+    second = status.compute(ready, previous=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Ready"] == "2026-11-22T04:05:00Z"
     assert times["CertificateReady"] == "2026-11-22T04:00:00Z"
@@ -284,28 +284,28 @@ def test_last_transition_time_moves_only_on_change():
 
 
 def test_transitions_produce_events():
-    pending = st.compute(observed(generation=1, peer=peer(), deployment=deployment(ready=0)), now=T0)
-    assert st.transitions({}, pending) == []
-    issued = st.compute(
+    pending = status.compute(observed(generation=1, peer=peer(), deployment=deployment(ready=0)), now=T0)
+    assert status.transitions({}, pending) == []
+    issued = status.compute(
         observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
         previous=pending,
         now=T1,
     )
-    reasons = [(e.type, e.reason) for e in st.transitions(pending, issued)]
+    reasons = [(e.type, e.reason) for e in status.transitions(pending, issued)]
     assert ("Normal", "CertificateIssued") in reasons
     assert ("Normal", "Ready") in reasons
-    broken = st.compute(observed(generation=2, peer=None, invalid="bad"), previous=issued, now=T1)
-    reasons = [(e.type, e.reason) for e in st.transitions(issued, broken)]
+    broken = status.compute(observed(generation=2, peer=None, invalid="bad"), previous=issued, now=T1)
+    reasons = [(e.type, e.reason) for e in status.transitions(issued, broken)]
     assert ("Warning", "InvalidSpec") in reasons
-    assert st.transitions(broken, broken) == []
+    assert status.transitions(broken, broken) == []
 
 
 def test_invalid_spec_keeps_what_is_known():
-    good = st.compute(
+    good = status.compute(
         observed(generation=1, peer=peer(replicas=2), deployment=deployment(), certificate=certificate()),
         now=T0,
     )
-    bad = st.compute(observed(generation=2, peer=None, invalid="bad"), previous=good, now=T1)
+    bad = status.compute(observed(generation=2, peer=None, invalid="bad"), previous=good, now=T1)
     assert bad["replicas"] == 2
     assert bad["endpoints"] == good["endpoints"]
     assert bad["observedGeneration"] == 2
@@ -319,20 +319,21 @@ def test_not_ready_until_the_current_template_serves():
         **deployment(),
         "spec": {"template": {"metadata": {"annotations": {common.CONFIG_HASH_ANNOTATION: "old"}}}},
     }
-    out = st.compute(observed(generation=2, peer=p, deployment=stale, certificate=certificate()), now=T0)
+    out = status.compute(observed(generation=2, peer=p, deployment=stale, certificate=certificate()), now=T0)
     assert out["phase"] == "Progressing"
     assert conds(out)["Ready"] == ("False", "PodsNotReady")
     assert conds(out)["Available"] == ("True", "PreviousPodsServing")
     assert conds(out)["Progressing"] == ("True", "RollingOut")
     # Surge in progress: one new pod not ready yet, the old ones serving.
     surging = deployment(replicas=3, ready=2, updated=1)
-    out = st.compute(observed(generation=2, peer=p, deployment=surging, certificate=certificate()), now=T0)
+    seen = observed(generation=2, peer=p, deployment=surging, certificate=certificate())
+    out = status.compute(seen, now=T0)
     assert (out["phase"], conds(out)["Ready"][0], conds(out)["Available"]) == (
         "Progressing",
         "False",
         ("True", "PreviousPodsServing"),
     )
-    done = st.compute(
+    done = status.compute(
         observed(generation=2, peer=p, deployment=deployment(), certificate=certificate()), now=T0
     )
     assert (done["phase"], conds(done)["Available"]) == ("Ready", ("True", "MinimumReplicasAvailable"))
@@ -340,15 +341,15 @@ def test_not_ready_until_the_current_template_serves():
 
 def test_session_refs_per_ready_pod():
     pods = (
-        st.PodReport("bp-a", True, {"steps": [], "session_refs": 3}),
-        st.PodReport("bp-b", True, {"steps": [], "session_refs": 0}),
-        st.PodReport("bp-c", True, {"steps": []}),  # a runtime that does not report refs
-        st.PodReport("bp-d", True, {"steps": [], "session_refs": "7"}),  # nonsense is not believed
-        st.PodReport("bp-e", False, None),
+        status.PodReport("bp-a", True, {"steps": [], "session_refs": 3}),
+        status.PodReport("bp-b", True, {"steps": [], "session_refs": 0}),
+        status.PodReport("bp-c", True, {"steps": []}),  # a runtime that does not report refs
+        status.PodReport("bp-d", True, {"steps": [], "session_refs": "7"}),  # nonsense is not believed
+        status.PodReport("bp-e", False, None),
     )
-    out = st.compute(
+    out = status.compute(
         observed(generation=1, peer=peer(replicas=5), deployment=deployment(), pods=pods), now=T0
     )
     assert out["sessionRefs"] == {"bp-a": 3, "bp-b": 0}
-    none = st.compute(observed(generation=1, peer=peer(), deployment=deployment()), now=T0)
+    none = status.compute(observed(generation=1, peer=peer(), deployment=deployment()), now=T0)
     assert "sessionRefs" not in none

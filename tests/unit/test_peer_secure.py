@@ -1,4 +1,4 @@
-"""A real ``BlazenPeerServer`` with ``blazen_peer.security.install`` wired in: the auth matrix on both
+"""A real ``BlazenPeerServer`` composed by ``blazen_peer.app``: the auth matrix on both
 transports, secure by default, the plaintext listener, health/readiness/metrics/info, limits, drain,
 session-ref forwarding over mTLS + token, log redaction."""
 
@@ -17,12 +17,12 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from blazen_peer import BlazenPeerServer, PeerConfig
+from blazen_peer import BlazenPeerServer
+from blazen_peer.admin.logs import configure_json_logging
 from blazen_peer.client import BlazenPeerClient
-from blazen_peer.security.errors import PeerInsecureConfigError, PeerTlsError
-from blazen_peer.security.integration import INSECURE_MESSAGE
-from blazen_peer.security.logging import configure_json_logging
+from blazen_peer.security.policy import INSECURE_MESSAGE
 from blazen_peer.wire.envelope import unwrap, wrap
+from blazen_peer.wire.errors import PeerInsecureConfigError, PeerTlsError
 from blazen_peer.wire.messages import (
     DerefRequest,
     DerefResponse,
@@ -31,23 +31,33 @@ from blazen_peer.wire.messages import (
     SubWorkflowRequest,
     SubWorkflowResponse,
 )
+from blazen_peer.wire.protocol import (
+    PATH_DEREF,
+    PATH_INVOKE,
+    PATH_RELEASE,
+    PATH_STREAM,
+    ROUTE_DEREF,
+    ROUTE_INVOKE,
+    ROUTE_RELEASE,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.unit.test_peer_secure_support import (
+from tests.support.peers import (
     STEP_MODULE,
     TOKEN,
-    Pki,
     client_ssl,
     http_get,
     metric,
+    start_peer,
     write_steps,
 )
+from tests.support.pki import Pki
 
-INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
-DEREF = "/blazen.peer.v1.BlazenPeer/DerefSessionRef"
-RELEASE = "/blazen.peer.v1.BlazenPeer/ReleaseSessionRef"
-STREAM = "/blazen.peer.v1.BlazenPeer/StreamSubWorkflowEvents"
-HTTP_INVOKE = "/v1/peer/invoke_sub_workflow"
+INVOKE = PATH_INVOKE
+DEREF = PATH_DEREF
+RELEASE = PATH_RELEASE
+STREAM = PATH_STREAM
+HTTP_INVOKE = ROUTE_INVOKE
 
 
 @pytest.fixture
@@ -66,16 +76,7 @@ async def make_peer(steps_on_path: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[BlazenPeerServer] = []
 
     async def make(**cfg: Any) -> BlazenPeerServer:
-        base: dict[str, Any] = {
-            "node_id": "secure-0",
-            "entrypoint": steps_on_path,
-            "grpc_addr": "127.0.0.1:0",
-            "http_addr": "127.0.0.1:0",
-            "admin_addr": "127.0.0.1:0",
-        }
-        base.update(cfg)
-        server = BlazenPeerServer(config=PeerConfig(**base))
-        await server.start()
+        server = await start_peer(**{"node_id": "secure-0", "entrypoint": steps_on_path, **cfg})
         started.append(server)
         return server
 
@@ -304,7 +305,7 @@ async def test_plaintext_listener_for_blazen_clients(make_peer, pki: Pki) -> Non
     assert SubWorkflowResponse.decode(body).result_value() == {"x": 1, "caller": "blazen-rs"}
     # The limit is shared with the TLS listener.
     slow = asyncio.ensure_future(grpc_call(server.plaintext_grpc_port, None, req(["slow"], {"secs": 1.5})))
-    await _until(lambda: server.security.limiter.in_use == 1)
+    await _until(lambda: server.runtime.limiter.in_use == 1)
     code, details, _ = await grpc_call(
         server.grpc_port, grpc_creds(pki, pki.client_files), req(["echo"]), token=TOKEN
     )
@@ -366,7 +367,7 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
     assert metric(text, "blazen_peer_tls_reloads_total", listener="peer") == 0
     # A reload shows in the metrics.
     pki.rotate(4242)
-    assert server.security.tls.check_now()
+    assert server.runtime.tls.check_now()
     _, text = await http_get(admin + "/metrics")
     assert metric(text, "blazen_peer_tls_reloads_total", listener="peer") == 1
 
@@ -375,7 +376,7 @@ async def test_readiness_follows_start_and_drain(make_peer, pki: Pki) -> None:
     """stop(): not ready at once but still serving through the admit window, then the listeners close
     (GOAWAY on the open channel) while the in-flight call finishes."""
     server = await make_peer(**tls_cfg(pki, shutdown_grace_secs=10, shutdown_admit_secs=1.5))
-    state = server.security
+    state = server.runtime
     assert state.readiness.ready
     assert server.ready
     creds = grpc_creds(pki, pki.client_files)
@@ -441,14 +442,14 @@ async def test_stopping_peer_answers_for_its_refs_until_they_are_released(make_p
     assert ReleaseResponse.decode(body).released is True
     await asyncio.wait_for(stopping, 5)  # closed once the refs were gone, long before the 20 s grace
     assert time.monotonic() - t0 < 6
-    assert a.security.drainer.clean is True
+    assert a.runtime.drainer.clean is True
 
 
 async def test_grace_bounds_the_http_shim_too(make_peer, pki: Pki) -> None:
     """An HTTP request still running when the grace is over is cancelled: stop() returns within the grace
     (aiohttp alone would wait 60 s)."""
     server = await make_peer(**tls_cfg(pki, shutdown_grace_secs=1.0))
-    state = server.security
+    state = server.runtime
     slow = asyncio.ensure_future(
         http_post(server.http_port, client_ssl(pki), http_body(["slow"], {"secs": 30}), token=TOKEN)
     )
@@ -471,22 +472,34 @@ async def test_concurrency_limit_on_both_transports(make_peer, pki: Pki) -> None
         asyncio.ensure_future(grpc_call(server.grpc_port, creds, req(["slow"], {"secs": 2}), token=TOKEN))
         for _ in range(2)
     ]
-    await _until(lambda: server.security.limiter.in_use == 2)
+    await _until(lambda: server.runtime.limiter.in_use == 2)
     code, details, _ = await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "the limit of 2 is reached" in details
     status, err = await http_post(server.http_port, client_ssl(pki), http_body(["echo"]), token=TOKEN)
     assert (status, "the limit of 2 is reached" in err["error"]) == (429, True)
-    # Unauthenticated calls are refused before they could take a slot; derefs are not limited.
+    # Unauthenticated calls are refused before they could take a slot.
     assert (await grpc_call(server.grpc_port, creds, req(["echo"])))[0] == grpc.StatusCode.UNAUTHENTICATED
+    # Deref and release share the limit (issue #10): they hold payloads or fan out to every sibling.
+    for method, body in ((PATH_DEREF, DerefRequest(_UUID)), (PATH_RELEASE, ReleaseRequest(_UUID))):
+        code, details, _ = await grpc_call(
+            server.grpc_port, creds, wrap(body.encode()), token=TOKEN, method=method
+        )
+        assert (code, "the limit of 2 is reached" in details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, True)
+    for route in (ROUTE_DEREF, ROUTE_RELEASE):
+        status, err = await http_post(
+            server.http_port, client_ssl(pki), {"ref_uuid": _UUID}, token=TOKEN, path=route
+        )
+        assert (status, "the limit of 2 is reached" in err["error"]) == (429, True)
+    assert server.runtime.limiter.in_use == 2
+    for task in busy:
+        assert (await task)[0] == grpc.StatusCode.OK
+    assert server.runtime.limiter.in_use == 0
+    assert (await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN))[0] == grpc.StatusCode.OK
     code, _, _ = await grpc_call(
         server.grpc_port, creds, wrap(DerefRequest(_UUID).encode()), token=TOKEN, method=DEREF
     )
     assert code == grpc.StatusCode.NOT_FOUND
-    for task in busy:
-        assert (await task)[0] == grpc.StatusCode.OK
-    assert server.security.limiter.in_use == 0
-    assert (await grpc_call(server.grpc_port, creds, req(["echo"]), token=TOKEN))[0] == grpc.StatusCode.OK
 
 
 _UUID = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
@@ -622,7 +635,7 @@ async def test_session_ref_forwarding_over_mtls_with_token(make_peer, tmp_path: 
 
     b = await make_peer(**cfg("b"))
     a = await make_peer(**cfg("a", forward_peers=(f"127.0.0.1:{b.grpc_port}",)))
-    assert a.security.forward_server_name == "peers.fleet.svc"
+    assert a.runtime.forward_server_name == "peers.fleet.svc"
     leaf = ca.issue("caller", server=False)
     creds = grpc.ssl_channel_credentials(ca.cert_pem, leaf.key_pem, leaf.cert_pem)
 
@@ -648,7 +661,7 @@ async def test_session_ref_forwarding_over_mtls_with_token(make_peer, tmp_path: 
     dirs["a"].write(secret_files(ca.issue("peer-a2", dns=("peers.fleet.svc",), ips=()), ca))
     forwarder = a._forwarder
     old_channels = dict(forwarder._channels)
-    assert a.security.tls.check_now()
+    assert a.runtime.tls.check_now()
     await _until(lambda: forwarder._channels != old_channels or not forwarder._channels)
     code, body = await call(a.grpc_port, wrap(DerefRequest(ref).encode()), DEREF)
     assert code == grpc.StatusCode.OK
@@ -668,7 +681,7 @@ async def test_json_logs_carry_caller_and_request_id_and_never_secrets(make_peer
         node_id="secure-0",
         level="INFO",
         stream=stream,
-        secrets=lambda: holder[0].security.secrets() if holder else [],
+        secrets=lambda: holder[0].runtime.secrets() if holder else [],
     )
     try:
         server = await make_peer(**tls_cfg(pki))

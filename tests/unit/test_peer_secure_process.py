@@ -12,25 +12,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from blazen_peer.client import BlazenPeerClient
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
 
-from tests.support.pki import KubeletSecretDir
-from tests.unit.test_peer_secure_support import (
-    STEP_MODULE,
+from tests.support.peers import (
     TOKEN,
-    Pki,
+    PeerProcess,
     client_ssl,
-    free_port,
     http_get,
     metric,
     served_serial,
-    spawn_peer,
     wait_ready,
     wait_serial,
-    write_steps,
 )
+from tests.support.pki import KubeletSecretDir, Pki
 
 INVOKE = "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow"
 RATE = 250  # calls/s offered; the test requires >= 200/s answered
@@ -38,55 +33,6 @@ DURATION = 20.0
 ROTATE_AT = (6.0, 13.0)
 CHANNELS = 4
 NEW_CONNECTION_EVERY = 25  # every 25th call opens a fresh connection (a new handshake) for itself
-
-
-class PeerProcess:
-    def __init__(self, tmp: Path, pki: Pki | None) -> None:
-        self.dir = write_steps(tmp / "work")
-        self.pki = pki
-        self.grpc, self.http, self.admin = free_port(), free_port(), free_port()
-        self.proc: asyncio.subprocess.Process | None = None
-
-    def args(self, *extra: str, tls: bool = True) -> list[str]:
-        out = [
-            "--entrypoint",
-            f"{STEP_MODULE}:REG",
-            "--node-id",
-            "proc-0",
-            "--grpc-addr",
-            f"127.0.0.1:{self.grpc}",
-            "--http-addr",
-            f"127.0.0.1:{self.http}",
-            "--admin-addr",
-            f"127.0.0.1:{self.admin}",
-        ]
-        if tls and self.pki is not None:
-            out += ["--tls-cert", self.pki.cert, "--tls-key", self.pki.key, "--tls-ca", self.pki.ca_file]
-        return out + list(extra)
-
-    async def start(self, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-        self.proc = await spawn_peer(self.dir, list(args), env)
-        return self.proc
-
-    def log(self) -> str:
-        return (self.dir / "peer.log").read_text(errors="replace")
-
-    async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    async def client(self, node_id: str = "load") -> BlazenPeerClient:
-        assert self.pki is not None
-        return await BlazenPeerClient.connect(
-            f"https://127.0.0.1:{self.grpc}",
-            node_id,
-            root_certificates=self.pki.ca_pem,
-            certificate_chain=self.pki.client.cert_pem,
-            private_key=self.pki.client.key_pem,
-            token=TOKEN,
-            server_name="localhost",
-        )
 
 
 @pytest.fixture

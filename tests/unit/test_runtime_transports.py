@@ -9,9 +9,11 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from blazen_peer import BlazenPeerServer, PeerConfig, StepRegistry
+from blazen_peer import BlazenPeerServer, StepRegistry
 from blazen_peer.wire import SubWorkflowRequest, SubWorkflowResponse, json_form, unwrap, wrap
 from blazen_peer.wire.messages import ReleaseResponse, decode_stream_frame
+
+from tests.support.peers import running_peer
 
 SVC = "/blazen.peer.v1.BlazenPeer/"
 REQ_A = bytes.fromhex(
@@ -32,17 +34,8 @@ async def server() -> AsyncIterator[BlazenPeerServer]:
     async def summarize(event: dict, ctx: Any) -> dict:
         return {"type": "blazen::StopEvent", "result": {"summary": event["url"]}}
 
-    config = PeerConfig(
-        node_id="raw",
-        grpc_addr="127.0.0.1:0",
-        http_addr="127.0.0.1:0",
-        admin_addr="127.0.0.1:0",
-        insecure=True,
-    )
-    s = BlazenPeerServer(config=config, registry=reg)
-    await s.start()
-    yield s
-    await s.stop(grace=0)
+    async with running_peer(reg, node_id="raw", insecure=True) as s:
+        yield s
 
 
 async def grpc_call(server: BlazenPeerServer, method: str, body: bytes, **kw: Any) -> bytes:

@@ -3,8 +3,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from blazen_peer.config import parse_serve_args
 from blazen_peer.security.auth import TokenSource
-from blazen_peer.security.errors import PeerAuthConfigError
+from blazen_peer.security.policy import token_source
+from blazen_peer.wire.errors import PeerAuthConfigError
 
 from tests.support.pki import KubeletSecretDir
 
@@ -19,19 +21,18 @@ class Clock:
         return self.t
 
 
-def test_from_config_precedence(tmp_path):
+def test_token_source_precedence(tmp_path):
+    """``--token-file`` (or its env twin) wins over ``--token`` / ``BLAZEN_PEER_TOKEN``; blank is unset."""
     f = tmp_path / "token"
     f.write_text(" from-file \n")
     env = {"BLAZEN_PEER_TOKEN": "from-env", "BLAZEN_PEER_TOKEN_FILE": str(f)}
-    assert TokenSource.from_config(None, env).check_bearer("Bearer from-file")
-    g = tmp_path / "flag"
-    g.write_text("from-flag")
-    assert TokenSource.from_config(str(g), env).check_bearer("Bearer from-flag")
-    assert TokenSource.from_config(None, {"BLAZEN_PEER_TOKEN": "  from-env\n"}).check_bearer(
+    config = parse_serve_args([], env)
+    assert token_source(config).check_bearer("Bearer from-file")
+    assert token_source(parse_serve_args([], {"BLAZEN_PEER_TOKEN": "  from-env\n"})).check_bearer(
         "Bearer from-env"
     )
-    assert TokenSource.from_config(None, {"BLAZEN_PEER_TOKEN": "   "}) is None
-    assert TokenSource.from_config(None, {}) is None
+    assert token_source(parse_serve_args([], {"BLAZEN_PEER_TOKEN": "   "})) is None
+    assert token_source(parse_serve_args([], {})) is None
 
 
 def test_empty_or_missing_token_file_fails_at_start(tmp_path):
@@ -71,16 +72,6 @@ def test_reasons_do_not_contain_the_token():
     assert TOKEN not in repr(src)
     assert src.authorization() == f"Bearer {TOKEN}"
     assert src.metadata() == [("authorization", f"Bearer {TOKEN}")]
-
-
-def test_check_metadata():
-    # integration.py's gRPC admission hands the invocation metadata over as it comes.
-    src = TokenSource(token=TOKEN)
-    assert src.check_metadata([("x-blazen-peer-node-id", "n1"), ("authorization", f"Bearer {TOKEN}")]) is None
-    assert src.check_metadata([("authorization", "Bearer wrong")]) == "invalid bearer token"
-    assert src.check_metadata([("x-blazen-peer-node-id", "n1")]).startswith("missing bearer token")
-    assert src.check_metadata(None).startswith("missing bearer token")
-    assert src.check_metadata(()).startswith("missing bearer token")
 
 
 def test_rotated_secret_takes_effect_with_a_grace_window(tmp_path, caplog):

@@ -15,7 +15,7 @@ PREFLIGHT = {
 
 
 def _token_check(token: str):
-    """A stand-in for the admission middleware ``integration.py`` places inside the CORS one: it answers
+    """A stand-in for the admission middleware the composition root places inside the CORS one: it answers
     401 itself (a response, not an exception) and lets preflights through."""
 
     @web.middleware

@@ -14,8 +14,8 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
-from blazen_peer.security.errors import PeerTlsError
 from blazen_peer.security.reload import ReloadingTlsSource
+from blazen_peer.wire.errors import PeerTlsError
 from cryptography import x509
 
 from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files

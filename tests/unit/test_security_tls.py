@@ -3,8 +3,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from blazen_peer.security.errors import PeerError, PeerTlsError
 from blazen_peer.security.tls import load_client_tls, load_server_tls, validate_tls_material
+from blazen_peer.wire.errors import PeerError, PeerTlsError
 from cryptography.hazmat.primitives import serialization
 
 from tests.support.pki import CA, secret_files, write_pem_files

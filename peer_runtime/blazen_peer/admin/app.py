@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -11,36 +11,24 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .metrics import PeerMetrics
 from .readiness import Readiness
 
-__all__ = ["ENVELOPE_VERSION", "make_admin_app"]
-
-ENVELOPE_VERSION = 1
+__all__ = ["make_admin_app"]
 
 
 def make_admin_app(
     *,
     readiness: Readiness,
-    metrics: PeerMetrics | None = None,
-    node_id: str | None = None,
-    steps: Callable[[], Sequence[str]] | Sequence[str] = (),
-    info: Callable[[], Mapping[str, Any]] | None = None,
+    metrics: PeerMetrics,
+    info: Callable[[], Mapping[str, Any]],
     liveness: Callable[[], bool] | None = None,
 ) -> web.Application:
     """``/healthz``: 200 while the process is alive (and ``liveness()``, if given, is true), else 503.
     ``/readyz``: 200 when ``readiness.ready``, else 503 with the reason (starting, draining).
     ``/metrics``: the text exposition of ``metrics.registry``.
-    ``/v1/info``: ``{"node_id", "steps", "envelope_version": 1, "ready"}``; ``info()`` (e.g. the
-    server's own ``info``) may supply the fields, ``ready`` always comes from ``readiness``."""
+    ``/v1/info``: ``info()`` (the server's ``{"node_id", "steps", "envelope_version"}``) with ``ready``
+    from ``readiness``."""
 
     def info_body() -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "node_id": node_id,
-            "steps": list(steps() if callable(steps) else steps),
-            "envelope_version": ENVELOPE_VERSION,
-        }
-        if info is not None:
-            body.update(info())
-        body["ready"] = readiness.ready
-        return body
+        return {**info(), "ready": readiness.ready}
 
     async def healthz(request: web.Request) -> web.Response:
         alive = liveness() if liveness is not None else True
@@ -51,8 +39,6 @@ def make_admin_app(
         return web.json_response({"ready": ok, "reason": readiness.reason}, status=200 if ok else 503)
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        if metrics is None:
-            raise web.HTTPNotFound(text="metrics are disabled")
         resp = web.Response(body=metrics.exposition())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp

@@ -1,9 +1,8 @@
 """The standard gRPC health service (``grpc.health.v1.Health``), following a ``Readiness``.
 
 ``AioReadinessHealthServicer`` is for grpc.aio servers: ``Check`` answers from the readiness at call
-time, ``Watch`` streams every change. ``make_sync_health_servicer`` wires grpcio-health-checking's own
-servicer for a synchronous ``grpc.server``. Both know the overall service ``""`` and
-``blazen.peer.v1.BlazenPeer``; other names are NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch).
+time, ``Watch`` streams every change. It knows the overall service ``""`` and ``blazen.peer.v1.BlazenPeer``;
+other names are NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch).
 """
 
 from __future__ import annotations
@@ -13,18 +12,18 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..wire.protocol import SERVICE
 from .readiness import Readiness
 
 __all__ = [
     "SERVICES",
     "AioReadinessHealthServicer",
     "add_health_servicer",
-    "make_sync_health_servicer",
 ]
 
-SERVICES = ("", "blazen.peer.v1.BlazenPeer")
+SERVICES = ("", SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -70,22 +69,5 @@ class AioReadinessHealthServicer(health_pb2_grpc.HealthServicer):
             self._watchers.discard(entry)
 
 
-def make_sync_health_servicer(
-    readiness: Readiness, services: Iterable[str] = SERVICES
-) -> health.HealthServicer:
-    servicer = health.HealthServicer()
-    names = tuple(services)
-
-    def apply(ready: bool) -> None:
-        for name in names:
-            servicer.set(name, _SERVING if ready else _NOT_SERVING)
-
-    apply(readiness.ready)
-    readiness.add_listener(apply)
-    return servicer
-
-
-def add_health_servicer(
-    server: grpc.Server | grpc.aio.Server, servicer: health_pb2_grpc.HealthServicer
-) -> None:
+def add_health_servicer(server: grpc.aio.Server, servicer: health_pb2_grpc.HealthServicer) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

@@ -18,35 +18,21 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from ..wire.protocol import RPC_NAMES
+
 __all__ = ["CallStats", "PeerMetrics", "method_label"]
 
-_METHODS = {
-    "/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow": "InvokeSubWorkflow",
-    "/blazen.peer.v1.BlazenPeer/StreamSubWorkflowEvents": "StreamSubWorkflowEvents",
-    "/blazen.peer.v1.BlazenPeer/DerefSessionRef": "DerefSessionRef",
-    "/blazen.peer.v1.BlazenPeer/ReleaseSessionRef": "ReleaseSessionRef",
-    "/v1/peer/invoke_sub_workflow": "InvokeSubWorkflow",
-    "/v1/peer/deref_session_ref": "DerefSessionRef",
-    "/v1/peer/release_session_ref": "ReleaseSessionRef",
-}
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BOUND_LABELS = tuple(floatToGoString(b) for b in _BUCKETS)
 CALL_LABELS = ["transport", "method", "code"]
 
 
 def method_label(method: str) -> str:
-    return _METHODS.get(method, "other")
-
-
-def _code_label(code: Any) -> str:
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return str(code)
+    return RPC_NAMES.get(method, "other")
 
 
 class _CallbackCollector:
@@ -72,10 +58,9 @@ class CallStats:
         with self._lock:
             self.in_flight += 1
 
-    def finish(self, code: str, seconds: float, *, started: bool = True) -> None:
+    def finish(self, code: str, seconds: float) -> None:
         with self._lock:
-            if started:
-                self.in_flight -= 1
+            self.in_flight -= 1
             self.codes[code] = self.codes.get(code, 0) + 1
             self.buckets[bisect_left(_BUCKETS, seconds)] += 1
             self.sum += seconds
@@ -89,8 +74,8 @@ class PeerMetrics:
         self._stats_lock = threading.Lock()
         self._refs: Callable[[], tuple[int, int]] | None = None
         self._tls: list[tuple[str, Any]] = []
-        self.registry.register(_CallbackCollector(self._collect_calls))  # type: ignore[arg-type]
-        self.registry.register(_CallbackCollector(self._collect_callbacks))  # type: ignore[arg-type]
+        self.registry.register(_CallbackCollector(self._collect_calls))
+        self.registry.register(_CallbackCollector(self._collect_callbacks))
 
     # -- per call ----------------------------------------------------------------------------------------
     def stats(self, transport: str, method: str) -> CallStats:
@@ -101,10 +86,6 @@ class PeerMetrics:
             with self._stats_lock:
                 st = self._stats.setdefault(key, CallStats())
         return st
-
-    def observe(self, transport: str, method: str, code: Any, seconds: float) -> None:
-        label = method_label(method) if method.startswith("/") else method
-        self.stats(transport, label).finish(_code_label(code), seconds, started=False)
 
     def _collect_calls(self) -> Iterator[Metric]:
         ns = self.namespace

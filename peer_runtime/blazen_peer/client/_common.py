@@ -3,7 +3,8 @@ from __future__ import annotations
 import uuid as _uuid
 from typing import Any
 
-from ..wire.messages import ENVELOPE_VERSION, SubWorkflowRequest, SubWorkflowResponse
+from ..wire.messages import SubWorkflowRequest, SubWorkflowResponse
+from ..wire.protocol import ENVELOPE_VERSION
 from .errors import PeerEncodeError, PeerEnvelopeVersionError, PeerTlsError, PeerWorkflowError
 
 

@@ -1,17 +1,15 @@
 """Typed client errors (the set Blazen's SDK pages list), all under one base, ``PeerError``.
 
-``PeerError`` and ``PeerTlsError`` are the classes ``blazen_peer.security`` raises too, so one ``except
-PeerError``
-covers client, TLS-loading and server-side rejection errors alike.
+``PeerError`` and ``PeerTlsError`` come from the runtime's one hierarchy (``blazen_peer.wire.errors``), so one
+``except PeerError`` covers client, TLS-loading and server-side errors alike.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..security.errors import PeerError, PeerTlsError
-
-TOKEN_ENV = "BLAZEN_PEER_TOKEN"
+from ..wire.errors import PeerError, PeerTlsError
+from ..wire.protocol import ENVELOPE_VERSION, TOKEN_ENV
 
 
 class _Coded(PeerError):
@@ -54,8 +52,6 @@ class PeerSessionRefNotFoundError(_Coded):
 
 
 def peer_envelope_version() -> int:
-    from ..wire.messages import ENVELOPE_VERSION
-
     return ENVELOPE_VERSION
 
 

@@ -8,17 +8,7 @@ from typing import Any
 
 import grpc
 
-from ..wire.envelope import (
-    MAX_MESSAGE_BYTES,
-    METHOD_DEREF,
-    METHOD_INVOKE,
-    METHOD_RELEASE,
-    METHOD_STREAM,
-    SERVICE,
-    EnvelopeDecodeError,
-    unwrap,
-    wrap,
-)
+from ..wire.envelope import EnvelopeDecodeError, unwrap, wrap
 from ..wire.messages import (
     DerefRequest,
     DerefResponse,
@@ -30,6 +20,15 @@ from ..wire.messages import (
     decode_stream_frame,
 )
 from ..wire.postcard import PostcardDecodeError
+from ..wire.protocol import (
+    AUTHORIZATION_METADATA,
+    MAX_MESSAGE_BYTES,
+    NODE_ID_METADATA,
+    PATH_DEREF,
+    PATH_INVOKE,
+    PATH_RELEASE,
+    PATH_STREAM,
+)
 from ._common import build_request, check_response, normalize_uuid, tls_parts
 from .errors import PeerEncodeError, PeerTransportError, error_for_status
 
@@ -49,11 +48,10 @@ class BlazenPeerClient:
         self._channel = channel
         self.node_id = node_id
         self._metadata = tuple(metadata)
-        prefix = f"/{SERVICE}/"
-        self._invoke = channel.unary_unary(prefix + METHOD_INVOKE)
-        self._stream = channel.unary_stream(prefix + METHOD_STREAM)
-        self._deref = channel.unary_unary(prefix + METHOD_DEREF)
-        self._release = channel.unary_unary(prefix + METHOD_RELEASE)
+        self._invoke = channel.unary_unary(PATH_INVOKE)
+        self._stream = channel.unary_stream(PATH_STREAM)
+        self._deref = channel.unary_unary(PATH_DEREF)
+        self._release = channel.unary_unary(PATH_RELEASE)
 
     @classmethod
     async def connect(
@@ -88,9 +86,9 @@ class BlazenPeerClient:
             channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
-        metadata = [("x-blazen-peer-node-id", node_id)]
+        metadata = [(NODE_ID_METADATA, node_id)]
         if token:
-            metadata.append(("authorization", f"Bearer {token}"))
+            metadata.append((AUTHORIZATION_METADATA, f"Bearer {token}"))
         try:
             await asyncio.wait_for(channel.channel_ready(), connect_timeout)
         except (TimeoutError, grpc.aio.AioRpcError) as exc:

@@ -9,23 +9,20 @@ import aiohttp
 
 from ..wire import json_form
 from ..wire.messages import DerefRequest, ReleaseRequest, SubWorkflowRequest, SubWorkflowResponse
+from ..wire.protocol import AUTHORIZATION_HEADER, NODE_ID_HEADER, ROUTE_DEREF, ROUTE_INVOKE, ROUTE_RELEASE
 from ._common import build_request, check_response, normalize_uuid, tls_parts
 from .errors import PeerEncodeError, PeerTransportError, error_for_http
 
-ROUTES = {
-    "invoke": "/v1/peer/invoke_sub_workflow",
-    "deref": "/v1/peer/deref_session_ref",
-    "release": "/v1/peer/release_session_ref",
-}
+ROUTES = {"invoke": ROUTE_INVOKE, "deref": ROUTE_DEREF, "release": ROUTE_RELEASE}
 
 
 class HttpPeerClient:
     def __init__(self, base_url: str, node_id: str, *, token: str | None, ssl: Any, timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.node_id = node_id
-        self._headers = {"content-type": "application/json", "x-blazen-peer-node-id": node_id}
+        self._headers = {"Content-Type": "application/json", NODE_ID_HEADER: node_id}
         if token:
-            self._headers["authorization"] = f"Bearer {token}"
+            self._headers[AUTHORIZATION_HEADER] = f"Bearer {token}"
         self._ssl = ssl
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
         self._session: aiohttp.ClientSession | None = None

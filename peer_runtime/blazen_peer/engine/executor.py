@@ -19,14 +19,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ..errors import exception_text
+from ..wire.errors import PeerError, exception_text
 
 
-class StepWorkersSaturated(Exception):
+class StepWorkersSaturated(PeerError):
     """Every step thread is busy; the call answers RESOURCE_EXHAUSTED with this message."""
 
 
-class StepBaseException(Exception):
+class StepBaseException(PeerError):
     """A sync step raised a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
     ``GeneratorExit`` ...); it crosses to the event loop as this, because such an exception set on an asyncio
     future can escape the coroutines that await it (grpc.aio's handler task ended with a step's
@@ -97,7 +97,7 @@ class StepExecutor:
                 self._orphan(job)
             raise
 
-    def _work(self, job: _Job, run: Callable[..., Any], fn: Callable[..., Any], args: tuple) -> Any:
+    def _work(self, job: _Job, run: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         try:
             return run(fn, *args)
         except Exception:

@@ -26,7 +26,7 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import exception_text
+from ..wire.errors import PeerError, exception_text
 
 REF_MARKER = "__blazen_session_ref__"
 
@@ -46,7 +46,7 @@ class RefLifetime(enum.Enum):
         raise ValueError(f"unknown ref lifetime {value!r}; expected one of {[m.name for m in cls]}")
 
 
-class SessionRefError(RuntimeError):
+class SessionRefError(PeerError, RuntimeError):
     pass
 
 
@@ -87,6 +87,15 @@ class _Entry:
         "uuid",
         "value",
     )
+    created_at_ms: int
+    expires_at: float | None
+    lifetime: RefLifetime
+    payload: bytes | None
+    run_id: str | None
+    size: int
+    type_tag: str
+    uuid: str
+    value: Any
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():

@@ -12,7 +12,7 @@ from typing import Any
 START_EVENT = "blazen::StartEvent"
 STOP_EVENT = "blazen::StopEvent"
 
-Handler = Callable[[dict, Any], Any]
+Handler = Callable[[dict[str, Any], Any], Any]
 
 
 @dataclass(frozen=True, slots=True)

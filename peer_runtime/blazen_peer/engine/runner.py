@@ -23,21 +23,21 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import exception_text
+from ..wire.errors import PeerError, exception_text
 from .executor import StepExecutor, StepWorkersSaturated
 from .refs import SessionRefLimitError
 from .registry import STOP_EVENT, StepSpec
 
 #: ``await on_event(step_id, event, ctx)`` for each emitted event, before the next wave starts: a sink that
 #: waits (a full stream queue) holds the run back.
-EventSink = Callable[[str, dict, Any], Awaitable[None]]
+EventSink = Callable[[str, dict[str, Any], Any], Awaitable[None]]
 
 
-class WorkflowFailed(Exception):
+class WorkflowFailed(PeerError):
     """The run failed; ``str()`` is the Display text that follows ``workflow error: ``."""
 
 
-def _normalize(spec: StepSpec, out: Any) -> list[dict]:
+def _normalize(spec: StepSpec, out: Any) -> list[dict[str, Any]]:
     if out is None:
         return []
     if isinstance(out, dict):
@@ -58,7 +58,9 @@ def _normalize(spec: StepSpec, out: Any) -> list[dict]:
     return events
 
 
-async def _call(spec: StepSpec, event: dict, ctx: Any, executor: StepExecutor) -> list[dict]:
+async def _call(
+    spec: StepSpec, event: dict[str, Any], ctx: Any, executor: StepExecutor
+) -> list[dict[str, Any]]:
     try:
         if spec.is_async:
             out = await spec.handler(event, ctx)
@@ -80,7 +82,7 @@ async def _call(spec: StepSpec, event: dict, ctx: Any, executor: StepExecutor) -
 
 async def run_workflow(
     index: dict[str, list[StepSpec]],
-    start_event: dict,
+    start_event: dict[str, Any],
     ctx: Any,
     executor: StepExecutor,
     on_event: EventSink | None = None,
@@ -97,7 +99,7 @@ async def run_workflow(
             # of them would hold it (no timeout, no other call) until the watchdog ends the process.
             await asyncio.sleep(0)
         wave += 1
-        jobs: list[tuple[StepSpec, dict]] = []
+        jobs: list[tuple[StepSpec, dict[str, Any]]] = []
         for ev in pending:
             specs = index.get(ev["type"])
             if not specs:

@@ -15,15 +15,15 @@ from collections import OrderedDict
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
-from ..errors import PeerStatusError, Status, exception_text
+from ..wire.errors import PeerError, PeerStatusError, Status, exception_text
 from ..wire.messages import (
-    ENVELOPE_VERSION,
     RemoteRefDescriptor,
     SubWorkflowRequest,
     SubWorkflowResponse,
     dumps_json,
     json_encoder,
 )
+from ..wire.protocol import ENVELOPE_VERSION
 from .context import Context
 from .executor import Slots, StepExecutor, StepWorkersSaturated, default_workers
 from .refs import (
@@ -48,7 +48,7 @@ class _NeedsRun(Exception):
     """A value to encode becomes a new session ref, which needs the run's context."""
 
 
-class Unencodable(Exception):
+class Unencodable(PeerError):
     """A result, state value or event that cannot be written as JSON; ``str()`` says why."""
 
 
@@ -79,7 +79,7 @@ def check_version(version: int) -> None:
         )
 
 
-def _abandoned_run_ended(slots: Slots | None, task: asyncio.Task) -> None:
+def _abandoned_run_ended(slots: Slots | None, task: asyncio.Task[Any]) -> None:
     """Done callback of a run abandoned at its timeout: give back the slot it kept, and fetch its exception
     so asyncio logs no "never retrieved"."""
     if slots is not None:
@@ -88,7 +88,7 @@ def _abandoned_run_ended(slots: Slots | None, task: asyncio.Task) -> None:
         task.exception()
 
 
-def _wake(waiter: asyncio.Future, *_: Any) -> None:
+def _wake(waiter: asyncio.Future[Any], *_: Any) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
@@ -227,7 +227,7 @@ class PeerService:
         self,
         req: SubWorkflowRequest,
         index: dict[str, list[StepSpec]],
-        start: dict,
+        start: dict[str, Any],
         ctx: Context,
         on_event: EventSink | None,
     ) -> SubWorkflowResponse:
@@ -294,7 +294,7 @@ class PeerService:
                 raise
             raise Unencodable(exception_text(exc)) from None
 
-    def encode_event(self, step_id: str, event: dict, ctx: Context) -> bytes:
+    def encode_event(self, step_id: str, event: dict[str, Any], ctx: Context) -> bytes:
         """``encode_json`` for a streamed event; one that cannot be written fails the run."""
         try:
             return self.encode_json(event, ctx)

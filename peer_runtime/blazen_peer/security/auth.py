@@ -1,5 +1,5 @@
-"""Bearer-token authentication: the token source and the per-call check. ``integration.py``'s per-call
-admission (gRPC and HTTP) calls ``check_metadata`` / ``why_rejected`` on every call.
+"""Bearer-token authentication: the token source and the per-call check. The admission
+(``blazen_peer.admission``, gRPC and HTTP) calls ``why_rejected`` on every call.
 
 The token comes from ``--token-file`` (re-read when the file changes, so a rotated Secret takes effect
 without a restart) or from ``BLAZEN_PEER_TOKEN``; surrounding whitespace is stripped. Callers send
@@ -21,22 +21,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable
 
-from .errors import PeerAuthConfigError
+from ..wire.errors import PeerAuthConfigError
+from ..wire.protocol import AUTHORIZATION_METADATA, TOKEN_ENV
 
 __all__ = [
     "TOKEN_ENV",
-    "TOKEN_FILE_ENV",
     "TokenSource",
 ]
 
 log = logging.getLogger("blazen_peer.security.auth")
 
-TOKEN_ENV = "BLAZEN_PEER_TOKEN"
-TOKEN_FILE_ENV = "BLAZEN_PEER_TOKEN_FILE"
-AUTHORIZATION = "authorization"
 MISSING = "missing bearer token (send 'authorization: Bearer <token>')"
 INVALID = "invalid bearer token"
 
@@ -82,21 +78,6 @@ class TokenSource:
                 raise PeerAuthConfigError(f"{TOKEN_ENV} is empty")
         # (current, previous, previous accepted until)
         self._state: tuple[bytes, bytes | None, float] = (value.encode(), None, 0.0)
-
-    @classmethod
-    def from_config(
-        cls, token_file: str | None = None, env: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> TokenSource | None:
-        """``--token-file`` wins, then ``BLAZEN_PEER_TOKEN_FILE``, then ``BLAZEN_PEER_TOKEN``; None if
-        none is set (an empty ``BLAZEN_PEER_TOKEN`` counts as unset, like Blazen's resolver)."""
-        env = os.environ if env is None else env
-        path = token_file or env.get(TOKEN_FILE_ENV) or None
-        if path:
-            return cls(token_file=path, **kwargs)
-        value = (env.get(TOKEN_ENV) or "").strip()
-        if value:
-            return cls(token=value, **kwargs)
-        return None
 
     def __repr__(self) -> str:
         return f"TokenSource(file={self._file!r}, rotations={self.rotation_count})"
@@ -169,13 +150,6 @@ class TokenSource:
             return MISSING
         return None if self.check_token(presented.strip()) else INVALID
 
-    def check_metadata(self, metadata: Iterable[Any] | None) -> str | None:
-        """``why_rejected`` for gRPC invocation metadata."""
-        for item in metadata or ():
-            if item[0] == AUTHORIZATION:
-                return self.why_rejected(item[1])
-        return MISSING
-
     # -- outgoing calls and log redaction --------------------------------------------------------------
     def authorization(self) -> str:
         """``Bearer <token>`` for calls this peer makes (session-ref forwarding to siblings)."""
@@ -183,7 +157,7 @@ class TokenSource:
         return "Bearer " + self._state[0].decode()
 
     def metadata(self) -> list[tuple[str, str]]:
-        return [(AUTHORIZATION, self.authorization())]
+        return [(AUTHORIZATION_METADATA, self.authorization())]
 
     def secrets(self) -> list[str]:
         """The values a log redaction filter must hide."""

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict, istr
 
+from ..wire.protocol import AUTHORIZATION_HEADER, NODE_ID_HEADER
+
 __all__ = [
     "DEFAULT_ALLOW_HEADERS",
     "DEFAULT_ALLOW_METHODS",
@@ -31,7 +33,7 @@ __all__ = [
 
 log = logging.getLogger("blazen_peer.security.cors")
 
-DEFAULT_ALLOW_HEADERS = ("Content-Type", "X-Blazen-Peer-Node-Id", "Authorization")
+DEFAULT_ALLOW_HEADERS = ("Content-Type", NODE_ID_HEADER, AUTHORIZATION_HEADER)
 DEFAULT_ALLOW_METHODS = ("POST", "OPTIONS")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 

@@ -46,7 +46,7 @@ from typing import Literal
 import grpc
 from cryptography import x509
 
-from .errors import PeerTlsError
+from ..wire.errors import PeerTlsError
 from .tls import TlsMaterial, cert_fingerprint, parse_ca_bundle, validate_tls_material
 
 __all__ = ["ReloadingTlsSource", "build_server_ssl_context", "grpc_certificate_configuration"]

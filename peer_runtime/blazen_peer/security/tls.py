@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .errors import PeerTlsError
+from ..wire.errors import PeerTlsError
 
 __all__ = [
     "TlsMaterial",
@@ -323,3 +323,17 @@ def load_client_tls(
         key_label=f"client key {os.fspath(key)}" if key is not None else "client key",
         ca_label=f"CA cert {os.fspath(ca)}",
     )
+
+
+def first_dns_name(cert_pem: bytes | None) -> str | None:
+    """The first DNS subjectAltName of the leaf in ``cert_pem`` (the name siblings' certificates carry,
+    which session-ref forwarding asks for when it dials a sibling by IP)."""
+    if cert_pem is None:
+        return None
+    leaf = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    names = san.get_values_for_type(x509.DNSName)
+    return names[0] if names else None

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from ..wire.envelope import METHOD_DEREF, METHOD_RELEASE, SERVICE, unwrap, wrap
+from ..wire.envelope import unwrap, wrap
 from ..wire.messages import DerefRequest, DerefResponse, ReleaseRequest, ReleaseResponse
-from .grpc_server import FORWARDED_METADATA
+from ..wire.protocol import FORWARDED_METADATA, PATH_DEREF, PATH_RELEASE
 
 log = logging.getLogger("blazen_peer.forwarding")
 
@@ -79,7 +79,7 @@ class SiblingForwarder:
                 infos = await asyncio.get_running_loop().getaddrinfo(
                     self.dns_name, self.dns_port, family=socket.AF_INET, type=socket.SOCK_STREAM
                 )
-                targets.extend((info[4][0], self.dns_port) for info in infos)
+                targets.extend((str(info[4][0]), self.dns_port) for info in infos)
             except OSError as exc:
                 log.warning("cannot resolve %s for session-ref forwarding: %s", self.dns_name, exc)
         seen: list[str] = []
@@ -114,10 +114,11 @@ class SiblingForwarder:
             task.add_done_callback(self._closing.discard)
 
     async def _call(self, addr: str, method: str, payload: bytes) -> bytes | None:
+        """``method``: the full gRPC path."""
         md = [(FORWARDED_METADATA, "1")]
         if self._metadata is not None:
             md.extend(self._metadata())
-        call = self._channel(addr).unary_unary(f"/{SERVICE}/{method}")
+        call = self._channel(addr).unary_unary(method)
         try:
             return unwrap(await call(wrap(payload), metadata=md, timeout=self.timeout_secs))
         except grpc.aio.AioRpcError as exc:
@@ -151,13 +152,13 @@ class SiblingForwarder:
         def accept(raw: bytes) -> bytes | None:
             return DerefResponse.decode(raw).payload
 
-        return await self._first(METHOD_DEREF, DerefRequest(ref_uuid).encode(), accept)  # type: ignore[return-value]
+        return await self._first(PATH_DEREF, DerefRequest(ref_uuid).encode(), accept)  # type: ignore[return-value]
 
     async def release(self, ref_uuid: str) -> bool:
         def accept(raw: bytes) -> bool | None:
             return True if ReleaseResponse.decode(raw).released else None
 
-        return bool(await self._first(METHOD_RELEASE, ReleaseRequest(ref_uuid).encode(), accept))
+        return bool(await self._first(PATH_RELEASE, ReleaseRequest(ref_uuid).encode(), accept))
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -5,23 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 
 from ..engine.service import PeerService
-from ..errors import PeerStatusError, Status, exception_text
-from ..wire.envelope import (
-    MAX_MESSAGE_BYTES,
-    METHOD_DEREF,
-    METHOD_INVOKE,
-    METHOD_RELEASE,
-    METHOD_STREAM,
-    SERVICE,
-    EnvelopeDecodeError,
-    unwrap,
-    wrap,
-)
+from ..wire.envelope import EnvelopeDecodeError, unwrap, wrap
+from ..wire.errors import PeerStatusError, Status, exception_text
 from ..wire.messages import (
     DerefRequest,
     DerefResponse,
@@ -34,21 +25,30 @@ from ..wire.messages import (
     encode_stream_final,
 )
 from ..wire.postcard import PostcardDecodeError
-
-if TYPE_CHECKING:
-    from .hooks import MethodWrapper, ServerHooks
+from ..wire.protocol import (
+    FORWARDED_METADATA,
+    MAX_MESSAGE_BYTES,
+    NODE_ID_METADATA,
+    PATH_DEREF,
+    PATH_INVOKE,
+    PATH_RELEASE,
+    PATH_STREAM,
+)
 
 log = logging.getLogger("blazen_peer.grpc")
 
-NODE_ID_METADATA = "x-blazen-peer-node-id"
-FORWARDED_METADATA = "x-blazen-forwarded"
+#: ``wrap(handler, full_method_name) -> handler``: applied once to each BlazenPeer method handler when a gRPC
+#: server is built (the admission). A handler wrapper rather than a grpc.aio interceptor: grpc.aio runs an
+#: interceptor chain as extra coroutines on every call, which shows at concurrency 32 (docs/benchmarks.md).
+MethodWrapper = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]
 # grpcio's own receive limit sits above tonic's, so an oversized request gets tonic's exact status and
 # message.
 GRPC_RECEIVE_LIMIT = 2 * MAX_MESSAGE_BYTES
 #: events a stream buffers ahead of its client before the run waits
 STREAM_QUEUE_EVENTS = 64
 
-_CODES = {s: getattr(grpc.StatusCode, s.name) for s in Status}
+#: each ``Status`` as the gRPC status code.
+GRPC_CODES = {s: getattr(grpc.StatusCode, s.name) for s in Status}
 
 
 def _too_large(n: int) -> str:
@@ -90,7 +90,7 @@ class BlazenPeerServicer:
 
     @staticmethod
     def _fail(context: grpc.aio.ServicerContext, status: Status, message: str) -> None:
-        context.set_code(_CODES[status])
+        context.set_code(GRPC_CODES[status])
         context.set_details(message)
 
     async def invoke(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
@@ -210,12 +210,11 @@ async def _unimplemented(request_iterator, context: grpc.aio.ServicerContext) ->
 
 class _Handlers(grpc.GenericRpcHandler):
     def __init__(self, servicer: BlazenPeerServicer, wrap: MethodWrapper | None = None) -> None:
-        prefix = f"/{SERVICE}/"
         self._methods = {
-            prefix + METHOD_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
-            prefix + METHOD_STREAM: grpc.unary_stream_rpc_method_handler(servicer.stream),
-            prefix + METHOD_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
-            prefix + METHOD_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
+            PATH_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
+            PATH_STREAM: grpc.unary_stream_rpc_method_handler(servicer.stream),
+            PATH_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
+            PATH_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
         }
         if wrap is not None:
             self._methods = {name: wrap(handler, name) for name, handler in self._methods.items()}
@@ -227,8 +226,9 @@ class _Handlers(grpc.GenericRpcHandler):
 
 
 def grpc_server_options(
-    hooks: ServerHooks | None = None, *, max_connection_age_secs: float = 0.0
+    extra: Iterable[tuple[str, object]] = (), *, max_connection_age_secs: float = 0.0
 ) -> list[tuple[str, object]]:
+    """Our server options, then ``extra`` (appended, so they win)."""
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -239,28 +239,26 @@ def grpc_server_options(
         # them) with no limit on the calls already running: while a peer drains, every open channel is
         # asked to reconnect, through the Service, to a replica that stays.
         options.append(("grpc.max_connection_age_ms", int(max_connection_age_secs * 1000)))
-    if hooks is not None:
-        options.extend(hooks.grpc_options)
+    options.extend(extra)
     return options
 
 
 def create_grpc_server(
     service: PeerService,
-    hooks: ServerHooks | None = None,
     *,
-    plaintext: bool = False,
+    wrap: MethodWrapper | None = None,
+    options: Iterable[tuple[str, object]] = (),
+    setup: Iterable[Callable[[grpc.aio.Server], None]] = (),
     max_connection_age_secs: float = 0.0,
 ) -> grpc.aio.Server:
-    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. The methods are
-    wrapped by ``hooks.grpc_method_wrapper`` (``hooks.plaintext_grpc_method_wrapper`` for the
-    ``--plaintext-grpc-addr`` server); ``hooks.grpc_server_setup`` callbacks run on the server."""
-    wrap = None
-    if hooks is not None:
-        wrap = hooks.plaintext_grpc_method_wrapper if plaintext else hooks.grpc_method_wrapper
-    options = grpc_server_options(hooks, max_connection_age_secs=max_connection_age_secs)
-    server = grpc.aio.server(options=options, compression=grpc.Compression.NoCompression)
+    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. Each of the four
+    methods is wrapped by ``wrap`` (the admission); each ``setup`` runs on the server (e.g. adds the gRPC
+    health service)."""
+    server = grpc.aio.server(
+        options=grpc_server_options(options, max_connection_age_secs=max_connection_age_secs),
+        compression=grpc.Compression.NoCompression,
+    )
     server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service), wrap),))
-    if hooks is not None:
-        for setup in hooks.grpc_server_setup:
-            setup(server)
+    for add in setup:
+        add(server)
     return server

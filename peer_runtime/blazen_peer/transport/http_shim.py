@@ -18,16 +18,13 @@ from typing import Any
 from aiohttp import web
 
 from ..engine.service import PeerService
-from ..errors import PeerStatusError, Status
 from ..wire import json_form
+from ..wire.errors import PeerStatusError, Status
 from ..wire.messages import DerefRequest, DerefResponse, ReleaseRequest, ReleaseResponse
+from ..wire.protocol import NODE_ID_HEADER, ROUTE_DEREF, ROUTE_INVOKE, ROUTE_RELEASE
 
 log = logging.getLogger("blazen_peer.http")
 
-NODE_ID_HEADER = "X-Blazen-Peer-Node-Id"
-ROUTE_INVOKE = "/v1/peer/invoke_sub_workflow"
-ROUTE_DEREF = "/v1/peer/deref_session_ref"
-ROUTE_RELEASE = "/v1/peer/release_session_ref"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 4 MiB payload rendered as an int array is ~16 MiB of JSON
 
 SERVICE_KEY = web.AppKey("blazen_peer_service", PeerService)

@@ -1,8 +1,9 @@
-"""Byte-level wire format: postcard payload structs, the protobuf envelope, and Blazen's JSON rendering."""
+"""The protocol layer: its names and numbers (``protocol``), the error hierarchy (``errors``), postcard
+payload structs, the protobuf envelope and Blazen's JSON rendering. Imports nothing else of the runtime."""
 
-from .envelope import MAX_MESSAGE_BYTES, SERVICE, EnvelopeDecodeError, unwrap, wrap
+from .envelope import EnvelopeDecodeError, unwrap, wrap
+from .errors import PeerError, PeerStatusError, PeerTlsError, Status
 from .messages import (
-    ENVELOPE_VERSION,
     DerefRequest,
     DerefResponse,
     ReleaseRequest,
@@ -17,6 +18,7 @@ from .messages import (
     encode_stream_final,
 )
 from .postcard import PostcardDecodeError
+from .protocol import ENVELOPE_VERSION, MAX_MESSAGE_BYTES, SERVICE
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -25,10 +27,14 @@ __all__ = [
     "DerefRequest",
     "DerefResponse",
     "EnvelopeDecodeError",
+    "PeerError",
+    "PeerStatusError",
+    "PeerTlsError",
     "PostcardDecodeError",
     "ReleaseRequest",
     "ReleaseResponse",
     "RemoteRefDescriptor",
+    "Status",
     "SubWorkflowEvent",
     "SubWorkflowRequest",
     "SubWorkflowResponse",

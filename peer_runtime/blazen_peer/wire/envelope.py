@@ -6,19 +6,11 @@ unknown fields (skipped) and repeats (last wins), as prost does.
 
 from __future__ import annotations
 
+from .errors import PeerError
 from .postcard import varint
 
-SERVICE = "blazen.peer.v1.BlazenPeer"
-METHOD_INVOKE = "InvokeSubWorkflow"
-METHOD_STREAM = "StreamSubWorkflowEvents"
-METHOD_DEREF = "DerefSessionRef"
-METHOD_RELEASE = "ReleaseSessionRef"
 
-# tonic's default decode limit, applied to the protobuf message.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-class EnvelopeDecodeError(ValueError):
+class EnvelopeDecodeError(PeerError, ValueError):
     pass
 
 

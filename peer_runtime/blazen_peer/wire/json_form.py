@@ -10,6 +10,7 @@ import json
 import uuid as _uuid
 from typing import Any
 
+from .errors import PeerError
 from .messages import (
     DerefRequest,
     DerefResponse,
@@ -23,7 +24,7 @@ from .messages import (
 _INT_TEXT = [str(i) for i in range(256)]
 
 
-class JsonFormError(ValueError):
+class JsonFormError(PeerError, ValueError):
     pass
 
 

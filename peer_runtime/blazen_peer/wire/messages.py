@@ -8,11 +8,11 @@ exactly the bytes Blazen 0.6.74 writes. UUIDs are carried as lowercase hyphenate
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Self
 
 from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str, varint
+from .protocol import ENVELOPE_VERSION
 
-ENVELOPE_VERSION = 1
 STREAM_FRAME_EVENT = 0
 STREAM_FRAME_FINAL = 1
 
@@ -23,7 +23,7 @@ def _repr(obj: Any) -> str:
 
 
 class _Message:
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -265,7 +265,7 @@ class _RefRequest(_Message):
         return Writer().u32(self.envelope_version).uuid(parse_uuid(self.ref_uuid)).getvalue()
 
     @classmethod
-    def decode(cls, buf: bytes):
+    def decode(cls, buf: bytes) -> Self:
         r = Reader(buf)
         version = r.take_u32()
         return cls(uuid_str(r.take_uuid()), version)

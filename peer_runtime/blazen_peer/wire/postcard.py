@@ -6,7 +6,10 @@ Error texts are postcard's own ``Display`` strings, because Blazen's server puts
 
 from __future__ import annotations
 
+import builtins
 import uuid as _uuid
+
+from .errors import PeerError
 
 UNEXPECTED_END = "Hit the end of buffer, expected more data"
 BAD_VARINT = "Found a varint that didn't terminate. Is the usize too big for this platform?"
@@ -20,7 +23,7 @@ U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
-class PostcardDecodeError(ValueError):
+class PostcardDecodeError(PeerError, ValueError):
     """Raised for any malformed postcard input; ``str()`` is postcard's message."""
 
 
@@ -180,19 +183,20 @@ class Writer:
     def str(self, v: str) -> Writer:
         return self.bytes(v.encode("utf-8"))
 
-    def uuid(self, v: bytes) -> Writer:
+    # ``bytes`` and ``bool`` name methods in this class body from here on: the builtins by their full name.
+    def uuid(self, v: builtins.bytes) -> Writer:
         if len(v) != 16:
             raise ValueError("a uuid is 16 bytes")
         self.out += b"\x10"
         self.out += v
         return self
 
-    def option_tag(self, present: bool) -> Writer:
+    def option_tag(self, present: builtins.bool) -> Writer:
         self.out.append(1 if present else 0)
         return self
 
-    def getvalue(self) -> bytes:
-        return bytes(self.out)
+    def getvalue(self) -> builtins.bytes:
+        return builtins.bytes(self.out)
 
 
 def uuid_str(raw: bytes) -> str:

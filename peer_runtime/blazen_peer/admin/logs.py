@@ -1,34 +1,36 @@
 """Structured logs: one JSON object per line, with the node id, the caller's node id and a request id,
 and secrets redacted.
 
-``configure_json_logging(node_id=...)`` installs one handler on the root logger. ``bind_request(...)``
-(a context manager, contextvars-based, so it follows asyncio tasks) attaches ``caller_node_id`` and
-``request_id`` to every record logged inside it. Redaction runs on the final text of each record
+``configure_json_logging(node_id=...)`` installs one handler on the root logger. ``bind_log_context(...)``
+(contextvars, so it follows asyncio tasks) attaches ``caller_node_id`` and ``request_id`` to every record
+logged afterwards in the same context; the admission calls it once per call, with ``new_request_id()`` when
+the caller sent no ``x-request-id``. Redaction runs on the final text of each record
 (message, arguments, exception and extra fields): ``Bearer <anything>``, PEM private-key blocks and the
 values returned by the ``secrets`` callback (e.g. ``TokenSource.secrets``) never reach the output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime as _dt
+import itertools
 import json
 import logging
 import re
+import secrets as _secrets
 import sys
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 __all__ = [
     "JsonFormatter",
+    "LogContext",
     "RedactingFilter",
-    "bind_request",
+    "bind_log_context",
     "configure_json_logging",
-    "current_request",
     "new_request_id",
     "redact",
+    "unbind_log_context",
 ]
 
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("blazen_caller_node_id", default=None)
@@ -40,26 +42,31 @@ REDACTED = "[REDACTED]"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
+_REQUEST_PREFIX = _secrets.token_hex(4)
+_REQUEST_COUNT = itertools.count(1)
+
+#: what ``bind_log_context`` returns; ``unbind_log_context`` restores the context it replaced.
+LogContext = tuple["contextvars.Token[str | None]", "contextvars.Token[str | None]"]
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """A unique request id, cheap enough for every call: a random per-process prefix and a counter (no
+    syscall, no uuid)."""
+    return f"{_REQUEST_PREFIX}-{next(_REQUEST_COUNT):x}"
 
 
-@contextlib.contextmanager
-def bind_request(caller_node_id: str | None = None, request_id: str | None = None) -> Iterator[str]:
-    """Attach the caller's node id and a request id (generated if not given) to records logged inside;
-    yields the request id."""
-    rid = request_id or new_request_id()
-    t1 = _CALLER.set(caller_node_id)
-    t2 = _REQUEST.set(rid)
-    try:
-        yield rid
-    finally:
-        _CALLER.reset(t1)
-        _REQUEST.reset(t2)
+def bind_log_context(caller_node_id: str | None, request_id: str) -> LogContext:
+    """Attach the caller's node id and the request id to every record logged from now on in this context.
+
+    A server that runs each call in a task of its own (grpc.aio) can drop the result: the context ends with
+    the task. One that serves several calls in one task (aiohttp, per connection) passes it to
+    ``unbind_log_context`` when the call ends."""
+    return _CALLER.set(caller_node_id), _REQUEST.set(request_id)
 
 
-def current_request() -> tuple[str | None, str | None]:
-    return _CALLER.get(), _REQUEST.get()
+def unbind_log_context(bound: LogContext) -> None:
+    _CALLER.reset(bound[0])
+    _REQUEST.reset(bound[1])
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -1,25 +1,28 @@
-"""Helpers for the secured-peer tests (no tests here): PKI fixtures, a step module, raw TLS probes, a
-subprocess runner for ``blazen-peer serve``."""
+"""Real peers for the tests: ``start_peer`` / ``running_peer`` (a ``BlazenPeerServer`` in this process, on
+loopback ports the kernel picks), ``spawn_peer`` (a ``blazen-peer serve`` subprocess), a step module for
+them, and probes (TLS handshakes, readiness, metrics)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import socket
 import ssl
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from blazen_peer import BlazenPeerServer, PeerConfig, ServerHooks, StepRegistry
+from blazen_peer.client import BlazenPeerClient
 from cryptography import x509
 
-from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files, write_pem_files
+from .pki import Pki
+from .ports import free_port
 
 TOKEN = "tok-3f9a1c77e2b84d0c9b1e"
 STEP_MODULE = "secure_peer_steps"
@@ -86,63 +89,6 @@ def write_steps(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{STEP_MODULE}.py").write_text(STEPS_SOURCE)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Pki:
-    """A CA, the peer's server leaf (kubelet-style Secret dir), a client leaf, and the bad ones."""
-
-    root: Path
-    ca: CA = field(default_factory=lambda: CA("blazen-peer-ca"))
-    other_ca: CA = field(default_factory=lambda: CA("some-other-ca"))
-
-    def __post_init__(self) -> None:
-        self.secret = KubeletSecretDir(self.root / "tls")
-        self.server = self.issue_server(1001)
-        self.secret.write(secret_files(self.server, self.ca))
-        now = dt.datetime.now(dt.UTC)
-        self.client = self.ca.issue("caller", server=False)
-        self.client_files = write_pem_files(self.root / "client", self.client, self.ca)
-        self.foreign_files = write_pem_files(
-            self.root / "foreign", self.other_ca.issue("intruder", server=False), self.other_ca
-        )
-        expired = self.ca.issue(
-            "expired",
-            server=False,
-            not_before=now - dt.timedelta(days=10),
-            not_after=now - dt.timedelta(days=1),
-        )
-        self.expired_files = write_pem_files(self.root / "expired", expired, self.ca)
-
-    def issue_server(self, serial: int) -> Issued:
-        return self.ca.issue("peer-0", serial=serial, dns=("localhost", "peer-0.peers.example"))
-
-    def rotate(self, serial: int) -> Issued:
-        self.server = self.issue_server(serial)
-        self.secret.write(secret_files(self.server, self.ca))
-        return self.server
-
-    @property
-    def cert(self) -> str:
-        return str(self.secret.path("tls.crt"))
-
-    @property
-    def key(self) -> str:
-        return str(self.secret.path("tls.key"))
-
-    @property
-    def ca_file(self) -> str:
-        return str(self.secret.path("ca.crt"))
-
-    @property
-    def ca_pem(self) -> bytes:
-        return self.ca.cert_pem
 
 
 def client_ssl(pki: Pki, files: tuple[Path, Path, Path] | None = None, *, h2: bool = False) -> ssl.SSLContext:
@@ -232,3 +178,83 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
             return float(value)
     return None
+
+
+async def start_peer(
+    registry: StepRegistry | None = None, *, hooks: ServerHooks | None = None, **config: Any
+) -> BlazenPeerServer:
+    """A started ``BlazenPeerServer``: gRPC, HTTP shim and admin on 127.0.0.1 ports the kernel picks, unless
+    ``config`` (``PeerConfig`` fields) says otherwise. The caller stops it."""
+    fields: dict[str, Any] = {
+        "grpc_addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "admin_addr": "127.0.0.1:0",
+        **config,
+    }
+    server = BlazenPeerServer(config=PeerConfig(**fields), registry=registry, hooks=hooks)
+    await server.start()
+    return server
+
+
+@contextlib.asynccontextmanager
+async def running_peer(
+    registry: StepRegistry | None = None, *, hooks: ServerHooks | None = None, **config: Any
+) -> AsyncIterator[BlazenPeerServer]:
+    """``start_peer``, stopped (no grace) on the way out."""
+    server = await start_peer(registry, hooks=hooks, **config)
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+class PeerProcess:
+    """A ``blazen-peer serve`` subprocess on free loopback ports (gRPC, HTTP shim, admin), with the step
+    module; ``args()`` builds its flags (TLS from ``pki``), ``start()`` spawns it."""
+
+    def __init__(self, tmp: Path, pki: Pki | None) -> None:
+        self.dir = write_steps(tmp / "work")
+        self.pki = pki
+        self.grpc, self.http, self.admin = free_port(), free_port(), free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def args(self, *extra: str, tls: bool = True) -> list[str]:
+        out = [
+            "--entrypoint",
+            f"{STEP_MODULE}:REG",
+            "--node-id",
+            "proc-0",
+            "--grpc-addr",
+            f"127.0.0.1:{self.grpc}",
+            "--http-addr",
+            f"127.0.0.1:{self.http}",
+            "--admin-addr",
+            f"127.0.0.1:{self.admin}",
+        ]
+        if tls and self.pki is not None:
+            out += ["--tls-cert", self.pki.cert, "--tls-key", self.pki.key, "--tls-ca", self.pki.ca_file]
+        return out + list(extra)
+
+    async def start(self, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        self.proc = await spawn_peer(self.dir, list(args), env)
+        return self.proc
+
+    def log(self) -> str:
+        return (self.dir / "peer.log").read_text(errors="replace")
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def client(self, node_id: str = "load") -> BlazenPeerClient:
+        assert self.pki is not None
+        return await BlazenPeerClient.connect(
+            f"https://127.0.0.1:{self.grpc}",
+            node_id,
+            root_certificates=self.pki.ca_pem,
+            certificate_chain=self.pki.client.cert_pem,
+            private_key=self.pki.client.key_pem,
+            token=TOKEN,
+            server_name="localhost",
+        )

@@ -6,14 +6,15 @@ import json
 import logging
 
 import pytest
-from blazen_peer.security.auth import TokenSource
-from blazen_peer.security.logging import (
+from blazen_peer.admin.logs import (
     RedactingFilter,
-    bind_request,
+    bind_log_context,
     configure_json_logging,
-    current_request,
+    new_request_id,
     redact,
+    unbind_log_context,
 )
+from blazen_peer.security.auth import TokenSource
 
 from tests.support.pki import CA
 
@@ -39,14 +40,15 @@ def _lines(stream: io.StringIO) -> list[dict]:
 def test_one_json_object_per_line_with_ids(logs):
     log = logging.getLogger("blazen_peer.test")
     log.info("plain %s", "message")
-    with bind_request(caller_node_id="node-a", request_id="r-1") as rid:
-        assert rid == "r-1"
-        assert current_request() == ("node-a", "r-1")
-        log.warning("inside", extra={"step": "my_app::analyze", "attempt": 2})
-    with bind_request(caller_node_id="node-b") as generated:
-        log.info("generated id")
-    assert current_request() == (None, None)
-    first, second, third = _lines(logs)
+    bound = bind_log_context("node-a", "r-1")
+    log.warning("inside", extra={"step": "my_app::analyze", "attempt": 2})
+    unbind_log_context(bound)
+    generated = new_request_id()
+    bound = bind_log_context("node-b", generated)
+    log.info("generated id")
+    unbind_log_context(bound)
+    log.info("after")
+    first, second, third, fourth = _lines(logs)
     assert first["msg"] == "plain message"
     assert first["node_id"] == "peer-0"
     assert first["level"] == "info"
@@ -56,16 +58,18 @@ def test_one_json_object_per_line_with_ids(logs):
     assert second["step"] == "my_app::analyze"
     assert second["attempt"] == 2
     assert third["request_id"] == generated
-    assert len(generated) == 16
+    assert "request_id" not in fourth
+    assert "caller_node_id" not in fourth
+    assert new_request_id() != generated
 
 
 async def test_request_ids_follow_asyncio_tasks(logs):
     log = logging.getLogger("blazen_peer.test")
 
     async def call(n: int) -> None:
-        with bind_request(caller_node_id=f"node-{n}", request_id=f"r-{n}"):
-            await asyncio.sleep(0.01 * (3 - n))
-            log.info("call %d", n)
+        bind_log_context(f"node-{n}", f"r-{n}")  # each task has its own context: no unbind needed
+        await asyncio.sleep(0.01 * (3 - n))
+        log.info("call %d", n)
 
     await asyncio.gather(*(call(n) for n in range(3)))
     for rec in _lines(logs):

@@ -1,14 +1,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 
-import grpc
 import pytest
+from blazen_peer.admin.drain import DRAINING_MESSAGE, Drainer
 from blazen_peer.admin.readiness import Readiness
-from blazen_peer.security.drain import DRAINING_MESSAGE, Drainer
-from blazen_peer.security.errors import DrainingError
+from blazen_peer.wire.errors import DrainingError, Status
 
 
 class FakeCall:
@@ -19,8 +16,11 @@ class FakeCall:
         self.release = asyncio.Event()
 
     async def run(self) -> str:
-        with self.drainer.track():
+        self.drainer.enter()
+        try:
             await self.release.wait()
+        finally:
+            self.drainer.exit()
         return "done"
 
 
@@ -36,17 +36,16 @@ async def test_drain_waits_for_in_flight_calls():
     await asyncio.sleep(0.05)
     assert not ready.ready
     assert ready.draining
-    assert not d.finished.is_set()
+    assert d.clean is None
     with pytest.raises(DrainingError) as ei:
         d.enter()
-    assert ei.value.grpc_code == grpc.StatusCode.UNAVAILABLE
-    assert ei.value.http_status == 503
+    assert ei.value.status is Status.UNAVAILABLE
+    assert ei.value.status.http == 503
     assert ei.value.message == DRAINING_MESSAGE
     assert d.refused == 1
     call.release.set()
     assert await task == "done"
     assert await asyncio.wait_for(drain, 2) is True
-    assert d.finished.is_set()
     assert d.clean is True
 
 
@@ -58,7 +57,6 @@ async def test_grace_period_bounds_the_wait():
     assert await d.drain() is False
     assert 0.15 <= loop.time() - t0 < 2
     assert d.clean is False
-    assert d.finished.is_set()
 
 
 async def test_admit_window_keeps_accepting_briefly():
@@ -69,43 +67,6 @@ async def test_admit_window_keeps_accepting_briefly():
     await asyncio.sleep(0.25)
     with pytest.raises(DrainingError):
         d.enter()
-
-
-def test_wait_idle_in_threads():
-    d = Drainer()
-    d.enter()
-    assert d.wait_idle(0.05) is False
-    d.exit()
-    assert d.wait_idle(0.05) is True
-
-
-async def test_sigterm_starts_the_drain_and_signals_exit():
-    ready = Readiness()
-    ready.set_ready()
-    d = Drainer(ready, grace_period=5)
-    finished = asyncio.Event()
-    results = []
-
-    async def on_finished(clean: bool) -> None:
-        results.append(clean)
-        finished.set()
-
-    d.install_signal_handlers(on_finished=on_finished)
-    try:
-        call = FakeCall(d)
-        task = asyncio.create_task(call.run())
-        await asyncio.sleep(0)
-        os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.sleep(0.05)
-        assert ready.draining
-        assert not finished.is_set()
-        call.release.set()
-        await task
-        await asyncio.wait_for(finished.wait(), 2)
-        assert results == [True]
-        assert await d.wait_finished() is True
-    finally:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
 
 
 async def test_admit_window_is_part_of_the_grace_period():

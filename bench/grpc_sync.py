@@ -11,12 +11,12 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-
-from ..engine.service import PeerService
-from ..errors import PeerStatusError
-from ..wire.envelope import METHOD_INVOKE, SERVICE, wrap
-from ..wire.messages import SubWorkflowRequest
-from .grpc_server import _CODES, _Abort, _decode, grpc_server_options
+from blazen_peer.engine.service import PeerService
+from blazen_peer.transport.grpc_server import GRPC_CODES, _Abort, _decode, grpc_server_options
+from blazen_peer.wire.envelope import wrap
+from blazen_peer.wire.errors import PeerStatusError
+from blazen_peer.wire.messages import SubWorkflowRequest
+from blazen_peer.wire.protocol import METHOD_INVOKE, SERVICE
 
 
 class SyncInvoke:
@@ -31,7 +31,7 @@ class SyncInvoke:
             fut = asyncio.run_coroutine_threadsafe(self.service.invoke(req), self.loop)
             resp = fut.result()
         except (PeerStatusError, _Abort) as exc:
-            context.set_code(_CODES[exc.status])
+            context.set_code(GRPC_CODES[exc.status])
             context.set_details(exc.message)
             return None
         return wrap(resp.encode())

@@ -1,0 +1,166 @@
+"""The composition root: builds, from a server's ``PeerConfig``, every part the runtime adds around the
+engine and the transports, and hands them back as one ``PeerRuntime``.
+
+``BlazenPeerServer.start()`` calls ``compose(server)`` once, before any listener binds
+(docs/architecture.md). From the config it builds:
+
+* the security decisions (``security.policy``): TLS material that follows its Secret (``ReloadingTlsSource``),
+  the bearer ``TokenSource``, the secure-by-default check;
+* one ``Readiness``, ``PeerMetrics``, ``Drainer`` and ``ConcurrencyLimiter`` shared by every listener;
+* the admission of each listener (``admission.Admission``): ``--grpc-addr`` and the HTTP shim check the
+  token, ``--plaintext-grpc-addr`` does not (Blazen's own clients send none);
+* the gRPC health service, the admin app, CORS, forwarding credentials (mTLS and the token) and the
+  lifecycle: ready once every listener is bound; on stop not ready, the drain's admit window, then the
+  server closes its listeners within the grace (``on_stop``, ``on_closed``).
+
+The server runs with ``hooks.combine(runtime.hooks, user_hooks)``: a caller's ``ServerHooks`` add to
+these parts, never replace them, and are never modified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from aiohttp import web
+
+from .admin.app import make_admin_app
+from .admin.drain import Drainer
+from .admin.health import AioReadinessHealthServicer, add_health_servicer
+from .admin.metrics import PeerMetrics
+from .admin.readiness import Readiness
+from .admission import Admission, ConcurrencyLimiter
+from .hooks import ServerHooks
+from .security.auth import TokenSource
+from .security.cors import make_cors_middleware
+from .security.policy import check_secure, http_client_auth, load_tls, token_source
+from .security.reload import ClientAuth, ReloadingTlsSource
+from .security.tls import TlsMaterial, first_dns_name
+
+if TYPE_CHECKING:
+    from .server import BlazenPeerServer
+
+__all__ = ["PeerRuntime", "compose"]
+
+log = logging.getLogger("blazen_peer.app")
+
+
+@dataclass
+class PeerRuntime:
+    """What ``compose`` built for one server (``server.runtime``)."""
+
+    readiness: Readiness
+    metrics: PeerMetrics
+    drainer: Drainer
+    limiter: ConcurrencyLimiter
+    tokens: TokenSource | None
+    tls: ReloadingTlsSource | None
+    hooks: ServerHooks = field(default_factory=ServerHooks)
+    #: the DNS name forwarding asks siblings' certificates for (the first DNS SAN of ours).
+    forward_server_name: str | None = None
+
+    def secrets(self) -> list[str]:
+        """Values the log redaction hides (the bearer tokens)."""
+        return self.tokens.secrets() if self.tokens is not None else []
+
+
+def compose(server: BlazenPeerServer) -> PeerRuntime:
+    cfg = server.config
+    tokens = token_source(cfg)
+    tls = load_tls(cfg)
+    check_secure(cfg, tls, tokens)
+
+    readiness = Readiness()
+    metrics = PeerMetrics()
+    drainer = Drainer(readiness, grace_period=cfg.shutdown_grace_secs, admit_window=cfg.shutdown_admit_secs)
+    limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None)
+    rt = PeerRuntime(readiness, metrics, drainer, limiter, tokens, tls)
+    hooks = rt.hooks
+
+    def admission(transport: str, tokens: TokenSource | None) -> Admission:
+        return Admission(
+            drainer=drainer, limiter=limiter, metrics=metrics, tokens=tokens, transport=transport
+        )
+
+    # gRPC: the main server (TLS, token) and the plaintext server (no token).
+    hooks.grpc_method_wrapper = admission("grpc", tokens).grpc_wrapper
+    hooks.plaintext_grpc_method_wrapper = admission("grpc-plaintext", None).grpc_wrapper
+    health = AioReadinessHealthServicer(readiness)
+    hooks.grpc_server_setup.append(lambda srv: add_health_servicer(srv, health))
+
+    # HTTP shim: CORS outermost (every answer, 401/429/503 included, carries its headers), then admission.
+    if cfg.cors_allow_origin:
+        hooks.http_middlewares.append(make_cors_middleware(cfg.cors_allow_origin))
+    hooks.http_middlewares.append(admission("http", tokens).http_middleware())
+
+    if tls is not None:
+        _wire_tls(server, rt, tls, http_client_auth(cfg))
+    if tokens is not None:
+        hooks.forward_metadata = tokens.metadata
+
+    metrics.track_refs(lambda: (server.refs.count, server.refs.bytes_used))
+
+    def admin_app(s: BlazenPeerServer) -> web.Application:
+        return make_admin_app(readiness=readiness, metrics=metrics, info=s.info)
+
+    hooks.admin_app_factory = admin_app
+    readiness.add_listener(server.set_ready)
+
+    def on_ready(s: BlazenPeerServer) -> None:
+        if tls is not None:
+            tls.start()
+        readiness.set_ready()
+
+    async def on_stop(s: BlazenPeerServer) -> None:
+        if s.stop_grace is not None:
+            drainer.grace_period = s.stop_grace
+        await drainer.admit_window_over()
+
+    def on_closed(s: BlazenPeerServer) -> None:
+        drainer.finish()
+        if tls is not None:
+            tls.stop()
+
+    hooks.on_ready.append(on_ready)
+    hooks.on_stop.append(on_stop)
+    hooks.on_closed.append(on_closed)
+    return rt
+
+
+def _wire_tls(
+    server: BlazenPeerServer, rt: PeerRuntime, tls: ReloadingTlsSource, client_auth: ClientAuth
+) -> None:
+    """gRPC and HTTPS credentials that follow the certificate files, and forwarding over mTLS."""
+    hooks = rt.hooks
+    hooks.grpc_server_credentials = tls.grpc_server_credentials
+    hooks.http_ssl_context = lambda: tls.ssl_context(client_auth=client_auth)
+    rt.metrics.track_tls(tls, "peer")
+    rt.forward_server_name = first_dns_name(tls.material.cert_chain_pem)
+
+    def forward_credentials() -> grpc.ChannelCredentials:
+        m = tls.material
+        return grpc.ssl_channel_credentials(m.ca_pem, m.private_key_pem, m.cert_chain_pem)
+
+    def forward_options() -> list[tuple[str, Any]]:
+        name = rt.forward_server_name
+        return [("grpc.ssl_target_name_override", name)] if name else []
+
+    hooks.forward_channel_credentials = forward_credentials
+    hooks.forward_channel_options = forward_options
+    loop = asyncio.get_running_loop()
+
+    def on_reload(material: TlsMaterial) -> None:  # the polling thread
+        rt.forward_server_name = first_dns_name(material.cert_chain_pem)
+        loop.call_soon_threadsafe(server.reset_forwarding)
+        log.info("TLS certificate reloaded: serial %x, notAfter %s", material.serial, material.not_after)
+
+    tls.add_listener(on_reload)
+    log.info(
+        "TLS on: serial %x, notAfter %s, client certificates %s on gRPC",
+        tls.material.serial,
+        tls.material.not_after,
+        "required" if server.config.tls_ca else "not requested",
+    )

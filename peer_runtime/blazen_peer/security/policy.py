@@ -1,0 +1,80 @@
+"""The security decisions taken from a ``PeerConfig``: which token source, which TLS material, whether the
+configuration may serve at all, and what the HTTPS shim asks of clients. The composition root
+(``blazen_peer.app``) applies them to the listeners."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ..config import PeerConfig
+from ..wire.errors import PeerInsecureConfigError, PeerTlsError
+from .auth import TokenSource
+from .reload import ClientAuth, ReloadingTlsSource
+
+__all__ = ["INSECURE_MESSAGE", "check_secure", "http_client_auth", "load_tls", "token_source"]
+
+log = logging.getLogger("blazen_peer.security")
+
+INSECURE_MESSAGE = (
+    "refusing to start: neither TLS (--tls-cert/--tls-key[/--tls-ca]) nor a bearer token (--token-file, "
+    "--token or BLAZEN_PEER_TOKEN) is configured; pass --insecure (BLAZEN_PEER_INSECURE=1) to serve "
+    "without either"
+)
+
+
+def token_source(cfg: PeerConfig) -> TokenSource | None:
+    """``--token-file`` wins over ``--token`` / ``BLAZEN_PEER_TOKEN``; None when neither is set."""
+    if cfg.token_file:
+        return TokenSource(token_file=cfg.token_file)
+    if cfg.token and cfg.token.strip():
+        return TokenSource(token=cfg.token)
+    return None
+
+
+def load_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
+    """The TLS material of ``--tls-cert/--tls-key[/--tls-ca]``, None without TLS.
+
+    Waits up to ``--tls-wait-secs`` while some files are still absent: a pod can start before cert-manager
+    has filled its Secret (the operator creates the Secret up front so it carries an owner reference), and
+    exiting then would only buy a container restart. Files that exist but are invalid fail at once. This
+    runs before any listener is up, so blocking the loop here costs nothing."""
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise PeerTlsError("--tls-cert and --tls-key go together")
+    if cfg.tls_ca and not cfg.tls_cert:
+        raise PeerTlsError("--tls-ca needs --tls-cert and --tls-key")
+    if not cfg.tls_cert or not cfg.tls_key:
+        return None
+    cert, key, ca = cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None
+    deadline = time.monotonic() + cfg.tls_wait_secs
+    next_note = 0.0
+    while True:
+        try:
+            return ReloadingTlsSource(cert, key, ca)
+        except PeerTlsError:
+            missing = [p for p in (cert, key, ca) if p and not os.path.exists(p)]
+            now = time.monotonic()
+            if not missing or now >= deadline:
+                raise
+            if now >= next_note:
+                log.info("waiting up to %.0f s for TLS files: %s", deadline - now, ", ".join(missing))
+                next_note = now + 10
+            time.sleep(0.5)
+
+
+def check_secure(cfg: PeerConfig, tls: ReloadingTlsSource | None, tokens: TokenSource | None) -> None:
+    """Secure by default: neither TLS nor a token and no ``--insecure`` raises ``PeerInsecureConfigError``;
+    the weaker configurations that are allowed say so in the log."""
+    if tls is None and tokens is None:
+        if not cfg.insecure:
+            raise PeerInsecureConfigError(INSECURE_MESSAGE)
+        log.warning("serving without TLS and without a token (--insecure)")
+    elif tls is not None and not cfg.tls_ca:
+        log.warning("TLS without --tls-ca: gRPC clients are not asked for a certificate")
+
+
+def http_client_auth(cfg: PeerConfig) -> ClientAuth:
+    """What the HTTPS shim asks of clients: a certificate is optional with ``--tls-ca``, not asked for
+    without."""
+    return "optional" if cfg.tls_ca else "none"
