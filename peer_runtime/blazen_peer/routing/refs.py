@@ -64,9 +64,5 @@ class RefOwners:
     def forget(self, ref: bytes) -> None:
         self._owners.pop(ref, None)
 
-    def forget_replica(self, addr: str) -> None:
-        for ref in [k for k, v in self._owners.items() if v == addr]:
-            del self._owners[ref]
-
     def __len__(self) -> int:
         return len(self._owners)
