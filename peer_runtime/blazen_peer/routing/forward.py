@@ -19,7 +19,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -79,9 +79,15 @@ def refused_before_running(exc: grpc.aio.AioRpcError) -> bool:
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(CONCURRENCY_REFUSED)
 
 
-def _final_frame(msg: bytes) -> memoryview | None:
+def _view(msg: bytes) -> bytes:
+    """The payload of an envelope without copying it (``unwrap`` only indexes and slices, and a slice of a
+    memoryview is a view): the router reads a few bytes of replies that may be megabytes."""
+    return unwrap(cast(bytes, memoryview(msg)))
+
+
+def _final_frame(msg: bytes) -> bytes | None:
     """The ``SubWorkflowResponse`` of a ``Final`` stream frame (variant 1), else None."""
-    payload = unwrap(memoryview(msg))
+    payload = _view(msg)
     return payload[1:] if len(payload) > 0 and payload[0] == 1 else None
 
 
@@ -153,7 +159,7 @@ class Router:
                 raise UpstreamError(exc.code(), exc.details() or "") from None
             finally:
                 replica.in_flight -= 1
-            ids = response_ref_ids(unwrap(memoryview(raw)))
+            ids = response_ref_ids(_view(raw))
             if ids:
                 self.owners.remember(ids, replica.addr)
             return raw
