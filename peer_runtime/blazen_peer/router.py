@@ -40,6 +40,8 @@ def parse_pools(specs: tuple[str, ...]) -> dict[str, list[str]]:
 
 class BlazenRouterServer(BlazenPeerServer):
     def __init__(self, config: PeerConfig | None = None, *, hooks: ServerHooks | None = None) -> None:
+        if config is not None and (config.entrypoint or config.steps is not None):
+            raise ValueError("a router runs no steps: no entrypoint, no --steps")
         super().__init__(config=config, registry=StepRegistry(), hooks=hooks)
         self.pool_addrs = parse_pools(self.config.pool)
         self.pools: PoolSet | None = None

@@ -10,9 +10,10 @@ from collections import Counter
 
 import grpc
 import pytest
+from blazen_peer import PeerConfig
 from blazen_peer.admin.drain import DRAINING_MESSAGE
 from blazen_peer.admission import ConcurrencyLimiter
-from blazen_peer.router import parse_pools
+from blazen_peer.router import BlazenRouterServer, parse_pools
 from blazen_peer.routing.balance import Replica, pick
 from blazen_peer.routing.forward import refused_before_running
 from blazen_peer.routing.refs import RefOwners, response_ref_ids
@@ -145,6 +146,13 @@ def test_parse_pool_flags() -> None:
         parse_pools(("cpu=h:1", "cpu=h:2"))
     with pytest.raises(ValueError, match="at least one --pool"):
         parse_pools(())
+
+
+def test_a_router_refuses_an_entrypoint() -> None:
+    with pytest.raises(ValueError, match="runs no steps"):
+        BlazenRouterServer(config=PeerConfig(pool=("p=h:1",), entrypoint="my_steps"))
+    with pytest.raises(ValueError, match="at least one --pool"):
+        BlazenRouterServer(config=PeerConfig())
 
 
 def test_description_round_trip_and_tolerance() -> None:
