@@ -13,6 +13,8 @@ import pytest
 from blazen_peer import PeerConfig
 from blazen_peer.admin.drain import DRAINING_MESSAGE
 from blazen_peer.admission import ConcurrencyLimiter
+from blazen_peer.cli import build_parser, main
+from blazen_peer.config import ROUTER_FLAGS, config_from
 from blazen_peer.router import BlazenRouterServer, parse_pools
 from blazen_peer.routing.balance import Replica, pick
 from blazen_peer.routing.forward import refused_before_running
@@ -189,3 +191,27 @@ def test_only_refusals_before_running_are_retried() -> None:
         (grpc.StatusCode.INTERNAL, "boom"),
     ):
         assert not refused_before_running(_Err(code, details))
+
+
+def test_route_flags_and_env_twins() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["route", "--pool", "cpu=a:1,b:2", "--pool", "gpu=c:3", "--pool-refresh-secs", "2"]
+    )
+    cfg = config_from(args, {}, ROUTER_FLAGS)
+    assert cfg.pool == ("cpu=a:1,b:2", "gpu=c:3")
+    assert cfg.pool_refresh_secs == 2.0
+    env = {"BLAZEN_PEER_POOL": "cpu=a:1,b:2; gpu=c:3", "BLAZEN_PEER_ENTRYPOINT": "ignored"}
+    cfg = config_from(parser.parse_args(["route"]), env, ROUTER_FLAGS)
+    assert parse_pools(cfg.pool) == {"cpu": ["a:1", "b:2"], "gpu": ["c:3"]}
+    assert cfg.entrypoint is None  # serve's flags about steps are not the router's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["route", "--entrypoint", "x"])
+    assert {f.attr for f in ROUTER_FLAGS} <= PeerConfig.field_names()
+
+
+def test_route_without_a_pool_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["route", "--insecure"])
+    assert exit_.value.code == 2
+    assert "at least one --pool" in capsys.readouterr().err
