@@ -16,7 +16,7 @@ from blazen_peer.router import BlazenRouterServer
 from tests.support.peers import start_peer, start_router
 
 CPU_STEPS = ("cpu.parse", "cpu.chain1", "cpu.chain2", "cpu.keep", "cpu.slow", "shared.echo")
-GPU_STEPS = ("gpu.infer", "gpu.keep", "shared.echo")
+GPU_STEPS = ("gpu.infer", "gpu.keep", "shared.echo", "gpu.late")  # gpu.late: registered by a test
 
 
 def build_registry() -> StepRegistry:

@@ -15,7 +15,7 @@ from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse
 from blazen_peer.wire.protocol import PATH_INVOKE
 
-from .conftest import Fleet
+from .conftest import Fleet, start_fleet, stop_fleet
 
 
 async def raw_invoke(port: int, req: SubWorkflowRequest) -> grpc.aio.AioRpcError:
@@ -158,3 +158,28 @@ async def test_streams_are_forwarded_frame_by_frame(fleet: Fleet) -> None:
     assert [e.event_type for e in events] == ["Mid", "blazen::StopEvent"]
     assert isinstance(final, SubWorkflowResponse)
     assert final.result_value()["n"] == 20
+
+
+async def test_the_table_follows_what_the_pools_serve() -> None:
+    # A step registered on the gpu pool while serving becomes routable at the next Describe round; a call
+    # before that is NOT_FOUND, as from a peer that does not serve it.
+    fleet = await start_fleet(pool_refresh_secs=0.2)
+    client = await fleet.client()
+    try:
+        with pytest.raises(PeerUnknownStepError):
+            await client.invoke_sub_workflow("wf", ["gpu.late"])
+        reg = fleet.gpu[0].registry
+
+        @reg.step("gpu.late")
+        async def late(event: dict, ctx: object) -> dict:
+            return {"type": "blazen::StopEvent", "result": "late"}
+
+        for _ in range(50):
+            if "gpu.late" in fleet.router.pools.table.step_pools:
+                break
+            await asyncio.sleep(0.1)
+        assert fleet.router.pools.table.step_pools["gpu.late"] == ("gpu",)
+        assert (await client.invoke_sub_workflow("wf", ["gpu.late"])).result_value() == "late"
+    finally:
+        await client.close()
+        await stop_fleet(fleet)
