@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from blazen_peer import BlazenPeerServer, RefLifetime, StepRegistry, Workflow
+from blazen_peer.admin.logs import current_request_id
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.router import BlazenRouterServer
 
 from tests.support.peers import start_peer, start_router
 
-CPU_STEPS = ("cpu.parse", "cpu.chain1", "cpu.chain2", "cpu.keep", "cpu.slow", "shared.echo")
+CPU_STEPS = ("cpu.parse", "cpu.rid", "cpu.chain1", "cpu.chain2", "cpu.keep", "cpu.slow", "shared.echo")
 GPU_STEPS = ("gpu.infer", "gpu.keep", "shared.echo", "gpu.late")  # gpu.late: registered by a test
 
 
@@ -31,6 +32,10 @@ def build_registry() -> StepRegistry:
     @reg.step("cpu.parse")
     async def parse(event: dict, ctx: Any) -> dict:
         return where(ctx, x=event.get("x"))
+
+    @reg.step("cpu.rid")
+    async def rid(event: dict, ctx: Any) -> dict:
+        return where(ctx, request_id=current_request_id())
 
     @reg.step("gpu.infer")
     async def infer(event: dict, ctx: Any) -> dict:

@@ -11,7 +11,7 @@ from collections import Counter
 import grpc
 import pytest
 from blazen_peer.client import PeerTransportError, PeerUnknownStepError, PeerWorkflowError
-from blazen_peer.wire.envelope import wrap
+from blazen_peer.wire.envelope import unwrap, wrap
 from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse
 from blazen_peer.wire.protocol import PATH_INVOKE
 
@@ -37,6 +37,15 @@ async def test_routes_by_step_ids_and_keeps_the_caller_node_id(fleet: Fleet) -> 
             assert cpu["caller"] == gpu["caller"] == "caller-7"
     finally:
         await client.close()
+
+
+async def test_the_request_id_goes_along(fleet: Fleet) -> None:
+    port = fleet.router.grpc_port
+    req = wrap(SubWorkflowRequest.new("wf", ["cpu.rid"]).encode())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary(PATH_INVOKE)
+        given = await call(req, metadata=[("x-request-id", "rid-from-caller")], timeout=10)
+    assert SubWorkflowResponse.decode(unwrap(given)).result_value()["request_id"] == "rid-from-caller"
 
 
 async def test_routes_an_empty_step_list_by_workflow_name(fleet: Fleet) -> None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 import grpc
 
 from ..admin.drain import DRAINING_MESSAGE
+from ..admin.logs import current_request_id
 from ..engine.service import check_version
 from ..transport.grpc_server import GRPC_CODES, decode_message
 from ..wire.envelope import unwrap, wrap
@@ -55,7 +56,6 @@ __all__ = ["Router", "RouterService", "UpstreamError", "refused_before_running",
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 _DRAINING = DRAINING_MESSAGE.split(":", 1)[0]
-_PASSED_ON = (NODE_ID_METADATA, REQUEST_ID_METADATA)
 
 
 class UpstreamError(PeerError):
@@ -320,6 +320,24 @@ class Router:
 # -- the gRPC face ---------------------------------------------------------------------------------------
 
 
+def _caller(context: Any) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == NODE_ID_METADATA:
+            return str(v)
+    return None
+
+
+def _hop_metadata(caller: str | None, pools: PoolSet) -> list[tuple[str, str]]:
+    """The caller's node id, the request id (the caller's, or the one the router's admission made up, so
+    the router's and the peer's log lines of a call share it), and the router's token."""
+    md = [(NODE_ID_METADATA, caller)] if caller else []
+    rid = current_request_id()
+    if rid:
+        md.append((REQUEST_ID_METADATA, rid))
+    md.extend(pools.metadata())
+    return md
+
+
 def _fail(context: Any, code: grpc.StatusCode, details: str) -> None:
     context.set_code(code)
     context.set_details(details)
@@ -330,9 +348,7 @@ def router_methods(router: Router) -> dict[str, grpc.RpcMethodHandler]:
     pools = router.pools
 
     def metadata(context: Any) -> list[tuple[str, str]]:
-        md = [(k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON]
-        md.extend(pools.metadata())
-        return md
+        return _hop_metadata(_caller(context), pools)
 
     async def invoke(request: bytes, context: Any) -> bytes | None:
         try:
@@ -395,9 +411,7 @@ class RouterService:
         self.router = router
 
     def _metadata(self, caller_node_id: str | None) -> list[tuple[str, str]]:
-        md = [(NODE_ID_METADATA, caller_node_id)] if caller_node_id else []
-        md.extend(self.router.pools.metadata())
-        return md
+        return _hop_metadata(caller_node_id, self.router.pools)
 
     async def invoke(
         self, req: SubWorkflowRequest, *, caller_node_id: str | None = None
