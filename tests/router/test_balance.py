@@ -8,7 +8,7 @@ from collections import Counter
 
 import grpc
 import pytest
-from blazen_peer.client import PeerError
+from blazen_peer.client import BlazenPeerClient, PeerError
 
 from tests.support.peers import http_get, metric
 
@@ -151,4 +151,26 @@ async def test_a_full_replica_is_retried_elsewhere_but_a_started_call_is_never_r
         assert calls == 2 + 2 + 2  # the refused third call was tried once on each replica, no more
     finally:
         await client.close()
+        await stop_fleet(fleet)
+
+
+async def test_a_stream_refused_before_its_first_frame_goes_to_another_replica() -> None:
+    # cpu-0 is kept full by a call that did not come through the router (the router's own in-flight counts
+    # cannot see it): streams the router sends there are refused before running and go to cpu-1.
+    fleet = await start_fleet({"max_concurrent_workflows": 1})
+    direct = await BlazenPeerClient.connect(f"http://127.0.0.1:{fleet.cpu[0].grpc_port}", "direct")
+    client = await fleet.client()
+    try:
+        busy = asyncio.ensure_future(direct.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 5}))
+        while fleet.cpu[0].runtime.limiter.in_use == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            items = [i async for i in client.stream_sub_workflow_events("wf", ["cpu.parse"])]
+            assert items[-1].result_value()["node"] == "cpu-1"
+        full = next(r for r in fleet.router.pools.pools["cpu"] if r.addr == fleet.pools["cpu"][0])
+        assert full.retries > 0  # each call had even odds of trying cpu-0 first: 20 misses are 1 in 10^6
+        busy.cancel()
+    finally:
+        await client.close()
+        await direct.close()
         await stop_fleet(fleet)
