@@ -8,13 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from blazen_peer.client import BlazenPeerClient, PeerTransportError
+from blazen_peer.client import BlazenPeerClient, PeerTransportError, PeerUnknownStepError
 from blazen_peer.wire.envelope import unwrap
 from blazen_peer.wire.fleet import Description
 from blazen_peer.wire.protocol import PATH_DESCRIBE
 
-from tests.support.peers import TOKEN
-from tests.support.pki import Pki
+from tests.support.peers import TOKEN, start_router
+from tests.support.pki import Pki, write_pem_files
 
 from .conftest import Fleet, start_fleet, stop_fleet
 
@@ -111,3 +111,40 @@ async def test_the_router_does_not_serve_describe(secure_fleet) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await ch.unary_unary(PATH_DESCRIBE)(b"", timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_pools_with_their_own_certificate_name_need_pool_server_name(tmp_path: Path) -> None:
+    # The pools' certificates name only pool.example (no localhost, no IP): by default the router checks them
+    # against its own certificate's name and refuses them; --pool-server-name says what to expect.
+    pki = Pki(tmp_path / "pki")
+    leaf = pki.ca.issue("pool", dns=("pool.example",), ips=())
+    crt, key, ca = write_pem_files(tmp_path / "pool-tls", leaf, pki.ca)
+    peer = {"tls_cert": str(crt), "tls_key": str(key), "tls_ca": str(ca), "token": TOKEN, "insecure": False}
+    fleet = await start_fleet(peer, **tls_config(pki))
+    strict = await start_router(fleet.pools, **tls_config(pki), pool_server_name="pool.example")
+    try:
+        # the default router could not describe a single replica: nothing is routable through it
+        assert all(r.description is None for r in fleet.router.pools.replicas)
+        client = await tls_client(fleet, pki)
+        try:
+            with pytest.raises(PeerUnknownStepError):
+                await client.invoke_sub_workflow("wf", ["gpu.infer"])
+        finally:
+            await client.close()
+        assert all(r.description is not None for r in strict.pools.replicas)
+        named = await BlazenPeerClient.connect(
+            f"https://127.0.0.1:{strict.grpc_port}",
+            "secure-caller",
+            root_certificates=pki.ca_pem,
+            certificate_chain=pki.client.cert_pem,
+            private_key=pki.client.key_pem,
+            token=TOKEN,
+            server_name="localhost",
+        )
+        try:
+            assert (await named.invoke_sub_workflow("wf", ["gpu.infer"])).result_value()["node"] == "gpu-0"
+        finally:
+            await named.close()
+    finally:
+        await strict.stop(grace=0)
+        await stop_fleet(fleet)
