@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-down lint unit interop api e2e bench toolchain-api toolchain-kind
+.PHONY: test demo demo-down lint unit interop router api e2e bench toolchain-api toolchain-kind
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ unit: $(STAMP)
 
 interop: $(STAMP)
 	$(PY) -m pytest tests/interop
+
+# blazen-peer route with real peers on loopback (docs/router.md).
+router: $(STAMP)
+	$(PY) -m pytest tests/router
 
 # Real etcd, kube-apiserver and kube-controller-manager (API tests), helm (chart tests) and cert-manager's CRDs,
 # built from Go modules and cached under ~/.cache/blazen-fleet: a rerun does nothing.

@@ -5,7 +5,9 @@ Targets, all measured by the same ghz binary in the same run, at concurrency 1 a
   (b) a bare grpcio server that decodes the request and answers NOT_FOUND - the ceiling for Python grpcio,
   (c) our runtime on the same unknown-step path,
   (d) our runtime running a real echo sub-workflow,
-  (e) for reference, the same bare handler as (b) on grpcio's synchronous thread-pool server.
+  (e) for reference, the same bare handler as (b) on grpcio's synchronous thread-pool server,
+  (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds.
+Each server's CPU time is read from /proc around its target's calls (per call: cpu_ms_per_call).
 Each target is measured in several interleaved rounds; calls/s is the median round; the percentiles
 pool all calls.
 """
@@ -71,7 +73,15 @@ def pinned_to(cpu: int | None):
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def start(kind: str, shim: Path, logdir: Path, cpu: int | None) -> tuple[subprocess.Popen, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(
+    kind: str, shim: Path, logdir: Path, cpu: int | None, upstream: int | None = None
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     # The servers' stderr goes to a file: an unread pipe fills up and stalls the server mid-run.
     log = open(logdir / f"{kind}-{port}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -82,7 +92,7 @@ def start(kind: str, shim: Path, logdir: Path, cpu: int | None) -> tuple[subproc
         env["RUST_LOG"] = "error"
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.servers", kind, str(port)],
+        [sys.executable, "-m", "bench.servers", kind, str(port), *([str(upstream)] if upstream else [])],
         cwd=ROOT,
         env=env,
         stderr=log,
@@ -186,12 +196,15 @@ def main() -> None:
         ("d", "our runtime, echo sub-workflow", "ours", echo),
         ("e", "reference: bare grpcio sync server", "bare-grpcio-sync", unknown),
         ("f", "experiment: our engine on grpcio sync server, echo", "ours-sync", echo),
+        ("g", "blazen-peer route -> the server of (d), echo", "router", echo),
     ]
     servers: dict[str, tuple[subprocess.Popen, int]] = {}
     results: dict[str, dict] = {}
     try:
         for kind in dict.fromkeys(t[2] for t in targets):
-            servers[kind] = start(kind, shim, tmp, server_cpu)
+            upstream = servers["ours"][1] if kind == "router" else None
+            servers[kind] = start(kind, shim, tmp, server_cpu, upstream)
+        cpu: dict[str, float] = {}
         load_before = os.getloadavg()
         for _, _, kind, data in targets:
             ghz(binary, servers[kind][1], data, 8, 500, ghz_cpu)  # warm-up
@@ -203,12 +216,18 @@ def main() -> None:
             for conc in (1, 32):
                 for key, label, kind, data in order:
                     calls = args.calls * (4 if conc > 1 else 1)
+                    pid = servers[kind][0].pid
+                    before = cpu_seconds(pid)
                     r = ghz(binary, servers[kind][1], data, conc, calls, ghz_cpu)
+                    cpu[f"{key}@{conc}"] = cpu.get(f"{key}@{conc}", 0.0) + cpu_seconds(pid) - before
                     raw.setdefault(f"{key}@{conc}", []).append(r)
                     print(f"round {rnd + 1} ({key}) c={conc:<2} {r[0]:8.0f} calls/s  {label}", flush=True)
         for key, label, _, _ in targets:
             for conc in (1, 32):
                 results[f"{key}@{conc}"] = summarize(raw[f"{key}@{conc}"], label)
+                results[f"{key}@{conc}"]["cpu_ms_per_call"] = (
+                    1000 * cpu[f"{key}@{conc}"] / results[f"{key}@{conc}"]["calls"]
+                )
                 # The box is shared: each round's ratio to (b), measured seconds apart, is steadier than the
                 # ratio of medians. Report the median of the per-round ratios too.
                 base = raw[f"b@{conc}"]
@@ -229,11 +248,14 @@ def main() -> None:
         f"{'servers on CPU 0, ghz on CPU 1' if pin else 'no CPU pinning'}, "
         f"Python {platform.python_version()}, load average (1/5/15 min) before {before}, after {after}"
     )
-    print("| target | conc | calls/s | p50 ms | p99 ms | calls/s vs (b) | per-round ratio | p50 vs (b) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| target | conc | calls/s | p50 ms | p99 ms | calls/s vs (b) | per-round ratio | p50 vs (b) "
+        "| server CPU ms/call |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for conc in (1, 32):
         base = results[f"b@{conc}"]
-        for key in "abcdef":
+        for key in "abcdefg":
             r = results[f"{key}@{conc}"]
             cells = [
                 f"({key}) {r['label']}",
@@ -244,6 +266,7 @@ def main() -> None:
                 f"{r['rps'] / base['rps']:.2f}",
                 f"{r['rps_ratio_median']:.2f}",
                 f"{r['p50_ms'] / base['p50_ms']:.2f}",
+                f"{r['cpu_ms_per_call']:.3f}",
             ]
             print("| " + " | ".join(cells) + " |")
     out = Path(args.out)

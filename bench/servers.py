@@ -85,6 +85,23 @@ def ours(port: int) -> None:
     )
 
 
+def router(port: int, upstream: int) -> None:
+    """``blazen-peer route`` with one pool of one replica: the peer of (d) on ``upstream``."""
+    from blazen_peer.cli import main
+
+    main(
+        [
+            "route",
+            "--node-id=bench-router",
+            f"--grpc-addr=127.0.0.1:{port}",
+            f"--pool=bench=127.0.0.1:{upstream}",
+            "--admin-addr=off",
+            "--insecure",
+            "--log-level=WARNING",
+        ]
+    )
+
+
 async def ours_sync(port: int) -> None:
     """Experimental: our engine behind grpcio's synchronous server (bench/grpc_sync.py)."""
     import threading
@@ -113,9 +130,10 @@ KINDS = {
     "bare-grpcio-sync": bare_grpcio_sync,
     "ours": ours,
     "ours-sync": ours_sync,
+    "router": router,
 }
 
 if __name__ == "__main__":
-    started = KINDS[sys.argv[1]](int(sys.argv[2]))
+    started = KINDS[sys.argv[1]](*(int(a) for a in sys.argv[2:]))
     if asyncio.iscoroutine(started):  # the others run their own loop
         asyncio.run(started)

@@ -35,6 +35,7 @@ from .wire.errors import DrainingError, Status
 from .wire.protocol import (
     AUTHORIZATION_HEADER,
     AUTHORIZATION_METADATA,
+    CONCURRENCY_REFUSED,
     NODE_ID_HEADER,
     NODE_ID_METADATA,
     PATH_DEREF,
@@ -79,7 +80,7 @@ class ConcurrencyLimiter:
         self.limit = limit or None
         self._lock = threading.Lock()
         self.in_use = 0
-        self.message = f"too many concurrent sub-workflows: the limit of {self.limit} is reached, retry later"
+        self.message = f"{CONCURRENCY_REFUSED}: the limit of {self.limit} is reached, retry later"
 
     def try_acquire(self) -> bool:
         with self._lock:

@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 
 from .admin.logs import configure_json_logging
-from .config import add_flags, config_from
+from .config import ROUTER_FLAGS, add_flags, config_from
 from .engine.watchdog import LoopWatchdog
 from .event_loop import run_event_loop
+from .router import BlazenRouterServer, parse_pools
 from .server import BlazenPeerServer
 from .wire.errors import PeerError
 
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the steps registered by an entrypoint module")
     add_flags(serve)
+    route = sub.add_parser(
+        "route", help="route calls to pools of peers by the steps they serve (no user code)"
+    )
+    add_flags(route, ROUTER_FLAGS)
     return parser
 
 
@@ -44,11 +49,14 @@ async def _serve(server: BlazenPeerServer) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    routing = args.command == "route"
     try:
-        config = config_from(args)
+        config = config_from(args, flags=ROUTER_FLAGS) if routing else config_from(args)
+        if routing:
+            parse_pools(config.pool)
     except ValueError as exc:
         parser.error(str(exc))
-    if not config.entrypoint:
+    if not routing and not config.entrypoint:
         parser.error("--entrypoint (or BLAZEN_PEER_ENTRYPOINT) is required")
     holder: list[BlazenPeerServer] = []
 
@@ -57,10 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runtime.secrets() if runtime is not None else []
 
     configure_json_logging(node_id=config.node_id, level=config.log_level, secrets=secrets)
-    sys.path.insert(0, ".")  # the console script does not put the working directory on the path
-    server = BlazenPeerServer(config=config)
+    server: BlazenPeerServer
+    if routing:
+        server = BlazenRouterServer(config=config)
+        log.info("node %s routing to pools %s", config.node_id, ", ".join(config.pool))
+    else:
+        sys.path.insert(0, ".")  # the console script does not put the working directory on the path
+        server = BlazenPeerServer(config=config)
+        log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
     holder.append(server)
-    log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
     try:
         run_event_loop(_serve(server), config.event_loop)
     except PeerError as exc:

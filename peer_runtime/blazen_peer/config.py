@@ -51,6 +51,10 @@ class PeerConfig:
     event_loop: str = "uvloop"
     # the admission's concurrency limit (blazen_peer.admission)
     max_concurrent_workflows: int = 64
+    # blazen-peer route (docs/router.md)
+    pool: tuple[str, ...] = ()
+    pool_refresh_secs: float = 10.0
+    pool_server_name: str | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -91,7 +95,9 @@ class Flag:
     attr: str
     help: str
     parse: Callable[[str], Any] = str
-    kind: str = "value"  # value | bool | append (repeatable flag; the env twin is comma-separated)
+    #: value | bool | append (repeatable, each split at commas; the env twin is comma-separated) | repeat
+    #: (repeatable, each kept whole; the env twin is semicolon-separated)
+    kind: str = "value"
     metavar: str | None = None
     extra_env: tuple[str, ...] = ()
 
@@ -182,8 +188,28 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    for flag in FLAGS:
+#: the flags of ``blazen-peer route`` alone.
+ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
+    Flag("pool", "a pool of replicas to route to (repeatable)", str, "repeat", metavar="NAME=H:P[,H:P...]"),
+    Flag("pool_refresh_secs", "ask the pools what they serve this often", float, metavar="SECS"),
+    Flag(
+        "pool_server_name",
+        "the name the pools' certificates are checked against (default: our own certificate's first DNS "
+        "name, as for session-ref forwarding)",
+        metavar="NAME",
+    ),
+)
+#: ``blazen-peer serve``'s flags a router has no use for (it runs no steps and holds no refs).
+_SERVE_ONLY = frozenset(
+    {"entrypoint", "steps", "forward_dns", "forward_peers", "ref_max_count", "ref_max_bytes", "ref_ttl_secs"}
+    | {"sync_step_workers"}
+)
+#: the flags of ``blazen-peer route``: serve's listeners, security, limits, drain and logging, and the pools.
+ROUTER_FLAGS: tuple[Flag, ...] = tuple(f for f in FLAGS if f.attr not in _SERVE_ONLY) + ROUTER_ONLY_FLAGS
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag] = FLAGS) -> None:
+    for flag in flags:
         env_note = f" [env {flag.env}]"
         if flag.kind == "bool":
             parser.add_argument(
@@ -194,7 +220,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=flag.help + env_note,
             )
-        elif flag.kind == "append":
+        elif flag.kind in ("append", "repeat"):
             parser.add_argument(
                 flag.option,
                 dest=flag.attr,
@@ -209,16 +235,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> PeerConfig:
+def config_from(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None, flags: Sequence[Flag] = FLAGS
+) -> PeerConfig:
     """Flag wins over its env twin, which wins over the default. ``BLAZEN_PEER_TOKEN`` is the token's twin."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for flag in FLAGS:
+    for flag in flags:
         raw = getattr(args, flag.attr, None)
         try:
             if raw is not None:
                 if flag.kind == "append":
                     values[flag.attr] = tuple(o for item in raw for o in _csv(item))
+                elif flag.kind == "repeat":
+                    values[flag.attr] = tuple(item.strip() for item in raw if item.strip())
                 elif flag.kind == "bool":
                     values[flag.attr] = True
                 else:
@@ -226,7 +256,12 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str] | None = No
                 continue
             for name in (flag.env, *flag.extra_env):
                 if name in env:
-                    values[flag.attr] = _csv(env[name]) if flag.kind == "append" else flag.parse(env[name])
+                    if flag.kind == "repeat":
+                        values[flag.attr] = tuple(p.strip() for p in env[name].split(";") if p.strip())
+                    else:
+                        values[flag.attr] = (
+                            _csv(env[name]) if flag.kind == "append" else flag.parse(env[name])
+                        )
                     break
         except ValueError as exc:
             raise ValueError(f"{flag.option} / {flag.env}: {exc}") from None

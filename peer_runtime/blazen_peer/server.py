@@ -20,10 +20,12 @@ from .engine.refs import SessionRefStore
 from .engine.registry import StepRegistry, default_registry, load_entrypoint
 from .engine.service import PeerService
 from .hooks import ServerHooks, combine
+from .transport.fleet import fleet_methods
 from .transport.forwarding import SiblingForwarder, split_host_port
-from .transport.grpc_server import create_grpc_server
+from .transport.grpc_server import create_grpc_server, peer_methods
 from .transport.http_shim import create_http_app
 from .wire.errors import PeerError
+from .wire.fleet import Description
 from .wire.protocol import ENVELOPE_VERSION
 
 log = logging.getLogger("blazen_peer.server")
@@ -139,10 +141,11 @@ class BlazenPeerServer:
         # Steps still running after their run ended keep a slot of the concurrency limit (executor.py).
         self._executor = StepExecutor(workers, slots=self.runtime.limiter)
         self.service.executor = self._executor
+        await self._prepare(hooks)
 
         age = cfg.grpc_max_connection_age_secs
         server = create_grpc_server(
-            self.service,
+            self._grpc_methods(main=True),
             wrap=hooks.grpc_method_wrapper,
             options=hooks.grpc_options,
             setup=hooks.grpc_server_setup,
@@ -161,7 +164,7 @@ class BlazenPeerServer:
                 # Its own grpc.aio server: handlers cannot tell which port a call came in on, and this one
                 # answers without the token check.
                 plain = create_grpc_server(
-                    self.service,
+                    self._grpc_methods(main=False),
                     wrap=hooks.plaintext_grpc_method_wrapper,
                     options=hooks.grpc_options,
                     setup=hooks.grpc_server_setup,
@@ -191,7 +194,9 @@ class BlazenPeerServer:
 
         if cfg.http_addr is not None:
             app = create_http_app(
-                self.service, middlewares=hooks.http_middlewares, max_body_bytes=cfg.http_max_body_bytes
+                self._http_service(),
+                middlewares=hooks.http_middlewares,
+                max_body_bytes=cfg.http_max_body_bytes,
             )
             for setup in hooks.http_app_setup:
                 setup(app)
@@ -206,6 +211,39 @@ class BlazenPeerServer:
         self._ready = True
         for cb in hooks.on_ready:
             await _maybe_await(cb(self))
+
+    # -- what a second server kind (blazen_peer.router) replaces ----------
+
+    async def _prepare(self, hooks: ServerHooks) -> None:
+        """Called in ``start()`` once the runtime's parts are built, before any listener binds."""
+
+    def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
+        """The gRPC methods of ``--grpc-addr`` (``main``) and of ``--plaintext-grpc-addr``: the BlazenPeer
+        service; the fleet's ``Describe`` only on the authenticated listener."""
+        methods = peer_methods(self.service)
+        if main:
+            methods.update(fleet_methods(self.describe))
+        return methods
+
+    def _http_service(self) -> Any:
+        """What the HTTP/JSON shim calls (``invoke``, ``deref``, ``release`` on decoded messages)."""
+        return self.service
+
+    async def _close(self) -> None:
+        """Called in ``stop()`` once the listeners are closed."""
+        if self._forwarder is not None:
+            await self._forwarder.close()
+        if self._executor is not None:
+            self._executor.shutdown()
+
+    def describe(self) -> Description:
+        """The ``blazen.fleet.v1.Fleet/Describe`` reply: what this peer serves, for a router."""
+        reg = self.registry
+        served = self.served_step_ids
+        steps = {sid: spec.accepts for sid in served if (spec := reg.get(sid)) is not None}
+        workflows = {w: tuple(ids) for w, ids in reg.workflows().items() if all(i in steps for i in ids)}
+        in_flight = self.runtime.limiter.in_use if self.runtime is not None else 0
+        return Description(self.node_id, steps, workflows, in_flight, self._ready)
 
     async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any) -> int:
         host, port = split_host_port(addr)
@@ -259,10 +297,7 @@ class BlazenPeerServer:
                 await _maybe_await(cb(self))
             if self._admin_runner is not None:
                 await self._admin_runner.cleanup()
-            if self._forwarder is not None:
-                await self._forwarder.close()
-            if self._executor is not None:
-                self._executor.shutdown()
+            await self._close()
         finally:
             self._stopped.set()
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from blazen_peer import BlazenPeerServer, PeerConfig, ServerHooks, StepRegistry
 from blazen_peer.client import BlazenPeerClient
+from blazen_peer.router import BlazenRouterServer
 from cryptography import x509
 
 from .pki import Pki
@@ -206,6 +207,21 @@ async def running_peer(
         yield server
     finally:
         await server.stop(grace=0)
+
+
+async def start_router(pools: dict[str, list[str]], **config: Any) -> BlazenRouterServer:
+    """A started ``BlazenRouterServer`` over ``pools`` (name -> ``H:P`` list), listeners on 127.0.0.1 ports
+    the kernel picks unless ``config`` says otherwise. The caller stops it."""
+    fields: dict[str, Any] = {
+        "grpc_addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "admin_addr": "127.0.0.1:0",
+        "pool": tuple(f"{name}={','.join(addrs)}" for name, addrs in pools.items()),
+        **config,
+    }
+    server = BlazenRouterServer(config=PeerConfig(**fields))
+    await server.start()
+    return server
 
 
 class PeerProcess:

@@ -64,6 +64,11 @@ def bind_log_context(caller_node_id: str | None, request_id: str) -> LogContext:
     return _CALLER.set(caller_node_id), _REQUEST.set(request_id)
 
 
+def current_request_id() -> str | None:
+    """The request id bound to this context (the caller's, or the one the admission made up)."""
+    return _REQUEST.get()
+
+
 def unbind_log_context(bound: LogContext) -> None:
     _CALLER.reset(bound[0])
     _REQUEST.reset(bound[1])

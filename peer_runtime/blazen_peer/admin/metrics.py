@@ -119,6 +119,10 @@ class PeerMetrics:
         """``callback() -> (refs held, bytes held)``, read at each scrape."""
         self._refs = callback
 
+    def add_collector(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        """More metric families, produced at each scrape by ``collect()`` (the router's per-replica ones)."""
+        self.registry.register(_CallbackCollector(collect))
+
     def track_tls(self, source: Any, listener: str = "grpc") -> None:
         """A ``ReloadingTlsSource`` (anything with ``not_after_timestamp``, ``reload_count``,
         ``failure_count``)."""

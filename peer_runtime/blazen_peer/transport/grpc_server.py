@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -79,6 +79,15 @@ def _decode(request: bytes, decoder):
         raise _Abort(Status.INVALID_ARGUMENT, f"postcard decode failed: {exc}") from None
     except EnvelopeDecodeError as exc:
         raise _Abort(Status.INTERNAL, f"failed to decode Protobuf message: {exc}") from None
+
+
+def decode_message(request: bytes, decoder: Callable[[bytes], Any]) -> Any:
+    """``request`` (a protobuf envelope) decoded by ``decoder``, or ``PeerStatusError`` with the status and
+    message a peer answers (size, envelope, postcard), for callers outside this module (the router)."""
+    try:
+        return _decode(request, decoder)
+    except _Abort as exc:
+        raise PeerStatusError(exc.status, exc.message) from None
 
 
 class BlazenPeerServicer:
@@ -208,14 +217,22 @@ async def _unimplemented(request_iterator, context: grpc.aio.ServicerContext) ->
     context.set_details("")
 
 
+def peer_methods(service: PeerService) -> dict[str, grpc.RpcMethodHandler]:
+    """The four BlazenPeer method handlers around ``service``, by full method path."""
+    servicer = BlazenPeerServicer(service)
+    return {
+        PATH_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
+        PATH_STREAM: grpc.unary_stream_rpc_method_handler(servicer.stream),
+        PATH_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
+        PATH_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
+    }
+
+
 class _Handlers(grpc.GenericRpcHandler):
-    def __init__(self, servicer: BlazenPeerServicer, wrap: MethodWrapper | None = None) -> None:
-        self._methods = {
-            PATH_INVOKE: grpc.unary_unary_rpc_method_handler(servicer.invoke),
-            PATH_STREAM: grpc.unary_stream_rpc_method_handler(servicer.stream),
-            PATH_DEREF: grpc.unary_unary_rpc_method_handler(servicer.deref),
-            PATH_RELEASE: grpc.unary_unary_rpc_method_handler(servicer.release),
-        }
+    def __init__(
+        self, methods: Mapping[str, grpc.RpcMethodHandler], wrap: MethodWrapper | None = None
+    ) -> None:
+        self._methods = dict(methods)
         if wrap is not None:
             self._methods = {name: wrap(handler, name) for name, handler in self._methods.items()}
         # Unknown methods: UNIMPLEMENTED with an empty message, as tonic answers.
@@ -244,21 +261,21 @@ def grpc_server_options(
 
 
 def create_grpc_server(
-    service: PeerService,
+    methods: Mapping[str, grpc.RpcMethodHandler],
     *,
     wrap: MethodWrapper | None = None,
     options: Iterable[tuple[str, object]] = (),
     setup: Iterable[Callable[[grpc.aio.Server], None]] = (),
     max_connection_age_secs: float = 0.0,
 ) -> grpc.aio.Server:
-    """An unstarted grpc.aio server with the BlazenPeer service; the caller adds ports. Each of the four
-    methods is wrapped by ``wrap`` (the admission); each ``setup`` runs on the server (e.g. adds the gRPC
-    health service)."""
+    """An unstarted grpc.aio server with ``methods`` (full path -> handler: ``peer_methods(service)``, a
+    router's forwarding handlers, ``blazen.fleet.v1``); the caller adds ports. Each method is wrapped by
+    ``wrap`` (the admission); each ``setup`` runs on the server (e.g. adds the gRPC health service)."""
     server = grpc.aio.server(
         options=grpc_server_options(options, max_connection_age_secs=max_connection_age_secs),
         compression=grpc.Compression.NoCompression,
     )
-    server.add_generic_rpc_handlers((_Handlers(BlazenPeerServicer(service), wrap),))
+    server.add_generic_rpc_handlers((_Handlers(methods, wrap),))
     for add in setup:
         add(server)
     return server

@@ -21,6 +21,15 @@ PATH_STREAM = f"/{SERVICE}/{METHOD_STREAM}"
 PATH_DEREF = f"/{SERVICE}/{METHOD_DEREF}"
 PATH_RELEASE = f"/{SERVICE}/{METHOD_RELEASE}"
 
+#: our own internal service, on the same authenticated gRPC port: a router asks each peer what it serves
+#: (docs/router.md). Blazen's clients never see it.
+FLEET_SERVICE = "blazen.fleet.v1.Fleet"
+PATH_DESCRIBE = f"/{FLEET_SERVICE}/Describe"
+
+#: how the admission's refusal over ``--max-concurrent-workflows`` begins (a router retries such a call on
+#: another replica: nothing ran).
+CONCURRENCY_REFUSED = "too many concurrent sub-workflows"
+
 #: the HTTP/JSON shim's routes (all POST).
 ROUTE_INVOKE = "/v1/peer/invoke_sub_workflow"
 ROUTE_DEREF = "/v1/peer/deref_session_ref"

@@ -1,0 +1,97 @@
+"""``BlazenRouterServer``: ``blazen-peer route``, one endpoint for several pools of peers (docs/router.md).
+
+The same server as a peer - the composition root builds its TLS (hot reload), token, CORS, admission,
+limits, health, metrics, drain and logging from the same ``PeerConfig`` - with other methods behind the
+listeners: the BlazenPeer calls are forwarded to the pools (``routing.forward``) instead of run here. It
+runs no user code and holds no session refs (its ref store stays empty, so its drain never waits for
+any). The hop to the pools uses the session-ref forwarding credentials: the router's own certificate as
+client identity with its CA, and its token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from .config import PeerConfig
+from .engine.registry import StepRegistry
+from .hooks import ServerHooks
+from .routing.forward import Router, RouterService, router_methods
+from .routing.pools import PoolSet
+from .routing.table import parse_pool
+from .server import BlazenPeerServer
+
+__all__ = ["BlazenRouterServer", "parse_pools"]
+
+
+def parse_pools(specs: tuple[str, ...]) -> dict[str, list[str]]:
+    """``--pool`` values -> pool name -> replica addresses; a name given twice is an error."""
+    pools: dict[str, list[str]] = {}
+    for spec in specs:
+        name, addrs = parse_pool(spec)
+        if name in pools:
+            raise ValueError(f"pool {name!r} is given twice")
+        pools[name] = addrs
+    if not pools:
+        raise ValueError("at least one --pool NAME=HOST:PORT[,HOST:PORT...] is required")
+    return pools
+
+
+class BlazenRouterServer(BlazenPeerServer):
+    def __init__(self, config: PeerConfig | None = None, *, hooks: ServerHooks | None = None) -> None:
+        if config is not None and (config.entrypoint or config.steps is not None):
+            raise ValueError("a router runs no steps: no entrypoint, no --steps")
+        super().__init__(config=config, registry=StepRegistry(), hooks=hooks)
+        self.pool_addrs = parse_pools(self.config.pool)
+        self.pools: PoolSet | None = None
+        self.router: Router | None = None
+
+    async def _prepare(self, hooks: ServerHooks) -> None:
+        options = hooks.forward_channel_options
+        name = self.config.pool_server_name
+        if name:
+
+            def options() -> list[tuple[str, Any]]:
+                return [("grpc.ssl_target_name_override", name)]
+
+        self.pools = PoolSet(
+            self.pool_addrs,
+            credentials=hooks.forward_channel_credentials,
+            metadata=hooks.forward_metadata,
+            options=options,
+            refresh_secs=self.config.pool_refresh_secs,
+        )
+        self.router = Router(self.pools)
+        assert self.runtime is not None
+        self.runtime.metrics.add_collector(self.pools.collect)
+        # Routable from the first call: the listeners bind once every replica answered or failed.
+        await self.pools.refresh()
+        self.pools.start()
+
+    def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
+        assert self.router is not None
+        return router_methods(self.router)
+
+    def _http_service(self) -> Any:
+        assert self.router is not None
+        return RouterService(self.router)
+
+    async def _close(self) -> None:
+        await super()._close()
+        if self.pools is not None:
+            await self.pools.close()
+
+    def reset_forwarding(self) -> None:
+        super().reset_forwarding()
+        if self.pools is not None:
+            self.pools.reset_channels()
+
+    @property
+    def served_step_ids(self) -> list[str]:
+        return sorted(self.pools.table.step_pools) if self.pools is not None else []
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["router"] = self.pools.info() if self.pools is not None else None
+        return out

@@ -1,0 +1,51 @@
+"""Replica choice, per call: power of two choices by least in-flight (the router's own count of the calls
+it has running on each replica, exact and current, unlike a count reported seconds ago)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Collection, Sequence
+
+from ..wire.fleet import Description
+
+__all__ = ["Replica", "pick"]
+
+
+class Replica:
+    """One peer of a pool, with the router's counters for it."""
+
+    __slots__ = ("addr", "calls", "description", "down_until", "errors", "in_flight", "pool", "retries")
+
+    def __init__(self, pool: str, addr: str) -> None:
+        self.pool = pool
+        self.addr = addr
+        self.in_flight = 0
+        self.calls = 0
+        self.errors = 0
+        self.retries = 0
+        #: monotonic time before which the replica is avoided (refused a call, failed Describe, not ready)
+        self.down_until = 0.0
+        self.description: Description | None = None
+
+    def up(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.down_until
+
+    def __repr__(self) -> str:
+        return f"Replica({self.pool}, {self.addr}, in_flight={self.in_flight})"
+
+
+def pick(
+    replicas: Sequence[Replica], exclude: Collection[Replica] = (), rng: random.Random | None = None
+) -> Replica | None:
+    """Two replicas at random among those up and not in ``exclude``, the one with fewer calls in flight;
+    when none is up, among the rest not excluded (better to try than to refuse); None when all are excluded.
+    """
+    now = time.monotonic()
+    cands = [r for r in replicas if r not in exclude and r.down_until <= now]
+    if not cands:
+        cands = [r for r in replicas if r not in exclude]
+    if len(cands) <= 1:
+        return cands[0] if cands else None
+    a, b = (rng or random).sample(cands, 2)
+    return a if a.in_flight <= b.in_flight else b

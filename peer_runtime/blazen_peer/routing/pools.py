@@ -1,0 +1,200 @@
+"""The pools a router forwards to: their replicas, one pooled gRPC channel per replica, and what each
+serves, learned from the replicas themselves (``blazen.fleet.v1.Fleet/Describe``) every
+``--pool-refresh-secs`` and at once after a replica refused a call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..wire.envelope import unwrap
+from ..wire.fleet import Description, DescriptionError
+from ..wire.protocol import PATH_DESCRIBE
+from .balance import Replica
+from .table import PoolView, RoutingTable
+
+__all__ = ["PoolSet"]
+
+log = logging.getLogger("blazen_peer.routing")
+
+#: how long a replica that refused a call, or failed to describe itself, is avoided (unless nothing else is
+#: left); a successful Describe clears it sooner.
+DOWN_SECS = 5.0
+
+
+class PoolSet:
+    def __init__(
+        self,
+        pools: Mapping[str, list[str]],
+        *,
+        credentials: Callable[[], grpc.ChannelCredentials | None] | None = None,
+        metadata: Callable[[], list[tuple[str, str]]] | None = None,
+        options: Callable[[], list[tuple[str, Any]]] | None = None,
+        refresh_secs: float = 10.0,
+        describe_timeout: float = 5.0,
+    ) -> None:
+        self.pools: dict[str, list[Replica]] = {
+            name: [Replica(name, a) for a in addrs] for name, addrs in pools.items()
+        }
+        self.replicas = [r for rs in self.pools.values() for r in rs]
+        self._credentials = credentials
+        self._metadata = metadata
+        self._options = options
+        self.refresh_secs = refresh_secs
+        self.describe_timeout = describe_timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Future[Any]] = set()
+        self.table = RoutingTable()
+        self.refreshed_at: float | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- channels ----------
+    def channel(self, addr: str) -> grpc.aio.Channel:
+        ch = self._channels.get(addr)
+        if ch is None:
+            creds = self._credentials() if self._credentials is not None else None
+            opts = self._options() if self._options is not None else None
+            ch = (
+                grpc.aio.secure_channel(addr, creds, options=opts)
+                if creds is not None
+                else grpc.aio.insecure_channel(addr, options=opts)
+            )
+            self._channels[addr] = ch
+        return ch
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """What every call to a pool carries (the token)."""
+        return self._metadata() if self._metadata is not None else []
+
+    def reset_channels(self, grace: float = 30.0) -> None:
+        """New calls open new channels (a reloaded client certificate); the old ones close once their calls
+        had ``grace`` seconds. Call on the event loop."""
+        old, self._channels = self._channels, {}
+        for ch in old.values():
+            task = asyncio.ensure_future(ch.close(grace=grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    # -- descriptions ----------
+    async def _describe(self, replica: Replica) -> None:
+        try:
+            call = self.channel(replica.addr).unary_unary(PATH_DESCRIBE)
+            raw = await call(b"", metadata=self.metadata(), timeout=self.describe_timeout)
+            desc = Description.decode(unwrap(raw))
+        except (grpc.aio.AioRpcError, DescriptionError, ValueError) as exc:
+            detail = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else exc
+            if replica.description is not None or replica.down_until == 0.0:
+                log.warning(
+                    "pool %s: replica %s did not describe itself: %s", replica.pool, replica.addr, detail
+                )
+            replica.down_until = time.monotonic() + DOWN_SECS
+            return
+        replica.description = desc
+        # A replica that is not ready (draining, starting) is avoided, not forgotten: its refs live on.
+        replica.down_until = 0.0 if desc.ready else time.monotonic() + DOWN_SECS
+
+    async def refresh(self) -> None:
+        """Ask every replica at once, then rebuild the routing table from those that answered."""
+        await asyncio.gather(*(self._describe(r) for r in self.replicas))
+        views = []
+        for name, replicas in self.pools.items():
+            steps: dict[str, tuple[str, ...]] = {}
+            workflows: dict[str, tuple[str, ...]] = {}
+            for r in replicas:
+                if r.description is not None:
+                    steps.update(r.description.steps)
+                    workflows.update(r.description.workflows)
+            views.append(PoolView(name, steps, workflows))
+        self.table = RoutingTable(views)
+        self.refreshed_at = time.time()
+
+    def refresh_soon(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_secs)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not end the refreshes
+                log.exception("refreshing the pool descriptions failed")
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    # -- observability ----------
+    def info(self) -> dict[str, Any]:
+        """The pools and the routing table, for ``/v1/info``."""
+        now = time.monotonic()
+        pools: dict[str, Any] = {}
+        for name, replicas in self.pools.items():
+            view = self.table.views.get(name)
+            pools[name] = {
+                "steps": sorted(view.steps) if view else [],
+                "workflows": {w: list(ids) for w, ids in sorted(view.workflows.items())} if view else {},
+                "replicas": [
+                    {
+                        "addr": r.addr,
+                        "node_id": r.description.node_id if r.description else None,
+                        "up": r.up(now),
+                        "in_flight": r.in_flight,
+                        "reported_in_flight": r.description.in_flight if r.description else None,
+                        "calls": r.calls,
+                        "errors": r.errors,
+                        "retries": r.retries,
+                    }
+                    for r in replicas
+                ],
+            }
+        return {"pools": pools, "routes": self.table.routes(), "refreshed_at": self.refreshed_at}
+
+    def collect(self) -> Iterator[Metric]:
+        """Per pool and replica: calls in flight, calls, errors, retries, up (a ``PeerMetrics`` collector)."""
+        labels = ["pool", "replica"]
+        in_flight = GaugeMetricFamily(
+            "blazen_router_replica_in_flight_calls",
+            "Calls the router has running on a replica.",
+            labels=labels,
+        )
+        calls = CounterMetricFamily(
+            "blazen_router_replica_calls", "Calls forwarded to a replica.", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "blazen_router_replica_errors", "Forwarded calls that ended with a non-OK status.", labels=labels
+        )
+        retries = CounterMetricFamily(
+            "blazen_router_replica_retries",
+            "Calls a replica refused before running anything, sent to another replica.",
+            labels=labels,
+        )
+        up = GaugeMetricFamily(
+            "blazen_router_replica_up", "1 when the replica is chosen for calls.", labels=labels
+        )
+        now = time.monotonic()
+        for r in self.replicas:
+            key = [r.pool, r.addr]
+            in_flight.add_metric(key, r.in_flight)
+            calls.add_metric(key, r.calls)
+            errors.add_metric(key, r.errors)
+            retries.add_metric(key, r.retries)
+            up.add_metric(key, 1 if r.up(now) else 0)
+        yield from (in_flight, calls, errors, retries, up)

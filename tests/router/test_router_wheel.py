@@ -1,0 +1,114 @@
+"""The real ``blazen`` 0.6.74 clients (gRPC ``BlazenPeerClient``, ``HttpPeerClient``) through a
+``blazen-peer route`` process to real peers: Blazen's own clients speak neither TLS nor tokens on gRPC, so
+the router is started as for its plaintext opt-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.blazen_wheel import blazen_env
+from tests.support.peers import blazen_peer_command, wait_ready
+from tests.support.ports import free_port
+
+from .conftest import Fleet, start_fleet, stop_fleet
+
+pytestmark = pytest.mark.interop
+
+DRIVER = Path(__file__).parents[1] / "interop" / "blazen_driver.py"
+
+
+class RouterProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, grpc: int, http: int, admin: int, log: Path) -> None:
+        self.proc, self.grpc, self.http, self.admin, self.log = proc, grpc, http, admin, log
+
+
+@pytest.fixture
+async def routed(tmp_path: Path) -> AsyncIterator[tuple[Fleet, RouterProcess]]:
+    fleet = await start_fleet()
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    args = [
+        "route",
+        "--node-id",
+        "router-proc",
+        "--insecure",
+        "--grpc-addr",
+        f"127.0.0.1:{grpc_port}",
+        "--http-addr",
+        f"127.0.0.1:{http_port}",
+        "--admin-addr",
+        f"127.0.0.1:{admin_port}",
+        *(arg for name, addrs in fleet.pools.items() for arg in ("--pool", f"{name}={','.join(addrs)}")),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZEN_PEER_")}
+    log = tmp_path / "router.log"
+    with open(log, "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
+        proc = await asyncio.create_subprocess_exec(
+            *blazen_peer_command(), *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+    router = RouterProcess(proc, grpc_port, http_port, admin_port, log)
+    try:
+        await wait_ready(admin_port, proc)
+        yield fleet, router
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await stop_fleet(fleet)
+
+
+async def run_blazen(shim: Path, router: RouterProcess, ops: list[dict]) -> list[dict]:
+    spec = {
+        "grpc": f"http://127.0.0.1:{router.grpc}",
+        "http": f"http://127.0.0.1:{router.http}",
+        "node_id": "wheel-caller",
+        "ops": ops,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(DRIVER),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=blazen_env(shim),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_the_blazen_wheel_through_the_router(routed, isoc23_shim: Path, transport: str) -> None:
+    _, router = routed
+
+    def invoke(workflow: str, steps: list[str] | None, input: dict | None = None) -> dict:
+        return {"op": "invoke", "transport": transport, "workflow": workflow, "steps": steps, "input": input}
+
+    ops = [
+        invoke("wf", ["gpu.infer"]),
+        invoke("cpu-chain", [], {"n": 4}),
+        invoke("wf", ["cpu.keep"], {"data": "wheel"}),
+        {"op": "deref", "transport": transport, "uuid": "$ref0"},
+        {"op": "release", "transport": transport, "uuid": "$ref0"},
+        {"op": "deref", "transport": transport, "uuid": "$ref0"},
+        invoke("wf", ["gpu.nothing"]),
+        *(invoke("wf", ["cpu.parse"]) for _ in range(40)),
+    ]
+    gpu, chain, keep, deref, release, gone, unknown, *spread = await run_blazen(isoc23_shim, router, ops)
+    assert gpu["result"] == {"node": "gpu-0", "caller": None if transport == "grpc" else "wheel-caller"}
+    assert chain["result"]["n"] == 50
+    assert keep["error"] is None
+    assert list(keep["refs"]) == [keep["result"]["ref"]]
+    assert bytes.fromhex(deref["payload_hex"]) == b"wheel"
+    assert release["released"] is True
+    assert "not found" in gone["msg"]
+    assert "unknown step id `gpu.nothing`" in unknown["msg"]
+    nodes = [r["result"]["node"] for r in spread]
+    # one client (one connection to the router), calls spread over both replicas of the pool
+    assert {"cpu-0", "cpu-1"} == set(nodes), nodes
