@@ -1,0 +1,25 @@
+"""The operator scale benchmark at N=100 (bench/operator.py) as a correctness test: every BlazenPeer Ready, no
+Warning Events, no operator traceback, and a resync of the unchanged objects changes none of them. Times are
+recorded by the benchmark (`make bench-operator`, docs/benchmarks.md), not asserted here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from bench import operator as bench
+
+
+@pytest.mark.timeout(1500)
+def test_hundred_blazenpeers_reconcile_to_ready_and_a_resync_changes_nothing(tmp_path):
+    result = bench.run(100, tmp_path / "n100", resync_seconds=20, ready_timeout=600)
+    print(json.dumps(result), file=sys.stderr)
+
+    # bench.run raises unless every BlazenPeer turned Ready=True and every child exists
+    assert result["warning_event_count"] == 0, result["warning_events"]
+    assert result["operator_log_tracebacks"] == 0
+    # a resync of unchanged objects moves no resourceVersion: no BlazenPeer status, child or Event is written
+    assert result["resync_changed_objects"] == [], result["resync_changed_objects"][:20]
+    assert result["resync_peers"] > 100
