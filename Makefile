@@ -51,8 +51,11 @@ api: $(STAMP) toolchain-api
 test: lint toolchain-api toolchain-kind
 	$(PY) -m pytest tests
 
+# h2load (apt) drives the throughput figures, ghz (Go module, pinned) the latency percentiles: docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) -m bench
+	hack/install-h2load.sh
+	hack/build-ghz.sh
+	nice $(PY) -m bench
 
 # The API-test control plane plus kube-scheduler, the kwok controller and cert-manager's controller (docs/benchmarks.md).
 toolchain-bench: toolchain-api
