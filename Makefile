@@ -47,8 +47,8 @@ toolchain-api:
 api: $(STAMP) toolchain-api
 	$(PY) -m pytest tests/api
 
-# Every test: lint, unit, interop, browser, fuzz, API and end-to-end on the kind cluster.
-test: lint toolchain-api toolchain-kind
+# Every test: lint, unit, interop, browser, fuzz, API, scale (tests/scale) and end-to-end on the kind cluster.
+test: lint toolchain-api toolchain-bench toolchain-kind
 	$(PY) -m pytest tests
 
 # h2load (apt) drives the throughput figures, ghz (Go module, pinned) the latency percentiles: docs/benchmarks.md.

@@ -329,9 +329,6 @@ class ScaleCluster:
                 f"--kubeconfig={cp.kubeconfig}",
                 "--leader-elect=false",
                 f"--metrics-listen-address=127.0.0.1:{free_port()}",
-                "--controllers=issuers,certificaterequests-issuer-selfsigned,certificaterequests-issuer-ca,"
-                "certificates-trigger,certificates-issuing,certificates-key-manager,"
-                "certificates-request-manager,certificates-readiness,certificates-revision-manager",
                 "-v=1",
             ],
         )
@@ -347,9 +344,7 @@ class ScaleCluster:
         cp.spawn(
             "info-peer",
             [
-                sys.executable,
-                "-m",
-                "blazen_peer",
+                str(Path(sys.executable).with_name("blazen-peer")),
                 "serve",
                 "--insecure",
                 "--entrypoint",
@@ -475,7 +470,8 @@ class ScaleCluster:
                 continue
             ref = event.get("objectRef") or {}
             sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
-            out[f"{event['verb']} {ref.get('resource', '?')}{sub}"] += 1
+            what = ref.get("resource") or event.get("requestURI", "?").split("?")[0]  # discovery: no resource
+            out[f"{event['verb']} {what}{sub}"] += 1
         return out
 
     def resource_versions(self, namespace: str, kinds: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
