@@ -168,7 +168,7 @@ class Watcher:
                     continue
                 with self._lock:
                     self.seen.setdefault((kind, name), now)
-                    if kind == s.KIND and _ready(obj):
+                    if kind == s.KIND and is_ready(obj):
                         self.ready.setdefault(name, now)
 
     def has(self, keys: set[tuple[str, str]]) -> bool:
@@ -190,7 +190,7 @@ class Watcher:
             conn.close()
 
 
-def _ready(obj: dict[str, Any]) -> bool:
+def is_ready(obj: dict[str, Any]) -> bool:
     conds = (obj.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 

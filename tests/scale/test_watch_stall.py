@@ -43,7 +43,7 @@ def _reconciled(sc, name, replicas):
         dep is not None
         and dep["spec"]["replicas"] == replicas
         and status.get("observedGeneration") == peer["metadata"]["generation"]
-        and bench._ready(peer)
+        and bench.is_ready(peer)
     )
 
 

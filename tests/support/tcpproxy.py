@@ -57,6 +57,8 @@ class FreezableProxy:
                     self._closed.wait(0.5)  # frozen: keep both sockets open, move nothing
                     continue
                 for key, _ in sel.select(timeout=0.2):
+                    if pair.frozen.is_set():  # frozen while select waited: leave the bytes where they are
+                        break
                     try:
                         data = key.fileobj.recv(65536)
                         if not data:
