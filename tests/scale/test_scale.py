@@ -17,8 +17,18 @@ def test_hundred_blazenpeers_reconcile_to_ready_and_a_resync_changes_nothing(tmp
     result = bench.run(100, tmp_path / "n100", resync_seconds=20, ready_timeout=600)
     print(json.dumps(result), file=sys.stderr)
 
-    # bench.run raises unless every BlazenPeer turned Ready=True and every child exists
-    assert result["warning_event_count"] == 0, result["warning_events"]
+    assert result["children_complete"] == 100
+    assert result["ready_count"] == 100
+    # No Warning Event, except cert-manager's complaint while the namespace CA bootstraps: the operator creates
+    # the CA's Secret stub (to carry owner references) before cert-manager has issued into it, and the CA Issuer
+    # reports the empty Secret until it is filled (docs/benchmarks.md).
+    bootstrap = ("ErrGetKeyPair", "ErrInitIssuer")
+    others = {
+        key: count
+        for key, count in result["warning_events"].items()
+        if not (key.startswith("cert-manager-issuers: Issuer/blazen-ca: ") and key.split(": ")[2] in bootstrap)
+    }
+    assert others == {}
     assert result["operator_log_tracebacks"] == 0
     # a resync of unchanged objects moves no resourceVersion: no BlazenPeer status, child or Event is written
     assert result["resync_changed_objects"] == [], result["resync_changed_objects"][:20]
