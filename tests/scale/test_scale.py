@@ -14,7 +14,7 @@ from bench import operator as bench
 
 @pytest.mark.timeout(1500)
 def test_hundred_blazenpeers_reconcile_to_ready_and_a_resync_changes_nothing(tmp_path):
-    result = bench.run(100, tmp_path / "n100", resync_seconds=20, ready_timeout=600)
+    result = bench.run(100, tmp_path / "n100", resync_seconds=120, ready_timeout=900)
     print(json.dumps(result), file=sys.stderr)
 
     assert result["children_complete"] == 100
