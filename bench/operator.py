@@ -336,6 +336,10 @@ class ScaleCluster:
                 f"--kubeconfig={cp.kubeconfig}",
                 "--leader-elect=false",
                 f"--metrics-listen-address=127.0.0.1:{free_port()}",
+                # Its default client limit (20 qps, burst 50) throttled issuance at N=100 (waits of over a
+                # second in its log): two Certificates per BlazenPeer. Same limit as kube-controller-manager.
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
                 "-v=1",
             ],
         )
