@@ -61,6 +61,7 @@ from controlplane import ControlPlane, eventually, free_port, install_crds  # no
 
 OPERATOR_NS = "blazen-system"
 RELEASE = "blazen-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{RELEASE}"  # the chart's ServiceAccount
 BENCH_NS = "bench"
 SINGLE_NS = "bench-single"
 GPU_EVERY = 4  # one peer in four is a GPU peer
@@ -242,7 +243,6 @@ class ScaleCluster:
     operator: subprocess.Popen | None = None
     operator_metrics_port: int = 0
     operator_token: str = ""
-    operator_user: str = f"system:serviceaccount:{OPERATOR_NS}:{RELEASE}"
     components: dict[str, int] = field(default_factory=dict)  # name -> pid
 
     @property
@@ -257,12 +257,11 @@ class ScaleCluster:
         if missing := missing_binaries():
             raise RuntimeError(f"binaries missing: {missing}; run `make toolchain-bench`")
         workdir.mkdir(parents=True, exist_ok=True)
-        user = f"system:serviceaccount:{OPERATOR_NS}:{RELEASE}"
         policy = {
             "apiVersion": "audit.k8s.io/v1",
             "kind": "Policy",
             "omitStages": ["RequestReceived", "ResponseStarted"],
-            "rules": [{"level": "Metadata", "users": [user]}, {"level": "None"}],
+            "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
         }
         (workdir / "audit-policy.yaml").write_text(json.dumps(policy))
         extra = {
@@ -272,8 +271,8 @@ class ScaleCluster:
                 "--audit-log-format=json",
                 "--audit-log-maxsize=0",
             ],
-            # kube-controller-manager's default client limit (20 qps) would be what the benchmark measures;
-            # 100/200 is what managed control planes give it at this size. Its endpoint controllers are off:
+            # kube-controller-manager's default client limit (20 qps) would be what the benchmark measures, so
+            # it gets 100/200 (as kube-scheduler and cert-manager do here). Its endpoint controllers are off:
             # the simulated pods' loopback IPs (see the docstring) are not valid endpoint addresses, and
             # nothing here reads endpoints.
             "kube-controller-manager": [
@@ -477,7 +476,7 @@ class ScaleCluster:
             data = f.read() if end is None else f.read(end - start)
         for line in data.splitlines():
             event = json.loads(line)
-            if event.get("user", {}).get("username") != self.operator_user or event["verb"] == "watch":
+            if event.get("user", {}).get("username") != OPERATOR_USER or event["verb"] == "watch":
                 continue
             ref = event.get("objectRef") or {}
             sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
