@@ -270,6 +270,8 @@ class ScaleCluster:
                 f"--audit-log-path={workdir / 'audit.log'}",
                 "--audit-log-format=json",
                 "--audit-log-maxsize=0",
+                # every BlazenPeer has a ClusterIP Service: the API tests' /24 runs out at ~250 peers
+                "--service-cluster-ip-range=10.96.0.0/16",
             ],
             # kube-controller-manager's default client limit (20 qps) would be what the benchmark measures, so
             # it gets 100/200 (as kube-scheduler and cert-manager do here). Its endpoint controllers are off:
