@@ -53,11 +53,11 @@ from blazen_operator.apply import Api, path_for
 from blazen_operator.builders import Peer, desired
 from kubernetes import client, config
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "support"))
+from tests.support import controlplane
+from tests.support.controlplane import ControlPlane, eventually, install_crds
+from tests.support.ports import free_port
 
-import controlplane  # noqa: E402
-from controlplane import ControlPlane, eventually, free_port, install_crds  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OPERATOR_NS = "blazen-system"
 RELEASE = "blazen-operator"

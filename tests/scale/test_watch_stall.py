@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-from bench import operator as bench
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-
 from blazen_operator import spec as s
 from blazen_operator.apply import path_for
-from controlplane import eventually
-from tcpproxy import FreezableProxy
+
+from bench import operator as bench
+from tests.support.controlplane import eventually
+from tests.support.tcpproxy import FreezableProxy
 
 NS = bench.BENCH_NS
 INACTIVITY = 5
