@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-down lint unit interop router api e2e bench toolchain-api toolchain-kind
+.PHONY: test demo demo-down lint unit interop router api e2e bench bench-operator toolchain-api toolchain-bench toolchain-kind
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +47,25 @@ toolchain-api:
 api: $(STAMP) toolchain-api
 	$(PY) -m pytest tests/api
 
-# Every test: lint, unit, interop, browser, fuzz, API and end-to-end on the kind cluster.
-test: lint toolchain-api toolchain-kind
+# Every test: lint, unit, interop, browser, fuzz, API, scale (tests/scale) and end-to-end on the kind cluster.
+test: lint toolchain-api toolchain-bench toolchain-kind
 	$(PY) -m pytest tests
 
+# h2load (apt) drives the throughput figures, ghz (Go module, pinned) the latency percentiles: docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) -m bench
+	hack/install-h2load.sh
+	hack/build-ghz.sh
+	nice $(PY) -m bench
+
+# The API-test control plane plus kube-scheduler, the kwok controller and cert-manager's controller (docs/benchmarks.md).
+toolchain-bench: toolchain-api
+	hack/build-k8s.sh kube-scheduler
+	hack/build-cert-manager.sh
+	hack/build-kwok.sh
+
+# The operator at scale: N = 10, 100, 1000 BlazenPeers on fake kwok nodes (docs/benchmarks.md).
+bench-operator: $(STAMP) toolchain-bench
+	nice $(PY) -m bench.operator
 
 # The offline kind toolchain (Go modules + Debian packages, cached under ~/.cache/blazen-fleet): docs/cluster.md.
 toolchain-kind:

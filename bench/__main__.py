@@ -1,13 +1,16 @@
-"""Run the benchmark: ``python -m bench [--duration S] [--out FILE]`` (``make bench``).
+"""Run the benchmark: ``python -m bench [--calls N] [--rounds R] [--out FILE]`` (``make bench``).
 
-Targets, all measured by the same ghz binary in the same run, at concurrency 1 and 32 over one connection:
+Throughput comes from h2load (Debian's nghttp2-client: a few microseconds of its own CPU per call, so the
+server saturates first), latency percentiles from ghz (which decodes every response, and spends tens of
+microseconds per call doing it). Each measurement also records the server's CPU time per call (from /proc) and
+the load generator's, so a saturated generator shows. Targets, at concurrency 1 and 32 over one connection:
   (a) Blazen's Rust server (the wheel's ``BlazenPeerServer``; it can only answer unknown-step requests),
   (b) a bare grpcio server that decodes the request and answers NOT_FOUND - the ceiling for Python grpcio,
   (c) our runtime on the same unknown-step path,
   (d) our runtime running a real echo sub-workflow,
   (e) for reference, the same bare handler as (b) on grpcio's synchronous thread-pool server,
+  (f) experiment: our engine behind grpcio's synchronous server,
   (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds.
-Each server's CPU time is read from /proc around its target's calls (per call: cpu_ms_per_call).
 Each target is measured in several interleaved rounds; calls/s is the median round; the percentiles
 pool all calls.
 """
@@ -19,6 +22,8 @@ import datetime as dt
 import json
 import os
 import platform
+import re
+import resource
 import shutil
 import socket
 import statistics
@@ -26,7 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from blazen_peer.wire import SubWorkflowRequest, wrap
 
@@ -44,6 +51,80 @@ def ghz_path() -> str:
         return found
     subprocess.run([str(ROOT / "hack/build-ghz.sh")], check=True)
     return str(CACHE_BIN / "ghz")
+
+
+def h2load_path() -> str:
+    found = shutil.which("h2load")
+    if found:
+        return found
+    subprocess.run([str(ROOT / "hack/install-h2load.sh")], check=True)
+    return shutil.which("h2load") or "h2load"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU of every child this process has waited for: the delta around one load-generator run is its own."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One length-prefixed gRPC message (uncompressed), as h2load sends it verbatim as the request body."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@dataclass
+class Sample:
+    rps: float
+    server_us: float  # server CPU per call
+    load_us: float  # load generator CPU per call
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: dict = field(default_factory=dict)
+
+
+def measured(server_pid: int, calls: int, run) -> tuple[Any, float, float]:
+    """Runs ``run()`` (one load-generator process) and returns its result with the server's and the load
+    generator's CPU microseconds per call."""
+    s0, l0 = cpu_seconds(server_pid), children_cpu_seconds()
+    out = run()
+    s1, l1 = cpu_seconds(server_pid), children_cpu_seconds()
+    return out, (s1 - s0) * 1e6 / calls, (l1 - l0) * 1e6 / calls
+
+
+def h2load(binary: str, port: int, body: Path, concurrency: int, calls: int, cpu: int | None) -> float:
+    """calls/s over one HTTP/2 connection with ``concurrency`` streams in flight. h2load counts HTTP status,
+    not grpc-status: ghz's status counts (same targets, same requests) show the gRPC outcome."""
+    cmd = [
+        binary,
+        "-n",
+        str(calls),
+        "-c",
+        "1",
+        "-m",
+        str(concurrency),
+        "-t",
+        "1",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        f"http://127.0.0.1:{port}/{CALL.replace('.InvokeSubWorkflow', '/InvokeSubWorkflow')}",
+    ]
+    done = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, timeout=600, preexec_fn=pinned_to(cpu)
+    )
+    ok = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", done.stdout)
+    rate = re.search(r"finished in [^,]+, ([\d.]+) req/s", done.stdout)
+    if not ok or not rate or int(ok.group(1)) != calls:
+        raise RuntimeError(f"h2load: not every call succeeded:\n{done.stdout[-2000:]}")
+    return float(rate.group(1))
 
 
 def free_port() -> int:
@@ -71,12 +152,6 @@ def pinned_to(cpu: int | None):
     if cpu is None:
         return None
     return lambda: os.sched_setaffinity(0, {cpu})
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(
@@ -143,17 +218,21 @@ def ghz(
     return report["rps"], lat, report.get("statusCodeDistribution") or {}
 
 
-def summarize(rounds: list[tuple[float, list[float], dict]], label: str) -> dict:
-    rps = statistics.median(r[0] for r in rounds)
-    lat = sorted(x for r in rounds for x in r[1])
+def summarize(throughput: list[Sample], latency: list[Sample], label: str) -> dict:
+    lat = sorted(x for r in latency for x in r.latencies_ms)
     statuses: dict[str, int] = {}
-    for r in rounds:
-        for k, v in r[2].items():
+    for r in latency:
+        for k, v in r.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
     return {
         "label": label,
-        "rps": rps,
-        "rps_rounds": [round(r[0]) for r in rounds],
+        "rps": statistics.median(r.rps for r in throughput),
+        "rps_rounds": [round(r.rps) for r in throughput],
+        "server_us_per_call": statistics.median(r.server_us for r in throughput),
+        "h2load_us_per_call": statistics.median(r.load_us for r in throughput),
+        "ghz_rps": statistics.median(r.rps for r in latency),
+        "ghz_server_us_per_call": statistics.median(r.server_us for r in latency),
+        "ghz_us_per_call": statistics.median(r.load_us for r in latency),
         "p50_ms": lat[len(lat) // 2],
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "calls": len(lat),
@@ -164,30 +243,35 @@ def summarize(rounds: list[tuple[float, list[float], dict]], label: str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
-        "--calls", type=int, default=1000, help="calls per measurement at concurrency 1 (x4 at 32)"
+        "--calls",
+        type=int,
+        default=1000,
+        help="ghz calls per measurement at concurrency 1 (x4 at 32); h2load makes 5x as many",
     )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument(
         "--no-pin",
         action="store_true",
-        help="let servers and ghz share every CPU (default: servers on CPU 0, ghz on CPU 1)",
+        help="let servers and the load generators share every CPU (default: servers on CPU 0, load on CPU 1)",
     )
     parser.add_argument("--out", default=str(ROOT / ".work/bench.json"))
     args = parser.parse_args()
 
-    binary = ghz_path()
+    ghz_binary, h2load_binary = ghz_path(), h2load_path()
     # On a small box the load generator and the server otherwise fight over the same cores, and where the
-    # scheduler puts them moves a round's figure by +-20%: each server gets CPU 0, ghz CPU 1.
+    # scheduler puts them moves a round's figure by +-20%: each server gets CPU 0, the load generator CPU 1.
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
-    server_cpu, ghz_cpu = (0, 1) if pin else (None, None)
+    server_cpu, load_cpu = (0, 1) if pin else (None, None)
     tmp = Path(tempfile.mkdtemp(prefix="blazen-bench-"))
     shim = build_isoc23_shim(tmp)
-    unknown = tmp / "unknown.bin"
-    unknown.write_bytes(
-        wrap(SubWorkflowRequest.new("bench", ["bench::missing"], {"payload": "x" * 64}).encode())
-    )
-    echo = tmp / "echo.bin"
-    echo.write_bytes(wrap(SubWorkflowRequest.new("bench", ["bench::echo"], {"payload": "x" * 64}).encode()))
+    bodies: dict[str, tuple[Path, Path]] = {}  # step -> (protobuf message for ghz, gRPC frame for h2load)
+    for step in ("bench::missing", "bench::echo"):
+        message = wrap(SubWorkflowRequest.new("bench", [step], {"payload": "x" * 64}).encode())
+        raw, framed = tmp / f"{step[7:]}.bin", tmp / f"{step[7:]}.h2"
+        raw.write_bytes(message)
+        framed.write_bytes(grpc_frame(message))
+        bodies[step] = (raw, framed)
+    unknown, echo = bodies["bench::missing"], bodies["bench::echo"]
 
     targets = [
         ("a", "Blazen Rust server, unknown step", "blazen-rust", unknown),
@@ -204,36 +288,47 @@ def main() -> None:
         for kind in dict.fromkeys(t[2] for t in targets):
             upstream = servers["ours"][1] if kind == "router" else None
             servers[kind] = start(kind, shim, tmp, server_cpu, upstream)
-        cpu: dict[str, float] = {}
         load_before = os.getloadavg()
-        for _, _, kind, data in targets:
-            ghz(binary, servers[kind][1], data, 8, 500, ghz_cpu)  # warm-up
-        raw: dict[str, list] = {}
+        for _, _, kind, (raw, framed) in targets:  # warm-up
+            ghz(ghz_binary, servers[kind][1], raw, 8, 500, load_cpu)
+            h2load(h2load_binary, servers[kind][1], framed, 8, 2000, load_cpu)
+        put: dict[str, list[Sample]] = {}
+        lat: dict[str, list[Sample]] = {}
         # Rounds interleave the targets, so a burst of background load hits all of them alike, and each round
         # starts one target later, so no target always runs right after the same neighbour.
         for rnd in range(args.rounds):
             order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
             for conc in (1, 32):
-                for key, label, kind, data in order:
+                for key, label, kind, (raw, framed) in order:
+                    proc, port = servers[kind]
                     calls = args.calls * (4 if conc > 1 else 1)
-                    pid = servers[kind][0].pid
-                    before = cpu_seconds(pid)
-                    r = ghz(binary, servers[kind][1], data, conc, calls, ghz_cpu)
-                    cpu[f"{key}@{conc}"] = cpu.get(f"{key}@{conc}", 0.0) + cpu_seconds(pid) - before
-                    raw.setdefault(f"{key}@{conc}", []).append(r)
-                    print(f"round {rnd + 1} ({key}) c={conc:<2} {r[0]:8.0f} calls/s  {label}", flush=True)
+                    rps, srv, load = measured(
+                        proc.pid,
+                        calls * 5,
+                        lambda: h2load(h2load_binary, port, framed, conc, calls * 5, load_cpu),  # noqa: B023
+                    )
+                    put.setdefault(f"{key}@{conc}", []).append(Sample(rps, srv, load))
+                    (g_rps, g_lat, g_status), g_srv, g_load = measured(
+                        proc.pid,
+                        calls,
+                        lambda: ghz(ghz_binary, port, raw, conc, calls, load_cpu),  # noqa: B023
+                    )
+                    lat.setdefault(f"{key}@{conc}", []).append(Sample(g_rps, g_srv, g_load, g_lat, g_status))
+                    print(
+                        f"round {rnd + 1} ({key}) c={conc:<2} h2load {rps:8.0f} calls/s, server "
+                        f"{srv:6.1f} us + h2load {load:5.1f} us per call; ghz {g_rps:7.0f} calls/s, ghz "
+                        f"{g_load:5.1f} us per call  {label}",
+                        flush=True,
+                    )
         for key, label, _, _ in targets:
             for conc in (1, 32):
-                results[f"{key}@{conc}"] = summarize(raw[f"{key}@{conc}"], label)
-                results[f"{key}@{conc}"]["cpu_ms_per_call"] = (
-                    1000 * cpu[f"{key}@{conc}"] / results[f"{key}@{conc}"]["calls"]
-                )
+                k = f"{key}@{conc}"
+                results[k] = summarize(put[k], lat[k], label)
                 # The box is shared: each round's ratio to (b), measured seconds apart, is steadier than the
                 # ratio of medians. Report the median of the per-round ratios too.
-                base = raw[f"b@{conc}"]
-                ratios = [r[0] / b[0] for r, b in zip(raw[f"{key}@{conc}"], base, strict=True)]
-                results[f"{key}@{conc}"]["rps_ratio_rounds"] = [round(x, 2) for x in ratios]
-                results[f"{key}@{conc}"]["rps_ratio_median"] = statistics.median(ratios)
+                ratios = [r.rps / b.rps for r, b in zip(put[k], put[f"b@{conc}"], strict=True)]
+                results[k]["rps_ratio_rounds"] = [round(x, 2) for x in ratios]
+                results[k]["rps_ratio_median"] = statistics.median(ratios)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -245,14 +340,14 @@ def main() -> None:
     after = "/".join(f"{x:.2f}" for x in load_after)
     print(
         f"date {when}, {os.cpu_count()} cpus, "
-        f"{'servers on CPU 0, ghz on CPU 1' if pin else 'no CPU pinning'}, "
+        f"{'servers on CPU 0, load generators on CPU 1' if pin else 'no CPU pinning'}, "
         f"Python {platform.python_version()}, load average (1/5/15 min) before {before}, after {after}"
     )
     print(
-        "| target | conc | calls/s | p50 ms | p99 ms | calls/s vs (b) | per-round ratio | p50 vs (b) "
-        "| server CPU ms/call |"
+        "| target | conc | calls/s (h2load) | server CPU us/call | h2load CPU us/call | calls/s vs (b) "
+        "| per-round ratio | calls/s (ghz) | ghz CPU us/call | p50 ms (ghz) | p99 ms (ghz) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for conc in (1, 32):
         base = results[f"b@{conc}"]
         for key in "abcdefg":
@@ -261,12 +356,14 @@ def main() -> None:
                 f"({key}) {r['label']}",
                 str(conc),
                 f"{r['rps']:.0f}",
-                f"{r['p50_ms']:.3f}",
-                f"{r['p99_ms']:.3f}",
+                f"{r['server_us_per_call']:.1f}",
+                f"{r['h2load_us_per_call']:.1f}",
                 f"{r['rps'] / base['rps']:.2f}",
                 f"{r['rps_ratio_median']:.2f}",
-                f"{r['p50_ms'] / base['p50_ms']:.2f}",
-                f"{r['cpu_ms_per_call']:.3f}",
+                f"{r['ghz_rps']:.0f}",
+                f"{r['ghz_us_per_call']:.1f}",
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
             ]
             print("| " + " | ".join(cells) + " |")
     out = Path(args.out)

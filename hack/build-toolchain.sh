@@ -21,5 +21,7 @@ timed etcd env ETCD_VERSION="$ETCD_VERSION" "$HACK_DIR/build-etcd.sh"
 timed go-tools "$HACK_DIR/build-go-tools.sh" kind containerd runc cni crictl pause coredns
 timed helm "$HACK_DIR/build-helm.sh" >/dev/null
 timed cert-manager "$HACK_DIR/build-cert-manager.sh"
+timed kwok "$HACK_DIR/build-kwok.sh"
+timed ghz "$HACK_DIR/build-ghz.sh"
 record_time toolchain-total $((SECONDS - t_start))
 log "toolchain ready in $((SECONDS - t_start)) s"

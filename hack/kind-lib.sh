@@ -18,6 +18,7 @@ COREDNS_VERSION="${COREDNS_VERSION:-v1.12.1}"
 KINDNETD_COMMIT="${KINDNETD_COMMIT:-df8de77b}"
 KINDNETD_TAG="${KINDNETD_TAG:-v20250512-df8de77b}"
 CERT_MANAGER_VERSION="${CERT_MANAGER_VERSION:-v1.11.5}"
+KWOK_VERSION="${KWOK_VERSION:-v0.7.0}"   # fake nodes/pods for the operator scale benchmark (bench/operator.py)
 PAUSE_TAGS="${PAUSE_TAGS:-3.10 3.10.1}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"

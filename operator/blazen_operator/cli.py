@@ -53,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         liveness_port=args.liveness_port,
         metrics_port=args.metrics_port,
         resync_seconds=args.resync_seconds,
+        watch_inactivity_seconds=args.watch_inactivity_seconds,
         verbose=args.verbose,
     )
     run(options)
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="level-based resync period of status and children (default %(default)s)",
+    )
+    run.add_argument(
+        "--watch-inactivity-seconds",
+        type=float,
+        default=70.0,
+        help="reconnect a watch that delivered nothing (not even a bookmark, sent every ~60 s) for this long "
+        "(default %(default)s)",
     )
     run.add_argument(
         "--standalone", action="store_true", default=True, help="always on; accepted for clarity"

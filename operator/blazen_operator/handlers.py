@@ -51,6 +51,12 @@ class Config:
     resync_seconds: float = field(
         default_factory=lambda: float(os.environ.get("BLAZEN_OPERATOR_RESYNC_SECONDS", "60"))
     )
+    # A watch stream that delivers nothing, not even a bookmark (the apiserver sends one every ~60 s), for
+    # this long is presumed frozen (a dropped NAT entry, a stalled proxy) and reconnected from its last
+    # resourceVersion, so no change is lost.
+    watch_inactivity_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("BLAZEN_OPERATOR_WATCH_INACTIVITY_SECONDS", "70"))
+    )
     metrics_port: int = field(
         default_factory=lambda: int(os.environ.get("BLAZEN_OPERATOR_METRICS_PORT", "0"))
     )
@@ -146,12 +152,13 @@ async def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    config = Config()
     settings.watching.server_timeout = 300
-    settings.watching.inactivity_timeout = 70  # bookmarks keep healthy watches alive; dead ones reconnect
+    settings.watching.inactivity_timeout = config.watch_inactivity_seconds
+    settings.watching.connect_timeout = 10  # a reconnect into a black hole fails fast and is retried
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 8
 
-    config = Config()
     STATE.config = config
     STATE.api = Api()
     STATE.queue = Queue(Reconciler(STATE.api))

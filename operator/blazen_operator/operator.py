@@ -16,12 +16,14 @@ class Options:
     liveness_port: int = 8081
     metrics_port: int = 8000
     resync_seconds: float = 60.0
+    watch_inactivity_seconds: float = 70.0
     verbose: bool = False
 
 
 def run(options: Options) -> None:
     os.environ["BLAZEN_OPERATOR_RESYNC_SECONDS"] = str(options.resync_seconds)
     os.environ["BLAZEN_OPERATOR_METRICS_PORT"] = str(options.metrics_port)
+    os.environ["BLAZEN_OPERATOR_WATCH_INACTIVITY_SECONDS"] = str(options.watch_inactivity_seconds)
     os.environ["BLAZEN_OPERATOR_NAMESPACES"] = "" if options.all_namespaces else ",".join(options.namespaces)
     kopf.configure(verbose=options.verbose, debug=False)
     logging.getLogger("blazen_operator").setLevel(logging.DEBUG if options.verbose else logging.INFO)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from blazen_operator.apply import Api, ApiError, load_client_configuration
 
 from tests.support import controlplane
@@ -41,37 +40,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlp
                 os.environ["KUBECONFIG"] = old
 
 
-def _install_crds(api: Api, paths: list[Path]) -> None:
-    names = []
-    for path in paths:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc:
-                continue
-            name = doc["metadata"]["name"]
-            api.request(
-                "PATCH",
-                f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
-                query={"fieldManager": "blazen-tests", "force": "true"},
-                body=doc,
-                content_type="application/apply-patch+yaml",
-            )
-            names.append(name)
-
-    def established() -> bool:
-        for name in names:
-            crd = api.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-            conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
-            if conds.get("Established") != "True":
-                return False
-        return True
-
-    eventually(established, timeout=60, what="CRDs established")
-
-
 @pytest.fixture(scope="package")
 def api(control_plane: controlplane.ControlPlane) -> Api:
     api = Api(load_client_configuration())
-    _install_crds(api, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
+    controlplane.install_crds(api, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
     # discovery must serve the new resources before kopf starts scanning
     eventually(lambda: api.request("GET", "/apis/blazen.dev/v1alpha1"), what="blazen.dev discovery")
     eventually(lambda: api.request("GET", "/apis/cert-manager.io/v1"), what="cert-manager discovery")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .ports import free_port
 
@@ -91,6 +91,8 @@ class ControlPlane:
     etcd_peer_port: int = field(default_factory=free_port)
     apiserver_port: int = field(default_factory=free_port)
     kcm_port: int = field(default_factory=free_port)
+    # extra command-line flags per component ("kube-apiserver", "kube-controller-manager"), appended to ours
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -110,20 +112,22 @@ class ControlPlane:
     # ---------------------------------------------------------------------------------------------- start
     @classmethod
     @contextlib.contextmanager
-    def start(cls, workdir: Path):
-        cp = cls(workdir=workdir)
+    def start(cls, workdir: Path, **fields: Any):
+        cp = cls(workdir=workdir, **fields)
         try:
             cp._start()
             yield cp
         finally:
             cp.stop()
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a component in its own session, logging to <workdir>/<name>.log; `stop` ends it (last
+        started, first stopped)."""
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
+        self.procs[name] = proc
+        return proc
 
     def _start(self) -> None:
         paths = toolchain_paths()
@@ -132,7 +136,7 @@ class ControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
 
-        self._spawn(
+        self.spawn(
             "etcd",
             [
                 str(paths["etcd"]),
@@ -155,14 +159,14 @@ class ControlPlane:
                 "warn",
             ],
         )
-        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 30)
+        self.wait_for(lambda: self._http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 30)
         self.startup_seconds["etcd"] = time.monotonic() - t0
 
         (self.workdir / "certs").mkdir(exist_ok=True)
         token_file = self.workdir / "tokens.csv"
         token_file.write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
         sa_key, sa_pub = _write_sa_keys(self.workdir)
-        self._spawn(
+        self.spawn(
             "kube-apiserver",
             [
                 str(paths["kube-apiserver"]),
@@ -182,14 +186,15 @@ class ControlPlane:
                 f"--service-account-signing-key-file={sa_key}",
                 "--enable-priority-and-fairness=false",
                 "-v=1",
+                *self.extra_args.get("kube-apiserver", []),
             ],
         )
         t1 = time.monotonic()
-        self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.token), "kube-apiserver", 90)
+        self.wait_for(lambda: self._http_ok(f"{self.server}/readyz", token=self.token), "kube-apiserver", 90)
         self.startup_seconds["kube-apiserver"] = time.monotonic() - t1
 
         self._write_kubeconfig()
-        self._spawn(
+        self.spawn(
             "kube-controller-manager",
             [
                 str(paths["kube-controller-manager"]),
@@ -203,10 +208,11 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 "--concurrent-gc-syncs=5",
                 "-v=1",
+                *self.extra_args.get("kube-controller-manager", []),
             ],
         )
         t2 = time.monotonic()
-        self._wait(
+        self.wait_for(
             lambda: self._http_ok(f"https://127.0.0.1:{self.kcm_port}/healthz", token=self.token), "kcm", 60
         )
         self.startup_seconds["kube-controller-manager"] = time.monotonic() - t2
@@ -238,7 +244,7 @@ class ControlPlane:
         except (urllib.error.URLError, OSError):
             return False
 
-    def _wait(self, check, what: str, timeout: float) -> None:
+    def wait_for(self, check, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
@@ -252,9 +258,9 @@ class ControlPlane:
 
     # ---------------------------------------------------------------------------------------------- stop
     def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+        for name in reversed(list(self.procs)):
+            proc = self.procs.pop(name)
+            if proc.poll() is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -264,6 +270,36 @@ class ControlPlane:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+def install_crds(api: Any, paths: list[Path]) -> None:
+    """Server-side apply every CustomResourceDefinition in ``paths`` and wait until all are Established."""
+    import yaml
+
+    names = []
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            name = doc["metadata"]["name"]
+            api.request(
+                "PATCH",
+                f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}",
+                query={"fieldManager": "blazen-tests", "force": "true"},
+                body=doc,
+                content_type="application/apply-patch+yaml",
+            )
+            names.append(name)
+
+    def established() -> bool:
+        for name in names:
+            crd = api.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+            if conds.get("Established") != "True":
+                return False
+        return True
+
+    eventually(established, timeout=60, what="CRDs established")
 
 
 def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
