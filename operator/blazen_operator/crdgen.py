@@ -57,6 +57,13 @@ class _K8sSchema(GenerateJsonSchema):
                 # the full default object: the API server validates defaults (and CEL rules) as given,
                 # without defaulting inside them
                 return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if isinstance(value, list):
+                return [
+                    v.model_dump(by_alias=True, exclude_none=True, mode="json")
+                    if isinstance(v, BaseModel)
+                    else v
+                    for v in value
+                ]
             return value
         return super().get_default_value(schema)
 
