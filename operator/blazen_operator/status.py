@@ -33,6 +33,7 @@ class Observed:
     peer: Peer | None  # None when the spec is invalid
     invalid: str | None = None  # why the spec is invalid
     apply_error: str | None = None  # a child the API server refused
+    conflict: str | None = None  # a child's name is taken by an object this BlazenPeer does not own
     token_missing: str | None = None  # the referenced token Secret (or key) does not exist
     deployment: dict[str, Any] | None = None
     certificate: dict[str, Any] | None = None
@@ -211,6 +212,8 @@ def compute(
         conds["Progressing"] = ("False", "RolloutComplete", f"{desired} pods on the current template")
 
     degraded: list[tuple[str, str]] = []
+    if observed.conflict:
+        degraded.append(("ChildNotOwned", observed.conflict))
     if observed.apply_error:
         degraded.append(("ApplyFailed", observed.apply_error))
     if observed.token_missing:

@@ -596,7 +596,10 @@ def test_network_policy_is_on_by_default_and_fences_the_admin_port():
         {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "blazen-system"}},
             "podSelector": {
-                "matchLabels": {"app.kubernetes.io/instance": "bo", "app.kubernetes.io/name": "blazen-operator"}
+                "matchLabels": {
+                    "app.kubernetes.io/instance": "bo",
+                    "app.kubernetes.io/name": "blazen-operator",
+                }
             },
         },
         {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}},

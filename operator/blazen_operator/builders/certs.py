@@ -116,6 +116,11 @@ def client_certificate(p: Peer) -> dict[str, Any]:
     }
 
 
+def stub_names(p: Peer) -> tuple[str, ...]:
+    """The Secrets a BlazenPeer owns by controller reference, whether or not TLS is on now."""
+    return (c.server_cert_name(p), c.client_cert_name(p))
+
+
 def secret_stub(p: Peer, name: str, *, controller: bool = True) -> dict[str, Any]:
     """An empty kubernetes.io/tls Secret created before cert-manager fills it, so that it carries our owner
     reference and is garbage-collected with the BlazenPeer (cert-manager does not set one by default)."""
