@@ -5,14 +5,20 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import secrets
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from blazen_operator.apply import Api, ApiError, path_for
+from blazen_operator.handlers import list_peers
 
 from tests.support.controlplane import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.api
 
@@ -84,6 +90,7 @@ CHILDREN = [
     ("Secret", "bp-tls"),
     ("Secret", "bp-client-tls"),
     ("PodDisruptionBudget", "bp"),
+    ("NetworkPolicy", "bp"),
 ]
 
 
@@ -118,6 +125,19 @@ CHILDREN = [
         ({"volumeMounts": [{"name": "w", "mountPath": "/models"}]}, "bp", "spec.volumeMounts"),
         ({"volumes": [{"emptyDir": {}}]}, "bp", "spec.volumes[0].name"),
         ({"tls": {"trustBundle": {}}}, "bp", "spec.tls.trustBundle"),
+        ({"steps": []}, "bp", "spec.steps"),
+        ({"http": {"corsOrigins": ["https://app.example.com"]}}, "bp", "spec.http.auth"),
+        ({"http": {"auth": "Token"}}, "bp", "spec.http.auth"),
+        (
+            {
+                "tls": {"enabled": False},
+                "auth": {"tokenSecretRef": {"name": "t"}},
+                "http": {"auth": "ClientCertificate"},
+            },
+            "bp",
+            "spec.http.auth",
+        ),
+        ({"http": {"auth": "Anonymous"}}, "bp", "spec.http.auth"),
         ({}, "x" * 53, "metadata.name"),
     ],
 )
@@ -128,6 +148,27 @@ def test_invalid_manifests_are_rejected_with_field_messages(api, namespace, spec
         create(api, body)
     assert info.value.status == 422
     assert expected in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"corsOrigins": ["https://app.example.com"], "auth": "Unauthenticated"},
+        {"corsOrigins": ["https://app.example.com"], "auth": "ClientCertificate"},
+        {"auth": "ClientCertificate"},
+        {},
+    ],
+)
+def test_explicit_http_auth_decisions_are_accepted(api, namespace, http):
+    created = create(api, manifest("bp", namespace, http=http))
+    assert created["spec"]["http"].get("auth") == http.get("auth")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_examples_pass_the_api_servers_validation(api, namespace, path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        doc["metadata"]["namespace"] = namespace
+        create(api, doc)
 
 
 def test_defaults_are_applied_by_the_api_server(api, namespace):
@@ -142,6 +183,11 @@ def test_defaults_are_applied_by_the_api_server(api, namespace):
     assert spec["rollout"] == {"strategy": "Surge", "maxSurge": 1}
     assert spec["pod"]["terminationGracePeriodSeconds"] == 30
     assert spec["pod"]["drainAdmitSeconds"] == 10
+    assert spec["networkPolicy"]["enabled"] is True
+    assert spec["networkPolicy"]["adminAllowedFrom"] == [
+        {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}}
+    ]
+    assert "auth" not in spec["http"], "unset: the runtime's auto mode (token, else client certificate)"
 
 
 # ------------------------------------------------------------ lifecycle
@@ -288,7 +334,8 @@ def test_spec_change_rolls_the_pod_template(api, operator, namespace):
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--steps") + 1] == "a::b"
     # the controller-manager rolled out a new ReplicaSet for the new template
-    eventually(lambda: len(api.list("apps/v1", "ReplicaSet", namespace)) == 2, what="second ReplicaSet")
+    replicasets = f"/apis/apps/v1/namespaces/{namespace}/replicasets"
+    eventually(lambda: len(api.request("GET", replicasets)["items"]) == 2, what="second ReplicaSet")
     st = eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"], what="status")
     eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["observedGeneration"] == 2)
     assert st["configHash"]
@@ -646,3 +693,108 @@ def test_liveness_and_metrics(api, operator, operator_ports, namespace):
         text = resp.read().decode()
     assert 'blazen_operator_reconciles_total{result="ok"}' in text
     assert "blazen_operator_applies_total" in text
+
+
+def test_network_policy_admits_the_operator_and_monitoring_to_the_admin_port(api, operator, namespace):
+    create(api, manifest("bp", namespace))
+    pol = eventually(lambda: get(api, "NetworkPolicy", namespace, "bp"), what="NetworkPolicy by default")
+    admin = [r for r in pol["spec"]["ingress"] if r["ports"] == [{"port": 9090, "protocol": "TCP"}]]
+    assert admin == [
+        {
+            "ports": [{"port": 9090, "protocol": "TCP"}],
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "blazen-system"}},
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/instance": "bo",
+                            "app.kubernetes.io/name": "blazen-operator",
+                        }
+                    },
+                },
+                {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}},
+            ],
+        }
+    ]
+
+
+def test_an_existing_object_with_a_childs_name_is_not_adopted(api, operator, namespace):
+    """A Service named like the BlazenPeer's, created by someone else: the operator neither overwrites nor
+    adopts it; the status names it. Once it is gone, the operator creates its own."""
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "bp", "namespace": namespace, "labels": {"owner": "someone-else"}},
+        "spec": {"ports": [{"name": "web", "port": 80, "targetPort": 8080}], "selector": {"app": "web"}},
+    }
+    before = api.request("POST", path_for("v1", "Service", namespace), body=theirs)
+    create(api, manifest("bp", namespace))
+
+    def degraded():
+        c = cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")
+        assert c["status"] == "True", c
+        assert c["reason"] == "ChildNotOwned"
+        return c
+
+    c = eventually(degraded, what="Degraded ChildNotOwned")
+    assert f"Service {namespace}/bp" in c["message"]
+    eventually(lambda: [e for e in events(api, namespace, "bp") if e["reason"] == "ChildNotOwned"])
+    time.sleep(4)  # more than a resync period: still untouched
+    after = get(api, "Service", namespace, "bp")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert not after["metadata"].get("ownerReferences")
+    assert after["spec"]["ports"] == before["spec"]["ports"]
+    assert get(api, "Deployment", namespace, "bp") is None, "nothing applied while a child is foreign"
+
+    api.delete("v1", "Service", namespace, "bp")
+
+    def recovered():
+        svc = get(api, "Service", namespace, "bp")
+        assert svc is not None
+        assert [r["kind"] for r in svc["metadata"]["ownerReferences"]] == ["BlazenPeer"]
+        assert cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["status"] == "False"
+        return True
+
+    eventually(recovered, timeout=30, what="the operator's own Service after the foreign one went")
+    assert get(api, "Deployment", namespace, "bp") is not None
+
+
+def test_a_foreign_tls_secret_is_not_adopted(api, operator, namespace):
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bp-client-tls", "namespace": namespace},
+        "data": {"password": base64.b64encode(b"hunter2").decode()},
+    }
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    create(api, manifest("bp", namespace))
+
+    def degraded():
+        c = cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")
+        assert c["reason"] == "ChildNotOwned", c
+        return c
+
+    assert f"Secret {namespace}/bp-client-tls" in eventually(degraded)["message"]
+    live = get(api, "Secret", namespace, "bp-client-tls")
+    assert not live["metadata"].get("ownerReferences")
+    assert live["data"] == secret["data"]
+
+
+def test_resync_namespace_patterns_select_as_kopf_does(api):
+    """`--namespace` globs and negations in the resync loop's listing, against real namespaces."""
+    tag = secrets.token_hex(3)
+    names = [f"g{tag}-a", f"g{tag}-b", f"g{tag}-pr-1", f"h{tag}"]
+    for ns in names:
+        api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": ns}})
+    try:
+        for ns in names:
+            create(api, manifest("bp", ns))
+        listed = lambda *patterns: {ns for ns, _ in list_peers(api, patterns)} & set(names)  # noqa: E731
+        assert listed(f"g{tag}-*") == {f"g{tag}-a", f"g{tag}-b", f"g{tag}-pr-1"}
+        assert listed(f"g{tag}-*,!*-pr-*") == {f"g{tag}-a", f"g{tag}-b"}
+        assert listed(f"g{tag}-a", f"h{tag}") == {f"g{tag}-a", f"h{tag}"}
+        assert listed(f"h{tag}", f"g{tag}-?") == {f"h{tag}", f"g{tag}-a", f"g{tag}-b"}
+        assert listed() == set(names), "no pattern: every namespace"
+    finally:
+        for ns in names:
+            api.request("DELETE", f"/api/v1/namespaces/{ns}")

@@ -329,12 +329,18 @@ def test_ports_and_flags_follow_the_values(helm: Path) -> None:
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
     assert {"name": "healthz", "containerPort": 9101, "protocol": "TCP"} in container["ports"]
     # The ports the pod declares are the ports the operator is told to listen on.
-    assert container["args"][3:] == [
+    assert container["args"][4:] == [
         "--liveness-port=9101",
         "--metrics-port=9100",
         "--resync-seconds=15",
         "--verbose",
     ]
+
+    # The selector labels the operator passes for its own pods select exactly its pods, in its namespace.
+    (labels_arg,) = [a for a in container["args"] if a.startswith("--operator-pod-labels=")]
+    pairs = dict(p.split("=", 1) for p in labels_arg.split("=", 1)[1].split(","))
+    assert pairs == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert f"--operator-namespace={RELEASE_NS}" in container["args"]
 
     docs = template(helm, "--set", "metrics.service.enabled=false")
     assert not by_kind(docs, "Service")
