@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import spec as s
+from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 
-MANAGED_BY = "blazen-operator"
 PEER_LABEL = "blazen.dev/peer"
 CONFIG_HASH_ANNOTATION = "blazen.dev/config-hash"
 
@@ -123,7 +123,7 @@ def labels(p: Peer) -> dict[str, str]:
     out.update(selector_labels(p))
     out.update(
         {
-            "app.kubernetes.io/managed-by": MANAGED_BY,
+            MANAGED_BY_LABEL: MANAGED_BY,
             "app.kubernetes.io/part-of": "blazen-fleet",
             PEER_LABEL: p.name,
         }
