@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .builders import Peer, workload
 from .builders import common as c
@@ -257,7 +257,9 @@ def ready(degraded_cond: Cond, r: Rollout, cert: Cond) -> Cond:
     return "True", "AllPodsReady", f"{r.ready}/{r.desired} pods ready"
 
 
-def phase(degraded_cond: Cond, ready_cond: Cond, r: Rollout) -> str:
+def phase(
+    degraded_cond: Cond, ready_cond: Cond, r: Rollout
+) -> Literal["Pending", "Progressing", "Ready", "Degraded"]:
     if degraded_cond[0] == "True":
         return "Degraded"
     if ready_cond[0] == "True":
@@ -299,7 +301,7 @@ def compute(
     rdy = ready(deg, r, cert)
     out = BlazenPeerStatus(
         observed_generation=observed.generation,
-        phase=phase(deg, rdy, r),  # type: ignore[arg-type]
+        phase=phase(deg, rdy, r),
         replicas=r.replicas,
         updated_replicas=r.updated,
         ready_replicas=r.ready,
