@@ -83,11 +83,11 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         inner.update(node)
         node = inner
     if node.get("x-kubernetes-int-or-string"):
-        out = {"x-kubernetes-int-or-string": True}
+        int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
         for key in ("description", "default"):
             if key in node:
-                out[key] = node[key]
-        return out
+                int_or_string[key] = node[key]
+        return int_or_string
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:

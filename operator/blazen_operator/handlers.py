@@ -180,7 +180,7 @@ def list_peers(api: Api, patterns: tuple[str, ...]) -> list[Key]:
     else:
         specific = select_specific_namespaces(patterns)
         if len(specific) == len(patterns):
-            scopes = sorted(specific)
+            scopes = [str(ns) for ns in sorted(specific)]
         else:
             names = [n["metadata"]["name"] for n in api.list("v1", "Namespace", None)]
             scopes = [n for n in names if any(match_namespace(NamespaceName(n), p) for p in patterns)]
@@ -212,11 +212,11 @@ def api_health(memo: kopf.Memo, **_: Any) -> str:
 @kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL)
 @kopf.on.create(s.GROUP, s.VERSION, s.PLURAL)
 @kopf.on.update(s.GROUP, s.VERSION, s.PLURAL)
-async def blazenpeer_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def blazenpeer_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     # Returns nothing: kopf would store a result under status.<handler id>, which our schema prunes. Failures
     # are retried by the queue, not by kopf: one retry policy.
     runtime = _runtime(memo)
-    if runtime is not None:
+    if runtime is not None and namespace:  # BlazenPeers are namespaced: always set
         runtime.queue.request((namespace, name))
 
 

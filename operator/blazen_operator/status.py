@@ -15,6 +15,8 @@ from .builders import Peer, workload
 from .builders import common as c
 from .spec import BlazenPeerStatus, CertificateStatus, Condition, Endpoints
 
+# (status, reason, message) of one condition
+Cond = tuple[Literal["True", "False", "Unknown"], str, str]
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "CertificateReady", "Degraded")
 
 
@@ -59,7 +61,7 @@ def _cond(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return None
 
 
-def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> tuple[str, str, str]:
+def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> Cond:
     """(status, reason, message) of CertificateReady. A Certificate counts as Ready only when its Ready
     condition is True *and* reflects the Certificate's current generation (a spec change re-issues it)."""
     if not peer.spec.tls.enabled:
@@ -89,9 +91,6 @@ def session_refs(info: dict[str, Any] | None) -> int | None:
     """The live session refs a pod reported on /v1/info (None: not reported, e.g. an older runtime)."""
     value = (info or {}).get("session_refs")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-Cond = tuple[str, str, str]  # (status, reason, message)
 
 
 @dataclass(frozen=True)
@@ -271,7 +270,10 @@ def invalid(observed: Observed, previous: dict[str, Any], stamp: str) -> dict[st
     """The status of a spec the models reject: what we knew of the running children is kept; the old pods
     keep serving."""
     msg = observed.invalid or "invalid spec"
-    conds = {"Ready": ("False", "InvalidSpec", msg), "Degraded": ("True", "InvalidSpec", msg)}
+    conds: dict[str, Cond] = {
+        "Ready": ("False", "InvalidSpec", msg),
+        "Degraded": ("True", "InvalidSpec", msg),
+    }
     keys = ("replicas", "readyReplicas", "selector", "endpoints", "certificate")
     kept = {k: previous[k] for k in keys if k in previous}
     out = BlazenPeerStatus.model_validate(
@@ -325,7 +327,7 @@ def compute(
 
 def _finish(
     out: BlazenPeerStatus,
-    conds: dict[str, tuple[str, str, str]],
+    conds: dict[str, Cond],
     previous: dict[str, Any],
     stamp: str,
     generation: int,
@@ -337,14 +339,15 @@ def _finish(
             continue
         status, reason, message = conds[type_]
         old = before.get(type_)
-        moved = old is None or old.get("status") != status
+        unchanged = old is not None and old.get("status") == status
+        since = old.get("lastTransitionTime", stamp) if old is not None and unchanged else stamp
         result.append(
             Condition(
                 type=type_,
                 status=status,
                 reason=reason,
                 message=message,
-                last_transition_time=stamp if moved else old.get("lastTransitionTime", stamp),
+                last_transition_time=since,
                 observed_generation=generation,
             )
         )

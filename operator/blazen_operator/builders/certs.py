@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 from . import common as c
 from .common import Peer
 
@@ -20,7 +21,7 @@ def issuer_ref(p: Peer) -> dict[str, str]:
 
 
 # Shared namespace objects carry no per-peer label, so pruning one peer never touches them.
-SHARED_LABELS = {c.MANAGED_BY_LABEL: c.MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet"}
+SHARED_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet"}
 
 
 def namespace_ca(p: Peer) -> list[dict[str, Any]]:
