@@ -97,8 +97,7 @@ def _owned_by_blazenpeer(body: Any, **_: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- lifecycle
 
 
-@kopf.on.startup()
-async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings) -> None:
     # No finalizers: the marker below is never added because nothing here needs one (no deletion handlers,
     # no timers, no daemons). Keep kopf's bookkeeping in our own annotation namespace, not in status (which
     # our schema would prune).
@@ -116,6 +115,10 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     for child in kinds.WATCHED_CHILDREN:
         settings.watching.label_selectors[child.group, child.plural] = kinds.MANAGED_SELECTOR
 
+
+@kopf.on.startup()
+async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
     options = _options(memo)
     api = Api(load_client_configuration(options.kubeconfig))
     reconciler = Reconciler(api, options.operator)
