@@ -28,10 +28,8 @@ STATUS_KEYS = set(s.BlazenPeerStatus.model_json_schema(by_alias=True)["propertie
 
 @dataclass
 class Outcome:
-    status: dict[str, Any] | None = None
     error: ApiError | None = None  # transient: retry
     gone: bool = False
-    wrote_status: bool = False
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -256,9 +254,9 @@ class Reconciler:
         new = st.compute(observed, previous)
         current = {k: v for k, v in previous.items() if k in STATUS_KEYS}
         if new == current:
-            return Outcome(status=new)
+            return Outcome()
         self.api.apply_status(meta["namespace"], meta["name"], new)
         metrics.STATUS_WRITES.inc()
         for event in st.transitions(previous, new):
             self.api.post_event(body, event.type, event.reason, event.message)
-        return Outcome(status=new, wrote_status=True)
+        return Outcome()

@@ -657,6 +657,29 @@ def test_render_cli_uses_the_builders(tmp_path, capsys):
     assert docs == expected
 
 
+def test_render_cli_admits_the_named_operator_pods_to_the_admin_port(tmp_path, capsys):
+    manifest = tmp_path / "bp.yaml"
+    manifest.write_text(yaml.safe_dump({"kind": "BlazenPeer", "metadata": {"name": "bp"}, "spec": BASE}))
+    args = ["render", "-f", str(manifest), "--operator-namespace", "ops"]
+    assert cli.main([*args, "--operator-pod-labels", "b=2,a=1"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    (pol,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    admin = [r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == 9090]
+    assert admin[0]["from"][0] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+        "podSelector": {"matchLabels": {"a": "1", "b": "2"}},
+    }
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--operator-pod-labels", "no-equals-sign"])
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_run_cli_no_longer_takes_standalone(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--standalone", "--all-namespaces"])
+    assert "--standalone" in capsys.readouterr().err
+
+
 def test_render_cli_reports_invalid_specs(tmp_path, capsys):
     manifest = tmp_path / "bp.yaml"
     manifest.write_text(
