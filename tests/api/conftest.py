@@ -119,10 +119,9 @@ def chart_rbac() -> list[dict[str, Any]]:
 
 def grant_chart_rbac(api: Api, user: str) -> None:
     """The chart's ClusterRoles, bound to `user` instead of the chart's ServiceAccount."""
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
     for role in chart_rbac():
         name = role["metadata"]["name"]
-        api.apply({"apiVersion": role["apiVersion"], "kind": "ClusterRole", "metadata": {"name": name},
-                   "rules": role["rules"]})  # fmt: skip
         binding = {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
@@ -130,7 +129,18 @@ def grant_chart_rbac(api: Api, user: str) -> None:
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
         }
-        api.apply(binding)
+        cluster_role = {**role, "metadata": {"name": name}}
+        for path, body in (
+            (f"{rbac}/clusterroles/{name}", cluster_role),
+            (f"{rbac}/clusterrolebindings/{name}", binding),
+        ):
+            api.request(
+                "PATCH",
+                path,
+                query={"fieldManager": "blazen-tests", "force": "true"},
+                body=body,
+                content_type="application/apply-patch+yaml",
+            )
 
 
 class ErrorLog(logging.Handler):
