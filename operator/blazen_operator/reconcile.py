@@ -49,6 +49,22 @@ def _meta_only(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _foreign_child(
+    peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
+) -> str | None:
+    """The first desired child that exists but is not this BlazenPeer's: the operator never adopts (and so
+    never overwrites) an object it did not create; the status names it instead."""
+    for child in children:
+        obj = live.get(child.key)
+        if obj is not None and not _ours(peer, child, obj):
+            _, kind, name = child.key
+            return (
+                f"{kind} {peer.namespace}/{name} exists and is not owned by this BlazenPeer; "
+                "the operator does not adopt it: delete or rename it"
+            )
+    return None
+
+
 def _controlled_by(peer: Peer, obj: dict[str, Any]) -> bool:
     refs = obj["metadata"].get("ownerReferences") or []
     return any(ref.get("uid") == peer.uid and ref.get("controller") for ref in refs)
@@ -122,15 +138,15 @@ class Reconciler:
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
 
         children = desired(peer)
-        conflict = self._foreign_child(peer, children)
-        apply_error = None if conflict else self._apply_children(peer, children)
+        live = {child.key: api.get(child.key[0], child.key[1], namespace, child.key[2]) for child in children}
+        conflict = _foreign_child(peer, children, live)
+        apply_error = None if conflict else self._apply_children(peer, children, live)
         if conflict is None and apply_error is None:
             self._prune(peer, children)
 
-        deployment = api.get("apps/v1", "Deployment", namespace, c.deployment_name(peer))
-        certificate = None
-        if peer.spec.tls.enabled:
-            certificate = api.get("cert-manager.io/v1", "Certificate", namespace, c.server_cert_name(peer))
+        # As read before the pass, or as the apply returned them: status included, no second read.
+        deployment = live.get(("apps/v1", "Deployment", c.deployment_name(peer)))
+        certificate = live.get(("cert-manager.io/v1", "Certificate", c.server_cert_name(peer)))
         pods = self._observe_pods(peer)
         observed = st.Observed(
             generation=generation,
@@ -144,28 +160,18 @@ class Reconciler:
         )
         return self._write_status(body, observed, previous)
 
-    def _foreign_child(self, peer: Peer, children: list[Child]) -> str | None:
-        """The first desired child that exists but is not this BlazenPeer's: the operator never adopts (and so
-        never overwrites) an object it did not create; the status names it instead."""
-        for child in children:
-            api_version, kind, name = child.key
-            live = self.api.get(api_version, kind, peer.namespace, name)
-            if live is not None and not _ours(peer, child, live):
-                return (
-                    f"{kind} {peer.namespace}/{name} exists and is not owned by this BlazenPeer; "
-                    "the operator does not adopt it: delete or rename it"
-                )
-        return None
-
-    def _apply_children(self, peer: Peer, children: list[Child]) -> str | None:
+    def _apply_children(
+        self, peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
+    ) -> str | None:
         for child in children:
             manager = shared_manager(peer.name) if child.shared else FIELD_MANAGER
             try:
                 if child.create_only:
-                    self.api.create_if_absent(child.manifest)
+                    if live.get(child.key) is None:
+                        self.api.create_if_absent(child.manifest)
                     self.api.apply(_meta_only(child.manifest), manager)
                 else:
-                    self._apply_or_replace(child, manager)
+                    live[child.key] = self._apply_or_replace(child, manager)
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
                 if exc.transient or exc.namespace_terminating:
@@ -175,9 +181,10 @@ class Reconciler:
                 return f"{kind} {cname}: {exc.message or exc}"
         return None
 
-    def _apply_or_replace(self, child: Child, manager: str) -> None:
+    def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
+        """The object as the API server stored it."""
         try:
-            self.api.apply(child.manifest, manager)
+            return self.api.apply(child.manifest, manager)
         except ApiError as exc:
             # A 422 on an object whose content is entirely ours (not the Deployment: its pod template
             # carries user input) means someone else's list items clash with ours: overwrite them, then own
@@ -187,7 +194,7 @@ class Reconciler:
             log.info("apply of %s refused (%s); overwriting it", child.key, exc.message)
             if self.api.merge_replace(child.manifest) is None:
                 raise
-            self.api.apply(child.manifest, manager)
+            return self.api.apply(child.manifest, manager)
 
     def _prune(self, peer: Peer, children: list[Child]) -> None:
         wanted = {child.key for child in children}
