@@ -24,10 +24,12 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "blazen-operator"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
-# Objects the operator creates for a BlazenPeer: read back, created or server-side applied (apply creates, so
-# it needs `create` too), deleted when no longer desired.
-OWNED_VERBS = frozenset({"get", "create", "patch", "delete"})
+# Objects the operator creates for a BlazenPeer: read (the ownership check), created or server-side applied
+# (apply creates, so it needs `create` too).
+OWNED_VERBS = frozenset({"get", "create", "patch"})
 WATCH_VERBS = frozenset({"list", "watch"})
+# Kinds a BlazenPeer can stop wanting (a PDB on scale-down, the NetworkPolicy turned off, ...): listed by the
+# peer label and deleted.
 PRUNE_VERBS = frozenset({"list", "delete"})
 
 
@@ -86,17 +88,19 @@ KINDS: tuple[ManagedKind, ...] = (
     # pruning, removes them with the last owner.
     _child("cert-manager.io/v1", "Issuer", "issuers", pruned=False),
     _child("cert-manager.io/v1", "Certificate", "certificates"),
-    _child("v1", "Service", "services"),
+    # Both Services and the Deployment exist for as long as the BlazenPeer: never pruned, never deleted.
+    _child("v1", "Service", "services", pruned=False),
     _child("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     _child("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
-    _child("apps/v1", "Deployment", "deployments"),
+    _child("apps/v1", "Deployment", "deployments", pruned=False),
     ManagedKind(
         "v1",
         "Secret",
         "secrets",
         owned=True,
-        why="the TLS Secret stubs (owned, read and deleted by name) and the referenced token Secret (read by "
-        "name); never listed or watched",
+        extra_verbs=frozenset({"delete"}),
+        why="the TLS Secret stubs (owned; read, and deleted when TLS is turned off, by name) and the "
+        "referenced token Secret (read by name); never listed or watched",
     ),
     ManagedKind(
         "v1",

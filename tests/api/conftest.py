@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from blazen_operator.apply import Api, ApiError, load_client_configuration
+from blazen_operator.apply import Api, ApiError, bearer_token, load_client_configuration
 from blazen_operator.builders.common import OperatorIdentity
 from blazen_operator.operator import Options, serve
 
@@ -143,6 +143,54 @@ def grant_chart_rbac(api: Api, user: str) -> None:
             )
 
 
+class CallLog:
+    """Every API call the operator's own client makes (not kopf's watches), as (verb, group, resource)."""
+
+    def __init__(self) -> None:
+        self.calls: set[tuple[str, str, str]] = set()
+
+    def record(self, method: str, path: str, query: dict[str, Any] | None) -> None:
+        parts = path.strip("/").split("/")
+        if parts[0] == "api":  # /api/v1/...
+            group, rest = "", parts[2:]
+        else:  # /apis/{group}/{version}/...
+            group, rest = parts[1], parts[3:]
+        if rest[:1] == ["namespaces"] and len(rest) > 2:
+            rest = rest[2:]
+        resource, named = rest[0], len(rest) > 1
+        if len(rest) > 2:
+            resource = f"{resource}/{rest[2]}"
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(method)
+        if verb is None:
+            verb = "get" if named else ("watch" if (query or {}).get("watch") else "list")
+        self.calls.add((verb, group, resource))
+
+
+@pytest.fixture(scope="package")
+def operator_calls(control_plane: controlplane.ControlPlane, api: Api) -> Iterator[CallLog]:
+    log = CallLog()
+    original = Api.request
+
+    def request(self: Api, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        if bearer_token(self.configuration) == control_plane.operator_token:
+            path = path.split("?")[0]
+            log.record(method, path, kw.get("query"))
+            # A server-side apply of an absent object is authorized as `create`: look with the admin client.
+            if kw.get("content_type") == "application/apply-patch+yaml" and not path.endswith("/status"):
+                try:
+                    original(api, "GET", path)
+                except ApiError as exc:
+                    if exc.not_found:
+                        log.record("POST", path.rsplit("/", 1)[0], None)
+        return original(self, method, path, **kw)
+
+    Api.request = request  # type: ignore[method-assign]
+    try:
+        yield log
+    finally:
+        Api.request = original  # type: ignore[method-assign]
+
+
 class ErrorLog(logging.Handler):
     """Every log record with a traceback, from any logger (kopf's and ours)."""
 
@@ -157,7 +205,10 @@ class ErrorLog(logging.Handler):
 
 @pytest.fixture(scope="package")
 def operator(
-    api: Api, control_plane: controlplane.ControlPlane, operator_ports: dict[str, int]
+    api: Api,
+    control_plane: controlplane.ControlPlane,
+    operator_ports: dict[str, int],
+    operator_calls: CallLog,
 ) -> Iterator[Options]:
     """The operator, in-process in a thread, as `blazen-operator run --all-namespaces` runs it: options in
     kopf's memo, and the Helm chart's RBAC as its only permissions (an unprivileged user bound to the chart's

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from blazen_operator import kinds
 from blazen_operator.apply import Api, ApiError, path_for
 from blazen_operator.handlers import list_peers
 
@@ -798,3 +799,73 @@ def test_resync_namespace_patterns_select_as_kopf_does(api):
     finally:
         for ns in names:
             api.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+def test_the_operator_uses_every_verb_the_chart_grants(api, operator, operator_calls, namespace):
+    """The Helm RBAC grants exactly what the operator calls. Too little fails the whole suite (the operator
+    runs under the chart's rules); too much fails here: one BlazenPeer is driven through every transition
+    that makes the operator read, create, apply, prune and report, and every granted verb must have been used
+    by the operator's client, except the ones only kopf uses (its watches and bookkeeping annotations), which
+    kopf's own requirements decide, and finalizers/update, which the API server checks when an owner
+    reference sets blockOwnerDeletion rather than being a call."""
+    operator_calls.calls.clear()
+    create(api, manifest("bp", namespace, replicas=2, auth={"tokenSecretRef": {"name": "tok"}}))
+    eventually(
+        lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["reason"] == "TokenSecretMissing"
+    )
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"t").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+
+    # everything a BlazenPeer can stop wanting, at once: the operator prunes each
+    merge_patch(
+        api,
+        "BlazenPeer",
+        namespace,
+        "bp",
+        {
+            "spec": {
+                "replicas": 1,
+                "tls": {"enabled": False},
+                "networkPolicy": {"enabled": False},
+                "pod": {"serviceAccountName": "default"},
+            }
+        },
+    )
+    gone = [
+        ("PodDisruptionBudget", "bp"),
+        ("NetworkPolicy", "bp"),
+        ("Certificate", "bp-tls"),
+        ("Certificate", "bp-client-tls"),
+        ("Secret", "bp-tls"),
+        ("Secret", "bp-client-tls"),
+        ("ServiceAccount", "bp-peer"),
+        ("Role", "bp-peer"),
+        ("RoleBinding", "bp-peer"),
+    ]
+
+    def pruned():
+        left = [(k, n) for k, n in gone if get(api, k, namespace, n) is not None]
+        assert not left, left
+        return True
+
+    eventually(pruned, timeout=60, what="children no longer desired are pruned")
+    assert get(api, "Deployment", namespace, "bp") is not None
+    assert get(api, "Secret", namespace, "tok") is not None, "the user's token Secret is never touched"
+
+    kopf_only = {("watch", k.group, k.plural) for k in kinds.KINDS if k.watched}
+    kopf_only |= {("list", k.group, k.plural) for k in kinds.KINDS if k.watched and not k.pruned}
+    kopf_only |= {("patch", "blazen.dev", "blazenpeers"), ("update", "blazen.dev", "blazenpeers/finalizers")}
+    kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.cluster_scoped for v in k.verbs}
+    kopf_only.discard(("list", "blazen.dev", "blazenpeers"))  # the resync loop lists them itself
+    granted = {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=False) for v in verbs}
+    granted |= {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=True) for v in verbs}
+    assert operator_calls.calls <= granted, sorted(operator_calls.calls - granted)
+
+    def all_used() -> bool:  # the resync loop's list comes within a period
+        missing = granted - kopf_only - operator_calls.calls
+        assert not missing, f"granted but never called: {sorted(missing)}"
+        return True
+
+    eventually(all_used, timeout=15, what="every granted verb used")
