@@ -6,8 +6,11 @@ import base64
 import copy
 import json
 import secrets
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +379,7 @@ def test_token_secret_change_does_not_roll_the_pods(api, operator, namespace):
     after = get(api, "Deployment", namespace, "bp")
     assert after["spec"]["template"] == template
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
-    assert len(api.list("apps/v1", "ReplicaSet", namespace)) == 1
+    assert len(replicasets(api, namespace)) == 1
 
 
 def _mark_pods_ready(
@@ -403,6 +406,11 @@ def _mark_pods_ready(
         merge_patch(api, "Pod", namespace, pod["metadata"]["name"], {"status": status}, "status", "v1")
         n += 1
     return n
+
+
+def replicasets(api: Api, namespace: str) -> list[dict[str, Any]]:
+    # not a kind the operator touches, so not in its table: a raw path
+    return api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets")["items"]
 
 
 def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespace):
@@ -436,7 +444,7 @@ def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespac
     assert st["readyReplicas"] == 1  # the old pod
     new_rs = [
         rs
-        for rs in api.list("apps/v1", "ReplicaSet", namespace)
+        for rs in replicasets(api, namespace)
         if rs["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.local/peer:2"
     ]
     assert len(new_rs) == 1
@@ -801,7 +809,33 @@ def test_resync_namespace_patterns_select_as_kopf_does(api):
             api.request("DELETE", f"/api/v1/namespaces/{ns}")
 
 
-def test_the_operator_uses_every_verb_the_chart_grants(api, operator, operator_calls, namespace):
+@pytest.fixture
+def peer_info_server() -> Iterator[int]:
+    """A real HTTP server on loopback answering /v1/info as a peer with one session ref would; its port."""
+    info = json.dumps({"steps": ["examples::echo"], "session_refs": 1}).encode()
+
+    class Info(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(info)))
+            self.end_headers()
+            self.wfile.write(info)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_operator_uses_every_verb_the_chart_grants(
+    api, operator, operator_calls, namespace, peer_info_server
+):
     """The Helm RBAC grants exactly what the operator calls. Too little fails the whole suite (the operator
     runs under the chart's rules); too much fails here: one BlazenPeer is driven through every transition
     that makes the operator read, create, apply, prune and report, and every granted verb must have been used
@@ -809,7 +843,15 @@ def test_the_operator_uses_every_verb_the_chart_grants(api, operator, operator_c
     kopf's own requirements decide, and finalizers/update, which the API server checks when an owner
     reference sets blockOwnerDeletion rather than being a call."""
     operator_calls.calls.clear()
-    create(api, manifest("bp", namespace, replicas=2, auth={"tokenSecretRef": {"name": "tok"}}))
+    # The pods' /v1/info, answered by a real HTTP server on loopback: their session refs become the pods'
+    # deletion-cost annotation (pods/patch).
+    admin = peer_info_server
+    create(
+        api,
+        manifest(
+            "bp", namespace, replicas=2, auth={"tokenSecretRef": {"name": "tok"}}, ports={"admin": admin}
+        ),
+    )
     eventually(
         lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["reason"] == "TokenSecretMissing"
     )
@@ -817,6 +859,20 @@ def test_the_operator_uses_every_verb_the_chart_grants(api, operator, operator_c
     secret["data"] = {"token": base64.b64encode(b"t").decode()}
     api.request("POST", path_for("v1", "Secret", namespace), body=secret)
     eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 2, what="two pods")
+    _mark_pods_ready(
+        api, namespace, ips={p["metadata"]["name"]: "127.0.0.1" for p in api.list("v1", "Pod", namespace)}
+    )
+
+    def cost_set():
+        pods = api.list("v1", "Pod", namespace)
+        assert all(
+            (p["metadata"].get("annotations") or {}).get("controller.kubernetes.io/pod-deletion-cost") == "1"
+            for p in pods
+        ), pods
+        return True
+
+    eventually(cost_set, what="deletion costs from the pods' reports")
 
     # everything a BlazenPeer can stop wanting, at once: the operator prunes each
     merge_patch(
