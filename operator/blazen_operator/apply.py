@@ -6,14 +6,12 @@ it, updates it and reverts drift alike. All calls are blocking; callers run them
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+import http.client
 import json
 import logging
 import os
-import threading
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,42 +20,12 @@ from urllib.parse import urlencode
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from . import kinds
 from . import spec as s
 
 FIELD_MANAGER = "blazen-operator"
 STUB_MANAGER = "blazen-operator-stub"
 log = logging.getLogger(__name__)
-
-# (apiVersion, kind) -> plural. Only the kinds the operator manages or reads.
-PLURALS: dict[tuple[str, str], str] = {
-    ("v1", "Secret"): "secrets",
-    ("v1", "Service"): "services",
-    ("v1", "ServiceAccount"): "serviceaccounts",
-    ("v1", "Pod"): "pods",
-    ("v1", "Event"): "events",
-    ("apps/v1", "Deployment"): "deployments",
-    ("apps/v1", "ReplicaSet"): "replicasets",
-    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
-    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
-    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
-    ("cert-manager.io/v1", "Certificate"): "certificates",
-    ("cert-manager.io/v1", "Issuer"): "issuers",
-    (s.API_VERSION, s.KIND): s.PLURAL,
-}
-
-# Kinds whose per-peer objects are pruned when no longer desired (PDB on scale-down, NetworkPolicy off, ...).
-PRUNABLE: tuple[tuple[str, str], ...] = (
-    ("apps/v1", "Deployment"),
-    ("v1", "Service"),
-    ("v1", "ServiceAccount"),
-    ("rbac.authorization.k8s.io/v1", "Role"),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
-    ("policy/v1", "PodDisruptionBudget"),
-    ("networking.k8s.io/v1", "NetworkPolicy"),
-    ("cert-manager.io/v1", "Certificate"),
-    ("v1", "Secret"),
-)
 
 
 class ApiError(Exception):
@@ -88,7 +56,7 @@ class ApiError(Exception):
 def path_for(
     api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str = ""
 ) -> str:
-    plural = PLURALS[(api_version, kind)]
+    plural = kinds.plural(api_version, kind)
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
     if name:
@@ -98,12 +66,16 @@ def path_for(
     return path
 
 
-def load_client_configuration() -> client.Configuration:
+def load_client_configuration(kubeconfig: str | None = None) -> client.Configuration:
+    """An explicit kubeconfig; else the in-cluster ServiceAccount; else $KUBECONFIG (read now, not when the
+    kubernetes package was imported)."""
     cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        return cfg
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        # KUBECONFIG is read now, not when the kubernetes package was imported
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     return cfg
 
@@ -127,7 +99,6 @@ class Api:
         self.configuration.connection_pool_maxsize = max(self.configuration.connection_pool_maxsize or 0, 16)
         self._client = client.ApiClient(self.configuration)
         self._timeout = timeout
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ raw
     def request(
@@ -178,30 +149,28 @@ class Api:
             what=f"apply {manifest['kind']} {meta.get('namespace')}/{meta['name']}",
         )
 
-    def replace(self, manifest: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any] | None:
-        """PUT the manifest over the live object (immutable Service addresses kept).
+    def merge_replace(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Overwrite the live object's fields with the manifest's by a JSON merge patch (None: it is gone).
 
         The fallback when a server-side apply is refused because another manager added list items (e.g. a
-        Service port keyed by a different port number): an update replaces whole lists, which apply never
-        does for items it does not own."""
+        Service port keyed by a different port number): a merge patch replaces whole lists, which apply never
+        does for items it does not own. Maps merge, so fields the manifest does not set (a Service's
+        clusterIP) stay. A patch, not a PUT: the operator is granted `patch`, never `update`."""
         meta = manifest["metadata"]
-        live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        if live is None:
-            return None
-        body = copy.deepcopy(manifest)
-        body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-        if manifest["kind"] == "Service":
-            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
-                if key in live.get("spec", {}) and key not in body["spec"]:
-                    body["spec"][key] = live["spec"][key]
         path = path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        return self.request(
-            "PUT",
-            path,
-            query={"fieldManager": manager},
-            body=body,
-            what=f"replace {manifest['kind']} {meta['name']}",
-        )
+        try:
+            return self.request(
+                "PATCH",
+                path,
+                query={"fieldManager": FIELD_MANAGER},
+                body=manifest,
+                content_type="application/merge-patch+json",
+                what=f"merge-patch {manifest['kind']} {meta['name']}",
+            )
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
 
     def create_if_absent(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> bool:
         meta = manifest["metadata"]
@@ -239,7 +208,11 @@ class Api:
         ).get("items", [])
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
         if uid:
             body["preconditions"] = {"uid": uid}
         try:
@@ -308,15 +281,25 @@ def _api_error(status: int, reason: str, raw: Any, what: str) -> ApiError:
 
 
 def read_peer_info(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET a peer's /v1/info; None when it does not answer properly (the status then says 'unknown')."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # plain HTTP admin port, by contract
-            if resp.status != 200:
-                return None
-            data = json.loads(resp.read(1 << 20))
-            return data if isinstance(data, dict) else None
-    except (urllib.error.URLError, OSError, ValueError):
+    """GET a peer's /v1/info; None when it does not answer properly (the status then says 'unknown').
+
+    One plain request to the pod's own address: no redirect is followed (a pod cannot send the operator to
+    another host), no proxy from the environment is used, and at most 1 MiB is read."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
         return None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/", headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return None
+        data = json.loads(resp.read(1 << 20))
+        return data if isinstance(data, dict) else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
 
 
 _info_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="peer-info")

@@ -9,8 +9,26 @@ from typing import Any
 
 import yaml
 
+from .builders.common import OperatorIdentity
+
 DEFAULT_LIVENESS_PORT = 8081
 DEFAULT_METRICS_PORT = 8000
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        pairs.append((key, value))
+    return tuple(sorted(pairs))
+
+
+def _operator_identity(args: argparse.Namespace) -> OperatorIdentity | None:
+    if args.operator_namespace and args.operator_pod_labels:
+        return OperatorIdentity(namespace=args.operator_namespace, pod_labels=args.operator_pod_labels)
+    return None
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -29,7 +47,7 @@ def _render(args: argparse.Namespace) -> int:
         meta.setdefault("namespace", args.namespace)
         doc = {**doc, "metadata": meta}
         try:
-            peer = Peer.from_body(doc)
+            peer = Peer.from_body(doc, operator=_operator_identity(args))
         except ValidationError as exc:
             print(f"error: {meta.get('name', '?')}: invalid spec:\n{exc}", file=sys.stderr)
             return 2
@@ -48,23 +66,39 @@ def _run(args: argparse.Namespace) -> int:
         print("error: pass --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return 2
     options = Options(
-        namespaces=tuple(args.namespace or ()),
-        all_namespaces=args.all_namespaces,
+        namespaces=() if args.all_namespaces else tuple(args.namespace),
         liveness_port=args.liveness_port,
         metrics_port=args.metrics_port,
         resync_seconds=args.resync_seconds,
         watch_inactivity_seconds=args.watch_inactivity_seconds,
         verbose=args.verbose,
+        kubeconfig=args.kubeconfig,
+        operator=_operator_identity(args),
     )
     run(options)
     return 0
+
+
+def _identity_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        help="namespace of the operator's pods (with --operator-pod-labels: the peers' NetworkPolicy "
+        "admits them to the admin port)",
+    )
+    parser.add_argument(
+        "--operator-pod-labels",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        help="labels that select the operator's pods in --operator-namespace",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blazen-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the operator (standalone: no kopf peering; run one replica)")
+    run = sub.add_parser("run", help="run the operator (no kopf peering: run one replica)")
     scope = run.add_mutually_exclusive_group()
     scope.add_argument(
         "--namespace", "-n", action="append", metavar="NS", help="watch this namespace (repeatable; globs ok)"
@@ -95,15 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="reconnect a watch that delivered nothing (not even a bookmark, sent every ~60 s) for this long "
         "(default %(default)s)",
     )
-    run.add_argument(
-        "--standalone", action="store_true", default=True, help="always on; accepted for clarity"
-    )
+    run.add_argument("--kubeconfig", help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
+    _identity_flags(run)
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 
     render = sub.add_parser("render", help="print the child manifests of BlazenPeer(s) as YAML, no cluster")
     render.add_argument("-f", "--file", required=True, help="BlazenPeer manifest(s); - for stdin")
     render.add_argument("--namespace", "-n", default="default", help="namespace when the manifest has none")
+    _identity_flags(render)
     render.set_defaults(func=_render)
     return parser
 

@@ -57,6 +57,13 @@ class _K8sSchema(GenerateJsonSchema):
                 # the full default object: the API server validates defaults (and CEL rules) as given,
                 # without defaulting inside them
                 return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if isinstance(value, list):
+                return [
+                    v.model_dump(by_alias=True, exclude_none=True, mode="json")
+                    if isinstance(v, BaseModel)
+                    else v
+                    for v in value
+                ]
             return value
         return super().get_default_value(schema)
 
@@ -76,11 +83,11 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         inner.update(node)
         node = inner
     if node.get("x-kubernetes-int-or-string"):
-        out = {"x-kubernetes-int-or-string": True}
+        int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
         for key in ("description", "default"):
             if key in node:
-                out[key] = node[key]
-        return out
+                int_or_string[key] = node[key]
+        return int_or_string
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:

@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-from dataclasses import dataclass
+import threading
+from typing import Any
 
 import kopf
 
+from .handlers import Options  # importing handlers registers them with kopf
 
-@dataclass(frozen=True)
-class Options:
-    namespaces: tuple[str, ...] = ()
-    all_namespaces: bool = False
-    liveness_port: int = 8081
-    metrics_port: int = 8000
-    resync_seconds: float = 60.0
-    watch_inactivity_seconds: float = 70.0
-    verbose: bool = False
+__all__ = ["Options", "run", "serve"]
 
 
-def run(options: Options) -> None:
-    os.environ["BLAZEN_OPERATOR_RESYNC_SECONDS"] = str(options.resync_seconds)
-    os.environ["BLAZEN_OPERATOR_METRICS_PORT"] = str(options.metrics_port)
-    os.environ["BLAZEN_OPERATOR_WATCH_INACTIVITY_SECONDS"] = str(options.watch_inactivity_seconds)
-    os.environ["BLAZEN_OPERATOR_NAMESPACES"] = "" if options.all_namespaces else ",".join(options.namespaces)
+def _kopf_kwargs(options: Options) -> dict[str, Any]:
+    liveness = f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None
+    return {
+        "standalone": True,  # no kopf peering: one replica
+        "clusterwide": not options.namespaces,
+        "namespaces": options.namespaces,
+        "liveness_endpoint": liveness,
+        "memo": kopf.Memo(options=options),
+    }
+
+
+def _configure(options: Options) -> None:
     kopf.configure(verbose=options.verbose, debug=False)
     logging.getLogger("blazen_operator").setLevel(logging.DEBUG if options.verbose else logging.INFO)
 
-    from . import handlers  # noqa: F401  (registers the handlers)
 
-    liveness = f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None
-    kopf.run(
-        standalone=True,  # no kopf peering: one replica
-        clusterwide=options.all_namespaces,
-        namespaces=() if options.all_namespaces else options.namespaces,
-        liveness_endpoint=liveness,
-    )
+def run(options: Options) -> None:
+    """Run until SIGTERM/SIGINT."""
+    _configure(options)
+    kopf.run(**_kopf_kwargs(options))
+
+
+def serve(options: Options, stop: threading.Event, liveness_host: str = "0.0.0.0") -> None:
+    """Run in the calling thread until ``stop`` is set (an embedding host or a test harness)."""
+    _configure(options)
+    kwargs = _kopf_kwargs(options)
+    if options.liveness_port:
+        kwargs["liveness_endpoint"] = f"http://{liveness_host}:{options.liveness_port}/healthz"
+    asyncio.run(kopf.operator(stop_flag=stop, **kwargs))

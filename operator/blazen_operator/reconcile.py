@@ -7,7 +7,6 @@ API errors propagate as :class:`ApiError` with ``transient`` set so the caller r
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,20 +16,20 @@ from pydantic import ValidationError
 from . import metrics
 from . import spec as s
 from . import status as st
-from .apply import FIELD_MANAGER, PRUNABLE, Api, ApiError, path_for, read_peer_infos
-from .builders import Child, Peer, desired, workload
+from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
+from .builders import Child, Peer, certs, desired, workload
 from .builders import common as c
+from .kinds import PRUNABLE
 
 log = logging.getLogger(__name__)
+CERT_NAME_ANNOTATION = "cert-manager.io/certificate-name"
 STATUS_KEYS = set(s.BlazenPeerStatus.model_json_schema(by_alias=True)["properties"])
 
 
 @dataclass
 class Outcome:
-    status: dict[str, Any] | None = None
     error: ApiError | None = None  # transient: retry
     gone: bool = False
-    wrote_status: bool = False
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -50,39 +49,70 @@ def _meta_only(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _foreign_child(
+    peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
+) -> str | None:
+    """The first desired child that exists but is not this BlazenPeer's: the operator never adopts (and so
+    never overwrites) an object it did not create; the status names it instead."""
+    for child in children:
+        obj = live.get(child.key)
+        if obj is not None and not _ours(peer, child, obj):
+            _, kind, name = child.key
+            return (
+                f"{kind} {peer.namespace}/{name} exists and is not owned by this BlazenPeer; "
+                "the operator does not adopt it: delete or rename it"
+            )
+    return None
+
+
+def _controlled_by(peer: Peer, obj: dict[str, Any]) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(ref.get("uid") == peer.uid and ref.get("controller") for ref in refs)
+
+
+def _ours(peer: Peer, child: Child, live: dict[str, Any]) -> bool:
+    meta = live["metadata"]
+    refs = meta.get("ownerReferences") or []
+    if any(ref.get("uid") == peer.uid for ref in refs):
+        return True
+    if child.shared and any(
+        ref.get("kind") == s.KIND and str(ref.get("apiVersion", "")).startswith(f"{s.GROUP}/") for ref in refs
+    ):
+        return True  # the namespace CA another BlazenPeer set up: each co-owner adds its reference
+    # A TLS Secret that cert-manager (re)wrote for our Certificate of the same name before our stub existed.
+    return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
+
+
 def shared_manager(peer_name: str) -> str:
     return f"{FIELD_MANAGER}.{peer_name}"[:128]
 
 
 class Reconciler:
-    def __init__(self, api: Api) -> None:
+    """Reconciles one BlazenPeer per call. Not reentrant for one object: the work queue never runs two passes
+    of the same BlazenPeer at once."""
+
+    def __init__(self, api: Api, operator: c.OperatorIdentity | None = None) -> None:
         self.api = api
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.operator = operator
 
-    def _lock(self, key: tuple[str, str]) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(key, threading.Lock())
-
-    def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> Outcome:
+    def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
-        with self._lock((namespace, name)):
-            try:
-                outcome = self._reconcile(namespace, name, body)
-            except ApiError as exc:
-                if exc.namespace_terminating:  # the namespace (and the BlazenPeer with it) is going away
-                    outcome = Outcome(gone=True)
-                elif exc.transient:
-                    outcome = Outcome(error=exc)
-                else:
-                    raise
+        try:
+            outcome = self._reconcile(namespace, name)
+        except ApiError as exc:
+            if exc.namespace_terminating:  # the namespace (and the BlazenPeer with it) is going away
+                outcome = Outcome(gone=True)
+            elif exc.transient:
+                outcome = Outcome(error=exc)
+            else:
+                raise
         result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
         metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         return outcome
 
     # ------------------------------------------------------------------------------------------------
-    def _reconcile(self, namespace: str, name: str, body: dict[str, Any] | None) -> Outcome:
+    def _reconcile(self, namespace: str, name: str) -> Outcome:
         api = self.api
         # Always read the object fresh: the status we compare against must be the latest.
         body = api.get(s.API_VERSION, s.KIND, namespace, name)
@@ -93,7 +123,7 @@ class Reconciler:
         previous = body.get("status") or {}
 
         try:
-            peer = Peer.from_body(body)
+            peer = Peer.from_body(body, operator=self.operator)
         except ValidationError as exc:
             observed = st.Observed(generation=generation, peer=None, invalid=_validation_message(exc))
             return self._write_status(body, observed, previous)
@@ -108,19 +138,21 @@ class Reconciler:
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
 
         children = desired(peer)
-        apply_error = self._apply_children(peer, children)
-        if apply_error is None:
+        live = {child.key: api.get(child.key[0], child.key[1], namespace, child.key[2]) for child in children}
+        conflict = _foreign_child(peer, children, live)
+        apply_error = None if conflict else self._apply_children(peer, children, live)
+        if conflict is None and apply_error is None:
             self._prune(peer, children)
 
-        deployment = api.get("apps/v1", "Deployment", namespace, c.deployment_name(peer))
-        certificate = None
-        if peer.spec.tls.enabled:
-            certificate = api.get("cert-manager.io/v1", "Certificate", namespace, c.server_cert_name(peer))
+        # As read before the pass, or as the apply returned them: status included, no second read.
+        deployment = live.get(("apps/v1", "Deployment", c.deployment_name(peer)))
+        certificate = live.get(("cert-manager.io/v1", "Certificate", c.server_cert_name(peer)))
         pods = self._observe_pods(peer)
         observed = st.Observed(
             generation=generation,
             peer=peer,
             apply_error=apply_error,
+            conflict=conflict,
             token_missing=token_missing,
             deployment=deployment,
             certificate=certificate,
@@ -128,15 +160,18 @@ class Reconciler:
         )
         return self._write_status(body, observed, previous)
 
-    def _apply_children(self, peer: Peer, children: list[Child]) -> str | None:
+    def _apply_children(
+        self, peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
+    ) -> str | None:
         for child in children:
             manager = shared_manager(peer.name) if child.shared else FIELD_MANAGER
             try:
                 if child.create_only:
-                    self.api.create_if_absent(child.manifest)
+                    if live.get(child.key) is None:
+                        self.api.create_if_absent(child.manifest)
                     self.api.apply(_meta_only(child.manifest), manager)
                 else:
-                    self._apply_or_replace(child, manager)
+                    live[child.key] = self._apply_or_replace(child, manager)
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
                 if exc.transient or exc.namespace_terminating:
@@ -146,35 +181,38 @@ class Reconciler:
                 return f"{kind} {cname}: {exc.message or exc}"
         return None
 
-    def _apply_or_replace(self, child: Child, manager: str) -> None:
+    def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
+        """The object as the API server stored it."""
         try:
-            self.api.apply(child.manifest, manager)
+            return self.api.apply(child.manifest, manager)
         except ApiError as exc:
             # A 422 on an object whose content is entirely ours (not the Deployment: its pod template
-            # carries user input) means someone else's list items clash with ours: replace the object,
-            # then own it again by apply.
-            if exc.status != 422 or child.shared or child.manifest["kind"] in ("Deployment",):
+            # carries user input) means someone else's list items clash with ours: overwrite them, then own
+            # the fields again by apply.
+            if exc.status != 422 or child.shared or child.manifest["kind"] == "Deployment":
                 raise
-            log.info("apply of %s refused (%s); replacing it", child.key, exc.message)
-            if self.api.replace(child.manifest, manager) is None:
+            log.info("apply of %s refused (%s); overwriting it", child.key, exc.message)
+            if self.api.merge_replace(child.manifest) is None:
                 raise
-            self.api.apply(child.manifest, manager)
+            return self.api.apply(child.manifest, manager)
 
     def _prune(self, peer: Peer, children: list[Child]) -> None:
-        wanted = {
-            (m.manifest["apiVersion"], m.manifest["kind"], m.manifest["metadata"]["name"]) for m in children
-        }
+        wanted = {child.key for child in children}
         selector = f"{c.PEER_LABEL}={peer.name}"
         for api_version, kind in PRUNABLE:
             for item in self.api.list(api_version, kind, peer.namespace, selector):
                 meta = item["metadata"]
-                owned = any(
-                    ref.get("uid") == peer.uid and ref.get("controller")
-                    for ref in meta.get("ownerReferences") or []
-                )
-                if owned and (api_version, kind, meta["name"]) not in wanted:
+                if _controlled_by(peer, item) and (api_version, kind, meta["name"]) not in wanted:
                     log.info("%s/%s: pruning %s %s", peer.namespace, peer.name, kind, meta["name"])
                     self.api.delete(api_version, kind, peer.namespace, meta["name"], uid=meta.get("uid"))
+        # Secrets are never listed (the operator may not enumerate them): the stubs go by name.
+        for name in certs.stub_names(peer):
+            if ("v1", "Secret", name) in wanted:
+                continue
+            secret = self.api.get("v1", "Secret", peer.namespace, name)
+            if secret is not None and _controlled_by(peer, secret):
+                log.info("%s/%s: pruning Secret %s", peer.namespace, peer.name, name)
+                self.api.delete("v1", "Secret", peer.namespace, name, uid=secret["metadata"].get("uid"))
 
     def _observe_pods(self, peer: Peer) -> tuple[st.PodReport, ...]:
         pods = self.api.list("v1", "Pod", peer.namespace, c.selector_string(peer))
@@ -223,9 +261,9 @@ class Reconciler:
         new = st.compute(observed, previous)
         current = {k: v for k, v in previous.items() if k in STATUS_KEYS}
         if new == current:
-            return Outcome(status=new)
+            return Outcome()
         self.api.apply_status(meta["namespace"], meta["name"], new)
         metrics.STATUS_WRITES.inc()
         for event in st.transitions(previous, new):
             self.api.post_event(body, event.type, event.reason, event.message)
-        return Outcome(status=new, wrote_status=True)
+        return Outcome()

@@ -213,12 +213,47 @@ class Auth(Model):
     )
 
 
+HttpAuthMode = Literal["ClientCertificate", "Token", "Unauthenticated"]
+# spec.http.auth -> the runtime's --http-auth (unset: "auto", the runtime picks token, else client-cert).
+HTTP_AUTH_FLAGS: dict[str | None, str] = {
+    None: "auto",
+    "ClientCertificate": "client-cert",
+    "Token": "token",
+    "Unauthenticated": "unauthenticated",
+}
+
+
 class Http(Model):
     """The HTTP/JSON shim."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "size(self.corsOrigins) == 0 || has(self.auth)",
+                    "message": "spec.http.auth is required when http.corsOrigins is set: a browser-facing "
+                    "shim needs an explicit decision (ClientCertificate at a proxy, Token, or "
+                    "Unauthenticated)",
+                    "fieldPath": ".auth",
+                    "reason": "FieldValueRequired",
+                }
+            ]
+        }
+    )
+
     enabled: bool = Field(True, description="Serve the HTTP/JSON shim (HTTPS when TLS is on).")
+    auth: HttpAuthMode | None = Field(
+        None,
+        description="Who may call the shim (--http-auth). ClientCertificate: a verified client certificate "
+        "(needs tls.enabled; a browser reaches it through a proxy that presents one). Token: the bearer "
+        "token of auth.tokenSecretRef on every call. Unauthenticated: anyone who reaches the port (the "
+        "runtime logs a warning). Unset: Token when auth.tokenSecretRef is set, else ClientCertificate; "
+        "required when corsOrigins is set.",
+    )
     cors_origins: list[Annotated[str, Field(max_length=512)]] = Field(
-        default_factory=list, max_length=32, description="Origins allowed by CORS (--cors-allow-origin)."
+        default_factory=list,
+        max_length=32,
+        description="Origins allowed by CORS (--cors-allow-origin). Needs http.auth.",
     )
 
 
@@ -268,17 +303,34 @@ class PlaintextGrpc(Model):
     )
 
 
+MONITORING_LABEL = "blazen.dev/monitoring"
+
+
+def _default_admin_allowed_from() -> list[NetworkPeer]:
+    return [NetworkPeer(pod_selector={"matchLabels": {MONITORING_LABEL: "true"}})]
+
+
 class NetworkPolicy(Model):
-    """The optional ingress NetworkPolicy."""
+    """The ingress NetworkPolicy around the peer pods."""
 
     enabled: bool = Field(
-        False, description="Create a NetworkPolicy (always created when plaintextGrpc is on)."
+        True,
+        description="Create the NetworkPolicy (always created when plaintextGrpc is on). It fences the "
+        "plain-HTTP admin port (/metrics, /v1/info) to the operator and adminAllowedFrom; the node (kubelet "
+        "probes) is admitted by every common CNI.",
     )
     allowed_from: list[NetworkPeer] = Field(
         default_factory=list,
         max_length=32,
         description="Who may reach the gRPC and HTTP ports besides the peer's own pods; "
         "empty admits everyone.",
+    )
+    admin_allowed_from: list[NetworkPeer] = Field(
+        default_factory=_default_admin_allowed_from,
+        max_length=32,
+        description="Who may reach the admin port besides the operator's pods: by default the pods of "
+        f"this namespace labelled {MONITORING_LABEL}=true (the namespace's Prometheus). Empty: only the "
+        "operator (and the node).",
     )
 
 
@@ -486,6 +538,20 @@ class BlazenPeerSpec(Model):
                     "reason": "FieldValueInvalid",
                 },
                 {
+                    "rule": "!has(self.http.auth) || self.http.auth != 'Token' || "
+                    "has(self.auth.tokenSecretRef)",
+                    "message": "spec.http.auth Token needs a token: set auth.tokenSecretRef",
+                    "fieldPath": ".http.auth",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.http.auth) || self.http.auth != 'ClientCertificate' || "
+                    "self.tls.enabled",
+                    "message": "spec.http.auth ClientCertificate needs tls.enabled",
+                    "fieldPath": ".http.auth",
+                    "reason": "FieldValueInvalid",
+                },
+                {
                     "rule": "self.hardware.gpu == 0 || !has(self.resources.limits) || "
                     "!(self.hardware.gpuResourceName in self.resources.limits)",
                     "message": "set the GPU count with hardware.gpu, not in resources.limits",
@@ -507,6 +573,7 @@ class BlazenPeerSpec(Model):
     )
     steps: list[Annotated[str, Field(pattern=STEP_PATTERN, min_length=1, max_length=253)]] | None = Field(
         None,
+        min_length=1,
         max_length=512,
         description="Allow-list of step ids this peer serves (--steps). Unset: every registered step.",
         json_schema_extra={"x-kubernetes-list-type": "set"},

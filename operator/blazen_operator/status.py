@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from .builders import Peer
+from .builders import Peer, workload
 from .builders import common as c
 from .spec import BlazenPeerStatus, CertificateStatus, Condition, Endpoints
 
+# (status, reason, message) of one condition
+Cond = tuple[Literal["True", "False", "Unknown"], str, str]
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "CertificateReady", "Degraded")
 
 
@@ -33,6 +35,7 @@ class Observed:
     peer: Peer | None  # None when the spec is invalid
     invalid: str | None = None  # why the spec is invalid
     apply_error: str | None = None  # a child the API server refused
+    conflict: str | None = None  # a child's name is taken by an object this BlazenPeer does not own
     token_missing: str | None = None  # the referenced token Secret (or key) does not exist
     deployment: dict[str, Any] | None = None
     certificate: dict[str, Any] | None = None
@@ -58,7 +61,7 @@ def _cond(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return None
 
 
-def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> tuple[str, str, str]:
+def certificate_state(peer: Peer, cert: dict[str, Any] | None) -> Cond:
     """(status, reason, message) of CertificateReady. A Certificate counts as Ready only when its Ready
     condition is True *and* reflects the Certificate's current generation (a spec change re-issues it)."""
     if not peer.spec.tls.enabled:
@@ -90,6 +93,195 @@ def session_refs(info: dict[str, Any] | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """The Deployment as the conditions see it."""
+
+    deployment: dict[str, Any] | None
+    desired: int
+    config_hash: str
+    replicas: int
+    ready: int
+    updated: int
+    available: int
+
+    @classmethod
+    def of(cls, deployment: dict[str, Any] | None, desired: int, config_hash: str) -> Rollout:
+        st = (deployment or {}).get("status") or {}
+        return cls(
+            deployment=deployment,
+            desired=desired,
+            config_hash=config_hash,
+            replicas=int(st.get("replicas") or 0),
+            ready=int(st.get("readyReplicas") or 0),
+            updated=int(st.get("updatedReplicas") or 0),
+            available=int(st.get("availableReplicas") or 0),
+        )
+
+    @property
+    def exists(self) -> bool:
+        return self.deployment is not None
+
+    @property
+    def rolled_out(self) -> bool:
+        """The Deployment carries this spec (not a stale read or someone else's template), the controller has
+        seen it, and every pod is new and ready: the current spec serves."""
+        dep = self.deployment
+        if dep is None:
+            return False
+        annotations = ((dep.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations")
+        template_current = (annotations or {}).get(c.CONFIG_HASH_ANNOTATION) == self.config_hash
+        observed = ((dep.get("status") or {}).get("observedGeneration")) or 0
+        current = observed >= ((dep.get("metadata") or {}).get("generation") or 0)
+        return template_current and current and self.desired == self.updated == self.replicas == self.ready
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        return _cond(self.deployment, type_)
+
+    @property
+    def deadline_exceeded(self) -> dict[str, Any] | None:
+        """The Progressing condition when the rollout's progress deadline passed."""
+        progress = self.condition("Progressing")
+        return progress if progress and progress.get("reason") == "ProgressDeadlineExceeded" else None
+
+
+def endpoints(peer: Peer) -> Endpoints:
+    sp = peer.spec
+    out = Endpoints(grpc=f"{c.svc_host(peer)}:{sp.ports.grpc}", headless=c.headless_host(peer))
+    if sp.http.enabled:
+        scheme = "https" if sp.tls.enabled else "http"
+        out.http = f"{scheme}://{c.svc_host(peer)}:{sp.ports.http}"
+    if sp.plaintext_grpc.enabled:
+        out.plaintext_grpc = f"{c.svc_host(peer)}:{sp.ports.plaintext_grpc}"
+    return out
+
+
+def certificate_status(peer: Peer, cert: dict[str, Any] | None, ready: bool) -> CertificateStatus | None:
+    if not peer.spec.tls.enabled:
+        return None
+    cstat = (cert or {}).get("status") or {}
+    return CertificateStatus(
+        name=c.server_cert_name(peer),
+        secret_name=c.server_cert_name(peer),
+        client_secret_name=c.client_cert_name(peer),
+        ready=ready,
+        not_after=cstat.get("notAfter") or None,
+        renewal_time=cstat.get("renewalTime") or None,
+    )
+
+
+def served_steps(pods: tuple[PodReport, ...]) -> tuple[list[str] | None, int | None]:
+    """(union of the step ids the ready pods report or None when none answered, ready pods that did not)."""
+    ready = [p for p in pods if p.ready]
+    steps = [p.info["steps"] for p in ready if p.info is not None and isinstance(p.info.get("steps"), list)]
+    served = sorted({str(x) for s in steps for x in s}) if steps else None
+    return served, (len(ready) - len(steps) if ready else None)
+
+
+def session_refs_by_pod(pods: tuple[PodReport, ...]) -> dict[str, int] | None:
+    refs = {p.name: r for p in pods if p.ready and (r := session_refs(p.info)) is not None}
+    return refs or None
+
+
+def available(peer: Peer, r: Rollout) -> Cond:
+    if not r.exists:
+        return "False", "DeploymentMissing", f"Deployment {c.deployment_name(peer)} not created yet"
+    if r.desired == 0:
+        return "True", "ScaledToZero", "spec.replicas is 0"
+    cond = r.condition("Available")
+    if cond is not None and cond.get("status") == "True" and r.available > 0:
+        if r.rolled_out:
+            return "True", "MinimumReplicasAvailable", f"{r.available}/{r.desired} pods available"
+        # callers are served, but not by pods of the current spec (yet)
+        msg = f"{r.available} pods available, {r.updated}/{r.desired} on the current template"
+        return "True", "PreviousPodsServing", msg
+    return "False", "MinimumReplicasUnavailable", f"{r.available}/{r.desired} pods available"
+
+
+def progressing(r: Rollout) -> Cond:
+    if not r.exists:
+        return "True", "Creating", "creating the peer Deployment"
+    if (deadline := r.deadline_exceeded) is not None:
+        return "False", "ProgressDeadlineExceeded", deadline.get("message") or ""
+    if not r.rolled_out:
+        detail = f"{r.updated}/{r.desired} pods updated, {r.ready}/{r.desired} ready, {r.replicas} total"
+        return "True", "RollingOut", detail
+    return "False", "RolloutComplete", f"{r.desired} pods on the current template"
+
+
+def degraded_reasons(
+    observed: Observed, peer: Peer, r: Rollout, cert: Cond, served: list[str] | None
+) -> list[tuple[str, str]]:
+    """(reason, message) of everything wrong, most actionable first."""
+    out: list[tuple[str, str]] = []
+    if observed.conflict:
+        out.append(("ChildNotOwned", observed.conflict))
+    if observed.apply_error:
+        out.append(("ApplyFailed", observed.apply_error))
+    if observed.token_missing:
+        out.append(("TokenSecretMissing", observed.token_missing))
+    if (deadline := r.deadline_exceeded) is not None:
+        out.append(("ProgressDeadlineExceeded", deadline.get("message") or ""))
+    failure = r.condition("ReplicaFailure")
+    if failure is not None and failure.get("status") == "True":
+        out.append(("ReplicaFailure", failure.get("message") or ""))
+    cert_status, cert_reason, cert_msg = cert
+    if cert_status == "False" and cert_reason in CERT_FAILURES:
+        out.append((cert_reason, cert_msg))
+    if peer.spec.steps is not None and served is not None:
+        missing = sorted(set(peer.spec.steps) - set(served))
+        if missing:
+            out.append(("StepsNotServed", f"spec.steps not served by the ready pods: {', '.join(missing)}"))
+    return out
+
+
+def degraded(reasons: list[tuple[str, str]]) -> Cond:
+    if not reasons:
+        return "False", "AsExpected", ""
+    return "True", reasons[0][0], "; ".join(m for _, m in reasons if m) or reasons[0][0]
+
+
+def ready(degraded_cond: Cond, r: Rollout, cert: Cond) -> Cond:
+    """Everything rolled out, certificates issued, nothing degraded."""
+    if degraded_cond[0] == "True":
+        return "False", degraded_cond[1], degraded_cond[2]
+    if not r.exists:
+        return "False", "DeploymentMissing", "the peer Deployment does not exist yet"
+    if cert[0] != "True":
+        return "False", "CertificateNotReady", cert[2]
+    if not r.rolled_out:
+        return "False", "PodsNotReady", f"{r.ready}/{r.desired} pods ready on the current template"
+    if r.desired == 0:
+        return "True", "ScaledToZero", "spec.replicas is 0"
+    return "True", "AllPodsReady", f"{r.ready}/{r.desired} pods ready"
+
+
+def phase(
+    degraded_cond: Cond, ready_cond: Cond, r: Rollout
+) -> Literal["Pending", "Progressing", "Ready", "Degraded"]:
+    if degraded_cond[0] == "True":
+        return "Degraded"
+    if ready_cond[0] == "True":
+        return "Ready"
+    return "Progressing" if r.exists else "Pending"
+
+
+def invalid(observed: Observed, previous: dict[str, Any], stamp: str) -> dict[str, Any]:
+    """The status of a spec the models reject: what we knew of the running children is kept; the old pods
+    keep serving."""
+    msg = observed.invalid or "invalid spec"
+    conds: dict[str, Cond] = {
+        "Ready": ("False", "InvalidSpec", msg),
+        "Degraded": ("True", "InvalidSpec", msg),
+    }
+    keys = ("replicas", "readyReplicas", "selector", "endpoints", "certificate")
+    kept = {k: previous[k] for k in keys if k in previous}
+    out = BlazenPeerStatus.model_validate(
+        {**kept, "observedGeneration": observed.generation, "phase": "Invalid"}
+    )
+    return _finish(out, conds, previous, stamp, observed.generation)
+
+
 def compute(
     observed: Observed,
     previous: dict[str, Any] | None = None,
@@ -100,166 +292,42 @@ def compute(
     previous = previous or {}
     stamp = _now(now)
     peer = observed.peer
-    out = BlazenPeerStatus(observed_generation=observed.generation)
-    conds: dict[str, tuple[str, str, str]] = {}
-
     if peer is None:
-        msg = observed.invalid or "invalid spec"
-        out.phase = "Invalid"
-        conds["Ready"] = ("False", "InvalidSpec", msg)
-        conds["Degraded"] = ("True", "InvalidSpec", msg)
-        # keep what we knew of the running children; the old pods keep serving
-        keys = ("replicas", "readyReplicas", "selector", "endpoints", "certificate")
-        kept = {k: previous[k] for k in keys if k in previous}
-        out = BlazenPeerStatus.model_validate(
-            {**kept, "observedGeneration": observed.generation, "phase": "Invalid"}
-        )
-        return _finish(out, conds, previous, stamp, observed.generation)
+        return invalid(observed, previous, stamp)
 
-    sp = peer.spec
-    desired = sp.replicas
-    dep = observed.deployment
-    dstatus = (dep or {}).get("status") or {}
-    replicas = int(dstatus.get("replicas") or 0)
-    ready = int(dstatus.get("readyReplicas") or 0)
-    updated = int(dstatus.get("updatedReplicas") or 0)
-    available = int(dstatus.get("availableReplicas") or 0)
-    out.replicas = replicas
-    out.ready_replicas = ready
-    out.updated_replicas = updated
-    out.selector = c.selector_string(peer)
-
-    from .builders import workload  # local: keep the import graph one-way
-
-    out.config_hash = workload.config_hash(peer)
-    scheme = "https" if sp.tls.enabled else "http"
-    out.endpoints = Endpoints(grpc=f"{c.svc_host(peer)}:{sp.ports.grpc}", headless=c.headless_host(peer))
-    if sp.http.enabled:
-        out.endpoints.http = f"{scheme}://{c.svc_host(peer)}:{sp.ports.http}"
-    if sp.plaintext_grpc.enabled:
-        out.endpoints.plaintext_grpc = f"{c.svc_host(peer)}:{sp.ports.plaintext_grpc}"
-
-    # certificate
-    cert_status, cert_reason, cert_msg = certificate_state(peer, observed.certificate)
-    conds["CertificateReady"] = (cert_status, cert_reason, cert_msg)
-    if sp.tls.enabled:
-        cstat = (observed.certificate or {}).get("status") or {}
-        cert: dict[str, Any] = {
-            "name": c.server_cert_name(peer),
-            "secretName": c.server_cert_name(peer),
-            "clientSecretName": c.client_cert_name(peer),
-            "ready": cert_status == "True",
-        }
-        if cstat.get("notAfter"):
-            cert["notAfter"] = cstat["notAfter"]
-        if cstat.get("renewalTime"):
-            cert["renewalTime"] = cstat["renewalTime"]
-        out.certificate = CertificateStatus.model_validate(cert)
-
-    # steps actually served, as the ready pods report them
-    ready_pods = [p for p in observed.pods if p.ready]
-    reported = [p for p in ready_pods if p.info is not None and isinstance(p.info.get("steps"), list)]
-    if reported:
-        out.served_steps = sorted({str(s) for p in reported for s in p.info["steps"]})
-    out.steps_unknown_pods = len(ready_pods) - len(reported) if ready_pods else None
-    refs = {p.name: r for p in ready_pods if (r := session_refs(p.info)) is not None}
-    out.session_refs = refs or None
-
-    # deployment
-    dep_gen_ok = dep is not None and (dstatus.get("observedGeneration") or 0) >= (
-        (dep.get("metadata") or {}).get("generation") or 0
+    config_hash = workload.config_hash(peer)
+    r = Rollout.of(observed.deployment, peer.spec.replicas, config_hash)
+    cert = certificate_state(peer, observed.certificate)
+    served, unknown = served_steps(observed.pods)
+    deg = degraded(degraded_reasons(observed, peer, r, cert, served))
+    rdy = ready(deg, r, cert)
+    out = BlazenPeerStatus(
+        observed_generation=observed.generation,
+        phase=phase(deg, rdy, r),
+        replicas=r.replicas,
+        updated_replicas=r.updated,
+        ready_replicas=r.ready,
+        selector=c.selector_string(peer),
+        config_hash=config_hash,
+        endpoints=endpoints(peer),
+        certificate=certificate_status(peer, observed.certificate, cert[0] == "True"),
+        served_steps=served,
+        steps_unknown_pods=unknown,
+        session_refs=session_refs_by_pod(observed.pods),
     )
-    dep_progress = _cond(dep, "Progressing")
-    dep_available = _cond(dep, "Available")
-    dep_failure = _cond(dep, "ReplicaFailure")
-    deadline = dep_progress is not None and dep_progress.get("reason") == "ProgressDeadlineExceeded"
-    # The Deployment must carry this spec (not a stale read or someone else's template), the controller must
-    # have seen it, and every pod must be new and ready: Ready means the current spec serves.
-    template_current = (
-        ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations")
-        or {}
-    ).get(c.CONFIG_HASH_ANNOTATION) == out.config_hash
-    rolled_out = (
-        template_current and dep_gen_ok and updated == desired and replicas == desired and ready == desired
-    )
-
-    if dep is None:
-        msg = f"Deployment {c.deployment_name(peer)} not created yet"
-        conds["Available"] = ("False", "DeploymentMissing", msg)
-    elif desired == 0:
-        conds["Available"] = ("True", "ScaledToZero", "spec.replicas is 0")
-    elif dep_available is not None and dep_available.get("status") == "True" and available > 0:
-        if rolled_out:
-            conds["Available"] = ("True", "MinimumReplicasAvailable", f"{available}/{desired} pods available")
-        else:  # callers are served, but not by pods of the current spec (yet)
-            msg = f"{available} pods available, {updated}/{desired} on the current template"
-            conds["Available"] = ("True", "PreviousPodsServing", msg)
-    else:
-        conds["Available"] = ("False", "MinimumReplicasUnavailable", f"{available}/{desired} pods available")
-
-    if dep is None:
-        conds["Progressing"] = ("True", "Creating", "creating the peer Deployment")
-    elif deadline:
-        conds["Progressing"] = ("False", "ProgressDeadlineExceeded", dep_progress.get("message") or "")
-    elif not rolled_out:
-        conds["Progressing"] = (
-            "True",
-            "RollingOut",
-            f"{updated}/{desired} pods updated, {ready}/{desired} ready, {replicas} total",
-        )
-    else:
-        conds["Progressing"] = ("False", "RolloutComplete", f"{desired} pods on the current template")
-
-    degraded: list[tuple[str, str]] = []
-    if observed.apply_error:
-        degraded.append(("ApplyFailed", observed.apply_error))
-    if observed.token_missing:
-        degraded.append(("TokenSecretMissing", observed.token_missing))
-    if deadline:
-        degraded.append(("ProgressDeadlineExceeded", dep_progress.get("message") or ""))
-    if dep_failure is not None and dep_failure.get("status") == "True":
-        degraded.append(("ReplicaFailure", dep_failure.get("message") or ""))
-    if cert_status == "False" and cert_reason in CERT_FAILURES:
-        degraded.append((cert_reason, cert_msg))
-    if sp.steps is not None and out.served_steps is not None:
-        missing = sorted(set(sp.steps) - set(out.served_steps))
-        if missing:
-            msg = f"spec.steps not served by the ready pods: {', '.join(missing)}"
-            degraded.append(("StepsNotServed", msg))
-    if degraded:
-        msg = "; ".join(m for _, m in degraded if m) or degraded[0][0]
-        conds["Degraded"] = ("True", degraded[0][0], msg)
-    else:
-        conds["Degraded"] = ("False", "AsExpected", "")
-
-    # Ready: everything rolled out, certificates issued, nothing degraded
-    if degraded:
-        conds["Ready"] = ("False", degraded[0][0], conds["Degraded"][2])
-    elif dep is None:
-        conds["Ready"] = ("False", "DeploymentMissing", "the peer Deployment does not exist yet")
-    elif cert_status != "True":
-        conds["Ready"] = ("False", "CertificateNotReady", cert_msg)
-    elif not rolled_out:
-        conds["Ready"] = ("False", "PodsNotReady", f"{ready}/{desired} pods ready on the current template")
-    elif desired == 0:
-        conds["Ready"] = ("True", "ScaledToZero", "spec.replicas is 0")
-    else:
-        conds["Ready"] = ("True", "AllPodsReady", f"{ready}/{desired} pods ready")
-
-    if degraded:
-        out.phase = "Degraded"
-    elif conds["Ready"][0] == "True":
-        out.phase = "Ready"
-    elif dep is None:
-        out.phase = "Pending"
-    else:
-        out.phase = "Progressing"
+    conds = {
+        "Ready": rdy,
+        "Available": available(peer, r),
+        "Progressing": progressing(r),
+        "CertificateReady": cert,
+        "Degraded": deg,
+    }
     return _finish(out, conds, previous, stamp, observed.generation)
 
 
 def _finish(
     out: BlazenPeerStatus,
-    conds: dict[str, tuple[str, str, str]],
+    conds: dict[str, Cond],
     previous: dict[str, Any],
     stamp: str,
     generation: int,
@@ -271,14 +339,15 @@ def _finish(
             continue
         status, reason, message = conds[type_]
         old = before.get(type_)
-        moved = old is None or old.get("status") != status
+        unchanged = old is not None and old.get("status") == status
+        since = old.get("lastTransitionTime", stamp) if old is not None and unchanged else stamp
         result.append(
             Condition(
                 type=type_,
                 status=status,
                 reason=reason,
                 message=message,
-                last_transition_time=stamp if moved else old.get("lastTransitionTime", stamp),
+                last_transition_time=since,
                 observed_generation=generation,
             )
         )

@@ -5,14 +5,24 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import secrets
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from blazen_operator import kinds
 from blazen_operator.apply import Api, ApiError, path_for
+from blazen_operator.handlers import list_peers
 
 from tests.support.controlplane import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.api
 
@@ -84,6 +94,7 @@ CHILDREN = [
     ("Secret", "bp-tls"),
     ("Secret", "bp-client-tls"),
     ("PodDisruptionBudget", "bp"),
+    ("NetworkPolicy", "bp"),
 ]
 
 
@@ -118,6 +129,19 @@ CHILDREN = [
         ({"volumeMounts": [{"name": "w", "mountPath": "/models"}]}, "bp", "spec.volumeMounts"),
         ({"volumes": [{"emptyDir": {}}]}, "bp", "spec.volumes[0].name"),
         ({"tls": {"trustBundle": {}}}, "bp", "spec.tls.trustBundle"),
+        ({"steps": []}, "bp", "spec.steps"),
+        ({"http": {"corsOrigins": ["https://app.example.com"]}}, "bp", "spec.http.auth"),
+        ({"http": {"auth": "Token"}}, "bp", "spec.http.auth"),
+        (
+            {
+                "tls": {"enabled": False},
+                "auth": {"tokenSecretRef": {"name": "t"}},
+                "http": {"auth": "ClientCertificate"},
+            },
+            "bp",
+            "spec.http.auth",
+        ),
+        ({"http": {"auth": "Anonymous"}}, "bp", "spec.http.auth"),
         ({}, "x" * 53, "metadata.name"),
     ],
 )
@@ -128,6 +152,27 @@ def test_invalid_manifests_are_rejected_with_field_messages(api, namespace, spec
         create(api, body)
     assert info.value.status == 422
     assert expected in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"corsOrigins": ["https://app.example.com"], "auth": "Unauthenticated"},
+        {"corsOrigins": ["https://app.example.com"], "auth": "ClientCertificate"},
+        {"auth": "ClientCertificate"},
+        {},
+    ],
+)
+def test_explicit_http_auth_decisions_are_accepted(api, namespace, http):
+    created = create(api, manifest("bp", namespace, http=http))
+    assert created["spec"]["http"].get("auth") == http.get("auth")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_examples_pass_the_api_servers_validation(api, namespace, path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        doc["metadata"]["namespace"] = namespace
+        create(api, doc)
 
 
 def test_defaults_are_applied_by_the_api_server(api, namespace):
@@ -142,6 +187,11 @@ def test_defaults_are_applied_by_the_api_server(api, namespace):
     assert spec["rollout"] == {"strategy": "Surge", "maxSurge": 1}
     assert spec["pod"]["terminationGracePeriodSeconds"] == 30
     assert spec["pod"]["drainAdmitSeconds"] == 10
+    assert spec["networkPolicy"]["enabled"] is True
+    assert spec["networkPolicy"]["adminAllowedFrom"] == [
+        {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}}
+    ]
+    assert "auth" not in spec["http"], "unset: the runtime's auto mode (token, else client certificate)"
 
 
 # ------------------------------------------------------------ lifecycle
@@ -288,7 +338,8 @@ def test_spec_change_rolls_the_pod_template(api, operator, namespace):
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--steps") + 1] == "a::b"
     # the controller-manager rolled out a new ReplicaSet for the new template
-    eventually(lambda: len(api.list("apps/v1", "ReplicaSet", namespace)) == 2, what="second ReplicaSet")
+    replicasets = f"/apis/apps/v1/namespaces/{namespace}/replicasets"
+    eventually(lambda: len(api.request("GET", replicasets)["items"]) == 2, what="second ReplicaSet")
     st = eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"], what="status")
     eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["observedGeneration"] == 2)
     assert st["configHash"]
@@ -328,7 +379,7 @@ def test_token_secret_change_does_not_roll_the_pods(api, operator, namespace):
     after = get(api, "Deployment", namespace, "bp")
     assert after["spec"]["template"] == template
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
-    assert len(api.list("apps/v1", "ReplicaSet", namespace)) == 1
+    assert len(replicasets(api, namespace)) == 1
 
 
 def _mark_pods_ready(
@@ -355,6 +406,11 @@ def _mark_pods_ready(
         merge_patch(api, "Pod", namespace, pod["metadata"]["name"], {"status": status}, "status", "v1")
         n += 1
     return n
+
+
+def replicasets(api: Api, namespace: str) -> list[dict[str, Any]]:
+    # not a kind the operator touches, so not in its table: a raw path
+    return api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets")["items"]
 
 
 def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespace):
@@ -388,7 +444,7 @@ def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespac
     assert st["readyReplicas"] == 1  # the old pod
     new_rs = [
         rs
-        for rs in api.list("apps/v1", "ReplicaSet", namespace)
+        for rs in replicasets(api, namespace)
         if rs["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.local/peer:2"
     ]
     assert len(new_rs) == 1
@@ -646,3 +702,226 @@ def test_liveness_and_metrics(api, operator, operator_ports, namespace):
         text = resp.read().decode()
     assert 'blazen_operator_reconciles_total{result="ok"}' in text
     assert "blazen_operator_applies_total" in text
+
+
+def test_network_policy_admits_the_operator_and_monitoring_to_the_admin_port(api, operator, namespace):
+    create(api, manifest("bp", namespace))
+    pol = eventually(lambda: get(api, "NetworkPolicy", namespace, "bp"), what="NetworkPolicy by default")
+    admin = [r for r in pol["spec"]["ingress"] if r["ports"] == [{"port": 9090, "protocol": "TCP"}]]
+    assert admin == [
+        {
+            "ports": [{"port": 9090, "protocol": "TCP"}],
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "blazen-system"}},
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/instance": "bo",
+                            "app.kubernetes.io/name": "blazen-operator",
+                        }
+                    },
+                },
+                {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}},
+            ],
+        }
+    ]
+
+
+def test_an_existing_object_with_a_childs_name_is_not_adopted(api, operator, namespace):
+    """A Service named like the BlazenPeer's, created by someone else: the operator neither overwrites nor
+    adopts it; the status names it. Once it is gone, the operator creates its own."""
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "bp", "namespace": namespace, "labels": {"owner": "someone-else"}},
+        "spec": {"ports": [{"name": "web", "port": 80, "targetPort": 8080}], "selector": {"app": "web"}},
+    }
+    before = api.request("POST", path_for("v1", "Service", namespace), body=theirs)
+    create(api, manifest("bp", namespace))
+
+    def degraded():
+        c = cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")
+        assert c["status"] == "True", c
+        assert c["reason"] == "ChildNotOwned"
+        return c
+
+    c = eventually(degraded, what="Degraded ChildNotOwned")
+    assert f"Service {namespace}/bp" in c["message"]
+    eventually(lambda: [e for e in events(api, namespace, "bp") if e["reason"] == "ChildNotOwned"])
+    time.sleep(4)  # more than a resync period: still untouched
+    after = get(api, "Service", namespace, "bp")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert not after["metadata"].get("ownerReferences")
+    assert after["spec"]["ports"] == before["spec"]["ports"]
+    assert get(api, "Deployment", namespace, "bp") is None, "nothing applied while a child is foreign"
+
+    api.delete("v1", "Service", namespace, "bp")
+
+    def recovered():
+        svc = get(api, "Service", namespace, "bp")
+        assert svc is not None
+        assert [r["kind"] for r in svc["metadata"]["ownerReferences"]] == ["BlazenPeer"]
+        assert cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["status"] == "False"
+        return True
+
+    eventually(recovered, timeout=30, what="the operator's own Service after the foreign one went")
+    assert get(api, "Deployment", namespace, "bp") is not None
+
+
+def test_a_foreign_tls_secret_is_not_adopted(api, operator, namespace):
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bp-client-tls", "namespace": namespace},
+        "data": {"password": base64.b64encode(b"hunter2").decode()},
+    }
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    create(api, manifest("bp", namespace))
+
+    def degraded():
+        c = cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")
+        assert c["reason"] == "ChildNotOwned", c
+        return c
+
+    assert f"Secret {namespace}/bp-client-tls" in eventually(degraded)["message"]
+    live = get(api, "Secret", namespace, "bp-client-tls")
+    assert not live["metadata"].get("ownerReferences")
+    assert live["data"] == secret["data"]
+
+
+def test_resync_namespace_patterns_select_as_kopf_does(api):
+    """`--namespace` globs and negations in the resync loop's listing, against real namespaces."""
+    tag = secrets.token_hex(3)
+    names = [f"g{tag}-a", f"g{tag}-b", f"g{tag}-pr-1", f"h{tag}"]
+    for ns in names:
+        api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": ns}})
+    try:
+        for ns in names:
+            create(api, manifest("bp", ns))
+        listed = lambda *patterns: {ns for ns, _ in list_peers(api, patterns)} & set(names)  # noqa: E731
+        assert listed(f"g{tag}-*") == {f"g{tag}-a", f"g{tag}-b", f"g{tag}-pr-1"}
+        assert listed(f"g{tag}-*,!*-pr-*") == {f"g{tag}-a", f"g{tag}-b"}
+        assert listed(f"g{tag}-a", f"h{tag}") == {f"g{tag}-a", f"h{tag}"}
+        assert listed(f"h{tag}", f"g{tag}-?") == {f"h{tag}", f"g{tag}-a", f"g{tag}-b"}
+        assert listed() == set(names), "no pattern: every namespace"
+    finally:
+        for ns in names:
+            api.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+@pytest.fixture
+def peer_info_server() -> Iterator[int]:
+    """A real HTTP server on loopback answering /v1/info as a peer with one session ref would; its port."""
+    info = json.dumps({"steps": ["examples::echo"], "session_refs": 1}).encode()
+
+    class Info(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(info)))
+            self.end_headers()
+            self.wfile.write(info)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_operator_uses_every_verb_the_chart_grants(
+    api, operator, operator_calls, namespace, peer_info_server
+):
+    """The Helm RBAC grants exactly what the operator calls. Too little fails the whole suite (the operator
+    runs under the chart's rules); too much fails here: one BlazenPeer is driven through every transition
+    that makes the operator read, create, apply, prune and report, and every granted verb must have been used
+    by the operator's client, except the ones only kopf uses (its watches and bookkeeping annotations), which
+    kopf's own requirements decide, and finalizers/update, which the API server checks when an owner
+    reference sets blockOwnerDeletion rather than being a call."""
+    operator_calls.calls.clear()
+    # The pods' /v1/info, answered by a real HTTP server on loopback: their session refs become the pods'
+    # deletion-cost annotation (pods/patch).
+    admin = peer_info_server
+    create(
+        api,
+        manifest(
+            "bp", namespace, replicas=2, auth={"tokenSecretRef": {"name": "tok"}}, ports={"admin": admin}
+        ),
+    )
+    eventually(
+        lambda: cond(get(api, "BlazenPeer", namespace, "bp"), "Degraded")["reason"] == "TokenSecretMissing"
+    )
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok", "namespace": namespace}}
+    secret["data"] = {"token": base64.b64encode(b"t").decode()}
+    api.request("POST", path_for("v1", "Secret", namespace), body=secret)
+    eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 2, what="two pods")
+    _mark_pods_ready(
+        api, namespace, ips={p["metadata"]["name"]: "127.0.0.1" for p in api.list("v1", "Pod", namespace)}
+    )
+
+    def cost_set():
+        pods = api.list("v1", "Pod", namespace)
+        assert all(
+            (p["metadata"].get("annotations") or {}).get("controller.kubernetes.io/pod-deletion-cost") == "1"
+            for p in pods
+        ), pods
+        return True
+
+    eventually(cost_set, what="deletion costs from the pods' reports")
+
+    # everything a BlazenPeer can stop wanting, at once: the operator prunes each
+    merge_patch(
+        api,
+        "BlazenPeer",
+        namespace,
+        "bp",
+        {
+            "spec": {
+                "replicas": 1,
+                "tls": {"enabled": False},
+                "networkPolicy": {"enabled": False},
+                "pod": {"serviceAccountName": "default"},
+            }
+        },
+    )
+    gone = [
+        ("PodDisruptionBudget", "bp"),
+        ("NetworkPolicy", "bp"),
+        ("Certificate", "bp-tls"),
+        ("Certificate", "bp-client-tls"),
+        ("Secret", "bp-tls"),
+        ("Secret", "bp-client-tls"),
+        ("ServiceAccount", "bp-peer"),
+        ("Role", "bp-peer"),
+        ("RoleBinding", "bp-peer"),
+    ]
+
+    def pruned():
+        left = [(k, n) for k, n in gone if get(api, k, namespace, n) is not None]
+        assert not left, left
+        return True
+
+    eventually(pruned, timeout=60, what="children no longer desired are pruned")
+    assert get(api, "Deployment", namespace, "bp") is not None
+    assert get(api, "Secret", namespace, "tok") is not None, "the user's token Secret is never touched"
+
+    kopf_only = {("watch", k.group, k.plural) for k in kinds.KINDS if k.watched}
+    kopf_only |= {("list", k.group, k.plural) for k in kinds.KINDS if k.watched and not k.pruned}
+    kopf_only |= {("patch", "blazen.dev", "blazenpeers"), ("update", "blazen.dev", "blazenpeers/finalizers")}
+    kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.cluster_scoped for v in k.verbs}
+    kopf_only.discard(("list", "blazen.dev", "blazenpeers"))  # the resync loop lists them itself
+    granted = {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=False) for v in verbs}
+    granted |= {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=True) for v in verbs}
+    assert operator_calls.calls <= granted, sorted(operator_calls.calls - granted)
+
+    def all_used() -> bool:  # the resync loop's list comes within a period
+        missing = granted - kopf_only - operator_calls.calls
+        assert not missing, f"granted but never called: {sorted(missing)}"
+        return True
+
+    eventually(all_used, timeout=15, what="every granted verb used")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from blazen_operator import kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "blazen-operator"
@@ -68,32 +69,38 @@ def crd_files() -> list[Path]:
     return sorted(p for p in CRDS.iterdir() if p.suffix in {".yaml", ".yml", ".json"})
 
 
-# The namespaced permissions the operator is granted (docs/operator.md): (apiGroup, resource) -> verbs.
-# Children are server-side applied: patch, never update.
-APPLY = {"get", "list", "watch", "create", "patch", "delete"}
-EXPECTED_RULES: dict[tuple[str, str], set[str]] = {
-    ("blazen.dev", "blazenpeers"): {"get", "list", "watch", "patch"},
-    ("blazen.dev", "blazenpeers/status"): {"get", "patch", "update"},
-    ("blazen.dev", "blazenpeers/finalizers"): {"update"},
-    ("apps", "deployments"): APPLY,
-    ("", "services"): APPLY,
-    ("", "serviceaccounts"): APPLY,
-    ("", "secrets"): APPLY,
-    ("rbac.authorization.k8s.io", "roles"): APPLY,
-    ("rbac.authorization.k8s.io", "rolebindings"): APPLY,
-    ("policy", "poddisruptionbudgets"): APPLY,
-    ("networking.k8s.io", "networkpolicies"): APPLY,
-    ("cert-manager.io", "certificates"): APPLY,
-    ("cert-manager.io", "issuers"): APPLY,
-    ("", "pods"): {"get", "list", "patch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-}
+def table_rules(*, cluster_scoped: bool) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs, from the operator's one table of managed kinds."""
+    return {(g, r): set(verbs) for g, r, verbs in kinds.rbac_rules(cluster_scoped=cluster_scoped)}
+
+
+# The namespaced permissions the operator is granted: exactly the verbs its code uses (operator/kinds.py;
+# the API tests run the operator under these rules). Children are server-side applied: patch, never update;
+# Secrets are never listed or watched.
+EXPECTED_RULES = table_rules(cluster_scoped=False)
 # Cluster-scoped reads kopf needs whatever the scope.
-CLUSTER_READ = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "namespaces"): {"get", "list", "watch"},
-}
+CLUSTER_READ = table_rules(cluster_scoped=True)
+
+
+def test_expected_rules_are_least_privilege() -> None:
+    # The table itself, spelled out where it matters for an attacker holding the operator's token.
+    assert EXPECTED_RULES[("", "secrets")] == {"get", "create", "patch", "delete"}, "no list/watch of Secrets"
+    assert EXPECTED_RULES[("", "pods")] == {"list", "patch"}  # the pod-deletion-cost annotation
+    assert EXPECTED_RULES[("blazen.dev", "blazenpeers/status")] == {"patch"}
+    assert not any("update" in verbs for (_, r), verbs in EXPECTED_RULES.items() if "/" not in r)
+    assert ("events.k8s.io", "events") not in EXPECTED_RULES
+    cluster_reads = {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+        ("", "namespaces"): {"get", "list", "watch"},
+    }
+    assert cluster_reads == CLUSTER_READ
+
+
+def test_committed_rules_template_equals_generated() -> None:
+    assert (CHART / "templates" / "_rules.tpl").read_text() == kinds.render_helm_rules(), (
+        "helm/blazen-operator/templates/_rules.tpl is stale: run "
+        "`python -m blazen_operator.kinds > helm/blazen-operator/templates/_rules.tpl`"
+    )
 
 
 def flatten(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
@@ -171,8 +178,8 @@ def test_lint_is_clean(helm: Path) -> None:
 
 def test_default_values_watch_all_namespaces_with_a_cluster_role(helm: Path) -> None:
     docs = template(helm)
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == [
+    doc_kinds = sorted(d["kind"] for d in docs)
+    assert doc_kinds == [
         "ClusterRole",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -209,8 +216,9 @@ def test_default_values_watch_all_namespaces_with_a_cluster_role(helm: Path) -> 
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == [
         "run",
-        "--standalone",
         "--all-namespaces",
+        "--operator-namespace=blazen-system",
+        "--operator-pod-labels=app.kubernetes.io/name=blazen-operator,app.kubernetes.io/instance=bo",
         "--liveness-port=8081",
         "--metrics-port=8000",
         "--resync-seconds=60",
@@ -245,14 +253,14 @@ def test_watch_namespaces_gives_a_role_in_each_and_only_crd_reads_cluster_wide(h
         subjects_are_operator_sa(binding)
 
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:4] == ["run", "--standalone", "--namespace=team-a", "--namespace=team-b"]
+    assert args[:3] == ["run", "--namespace=team-a", "--namespace=team-b"]
     assert "--all-namespaces" not in args
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(helm: Path) -> None:
     docs = template(helm, "--set", "rbac.create=false", "--set", "serviceAccount.create=false")
-    kinds = {d["kind"] for d in docs}
-    assert kinds == {"Deployment", "Service"}
+    doc_kinds = {d["kind"] for d in docs}
+    assert doc_kinds == {"Deployment", "Service"}
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "default"
 
@@ -321,12 +329,18 @@ def test_ports_and_flags_follow_the_values(helm: Path) -> None:
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
     assert {"name": "healthz", "containerPort": 9101, "protocol": "TCP"} in container["ports"]
     # The ports the pod declares are the ports the operator is told to listen on.
-    assert container["args"][3:] == [
+    assert container["args"][4:] == [
         "--liveness-port=9101",
         "--metrics-port=9100",
         "--resync-seconds=15",
         "--verbose",
     ]
+
+    # The selector labels the operator passes for its own pods select exactly its pods, in its namespace.
+    (labels_arg,) = [a for a in container["args"] if a.startswith("--operator-pod-labels=")]
+    pairs = dict(p.split("=", 1) for p in labels_arg.split("=", 1)[1].split(","))
+    assert pairs == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert f"--operator-namespace={RELEASE_NS}" in container["args"]
 
     docs = template(helm, "--set", "metrics.service.enabled=false")
     assert not by_kind(docs, "Service")
@@ -448,7 +462,7 @@ def operator_doc_rules() -> tuple[dict[tuple[str, str], set[str]], dict[tuple[st
 
 def test_rbac_is_exactly_what_docs_operator_md_asks_for(helm: Path) -> None:
     cluster, namespaced = operator_doc_rules()
-    assert (len(cluster), len(namespaced)) == (2, 16)
+    assert (len(cluster), len(namespaced)) == (2, 15)
     docs = template(helm)
     assert flatten(one(docs, "ClusterRole", "bo-blazen-operator-cluster")["rules"]) == cluster
     assert flatten(one(docs, "ClusterRole", "bo-blazen-operator")["rules"]) == namespaced

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 
 from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, wait_until
-from .test_peers import IMAGE, peer, pods, wait_ready
+from .test_peers import CPU_STEPS, IMAGE, peer, pods, status, wait_ready
 
 LABEL = "blazen-e2e/plaintext"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -111,8 +112,8 @@ def eventually(ns: str, pod: str, host: str, port: int, want: str, timeout: floa
 def test_the_operators_policy_fences_the_plaintext_port(operator: str, namespace: str) -> None:
     """plaintextGrpc.allowedFrom = pods labelled LABEL=yes: they reach 50052 (TCP and a real call), from the
     peer's node and from another; an unlabelled pod, and a labelled pod of another namespace, time out. The
-    operator's policy (networkPolicy.allowedFrom unset) leaves gRPC over mTLS, the HTTPS shim and the admin
-    port open to every pod, and so does the cluster."""
+    operator's policy (networkPolicy.allowedFrom unset) leaves gRPC over mTLS and the HTTPS shim open to every
+    pod; the plain-HTTP admin port is fenced (test below)."""
     allowed_from = [{"podSelector": {"matchLabels": {LABEL: "yes"}}}]
     apply(peer("fenced", plaintextGrpc={"enabled": True, "allowedFrom": allowed_from}), namespace)
     other_ns = f"{namespace}-other"
@@ -143,9 +144,10 @@ def test_the_operators_policy_fences_the_plaintext_port(operator: str, namespace
         # podSelector alone means "in the policy's namespace": the label elsewhere does not count.
         eventually(other_ns, "labelled-elsewhere", svc, 50051, "open")  # it can reach the peer at all
         assert probe(other_ns, "labelled-elsewhere", pod_ip, 50052) == "timeout"
-        # What the operator's policy leaves open, the stranger reaches: mTLS gRPC, the HTTPS shim, admin.
-        for port in (50051, 8080, 9090):
+        # What the operator's policy leaves open, the stranger reaches: mTLS gRPC, the HTTPS shim; not admin.
+        for port in (50051, 8080):
             assert probe(namespace, "stranger", svc, port) == "open", port
+        assert probe(namespace, "stranger", pod_ip, 9090) == "timeout"
         # Still fenced after all that (no flapping), and a real plaintext call from a labelled pod works.
         assert probe(namespace, "stranger", svc, 50052) == "timeout"
         out = kubectl(
@@ -154,6 +156,61 @@ def test_the_operators_policy_fences_the_plaintext_port(operator: str, namespace
         assert json.loads(out.strip().splitlines()[-1]) == {"error": None, "result": {"n": 7}}, out
     finally:
         kubectl("delete", "namespace", other_ns, "--wait=false", check=False)
+
+
+# hack/deploy-operator.sh installs the chart as release "blazen-operator" in blazen-system.
+OPERATOR_LABELS = {
+    "app.kubernetes.io/name": "blazen-operator",
+    "app.kubernetes.io/instance": "blazen-operator",
+}
+RESYNC_SECONDS = 60  # the chart's default operator.resyncSeconds
+
+
+def test_the_default_policy_fences_the_admin_port_to_the_operator_and_monitoring(
+    operator: str, namespace: str
+) -> None:
+    """A BlazenPeer with no networkPolicy settings gets a policy: its plain-HTTP admin port (/metrics,
+    /v1/info) admits the operator's pods and this namespace's pods labelled blazen.dev/monitoring=true, and
+    times out for anyone else, including a pod that copies the operator's labels in another namespace. The
+    kubelet's probes (from the node) keep the pod Ready, and the operator keeps reading /v1/info through the
+    fence: status.servedSteps stays known across more than a resync period."""
+    apply(peer("fenced-admin"), namespace)
+    client_pod(namespace, "monitor", CPU_NODE, {"blazen.dev/monitoring": "true"})
+    client_pod(namespace, "stranger", GPU_NODE)
+    client_pod(namespace, "impostor", CPU_NODE, OPERATOR_LABELS)  # the operator's labels, wrong namespace
+    wait_ready(namespace, "fenced-admin")
+    running(namespace, "monitor", "stranger", "impostor")
+    pol = kubectl_json("-n", namespace, "get", "networkpolicy", "fenced-admin")
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (peer_pod,) = pods(namespace, "fenced-admin")
+    pod_ip = peer_pod["status"]["podIP"]
+
+    eventually(namespace, "stranger", pod_ip, 9090, "timeout")
+    assert probe(namespace, "impostor", pod_ip, 9090) == "timeout"
+    eventually(namespace, "monitor", pod_ip, 9090, "open")
+    for port in (50051, 8080):  # networkPolicy.allowedFrom unset: gRPC (mTLS) and the shim stay open
+        assert probe(namespace, "stranger", pod_ip, port) == "open", port
+
+    # The fence is up; the operator's /v1/info reads must keep getting through it: every status sample over
+    # more than a resync period knows the served steps, and the pod stayed Ready without a restart.
+    def steps_known() -> bool:
+        st = status(namespace, "fenced-admin")
+        assert st.get("servedSteps") == sorted(CPU_STEPS), st
+        assert st.get("stepsUnknownPods") == 0, st
+        return True
+
+    wait_until("servedSteps known", steps_known, timeout=120)
+    samples = 0
+    deadline = time.monotonic() + RESYNC_SECONDS + 15
+    while time.monotonic() < deadline:
+        steps_known()
+        samples += 1
+        time.sleep(5)
+    assert samples >= 10
+    (after,) = pods(namespace, "fenced-admin")
+    assert after["metadata"]["uid"] == peer_pod["metadata"]["uid"]
+    assert all(c["restartCount"] == 0 for c in after["status"]["containerStatuses"])
+    assert probe(namespace, "stranger", pod_ip, 9090) == "timeout", "still fenced"
 
 
 def test_a_policy_takes_effect_and_deleting_it_reopens_the_port(operator: str, namespace: str) -> None:

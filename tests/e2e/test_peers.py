@@ -324,6 +324,30 @@ def test_grpc_mtls_and_https_token(operator: str, namespace: str, tmp: Path) -> 
         assert refused(http_call("wrong-token"))
 
 
+def test_https_shim_needs_a_client_certificate_by_default(operator: str, namespace: str, tmp: Path) -> None:
+    """The default BlazenPeer (TLS on, no token, http.auth unset) renders --http-auth auto, which the runtime
+    resolves to client-cert: an anonymous HTTPS caller is refused, a caller with the client certificate from
+    status.certificate.clientSecretName is served."""
+    apply(peer("certonly", http={"enabled": True}), namespace)
+    wait_ready(namespace, "certonly")
+    tls = client_tls(namespace, "certonly", tmp)
+    anonymous = ssl.create_default_context(cadata=tls.ca.read_text())
+    anonymous.check_hostname = False  # port-forward reaches 127.0.0.1; the chain is still verified
+    with_cert = ssl.create_default_context(cadata=tls.ca.read_text())
+    with_cert.check_hostname = False
+    with_cert.load_cert_chain(tls.cert, tls.key)
+
+    async def http_call(ctx: ssl.SSLContext) -> Any:
+        async with HttpPeerClient.new_http(f"https://127.0.0.1:{port}", "e2e", ssl=ctx) as c:
+            return await c.invoke_sub_workflow("examples", ["examples::echo"], {"c": 3}, timeout_secs=30)
+
+    with port_forward(namespace, "svc/certonly", 8080) as port:
+        assert refused(http_call(anonymous))
+        resp = asyncio.run(http_call(with_cert))
+        assert resp.error is None, resp.error
+        assert resp.result_value() == {"c": 3}
+
+
 def test_blazen_wheel_client_through_plaintext_opt_in(
     operator: str, namespace: str, isoc23_shim: Path
 ) -> None:

@@ -87,6 +87,10 @@ def _write_sa_keys(directory: Path) -> tuple[Path, Path]:
 class ControlPlane:
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    # A second, unprivileged user (no groups): the API tests bind the operator's Helm RBAC to it and run the
+    # operator as this user, so a call the chart does not grant fails.
+    operator_user: str = "blazen-operator"
+    operator_token: str = field(default_factory=lambda: secrets.token_hex(16))
     etcd_port: int = field(default_factory=free_port)
     etcd_peer_port: int = field(default_factory=free_port)
     apiserver_port: int = field(default_factory=free_port)
@@ -108,6 +112,11 @@ class ControlPlane:
     @property
     def kubeconfig(self) -> Path:
         return self.workdir / "kubeconfig"
+
+    @property
+    def operator_kubeconfig(self) -> Path:
+        """A kubeconfig for the unprivileged operator user."""
+        return self.workdir / "operator.kubeconfig"
 
     # ---------------------------------------------------------------------------------------------- start
     @classmethod
@@ -164,7 +173,10 @@ class ControlPlane:
 
         (self.workdir / "certs").mkdir(exist_ok=True)
         token_file = self.workdir / "tokens.csv"
-        token_file.write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        token_file.write_text(
+            f'{self.token},admin,admin-uid,"system:masters"\n'
+            f"{self.operator_token},{self.operator_user},{self.operator_user}-uid\n"
+        )
         sa_key, sa_pub = _write_sa_keys(self.workdir)
         self.spawn(
             "kube-apiserver",
@@ -219,19 +231,24 @@ class ControlPlane:
         self.startup_seconds["total"] = time.monotonic() - t0
 
     def _write_kubeconfig(self) -> None:
-        cfg = {
+        self.kubeconfig.write_text(json.dumps(self._kubeconfig("admin", self.token)))
+        self.operator_kubeconfig.write_text(
+            json.dumps(self._kubeconfig(self.operator_user, self.operator_token))
+        )
+
+    def _kubeconfig(self, user: str, token: str) -> dict[str, object]:
+        return {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {"name": "api", "cluster": {"server": self.server, "certificate-authority": str(self.ca)}}
             ],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
-                {"name": "api", "context": {"cluster": "api", "user": "admin", "namespace": "default"}}
+                {"name": "api", "context": {"cluster": "api", "user": user, "namespace": "default"}}
             ],
             "current-context": "api",
         }
-        self.kubeconfig.write_text(json.dumps(cfg))
 
     def _http_ok(self, url: str, token: str | None = None) -> bool:
         ctx = ssl.create_default_context()

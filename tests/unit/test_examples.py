@@ -223,6 +223,7 @@ def test_cpu_peer_renders_two_replicas_with_the_cors_shim() -> None:
     assert args[args.index("--entrypoint") + 1] == "blazen_examples.steps"
     assert args[args.index("--http-addr") + 1] == "0.0.0.0:8080"
     assert args[args.index("--cors-allow-origin") + 1] == "http://localhost:5173"
+    assert args[args.index("--http-auth") + 1] == "client-cert"  # the browser-facing shim is not anonymous
     assert args[args.index("--steps") + 1].split(",") == [
         "examples::echo",
         "examples::tokenize",

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from blazen_operator.builders import Peer, workload
+from blazen_operator.builders.common import OperatorIdentity
 from blazen_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -399,6 +400,10 @@ def test_ipblock_except_as_disjoint_cidrs(np: ModuleType) -> None:
 # ------------------------------------------------------------ the operator's own policy
 
 
+OPERATOR_LABELS = {"app.kubernetes.io/name": "blazen-operator", "app.kubernetes.io/instance": "bo"}
+OPERATOR = OperatorIdentity(namespace="blazen-system", pod_labels=tuple(sorted(OPERATOR_LABELS.items())))
+
+
 def operator_policy(**spec: Any) -> dict[str, Any]:
     p = Peer(
         name="bp",
@@ -406,6 +411,7 @@ def operator_policy(**spec: Any) -> dict[str, Any]:
         uid="uid-1",
         labels={},
         spec=parse_spec({"image": "reg/peer:1", "entrypoint": "pkg.steps", **spec}),
+        operator=OPERATOR,
     )
     pol = workload.network_policy(p)
     assert pol is not None
@@ -414,21 +420,43 @@ def operator_policy(**spec: Any) -> dict[str, Any]:
     return {"policy": pol, "pod": peer_pod}
 
 
-def test_the_operators_policy_fences_only_the_plaintext_port(np: ModuleType) -> None:
+def test_the_operators_default_policy_fences_the_admin_port_and_the_plaintext_port(np: ModuleType) -> None:
     made = operator_policy(
         plaintextGrpc={"enabled": True, "allowedFrom": [{"podSelector": {"matchLabels": {"role": "friend"}}}]}
     )
-    peer_pod, pods = made["pod"], [*PODS, made["pod"]]
-    rules = np.render([made["policy"]], pods, NAMESPACES, NODE, NODE_IPS)
+    operator_pod = pod(
+        "op", "10.244.2.50", namespace="blazen-system", node=OTHER_NODE, labels=OPERATOR_LABELS
+    )
+    impostor = pod(
+        "impostor", "10.244.1.51", labels=OPERATOR_LABELS
+    )  # the operator's labels, wrong namespace
+    monitor = pod("prom", "10.244.1.52", labels={"blazen.dev/monitoring": "true"})
+    monitor_elsewhere = pod(
+        "prom", "10.244.2.53", namespace="other", node=OTHER_NODE, labels={"blazen.dev/monitoring": "true"}
+    )
+    extra = [operator_pod, impostor, monitor, monitor_elsewhere]
+    peer_pod, pods = made["pod"], [*PODS, *extra, made["pod"]]
+    namespaces = [*NAMESPACES, ns("blazen-system")]
+    rules = np.render([made["policy"]], pods, namespaces, NODE, NODE_IPS)
 
     def who(port: int) -> set[str]:
         return reachable(rules, peer_pod, port) - {"app/server"}
 
     assert who(50052) == {"app/friend", "app/remote-friend"}  # plaintext: the labelled pods of its namespace
     assert who(50051) == EVERYONE  # mTLS (+ token): everyone
-    assert who(9090) == EVERYONE  # admin: probes, metrics, the operator's /v1/info reads
-    assert who(8080) == EVERYONE  # the HTTPS shim (http.enabled defaults to true): token-guarded
+    assert who(8080) == EVERYONE  # the HTTPS shim (http.enabled defaults to true): client cert or token
     assert who(8081) == set()  # nothing else is open
+    # admin (/metrics, /v1/info): the operator's pods and this namespace's monitoring, nobody else
+    dst = ip(peer_pod)
+    assert who(9090) == set()
+    assert admits(rules, ip(operator_pod), dst, 9090)
+    assert admits(rules, ip(monitor), dst, 9090)
+    assert not admits(rules, ip(impostor), dst, 9090)
+    assert not admits(rules, ip(monitor_elsewhere), dst, 9090)
+    assert not admits(rules, ip(operator_pod), dst, 50052)
+    # the kubelet's probes come from a node address: always admitted, so the pod stays Ready
+    for node_ip in NODE_IPS:
+        assert admits(rules, node_ip, dst, 9090)
 
 
 def test_the_operators_policy_with_network_policy_enabled_fences_mtls_too(np: ModuleType) -> None:
@@ -442,7 +470,7 @@ def test_the_operators_policy_with_network_policy_enabled_fences_mtls_too(np: Mo
     assert admits(rules, ip(FRIEND), dst, 50051)
     assert admits(rules, ip(sibling), dst, 50051)  # its own replicas (session-ref forwarding)
     assert not admits(rules, ip(STRANGER), dst, 50051)
-    assert admits(rules, ip(STRANGER), dst, 9090)
+    assert not admits(rules, ip(STRANGER), dst, 9090)
 
 
 # ------------------------------------------------------------ keeping kube-proxy behind us in FORWARD

@@ -255,6 +255,7 @@ def test_one_field_sets_the_pod_grace_and_the_runtime_drain(pod, grace, admit, a
                 "--grpc-addr": "0.0.0.0:50051",
                 "--admin-addr": "0.0.0.0:9090",
                 "--http-addr": "0.0.0.0:8080",
+                "--http-auth": "auto",
                 "--forward-dns": "bp-peers.ns1.svc",
                 "--tls-cert": "/etc/blazen/tls/tls.crt",
                 "--tls-key": "/etc/blazen/tls/tls.key",
@@ -265,7 +266,7 @@ def test_one_field_sets_the_pod_grace_and_the_runtime_drain(pod, grace, admit, a
         (
             {"steps": ["a::x", "b::y"], "http": {"enabled": False}},
             {"--steps": "a::x,b::y"},
-            ["--http-addr", "--cors-allow-origin"],
+            ["--http-addr", "--http-auth", "--cors-allow-origin"],
         ),
         (
             {
@@ -293,8 +294,21 @@ def test_peer_args(spec, present, absent):
         assert name not in c["args"]
 
 
+@pytest.mark.parametrize(
+    ("auth", "flag_value"),
+    [
+        ("ClientCertificate", "client-cert"),
+        ("Token", "token"),
+        ("Unauthenticated", "unauthenticated"),
+    ],
+)
+def test_http_auth_is_passed_explicitly(auth, flag_value):
+    p = peer(http={"auth": auth}, auth={"tokenSecretRef": {"name": "tok"}})
+    assert flag(container(p)["args"], "--http-auth") == flag_value
+
+
 def test_cors_origins_repeat_the_flag():
-    args = container(peer(http={"corsOrigins": ["https://a", "https://b"]}))["args"]
+    args = container(peer(http={"corsOrigins": ["https://a", "https://b"], "auth": "Token"}))["args"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--cors-allow-origin"] == [
         "https://a",
         "https://b",
@@ -438,17 +452,17 @@ def kinds(p: Peer) -> list[tuple[str, str]]:
                 ("Service", "bp-peers"),
                 ("Deployment", "bp"),
             ],
-            [("PodDisruptionBudget", "bp"), ("NetworkPolicy", "bp")],
+            [("PodDisruptionBudget", "bp")],
         ),
         (
             {"replicas": 3, "tls": {"issuerRef": {"name": "corp", "kind": "ClusterIssuer"}}},
-            [("PodDisruptionBudget", "bp"), ("Certificate", "bp-tls")],
-            [("Issuer", "blazen-selfsigned"), ("Certificate", "blazen-ca"), ("NetworkPolicy", "bp")],
+            [("PodDisruptionBudget", "bp"), ("Certificate", "bp-tls"), ("NetworkPolicy", "bp")],
+            [("Issuer", "blazen-selfsigned"), ("Certificate", "blazen-ca")],
         ),
         (
-            {"replicas": 3, "disruptionBudget": {"enabled": False}, "networkPolicy": {"enabled": True}},
-            [("NetworkPolicy", "bp")],
-            [("PodDisruptionBudget", "bp")],
+            {"replicas": 3, "disruptionBudget": {"enabled": False}, "networkPolicy": {"enabled": False}},
+            [("Deployment", "bp")],
+            [("PodDisruptionBudget", "bp"), ("NetworkPolicy", "bp")],
         ),
         (
             {"tls": {"enabled": False}, "auth": {"tokenSecretRef": {"name": "t"}}},
@@ -562,6 +576,66 @@ def test_network_policy_fences_the_plaintext_port():
     assert 50052 not in rules
 
 
+OPERATOR = common.OperatorIdentity(
+    namespace="blazen-system",
+    pod_labels=(("app.kubernetes.io/instance", "bo"), ("app.kubernetes.io/name", "blazen-operator")),
+)
+
+
+def admin_rules(p: Peer) -> list[dict[str, Any]]:
+    np = workload.network_policy(p)
+    assert np is not None
+    return [r for r in np["spec"]["ingress"] if r["ports"] == [{"port": 9090, "protocol": "TCP"}]]
+
+
+def test_network_policy_is_on_by_default_and_fences_the_admin_port():
+    p = Peer(name="bp", namespace="ns1", uid="u", spec=parse_spec(BASE), operator=OPERATOR)
+    ingress = workload.network_policy(p)["spec"]["ingress"]
+    (admin,) = admin_rules(p)
+    assert admin["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "blazen-system"}},
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/instance": "bo",
+                    "app.kubernetes.io/name": "blazen-operator",
+                }
+            },
+        },
+        {"podSelector": {"matchLabels": {"blazen.dev/monitoring": "true"}}},
+    ]
+    # every rule that admits the admin port names who may use it (no rule without `from` covers 9090)
+    for rule in ingress:
+        ports = [x["port"] for x in rule["ports"]]
+        assert 9090 not in ports or rule.get("from"), rule
+
+
+def test_admin_port_with_nobody_to_admit_has_no_rule_at_all():
+    # An ingress rule without `from` admits everyone: with no operator identity and an empty knob the admin
+    # port must get no rule, not an open one.
+    p = peer(networkPolicy={"adminAllowedFrom": []})
+    assert admin_rules(p) == []
+    p = Peer(
+        name="bp",
+        namespace="ns1",
+        uid="u",
+        spec=parse_spec({**BASE, "networkPolicy": {"adminAllowedFrom": []}}),
+        operator=OPERATOR,
+    )
+    (admin,) = admin_rules(p)
+    assert admin["from"] == [OPERATOR.network_peer()]
+
+
+def test_disabled_network_policy_with_plaintext_fences_only_the_plaintext_port():
+    p = peer(
+        networkPolicy={"enabled": False},
+        plaintextGrpc={"enabled": True, "allowedFrom": [{"podSelector": {}}]},
+    )
+    rules = {r["ports"][0]["port"]: r for r in workload.network_policy(p)["spec"]["ingress"]}
+    assert "from" not in rules[9090]
+    assert rules[50052]["from"] == [{"podSelector": {}}]
+
+
 # ------------------------------------------------------------ render CLI
 
 
@@ -581,6 +655,29 @@ def test_render_cli_uses_the_builders(tmp_path, capsys):
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     expected = [c.manifest for c in desired(Peer(name="bp", namespace="ns1", spec=parse_spec(BASE)))]
     assert docs == expected
+
+
+def test_render_cli_admits_the_named_operator_pods_to_the_admin_port(tmp_path, capsys):
+    manifest = tmp_path / "bp.yaml"
+    manifest.write_text(yaml.safe_dump({"kind": "BlazenPeer", "metadata": {"name": "bp"}, "spec": BASE}))
+    args = ["render", "-f", str(manifest), "--operator-namespace", "ops"]
+    assert cli.main([*args, "--operator-pod-labels", "b=2,a=1"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    (pol,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    admin = [r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == 9090]
+    assert admin[0]["from"][0] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+        "podSelector": {"matchLabels": {"a": "1", "b": "2"}},
+    }
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--operator-pod-labels", "no-equals-sign"])
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_run_cli_no_longer_takes_standalone(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--standalone", "--all-namespaces"])
+    assert "--standalone" in capsys.readouterr().err
 
 
 def test_render_cli_reports_invalid_specs(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 from . import common as c
 from .common import Peer
 
@@ -19,9 +20,8 @@ def issuer_ref(p: Peer) -> dict[str, str]:
     return {"name": c.CA_NAME, "kind": "Issuer", "group": "cert-manager.io"}
 
 
-def _shared_labels(p: Peer) -> dict[str, str]:
-    # Shared namespace objects carry no per-peer label, so pruning one peer never touches them.
-    return {"app.kubernetes.io/managed-by": c.MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet"}
+# Shared namespace objects carry no per-peer label, so pruning one peer never touches them.
+SHARED_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet"}
 
 
 def namespace_ca(p: Peer) -> list[dict[str, Any]]:
@@ -32,7 +32,7 @@ def namespace_ca(p: Peer) -> list[dict[str, Any]]:
     """
     if not p.spec.tls.enabled or p.spec.tls.issuer_ref is not None:
         return []
-    labels = _shared_labels(p)
+    labels = SHARED_LABELS
     return [
         {
             "apiVersion": CM_API,
@@ -116,10 +116,15 @@ def client_certificate(p: Peer) -> dict[str, Any]:
     }
 
 
+def stub_names(p: Peer) -> tuple[str, ...]:
+    """The Secrets a BlazenPeer owns by controller reference, whether or not TLS is on now."""
+    return (c.server_cert_name(p), c.client_cert_name(p))
+
+
 def secret_stub(p: Peer, name: str, *, controller: bool = True) -> dict[str, Any]:
     """An empty kubernetes.io/tls Secret created before cert-manager fills it, so that it carries our owner
     reference and is garbage-collected with the BlazenPeer (cert-manager does not set one by default)."""
-    labels = c.labels(p) if controller else _shared_labels(p)
+    labels = c.labels(p) if controller else SHARED_LABELS
     return {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import spec as s
+from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 
-MANAGED_BY = "blazen-operator"
 PEER_LABEL = "blazen.dev/peer"
 CONFIG_HASH_ANNOTATION = "blazen.dev/config-hash"
 
@@ -21,8 +21,25 @@ TOKEN_KEY_PATH = "token"
 CA_SELFSIGNED_ISSUER = "blazen-selfsigned"
 CA_NAME = "blazen-ca"  # Certificate, its Secret and the CA Issuer share the name
 
+_NO_UID = "00000000-0000-0000-0000-000000000000"  # `render` has no API server to assign one
+
 # Label/annotation prefixes of tooling that must not be copied from the BlazenPeer to its children.
 _NOT_PROPAGATED = ("kopf.zalando.org", "kubectl.kubernetes.io", "blazen.dev/", "app.kubernetes.io/")
+
+
+@dataclass(frozen=True)
+class OperatorIdentity:
+    """Where the operator's own pods run: the NetworkPolicy admits them (and only them, besides monitoring) to
+    the peers' admin port, which serves /v1/info to the operator."""
+
+    namespace: str
+    pod_labels: tuple[tuple[str, str], ...]
+
+    def network_peer(self) -> dict[str, Any]:
+        return {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
+            "podSelector": {"matchLabels": dict(self.pod_labels)},
+        }
 
 
 @dataclass(frozen=True)
@@ -32,18 +49,21 @@ class Peer:
     name: str
     namespace: str
     spec: s.BlazenPeerSpec
-    uid: str = "00000000-0000-0000-0000-000000000000"
+    uid: str = _NO_UID
     labels: dict[str, str] = field(default_factory=dict)
+    # None: the operator runs outside the pod network (or `render` was not told), so no pod is admitted for it
+    operator: OperatorIdentity | None = None
 
     @classmethod
-    def from_body(cls, body: Any) -> Peer:
+    def from_body(cls, body: Any, operator: OperatorIdentity | None = None) -> Peer:
         meta = body["metadata"]
         return cls(
             name=meta["name"],
             namespace=meta["namespace"],
-            uid=meta.get("uid") or cls.uid,
+            uid=meta.get("uid") or _NO_UID,
             labels=dict(meta.get("labels") or {}),
             spec=s.parse_spec(body.get("spec")),
+            operator=operator,
         )
 
 
@@ -103,7 +123,7 @@ def labels(p: Peer) -> dict[str, str]:
     out.update(selector_labels(p))
     out.update(
         {
-            "app.kubernetes.io/managed-by": MANAGED_BY,
+            MANAGED_BY_LABEL: MANAGED_BY,
             "app.kubernetes.io/part-of": "blazen-fleet",
             PEER_LABEL: p.name,
         }
@@ -122,7 +142,9 @@ def owner_reference(p: Peer, *, controller: bool = True) -> dict[str, Any]:
     }
 
 
-def metadata(p: Peer, name: str, *, controller: bool = True, extra_labels: dict[str, str] | None = None):
+def metadata(
+    p: Peer, name: str, *, controller: bool = True, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": p.namespace,

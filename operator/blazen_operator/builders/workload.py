@@ -74,7 +74,7 @@ def peer_args(p: Peer) -> list[str]:
         *shutdown_args(p),
     ]
     if sp.http.enabled:
-        args += ["--http-addr", f"0.0.0.0:{ports.http}"]
+        args += ["--http-addr", f"0.0.0.0:{ports.http}", "--http-auth", s.HTTP_AUTH_FLAGS[sp.http.auth]]
         for origin in sp.http.cors_origins:
             args += ["--cors-allow-origin", origin]
     if sp.plaintext_grpc.enabled:
@@ -490,13 +490,21 @@ def network_policy(p: Peer) -> dict[str, Any] | None:
     if sp.http.enabled:
         tls_ports.append({"port": sp.ports.http, "protocol": "TCP"})
     tls_rule: dict[str, Any] = {"ports": tls_ports}
-    if sp.network_policy.enabled and sp.network_policy.allowed_from:
-        tls_rule["from"] = [own, *_peers(sp.network_policy.allowed_from)]
-    ingress = [
-        tls_rule,
-        # probes, metrics and the operator's /v1/info reads
-        {"ports": [{"port": sp.ports.admin, "protocol": "TCP"}]},
-    ]
+    admin_rule: dict[str, Any] = {"ports": [{"port": sp.ports.admin, "protocol": "TCP"}]}
+    ingress = [tls_rule]
+    if sp.network_policy.enabled:
+        if sp.network_policy.allowed_from:
+            tls_rule["from"] = [own, *_peers(sp.network_policy.allowed_from)]
+        # The plain-HTTP admin port (/metrics, /v1/info) is fenced to the operator and monitoring. Kubelet
+        # probes come from the node, which CNIs admit regardless of policy. A rule without `from` would
+        # admit everyone, so with nobody to admit there is no rule at all.
+        admin_from = [p.operator.network_peer()] if p.operator is not None else []
+        admin_from += _peers(sp.network_policy.admin_allowed_from)
+        if admin_from:
+            admin_rule["from"] = admin_from
+            ingress.append(admin_rule)
+    else:
+        ingress.append(admin_rule)  # the policy exists only to fence the plaintext port
     if sp.plaintext_grpc.enabled:
         ingress.append(
             {

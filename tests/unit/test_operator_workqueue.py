@@ -1,0 +1,160 @@
+"""The operator's one work queue: coalescing, no overlap per key, bounded concurrency, one retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+from blazen_operator.workqueue import Backoff, Key, WorkQueue
+
+A: Key = ("ns", "a")
+B: Key = ("ns", "b")
+
+
+async def settle(queue: WorkQueue) -> None:
+    """Until no key is running, pending or waiting to retry (a generous bound: it must not hang)."""
+    deadline = time.monotonic() + 5.0
+    while queue.busy:
+        assert time.monotonic() < deadline, f"queue still busy: {queue.busy}"
+        await asyncio.sleep(0.01)
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    backoff = Backoff(initial=1.0, factor=2.0, cap=60.0)
+    assert [backoff.delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+async def test_a_burst_of_requests_while_a_pass_runs_is_one_more_pass() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    passes: list[Key] = []
+
+    async def work(key: Key) -> bool:
+        passes.append(key)
+        started.set()
+        await release.wait()
+        return True
+
+    queue = WorkQueue(work)
+    queue.request(A)
+    await started.wait()
+    for _ in range(50):
+        queue.request(A)
+    release.set()
+    await settle(queue)
+    assert passes == [A, A]
+
+
+async def test_passes_for_one_key_never_overlap_and_keys_run_in_parallel() -> None:
+    running: dict[Key, int] = {A: 0, B: 0}
+    peak: dict[Key, int] = {A: 0, B: 0}
+    both = asyncio.Event()
+
+    async def work(key: Key) -> bool:
+        running[key] += 1
+        peak[key] = max(peak[key], running[key])
+        if running[A] and running[B]:
+            both.set()
+        await asyncio.sleep(0.02)
+        running[key] -= 1
+        return True
+
+    queue = WorkQueue(work)
+    for _ in range(5):
+        queue.request(A)
+        queue.request(B)
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(both.wait(), timeout=5)
+    await settle(queue)
+    assert peak == {A: 1, B: 1}
+
+
+async def test_concurrency_is_bounded_across_keys() -> None:
+    running = 0
+    peak = 0
+
+    async def work(key: Key) -> bool:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return True
+
+    queue = WorkQueue(work, concurrency=3)
+    for i in range(20):
+        queue.request(("ns", str(i)))
+    await settle(queue)
+    assert peak == 3
+
+
+async def test_failures_retry_with_backoff_until_success_and_exceptions_count_as_failures() -> None:
+    stamps: list[float] = []
+
+    async def work(key: Key) -> bool:
+        stamps.append(time.monotonic())
+        if len(stamps) == 1:
+            raise RuntimeError("boom")  # logged, retried: the queue survives
+        return len(stamps) >= 3
+
+    queue = WorkQueue(work, backoff=Backoff(initial=0.05, factor=2.0, cap=1.0))
+    queue.request(A)
+    await settle(queue)
+    assert len(stamps) == 3
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1, "the second wait doubles"
+
+
+async def test_a_new_request_cuts_a_retry_wait_short() -> None:
+    calls = 0
+    failed = asyncio.Event()
+
+    async def work(key: Key) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            failed.set()
+            return False
+        return True
+
+    queue = WorkQueue(work, backoff=Backoff(initial=30.0))
+    queue.request(A)
+    await failed.wait()
+    await asyncio.sleep(0.01)  # now waiting 30 s to retry
+    started = time.monotonic()
+    queue.request(A)  # e.g. the spec was fixed
+    await settle(queue)
+    assert calls == 2
+    assert time.monotonic() - started < 5
+
+
+async def test_close_cancels_pending_retries() -> None:
+    async def work(key: Key) -> bool:
+        return False
+
+    queue = WorkQueue(work, backoff=Backoff(initial=30.0))
+    queue.request(A)
+    queue.request(B)
+    await asyncio.sleep(0.01)
+    assert queue.busy == {A, B}
+    await asyncio.wait_for(queue.close(), timeout=5)
+    assert queue.busy == set()
+
+
+@pytest.mark.parametrize("outcome", [True, False])
+async def test_a_key_is_forgotten_once_done(outcome: bool) -> None:
+    calls = 0
+
+    async def work(key: Key) -> bool:
+        nonlocal calls
+        calls += 1
+        return outcome or calls > 1
+
+    queue = WorkQueue(work, backoff=Backoff(initial=0.01))
+    queue.request(A)
+    await settle(queue)
+    assert queue.busy == set()
+    assert calls == (1 if outcome else 2)
