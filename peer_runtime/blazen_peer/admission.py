@@ -17,6 +17,7 @@ token, and health ``Watch`` streams must not hold the drain open.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -291,6 +292,9 @@ class Admission:
                     resp = await handler(request)
                 except web.HTTPException as exc:
                     status = exc.status
+                    raise
+                except asyncio.CancelledError:
+                    status = 499  # the caller hung up and the handler was cancelled (nginx's code for it)
                     raise
                 finally:
                     release()

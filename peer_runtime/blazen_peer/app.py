@@ -36,7 +36,7 @@ from .admission import Admission, ConcurrencyLimiter
 from .hooks import ServerHooks
 from .security.auth import TokenSource
 from .security.cors import make_cors_middleware
-from .security.policy import check_secure, http_client_auth, load_tls, token_source
+from .security.policy import check_secure, http_auth, load_tls, token_source
 from .security.reload import ClientAuth, ReloadingTlsSource
 from .security.tls import TlsMaterial, first_dns_name
 
@@ -72,6 +72,7 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
     tokens = token_source(cfg)
     tls = load_tls(cfg)
     check_secure(cfg, tls, tokens)
+    shim_auth = http_auth(cfg, tls, tokens)
 
     readiness = Readiness()
     metrics = PeerMetrics()
@@ -85,6 +86,12 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
             drainer=drainer, limiter=limiter, metrics=metrics, tokens=tokens, transport=transport
         )
 
+    # Past the cap grpc closes a new connection at accept, and one whose handshake is not done within
+    # --idle-timeout-secs (grpc's default: 120 s), both silently.
+    hooks.grpc_options += [
+        ("grpc.max_allowed_incoming_connections", cfg.connection_cap()),
+        ("grpc.server_handshake_timeout_ms", int(cfg.idle_timeout_secs * 1000)),
+    ]
     # gRPC: the main server (TLS, token) and the plaintext server (no token).
     hooks.grpc_method_wrapper = admission("grpc", tokens).grpc_wrapper
     hooks.plaintext_grpc_method_wrapper = admission("grpc-plaintext", None).grpc_wrapper
@@ -94,10 +101,11 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
     # HTTP shim: CORS outermost (every answer, 401/429/503 included, carries its headers), then admission.
     if cfg.cors_allow_origin:
         hooks.http_middlewares.append(make_cors_middleware(cfg.cors_allow_origin))
-    hooks.http_middlewares.append(admission("http", tokens).http_middleware())
+    shim_tokens = tokens if shim_auth is None or shim_auth.check_token else None
+    hooks.http_middlewares.append(admission("http", shim_tokens).http_middleware())
 
     if tls is not None:
-        _wire_tls(server, rt, tls, http_client_auth(cfg))
+        _wire_tls(server, rt, tls, shim_auth.client_auth if shim_auth is not None else "none")
     if tokens is not None:
         hooks.forward_metadata = tokens.metadata
 

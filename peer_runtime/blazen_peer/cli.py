@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .admin.logs import configure_json_logging
 from .config import ROUTER_FLAGS, add_flags, config_from
 from .engine.watchdog import LoopWatchdog
 from .event_loop import run_event_loop
-from .router import BlazenRouterServer, parse_pools
-from .server import BlazenPeerServer
+from .security.tls_policy import pin_grpc_environment
 from .wire.errors import PeerError
+
+if TYPE_CHECKING:
+    from .server import BlazenPeerServer
 
 log = logging.getLogger("blazen_peer")
 
@@ -46,9 +50,30 @@ async def _serve(server: BlazenPeerServer) -> None:
     await server.serve()
 
 
+def _fail(message: str, code: int) -> int:
+    """One line, argparse's form, for a peer that cannot start (no traceback, no second JSON copy)."""
+    print(f"blazen-peer: error: {message}", file=sys.stderr)
+    return code
+
+
+def _drop_working_directory_from_path() -> None:
+    """Entrypoints resolve from the installed packages (and PYTHONPATH), never from whatever directory the
+    process was started in: ``python -m blazen_peer.cli`` puts it first on ``sys.path``, where a stray
+    ``blazen_examples.py`` or ``json.py`` would shadow the real module."""
+    cwd = os.getcwd()
+    if sys.path and sys.path[0] in ("", ".", cwd):
+        del sys.path[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    pin_grpc_environment()
+    _drop_working_directory_from_path()
+    # grpcio is imported from here on (router, server): after its environment is set.
+    from .router import BlazenRouterServer, parse_pools
+    from .server import BlazenPeerServer
+
     routing = args.command == "route"
     try:
         config = config_from(args, flags=ROUTER_FLAGS) if routing else config_from(args)
@@ -70,20 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = BlazenRouterServer(config=config)
         log.info("node %s routing to pools %s", config.node_id, ", ".join(config.pool))
     else:
-        sys.path.insert(0, ".")  # the console script does not put the working directory on the path
-        server = BlazenPeerServer(config=config)
+        try:
+            server = BlazenPeerServer(config=config)
+        except Exception as exc:  # the entrypoint's own import or registration failed
+            return _fail(f"cannot load --entrypoint {config.entrypoint}: {type(exc).__name__}: {exc}", 2)
         log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
     holder.append(server)
     try:
         run_event_loop(_serve(server), config.event_loop)
     except PeerError as exc:
-        log.error("%s", exc)
-        print(f"blazen-peer: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except OSError as exc:
-        log.error("%s", exc)
-        print(f"blazen-peer: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,7 @@ class PeerConfig:
     token_file: str | None = None
     token: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
+    http_auth: str = "auto"
     insecure: bool = False
     # session-ref forwarding
     forward_dns: str | None = None
@@ -43,6 +45,8 @@ class PeerConfig:
     sync_step_workers: int = 0  # 0: engine.executor.default_workers
     loop_stall_secs: float = 30.0  # 0: no watchdog
     http_max_body_bytes: int = 64 * 1024 * 1024
+    idle_timeout_secs: float = 15.0
+    max_connections: int = 0  # 0: connection_cap() derives it from the fd limit
     shutdown_grace_secs: float = 5.0
     shutdown_admit_secs: float = 0.0
     grpc_max_connection_age_secs: float = 0.0
@@ -55,6 +59,14 @@ class PeerConfig:
     pool: tuple[str, ...] = ()
     pool_refresh_secs: float = 10.0
     pool_server_name: str | None = None
+
+    def connection_cap(self) -> int:
+        """``--max-connections``, else an eighth of the soft fd limit: four listeners at their caps still
+        leave half the descriptors to files, sibling channels and the step code."""
+        if self.max_connections > 0:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, (soft if soft != resource.RLIM_INFINITY else 65536) // 8)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -83,6 +95,23 @@ def _event_loop(value: str) -> str:
     v = value.strip().lower()
     if v not in EVENT_LOOPS:
         raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, not {value!r}")
+    return v
+
+
+HTTP_AUTH_MODES = ("auto", "client-cert", "token", "unauthenticated")
+
+
+def _http_auth(value: str) -> str:
+    v = value.strip().lower()
+    if v not in HTTP_AUTH_MODES:
+        raise ValueError(f"must be one of {', '.join(HTTP_AUTH_MODES)}, not {value!r}")
+    return v
+
+
+def _positive(value: str) -> float:
+    v = float(value)
+    if not v > 0:
+        raise ValueError(f"must be > 0, not {value!r}")
     return v
 
 
@@ -129,6 +158,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("token_file", "file holding the bearer token", metavar="PATH"),
     Flag("token", "bearer token (prefer --token-file)", metavar="TOKEN"),
     Flag("cors_allow_origin", "allowed CORS origin (repeatable)", str, "append", metavar="ORIGIN"),
+    Flag(
+        "http_auth",
+        "who may call the HTTP shim: auto (token if one is set, else client-cert if --tls-ca, else refuse "
+        "to start), client-cert, token, unauthenticated (explicit opt-in)",
+        _http_auth,
+        metavar="|".join(HTTP_AUTH_MODES),
+    ),
     Flag("forward_dns", "headless Service name whose A records are sibling replicas", metavar="NAME"),
     Flag("forward_peers", "static sibling list for session-ref forwarding", _csv, metavar="H:P[,H:P...]"),
     Flag("insecure", "allow starting with neither TLS nor a token", _bool, "bool"),
@@ -150,6 +186,21 @@ FLAGS: tuple[Flag, ...] = (
         metavar="SECS",
     ),
     Flag("http_max_body_bytes", "largest accepted HTTP request body", int, metavar="BYTES"),
+    Flag(
+        "idle_timeout_secs",
+        "every listener: a connection's TLS (gRPC: and HTTP/2) handshake must end within it; HTTP: a "
+        "request's headers must arrive within it of connecting or of the previous answer, a body may stall "
+        "no longer, an idle connection closes after it",
+        _positive,
+        metavar="SECS",
+    ),
+    Flag(
+        "max_connections",
+        "connections open at once per listener (gRPC, HTTP shim, admin); more are closed at accept "
+        "(0: an eighth of the fd limit)",
+        int,
+        metavar="N",
+    ),
     Flag(
         "shutdown_grace_secs",
         "on SIGTERM, time until exit: the admit window, then in-flight calls finish (then cancelled)",

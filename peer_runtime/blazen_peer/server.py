@@ -23,6 +23,7 @@ from .hooks import ServerHooks, combine
 from .transport.fleet import fleet_methods
 from .transport.forwarding import SiblingForwarder, split_host_port
 from .transport.grpc_server import create_grpc_server, peer_methods
+from .transport.http_listener import GuardedSite, make_runner
 from .transport.http_shim import create_http_app
 from .wire.errors import PeerError
 from .wire.fleet import Description
@@ -197,14 +198,16 @@ class BlazenPeerServer:
                 self._http_service(),
                 middlewares=hooks.http_middlewares,
                 max_body_bytes=cfg.http_max_body_bytes,
+                body_stall_secs=cfg.idle_timeout_secs,
             )
             for setup in hooks.http_app_setup:
                 setup(app)
             ssl_ctx = hooks.http_ssl_context() if hooks.http_ssl_context else None
-            self.http_port = await self._start_app(app, cfg.http_addr, ssl_ctx)
+            self.http_port = await self._start_app(app, cfg.http_addr, ssl_ctx, "HTTP/JSON shim")
             log.info("HTTP/JSON shim listening on %s (port %s)", cfg.http_addr, self.http_port)
         if hooks.admin_app_factory is not None and cfg.admin_addr is not None:
-            self.admin_port = await self._start_app(hooks.admin_app_factory(self), cfg.admin_addr, None)
+            admin = hooks.admin_app_factory(self)
+            self.admin_port = await self._start_app(admin, cfg.admin_addr, None, "admin")
             self._admin_runner = self._runners.pop()
 
         self._sweeper = asyncio.ensure_future(self._sweep_refs())
@@ -245,11 +248,20 @@ class BlazenPeerServer:
         in_flight = self.runtime.limiter.in_use if self.runtime is not None else 0
         return Description(self.node_id, steps, workflows, in_flight, self._ready)
 
-    async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any) -> int:
+    async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any, name: str) -> int:
+        cfg = self.config
         host, port = split_host_port(addr)
-        runner = web.AppRunner(app, access_log=None)
+        runner = make_runner(app, idle_timeout=cfg.idle_timeout_secs)
         await runner.setup()
-        site = web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_port=False)
+        site = GuardedSite(
+            runner,
+            host or None,
+            port,
+            ssl_context=ssl_ctx,
+            max_connections=cfg.connection_cap(),
+            handshake_timeout=cfg.idle_timeout_secs,
+            name=name,
+        )
         await site.start()
         self._runners.append(runner)
         addresses = runner.addresses

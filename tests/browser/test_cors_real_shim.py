@@ -1,6 +1,11 @@
-"""Headless Chromium against the REAL shim: a ``BlazenPeerServer`` (security installed, token required,
+"""Headless Chromium against the REAL shim: a ``BlazenPeerServer`` (security installed,
 ``--cors-allow-origin``) serving the example ``examples::echo`` step. A page on another localhost port
-``fetch()``es it the way Blazen's WASM ``HttpPeerClient`` does."""
+``fetch()``es it with the request Blazen's WASM ``HttpPeerClient`` sends, plus the bearer token.
+
+The shim's auth is the explicit choice ``--http-auth token``: a browser app that calls the shim itself
+must hold the token and send it (the WASM ``HttpPeerClient`` cannot add headers, so it goes through a proxy
+that adds the token or presents a client certificate; docs/security.md). ``client-cert`` is the other
+choice, and is no use to a page without a certificate; ``unauthenticated`` is not what these tests need."""
 
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ async def _browse(chromium: str, entrypoint: str, *, allow_page_origin: bool, pa
         entrypoint=entrypoint,
         admin_addr=None,
         token=TOKEN,
+        http_auth="token",
         cors_allow_origin=(origin if allow_page_origin else "https://app.example.com",),
     )
     page[CFG]["url"] = f"http://127.0.0.1:{server.http_port}{ROUTE}"

@@ -112,3 +112,18 @@ def test_redacting_filter_for_other_handlers():
         log.propagate = True
     assert stream.getvalue().strip() == "token=[REDACTED] auth=Bearer [REDACTED]"
     assert redact("nothing secret here") == "nothing secret here"
+
+
+def test_redaction_rewrites_secrets_not_prose():
+    key_pem = CA("prose-ca").issue().key_pem.decode()
+    prose = [
+        "missing bearer token (send 'authorization: Bearer <token>')",
+        "the bearer token is rotated; Bearer authentication failed",
+        "no '-----BEGIN PRIVATE KEY-----' block in /etc/blazen/tls/tls.key, see docs/security.md",
+    ]
+    for text in prose:
+        assert redact(text, [TOKEN]) == text
+    assert redact("auth: Bearer eyJhbGciOi.eyJzdWIi.c2ln and more") == "auth: Bearer [REDACTED] and more"
+    # A truncated key (no END line) is still hidden; the words after a complete block are kept.
+    assert key_pem.splitlines()[2] not in redact("partial " + key_pem[:300])
+    assert redact(f"key {key_pem} loaded from disk").endswith(" loaded from disk")

@@ -14,6 +14,8 @@ from blazen_peer.client import BlazenPeerClient, HttpPeerClient, PeerTransportEr
 from blazen_peer.config import FLAGS, parse_serve_args
 from blazen_peer.engine.registry import load_entrypoint
 from blazen_peer.event_loop import run_event_loop
+from blazen_peer.security.http_auth import resolve_http_auth
+from blazen_peer.wire.errors import PeerInsecureConfigError
 
 
 def test_flags_env_twins_and_precedence() -> None:
@@ -182,3 +184,43 @@ def test_event_loop_flag_and_the_loop_it_runs() -> None:
 
     assert run_event_loop(loop_module(), "uvloop").startswith("uvloop")
     assert run_event_loop(loop_module(), "asyncio").startswith("asyncio")
+
+
+def test_http_flags_parse_with_their_env_twins() -> None:
+    cfg = parse_serve_args([], {})
+    assert (cfg.http_auth, cfg.idle_timeout_secs, cfg.max_connections) == ("auto", 15.0, 0)
+    cfg = parse_serve_args(
+        ["--http-auth", "Client-Cert"],
+        {"BLAZEN_PEER_IDLE_TIMEOUT_SECS": "2.5", "BLAZEN_PEER_MAX_CONNECTIONS": "100"},
+    )
+    assert (cfg.http_auth, cfg.idle_timeout_secs, cfg.max_connections) == ("client-cert", 2.5, 100)
+    with pytest.raises(ValueError, match="--http-auth / BLAZEN_PEER_HTTP_AUTH: must be one of"):
+        parse_serve_args([], {"BLAZEN_PEER_HTTP_AUTH": "open"})
+    with pytest.raises(ValueError, match="--idle-timeout-secs"):
+        parse_serve_args(["--idle-timeout-secs", "0"], {})
+
+
+@pytest.mark.parametrize(
+    ("mode", "tls", "ca", "token", "expected"),
+    [
+        ("auto", True, True, False, ("client-cert", "required", False)),
+        ("auto", True, True, True, ("token", "optional", True)),
+        ("auto", True, False, True, ("token", "none", True)),
+        ("auto", False, False, True, ("token", "none", True)),
+        ("auto", False, False, False, ("unauthenticated", "none", False)),
+        ("client-cert", True, True, True, ("client-cert", "required", True)),
+        ("unauthenticated", True, True, True, ("unauthenticated", "none", False)),
+    ],
+)
+def test_http_auth_resolution(mode: str, tls: bool, ca: bool, token: bool, expected: tuple) -> None:
+    auth = resolve_http_auth(mode, tls=tls, ca=ca, token=token)
+    assert (auth.mode, auth.client_auth, auth.check_token) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "tls", "ca", "token"),
+    [("auto", True, False, False), ("client-cert", True, False, True), ("token", True, True, False)],
+)
+def test_http_auth_refusals_name_the_flag(mode: str, tls: bool, ca: bool, token: bool) -> None:
+    with pytest.raises(PeerInsecureConfigError, match="--http-auth"):
+        resolve_http_auth(mode, tls=tls, ca=ca, token=token)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 from blazen_peer.config import parse_serve_args
@@ -100,9 +102,38 @@ def test_rotated_secret_takes_effect_with_a_grace_window(tmp_path, caplog):
     assert "new-token" not in caplog.text
 
 
-def test_plain_file_rewrite(tmp_path):
+def test_plain_file_rewrite_is_taken_once_it_holds_still(tmp_path):
     f = tmp_path / "tok"
     f.write_text("a-token")
-    src = TokenSource(token_file=f, recheck_interval=0)
+    clock = Clock()
+    src = TokenSource(token_file=f, recheck_interval=0, settle=1.0, clock=clock)
     f.write_text("b-token-longer")
+    assert not src.check_bearer("Bearer b-token-longer")  # seen once: may still be mid-write
+    clock.t += 1.5
     assert src.check_bearer("Bearer b-token-longer")
+    assert src.rotation_count == 1
+
+
+def test_a_token_file_rewritten_in_place_never_yields_a_half_token(tmp_path):
+    """``echo new > token`` truncates, then writes: a check in between reads a prefix of the new token."""
+    f = tmp_path / "tok"
+    f.write_text("old-token-0123456789")
+    clock = Clock()
+    src = TokenSource(token_file=f, recheck_interval=0, settle=1.0, clock=clock)
+    new = "new-token-9876543210"
+    with open(f, "r+") as w:
+        w.truncate(0)
+        w.write(new[:8])
+        w.flush()
+        for _ in range(3):  # checks while the writer pauses (under the settle time in all)
+            clock.t += 0.3
+            assert not src.check_bearer("Bearer " + new[:8])
+            assert src.check_bearer("Bearer old-token-0123456789")
+        w.write(new[8:])
+        w.flush()
+        os.utime(f, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a distinct mtime even on coarse clocks
+    assert not src.check_bearer("Bearer " + new)  # the complete text, seen once
+    clock.t += 1.5
+    assert src.check_bearer("Bearer " + new)
+    assert not src.check_bearer("Bearer " + new[:8])
+    assert src.rotation_count == 1

@@ -36,8 +36,15 @@ __all__ = [
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("blazen_caller_node_id", default=None)
 _REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("blazen_request_id", default=None)
 
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
-_PEM_KEY = re.compile(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.DOTALL)
+# A credential after "Bearer": token68 characters with at least one that is not a letter (tokens are
+# random; "bearer token", "Bearer authentication" are prose and stay as written).
+_BEARER = re.compile(r"(?i)\b(bearer)\s+(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/-]+=*")
+# A private-key block: the BEGIN line, its base64 body (and PEM headers), the END line if the text has it.
+# A bare marker with no key material after it (an error message naming the format) is prose.
+_PEM_KEY = re.compile(
+    r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----"
+    r"(?:\s*[\w-]+:[^\n]*)*(?:\s*[A-Za-z0-9+/=]{16,})+\s*(?:-----END \1PRIVATE KEY-----)?"
+)
 REDACTED = "[REDACTED]"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 

@@ -90,12 +90,12 @@ class BlazenPeerClient:
         if token:
             metadata.append((AUTHORIZATION_METADATA, f"Bearer {token}"))
         try:
-            await asyncio.wait_for(channel.channel_ready(), connect_timeout)
-        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            reason = await asyncio.wait_for(_connect(channel), connect_timeout)
+        except TimeoutError:
+            reason = f"no connection within {connect_timeout:g} s"
+        if reason is not None:
             await channel.close()
-            raise PeerTransportError(
-                f"transport error: cannot connect to {endpoint}: {exc or 'timed out'}"
-            ) from None
+            raise PeerTransportError(f"transport error: cannot connect to {endpoint}: {reason}")
         return cls(channel, node_id, metadata)
 
     async def _call(self, method: Any, name: str, payload: bytes, deadline: float | None) -> bytes:
@@ -164,6 +164,31 @@ class BlazenPeerClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+_READY = grpc.ChannelConnectivity.READY
+_FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def _connect(channel: grpc.aio.Channel) -> str | None:
+    """None once the channel is ready; at its first failure (refused, unresolvable, TLS handshake) the
+    reason. ``channel_ready()`` would instead retry with backoff until the timeout and say nothing more."""
+    state = channel.get_state(try_to_connect=True)
+    while state not in (_READY, _FAILED, _SHUTDOWN):
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
+    if state == _READY:
+        return None
+    # The connectivity API carries no reason; a call that does not wait for the channel reports the
+    # transport's own (e.g. "Connection refused", "CERTIFICATE_VERIFY_FAILED").
+    try:
+        await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", wait_for_ready=False, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return exc.details() or exc.code().name
+    # The call got through, so the server is reachable after all (the failure was transient).
+    return None if channel.get_state() == _READY else "the channel is in TRANSIENT_FAILURE"
 
 
 def _unwrap(raw: bytes) -> bytes:

@@ -10,6 +10,9 @@ After a rotation the previous token is still accepted for ``rotation_grace`` sec
 the kubelet updates the Secret in each pod at its own moment (up to about a minute apart), so without
 that window siblings would reject each other's forwarded calls in between.
 
+A file rewritten in place is taken only once it has held still for ``settle`` seconds (default 1), so a
+read between a truncation and the write that follows never yields a half token.
+
 The per-call cost is one ``time.monotonic()``, a split and one or two ``compare_digest``; the file is
 stat()ed at most once per ``recheck_interval``. The token is never logged and never part of a message.
 """
@@ -55,6 +58,7 @@ class TokenSource:
         token_file: str | os.PathLike[str] | None = None,
         recheck_interval: float = 1.0,
         rotation_grace: float = 120.0,
+        settle: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if (token is None) == (token_file is None):
@@ -66,6 +70,9 @@ class TokenSource:
         self._lock = threading.Lock()
         self._next_check = clock() + recheck_interval
         self._sig: tuple | None = None
+        self._settle = settle
+        #: a changed file seen once: (signature, value, first seen); it becomes the token when it holds still.
+        self._pending: tuple[tuple, str, float] | None = None
         self.rotation_count = 0
         if self._file is not None:
             self._sig = _file_signature(self._file)
@@ -100,6 +107,7 @@ class TokenSource:
         with self._lock:
             sig = _file_signature(self._file)
             if sig == self._sig:
+                self._pending = None
                 return False
             value = self._read_file()
             if value is None:
@@ -107,6 +115,19 @@ class TokenSource:
                 # failing open is out of the question). Try again at the next check.
                 log.warning("token file %s is empty or unreadable; keeping the current token", self._file)
                 return False
+            # A file rewritten in place (same path and inode: truncate, then write) can be read half-way.
+            # Take its new value only once the file has held still, same signature and same text, for
+            # ``settle`` seconds, so a read between two writes never becomes the token. A new inode
+            # (kubelet's symlink swap, a rename over the file) was complete before it appeared.
+            if self._sig is not None and sig[:2] == self._sig[:2]:
+                now = self._clock()
+                pending = self._pending
+                if pending is None or pending[0] != sig or pending[1] != value:
+                    self._pending = (sig, value, now)
+                    return False
+                if now - pending[2] < self._settle:
+                    return False
+            self._pending = None
             self._sig = sig
             new = value.encode()
             current = self._state[0]

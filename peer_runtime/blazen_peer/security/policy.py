@@ -1,5 +1,5 @@
 """The security decisions taken from a ``PeerConfig``: which token source, which TLS material, whether the
-configuration may serve at all, and what the HTTPS shim asks of clients. The composition root
+configuration may serve at all, and who may call the HTTPS shim. The composition root
 (``blazen_peer.app``) applies them to the listeners."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import time
 from ..config import PeerConfig
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
 from .auth import TokenSource
-from .reload import ClientAuth, ReloadingTlsSource
+from .http_auth import HttpAuth, resolve_http_auth
+from .reload import ReloadingTlsSource
 
-__all__ = ["INSECURE_MESSAGE", "check_secure", "http_client_auth", "load_tls", "token_source"]
+__all__ = ["INSECURE_MESSAGE", "check_secure", "http_auth", "load_tls", "token_source"]
 
 log = logging.getLogger("blazen_peer.security")
 
@@ -74,7 +75,10 @@ def check_secure(cfg: PeerConfig, tls: ReloadingTlsSource | None, tokens: TokenS
         log.warning("TLS without --tls-ca: gRPC clients are not asked for a certificate")
 
 
-def http_client_auth(cfg: PeerConfig) -> ClientAuth:
-    """What the HTTPS shim asks of clients: a certificate is optional with ``--tls-ca``, not asked for
-    without."""
-    return "optional" if cfg.tls_ca else "none"
+def http_auth(cfg: PeerConfig, tls: ReloadingTlsSource | None, tokens: TokenSource | None) -> HttpAuth | None:
+    """Who may call the HTTP shim (``--http-auth``, ``security.http_auth``); None when it does not listen."""
+    if not cfg.http_addr:
+        return None
+    return resolve_http_auth(
+        cfg.http_auth, tls=tls is not None, ca=bool(cfg.tls_ca), token=tokens is not None
+    )

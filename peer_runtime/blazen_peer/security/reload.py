@@ -48,6 +48,7 @@ from cryptography import x509
 
 from ..wire.errors import PeerTlsError
 from .tls import TlsMaterial, cert_fingerprint, parse_ca_bundle, validate_tls_material
+from .tls_policy import TLS12_CIPHERS
 
 __all__ = ["ReloadingTlsSource", "build_server_ssl_context", "grpc_certificate_configuration"]
 
@@ -97,6 +98,7 @@ def build_server_ssl_context(material: TlsMaterial, client_auth: ClientAuth = "o
         raise PeerTlsError("a server SSL context needs a certificate and a private key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     _load_chain_from_memory(ctx, material.cert_chain_pem, material.private_key_pem)
     if material.ca_pem is not None and client_auth != "none":
         ctx.load_verify_locations(cadata=material.ca_pem.decode("ascii"))

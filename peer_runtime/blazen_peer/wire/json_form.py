@@ -33,6 +33,8 @@ def _byte_array(data: bytes) -> str:
 
 
 def _bytes_field(value: Any, name: str) -> bytes:
+    if isinstance(value, bytes):  # already converted (json_request.py's large-body path)
+        return value
     # Blazen's client also accepts a string for byte fields and takes its raw UTF-8; so do we.
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -71,7 +73,7 @@ def _uuid_text(value: Any, name: str) -> str:
         raise JsonFormError(f"invalid value for `{name}`: not a UUID") from None
 
 
-def loads(raw: bytes) -> Any:
+def loads(raw: bytes | bytearray) -> Any:
     """Parse a body; ``JsonFormError`` for anything that is not JSON, nesting too deep to parse included
     (``json`` recurses once per level and raises RecursionError near the interpreter's limit)."""
     try:
