@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from blazen_peer.client import BlazenPeerClient, PeerTransportError
+from blazen_peer.wire.protocol import ROUTE_INVOKE
 
-from tests.security.transport_peer import ROUTE_INVOKE, ShimPeer, invoke_body
+from tests.security.transport_peer import ShimPeer, invoke_body
 from tests.support.peers import TOKEN, client_ssl, spawn_peer, wait_ready
 from tests.support.pki import Pki
 from tests.support.ports import free_port

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from blazen_peer.wire.protocol import ROUTE_INVOKE
 
 from tests.security.transport_peer import (
-    ROUTE_INVOKE,
     ShimPeer,
     invoke_body,
     post_head,

@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from blazen_peer.client import BlazenPeerClient
+from blazen_peer.wire.protocol import ROUTE_INVOKE
 
-from tests.security.transport_peer import ROUTE_INVOKE, ShimPeer, invoke_body, post_head, raw_exchange
+from tests.security.transport_peer import ShimPeer, invoke_body, post_head, raw_exchange
 from tests.support.peers import http_get, metric
 from tests.support.pki import Pki
 

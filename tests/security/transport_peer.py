@@ -12,8 +12,6 @@ from typing import Any
 from tests.support.peers import STEP_MODULE, spawn_peer, wait_ready, write_steps
 from tests.support.ports import free_port
 
-ROUTE_INVOKE = "/v1/peer/invoke_sub_workflow"
-
 
 class ShimPeer:
     """``await ShimPeer.start(tmp, *flags)``: gRPC, HTTP shim and admin on loopback, ready."""
