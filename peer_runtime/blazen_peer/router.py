@@ -61,6 +61,7 @@ class BlazenRouterServer(BlazenPeerServer):
             metadata=hooks.forward_metadata,
             options=options,
             refresh_secs=self.config.pool_refresh_secs,
+            on_refresh=self._pools_refreshed,
         )
         self.router = Router(self.pools)
         assert self.runtime is not None
@@ -68,6 +69,13 @@ class BlazenRouterServer(BlazenPeerServer):
         # Routable from the first call: the listeners bind once every replica answered or failed.
         await self.pools.refresh()
         self.pools.start()
+
+    def _pools_refreshed(self, unready: list[str]) -> None:
+        # Not ready while a pool has no live replica: a Service in front of several routers then sends
+        # callers to one that can serve every pool.
+        assert self.runtime is not None
+        reason = f"pools without a live replica: {', '.join(unready)}" if unready else None
+        self.runtime.readiness.set_blocker(reason)
 
     def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
         assert self.router is not None

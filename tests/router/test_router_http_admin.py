@@ -72,5 +72,6 @@ async def test_peers_count_describe_calls_by_their_method_name(fleet: Fleet) -> 
     status, text = await http_get(f"http://127.0.0.1:{fleet.gpu[0].admin_port}/metrics")
     assert status == 200
     described = metric(text, "blazen_peer_calls_total", transport="grpc", method="Describe", code="OK")
-    assert described is not None and described >= 2
+    assert described is not None
+    assert described >= 2
     assert metric(text, "blazen_peer_calls_total", transport="grpc", method="other") is None
