@@ -24,6 +24,7 @@ from .routing.pools import PoolSet
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
 from .security.reload import ReloadingTlsSource
+from .security.tls import TlsMaterial
 from .server import BlazenPeerServer
 
 __all__ = ["BlazenRouterServer", "parse_pools"]
@@ -61,20 +62,23 @@ class BlazenRouterServer(BlazenPeerServer):
             def options() -> list[tuple[str, Any]]:
                 return [("grpc.ssl_target_name_override", name)]
 
+        metadata = hooks.forward_metadata
+        hop_tokens = pool_hop_tokens(self.config)
+        if hop_tokens is not None:
+            metadata = hop_tokens.metadata
+            self.runtime.outgoing_tokens.append(hop_tokens)
         credentials = hooks.forward_channel_credentials
         self._hop_tls = pool_hop_tls(self.config)
         if self._hop_tls is not None:
             credentials = self._hop_tls.grpc_channel_credentials
             self.runtime.metrics.track_tls(self._hop_tls, "pool-hop")
             loop = asyncio.get_running_loop()
-            # new channels with the new identity; calls running on the old ones finish there
-            self._hop_tls.add_listener(lambda _: loop.call_soon_threadsafe(self.reset_forwarding))
-            self._hop_tls.start()
-        metadata = hooks.forward_metadata
-        hop_tokens = pool_hop_tokens(self.config)
-        if hop_tokens is not None:
-            metadata = hop_tokens.metadata
-            self.runtime.outgoing_tokens.append(hop_tokens)
+
+            def on_reload(material: TlsMaterial) -> None:  # the polling thread
+                # new calls open channels with the new identity; running ones finish on the old channels
+                loop.call_soon_threadsafe(self.reset_forwarding)
+
+            self._hop_tls.add_listener(on_reload)
         self.pools = PoolSet(
             self.pool_addrs,
             credentials=credentials,
@@ -88,6 +92,8 @@ class BlazenRouterServer(BlazenPeerServer):
         # Routable from the first call: the listeners bind once every replica answered or failed.
         await self.pools.refresh()
         self.pools.start()
+        if self._hop_tls is not None:
+            self._hop_tls.start()
 
     def _pools_refreshed(self, unready: list[str]) -> None:
         # Not ready while a pool has no live replica: a Service in front of several routers then sends
