@@ -24,7 +24,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from aiohttp import web
 
 from .admin.app import make_admin_app
@@ -61,10 +60,13 @@ class PeerRuntime:
     hooks: ServerHooks = field(default_factory=ServerHooks)
     #: the DNS name forwarding asks siblings' certificates for (the first DNS SAN of ours).
     forward_server_name: str | None = None
+    #: further tokens the server sends (a router's ``--pool-token-file``), hidden from the logs as well.
+    outgoing_tokens: list[TokenSource] = field(default_factory=list)
 
     def secrets(self) -> list[str]:
         """Values the log redaction hides (the bearer tokens)."""
-        return self.tokens.secrets() if self.tokens is not None else []
+        sources = [self.tokens, *self.outgoing_tokens] if self.tokens is not None else self.outgoing_tokens
+        return [s for t in sources for s in t.secrets()]
 
 
 def compose(server: BlazenPeerServer) -> PeerRuntime:
@@ -148,15 +150,11 @@ def _wire_tls(
     rt.metrics.track_tls(tls, "peer")
     rt.forward_server_name = first_dns_name(tls.material.cert_chain_pem)
 
-    def forward_credentials() -> grpc.ChannelCredentials:
-        m = tls.material
-        return grpc.ssl_channel_credentials(m.ca_pem, m.private_key_pem, m.cert_chain_pem)
-
     def forward_options() -> list[tuple[str, Any]]:
         name = rt.forward_server_name
         return [("grpc.ssl_target_name_override", name)] if name else []
 
-    hooks.forward_channel_credentials = forward_credentials
+    hooks.forward_channel_credentials = tls.grpc_channel_credentials
     hooks.forward_channel_options = forward_options
     loop = asyncio.get_running_loop()
 

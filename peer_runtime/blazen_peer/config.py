@@ -59,6 +59,10 @@ class PeerConfig:
     pool: tuple[str, ...] = ()
     pool_refresh_secs: float = 10.0
     pool_server_name: str | None = None
+    pool_tls_cert: str | None = None
+    pool_tls_key: str | None = None
+    pool_tls_ca: str | None = None
+    pool_token_file: str | None = None
 
     def connection_cap(self) -> int:
         """``--max-connections``, else an eighth of the soft fd limit: four listeners at their caps still
@@ -248,6 +252,18 @@ ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
         "the name the pools' certificates are checked against (default: our own certificate's first DNS "
         "name, as for session-ref forwarding)",
         metavar="NAME",
+    ),
+    Flag(
+        "pool_tls_cert",
+        "PEM client certificate for the hop to the pools (default: --tls-cert)",
+        metavar="PATH",
+    ),
+    Flag("pool_tls_key", "PEM private key of --pool-tls-cert (default: --tls-key)", metavar="PATH"),
+    Flag("pool_tls_ca", "PEM CA bundle the pools' certificates chain to (default: --tls-ca)", metavar="PATH"),
+    Flag(
+        "pool_token_file",
+        "file holding the bearer token sent to the pools (default: the router's own token)",
+        metavar="PATH",
     ),
 )
 #: ``blazen-peer serve``'s flags a router has no use for (it runs no steps and holds no refs).

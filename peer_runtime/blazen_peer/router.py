@@ -4,12 +4,14 @@ The same server as a peer - the composition root builds its TLS (hot reload), to
 limits, health, metrics, drain and logging from the same ``PeerConfig`` - with other methods behind the
 listeners: the BlazenPeer calls are forwarded to the pools (``routing.forward``) instead of run here. It
 runs no user code and holds no session refs (its ref store stays empty, so its drain never waits for
-any). The hop to the pools uses the session-ref forwarding credentials: the router's own certificate as
-client identity with its CA, and its token.
+any). The hop to the pools uses the session-ref forwarding credentials (the router's own certificate as
+client identity with its CA, and its token) unless ``--pool-tls-*`` / ``--pool-token-file`` give it its
+own, which follow their files like the serving ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -20,6 +22,9 @@ from .hooks import ServerHooks
 from .routing.forward import Router, RouterService, router_methods
 from .routing.pools import PoolSet
 from .routing.table import parse_pool
+from .security.policy import pool_hop_tls, pool_hop_tokens
+from .security.reload import ReloadingTlsSource
+from .security.tls import TlsMaterial
 from .server import BlazenPeerServer
 
 __all__ = ["BlazenRouterServer", "parse_pools"]
@@ -46,8 +51,10 @@ class BlazenRouterServer(BlazenPeerServer):
         self.pool_addrs = parse_pools(self.config.pool)
         self.pools: PoolSet | None = None
         self.router: Router | None = None
+        self._hop_tls: ReloadingTlsSource | None = None
 
     async def _prepare(self, hooks: ServerHooks) -> None:
+        assert self.runtime is not None
         options = hooks.forward_channel_options
         name = self.config.pool_server_name
         if name:
@@ -55,19 +62,45 @@ class BlazenRouterServer(BlazenPeerServer):
             def options() -> list[tuple[str, Any]]:
                 return [("grpc.ssl_target_name_override", name)]
 
+        metadata = hooks.forward_metadata
+        hop_tokens = pool_hop_tokens(self.config)
+        if hop_tokens is not None:
+            metadata = hop_tokens.metadata
+            self.runtime.outgoing_tokens.append(hop_tokens)
+        credentials = hooks.forward_channel_credentials
+        self._hop_tls = pool_hop_tls(self.config)
+        if self._hop_tls is not None:
+            credentials = self._hop_tls.grpc_channel_credentials
+            self.runtime.metrics.track_tls(self._hop_tls, "pool-hop")
+            loop = asyncio.get_running_loop()
+
+            def on_reload(material: TlsMaterial) -> None:  # the polling thread
+                # new calls open channels with the new identity; running ones finish on the old channels
+                loop.call_soon_threadsafe(self.reset_forwarding)
+
+            self._hop_tls.add_listener(on_reload)
         self.pools = PoolSet(
             self.pool_addrs,
-            credentials=hooks.forward_channel_credentials,
-            metadata=hooks.forward_metadata,
+            credentials=credentials,
+            metadata=metadata,
             options=options,
             refresh_secs=self.config.pool_refresh_secs,
+            on_refresh=self._pools_refreshed,
         )
         self.router = Router(self.pools)
-        assert self.runtime is not None
         self.runtime.metrics.add_collector(self.pools.collect)
         # Routable from the first call: the listeners bind once every replica answered or failed.
         await self.pools.refresh()
         self.pools.start()
+        if self._hop_tls is not None:
+            self._hop_tls.start()
+
+    def _pools_refreshed(self, unready: list[str]) -> None:
+        # Not ready while a pool has no live replica: a Service in front of several routers then sends
+        # callers to one that can serve every pool.
+        assert self.runtime is not None
+        reason = f"pools without a live replica: {', '.join(unready)}" if unready else None
+        self.runtime.readiness.set_blocker(reason)
 
     def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
         assert self.router is not None
@@ -79,6 +112,8 @@ class BlazenRouterServer(BlazenPeerServer):
 
     async def _close(self) -> None:
         await super()._close()
+        if self._hop_tls is not None:
+            self._hop_tls.stop()
         if self.pools is not None:
             await self.pools.close()
 

@@ -64,3 +64,14 @@ async def test_info_shows_the_routing_table_and_metrics_count_per_replica(fleet:
     assert (
         metric(text, "blazen_peer_calls_total", transport="grpc", method="InvokeSubWorkflow", code="OK") == 10
     )
+
+
+async def test_peers_count_describe_calls_by_their_method_name(fleet: Fleet) -> None:
+    # the router described every replica once before it listened; a refresh now makes it at least twice
+    await fleet.router.pools.refresh()
+    status, text = await http_get(f"http://127.0.0.1:{fleet.gpu[0].admin_port}/metrics")
+    assert status == 200
+    described = metric(text, "blazen_peer_calls_total", transport="grpc", method="Describe", code="OK")
+    assert described is not None
+    assert described >= 2
+    assert metric(text, "blazen_peer_calls_total", transport="grpc", method="other") is None

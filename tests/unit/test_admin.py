@@ -35,6 +35,24 @@ def test_readiness_transitions_and_listeners():
     assert seen == [True, False]
 
 
+def test_readiness_blocker_holds_it_back_with_its_reason():
+    r = Readiness()
+    seen = []
+    r.add_listener(seen.append)
+    r.set_blocker("pools without a live replica: gpu")
+    assert (r.ready, r.reason) == (False, "starting")
+    r.set_ready()
+    assert (r.ready, r.reason) == (False, "pools without a live replica: gpu")
+    r.set_blocker(None)
+    assert (r.ready, r.reason) == (True, "ready")
+    r.set_blocker("pools without a live replica: cpu")
+    r.set_draining()
+    assert (r.ready, r.reason) == (False, "draining")
+    r.set_blocker(None)  # draining stays final
+    assert r.ready is False
+    assert seen == [True, False]
+
+
 async def test_admin_endpoints():
     ready = Readiness()
     metrics = PeerMetrics()

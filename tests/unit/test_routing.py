@@ -205,6 +205,14 @@ def test_route_flags_and_env_twins() -> None:
     cfg = config_from(parser.parse_args(["route"]), env, ROUTER_FLAGS)
     assert parse_pools(cfg.pool) == {"cpu": ["a:1", "b:2"], "gpu": ["c:3"]}
     assert cfg.entrypoint is None  # serve's flags about steps are not the router's
+    env = {"BLAZEN_PEER_POOL_TOKEN_FILE": "/hop/token", "BLAZEN_PEER_POOL_TLS_CA": "/hop/ca.crt"}
+    cfg = config_from(
+        parser.parse_args(["route", "--pool-tls-cert", "c", "--pool-tls-key", "k"]), env, ROUTER_FLAGS
+    )
+    assert (cfg.pool_tls_cert, cfg.pool_tls_key, cfg.pool_tls_ca) == ("c", "k", "/hop/ca.crt")
+    assert cfg.pool_token_file == "/hop/token"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--pool-token-file", "x"])  # the hop is the router's alone
     with pytest.raises(SystemExit):
         parser.parse_args(["route", "--entrypoint", "x"])
     assert {f.attr for f in ROUTER_FLAGS} <= PeerConfig.field_names()

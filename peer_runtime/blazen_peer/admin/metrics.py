@@ -3,8 +3,9 @@ never collide in the global registry).
 
 * ``blazen_peer_calls_total{transport,method,code}`` and ``blazen_peer_call_duration_seconds{transport,
   method}``: ``method`` is the RPC name (``InvokeSubWorkflow``, ``DerefSessionRef``,
-  ``ReleaseSessionRef``, ``StreamSubWorkflowEvents``) for both transports, ``other`` for anything else
-  (bounded cardinality); ``code`` is the gRPC status name, or the HTTP status for the shim.
+  ``ReleaseSessionRef``, ``StreamSubWorkflowEvents``) for both transports, ``Describe`` for the router's
+  ``blazen.fleet.v1.Fleet/Describe``, ``other`` for anything else (bounded cardinality); ``code`` is the
+  gRPC status name, or the HTTP status for the shim.
 * ``blazen_peer_in_flight_calls{transport,method}``.
 * ``blazen_peer_session_refs`` / ``blazen_peer_session_ref_bytes``: read from a callback at scrape time.
 * ``blazen_peer_tls_cert_not_after_seconds``, ``blazen_peer_tls_reloads_total``,
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from ..wire.protocol import RPC_NAMES
+from ..wire.protocol import METHOD_DESCRIBE, PATH_DESCRIBE, RPC_NAMES
 
 __all__ = ["CallStats", "PeerMetrics", "method_label"]
 
@@ -31,8 +32,12 @@ _BOUND_LABELS = tuple(floatToGoString(b) for b in _BUCKETS)
 CALL_LABELS = ["transport", "method", "code"]
 
 
+# Describe is not in RPC_NAMES: that map is also the set of calls the concurrency limit counts.
+_LABELS = {**RPC_NAMES, PATH_DESCRIBE: METHOD_DESCRIBE}
+
+
 def method_label(method: str) -> str:
-    return RPC_NAMES.get(method, "other")
+    return _LABELS.get(method, "other")
 
 
 class _CallbackCollector:

@@ -15,7 +15,17 @@ __all__ = ["Replica", "pick"]
 class Replica:
     """One peer of a pool, with the router's counters for it."""
 
-    __slots__ = ("addr", "calls", "description", "down_until", "errors", "in_flight", "pool", "retries")
+    __slots__ = (
+        "addr",
+        "calls",
+        "description",
+        "down_until",
+        "errors",
+        "in_flight",
+        "live",
+        "pool",
+        "retries",
+    )
 
     def __init__(self, pool: str, addr: str) -> None:
         self.pool = pool
@@ -27,6 +37,8 @@ class Replica:
         #: monotonic time before which the replica is avoided (refused a call, failed Describe, not ready)
         self.down_until = 0.0
         self.description: Description | None = None
+        #: its last Describe answered and said ready (what the router's own readiness counts)
+        self.live = False
 
     def up(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self.down_until

@@ -39,7 +39,9 @@ class PoolSet:
         options: Callable[[], list[tuple[str, Any]]] | None = None,
         refresh_secs: float = 10.0,
         describe_timeout: float = 5.0,
+        on_refresh: Callable[[list[str]], None] | None = None,
     ) -> None:
+        """``on_refresh(unready_pools)`` after every refresh, with the pools that have no live replica."""
         self.pools: dict[str, list[Replica]] = {
             name: [Replica(name, a) for a in addrs] for name, addrs in pools.items()
         }
@@ -49,6 +51,7 @@ class PoolSet:
         self._options = options
         self.refresh_secs = refresh_secs
         self.describe_timeout = describe_timeout
+        self._on_refresh = on_refresh
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Future[Any]] = set()
         self.table = RoutingTable()
@@ -96,8 +99,10 @@ class PoolSet:
                     "pool %s: replica %s did not describe itself: %s", replica.pool, replica.addr, detail
                 )
             replica.down_until = time.monotonic() + DOWN_SECS
+            replica.live = False
             return
         replica.description = desc
+        replica.live = desc.ready
         # A replica that is not ready (draining, starting) is avoided, not forgotten: its refs live on.
         replica.down_until = 0.0 if desc.ready else time.monotonic() + DOWN_SECS
 
@@ -115,6 +120,12 @@ class PoolSet:
             views.append(PoolView(name, steps, workflows))
         self.table = RoutingTable(views)
         self.refreshed_at = time.time()
+        if self._on_refresh is not None:
+            self._on_refresh(self.unready_pools())
+
+    def unready_pools(self) -> list[str]:
+        """The pools none of whose replicas answered its last Describe as ready."""
+        return [name for name, replicas in self.pools.items() if not any(r.live for r in replicas)]
 
     def refresh_soon(self) -> None:
         self._wake.set()
@@ -156,6 +167,7 @@ class PoolSet:
                         "addr": r.addr,
                         "node_id": r.description.node_id if r.description else None,
                         "up": r.up(now),
+                        "live": r.live,
                         "in_flight": r.in_flight,
                         "reported_in_flight": r.description.in_flight if r.description else None,
                         "calls": r.calls,
@@ -165,7 +177,12 @@ class PoolSet:
                     for r in replicas
                 ],
             }
-        return {"pools": pools, "routes": self.table.routes(), "refreshed_at": self.refreshed_at}
+        return {
+            "pools": pools,
+            "unready_pools": self.unready_pools(),
+            "routes": self.table.routes(),
+            "refreshed_at": self.refreshed_at,
+        }
 
     def collect(self) -> Iterator[Metric]:
         """Per pool and replica: calls in flight, calls, errors, retries, up (a ``PeerMetrics`` collector)."""

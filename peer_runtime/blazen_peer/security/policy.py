@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Literal
 
 from ..config import PeerConfig
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
@@ -14,7 +15,15 @@ from .auth import TokenSource
 from .http_auth import HttpAuth, resolve_http_auth
 from .reload import ReloadingTlsSource
 
-__all__ = ["INSECURE_MESSAGE", "check_secure", "http_auth", "load_tls", "token_source"]
+__all__ = [
+    "INSECURE_MESSAGE",
+    "check_secure",
+    "http_auth",
+    "load_tls",
+    "pool_hop_tls",
+    "pool_hop_tokens",
+    "token_source",
+]
 
 log = logging.getLogger("blazen_peer.security")
 
@@ -47,12 +56,39 @@ def load_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
         raise PeerTlsError("--tls-ca needs --tls-cert and --tls-key")
     if not cfg.tls_cert or not cfg.tls_key:
         return None
-    cert, key, ca = cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None
+    return _wait_for_tls(cfg, cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None, "server")
+
+
+def pool_hop_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
+    """A router's client identity and trust for the hop to its pools when any ``--pool-tls-*`` is given,
+    each defaulting to the router's own ``--tls-*``; None without them (the hop reuses the router's own
+    TLS, as session-ref forwarding does)."""
+    if not (cfg.pool_tls_cert or cfg.pool_tls_key or cfg.pool_tls_ca):
+        return None
+    if bool(cfg.pool_tls_cert) != bool(cfg.pool_tls_key):
+        raise PeerTlsError("--pool-tls-cert and --pool-tls-key go together")
+    cert, key = cfg.pool_tls_cert or cfg.tls_cert, cfg.pool_tls_key or cfg.tls_key
+    if not cert or not key:
+        raise PeerTlsError(
+            "--pool-tls-ca needs a client certificate: --pool-tls-cert/--pool-tls-key or --tls-cert/--tls-key"
+        )
+    return _wait_for_tls(cfg, cert, key, cfg.pool_tls_ca or cfg.tls_ca or None, "client")
+
+
+def pool_hop_tokens(cfg: PeerConfig) -> TokenSource | None:
+    """The token a router sends its pools when ``--pool-token-file`` is given (re-read when it changes);
+    None: it sends its own."""
+    return TokenSource(token_file=cfg.pool_token_file) if cfg.pool_token_file else None
+
+
+def _wait_for_tls(
+    cfg: PeerConfig, cert: str, key: str, ca: str | None, role: Literal["server", "client"]
+) -> ReloadingTlsSource:
     deadline = time.monotonic() + cfg.tls_wait_secs
     next_note = 0.0
     while True:
         try:
-            return ReloadingTlsSource(cert, key, ca)
+            return ReloadingTlsSource(cert, key, ca, role=role)
         except PeerTlsError:
             missing = [p for p in (cert, key, ca) if p and not os.path.exists(p)]
             now = time.monotonic()

@@ -25,6 +25,8 @@ Consumers:
   immutable per-generation context holding the current certificate and CA. New handshakes see the new
   set, established connections are untouched, and a removed root really stops being trusted
   (``load_verify_locations`` on a live context could only add roots).
+* grpcio channels (session-ref forwarding, a router's hop to its pools): ``grpc_channel_credentials()``
+  for each new channel; a listener reopens channels after a reload.
 * metrics: ``reload_count``, ``failure_count``, ``not_after_timestamp`` and ``add_listener(callback)``.
 """
 
@@ -381,6 +383,12 @@ class ReloadingTlsSource:
             fetcher,
             require_client_authentication=require_client_auth,
         )
+
+    def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials of the current set: its certificate as client identity, its CA as trust
+        (the system roots without one). A channel keeps them: open new channels after a reload."""
+        m = self._snap.material
+        return grpc.ssl_channel_credentials(m.ca_pem, m.private_key_pem, m.cert_chain_pem)
 
     def ssl_context(self, *, client_auth: ClientAuth = "optional") -> ssl.SSLContext:
         """A server ``SSLContext`` for aiohttp whose certificate and CA follow this source."""

@@ -24,7 +24,8 @@ PATH_RELEASE = f"/{SERVICE}/{METHOD_RELEASE}"
 #: our own internal service, on the same authenticated gRPC port: a router asks each peer what it serves
 #: (docs/router.md). Blazen's clients never see it.
 FLEET_SERVICE = "blazen.fleet.v1.Fleet"
-PATH_DESCRIBE = f"/{FLEET_SERVICE}/Describe"
+METHOD_DESCRIBE = "Describe"
+PATH_DESCRIBE = f"/{FLEET_SERVICE}/{METHOD_DESCRIBE}"
 
 #: how the admission's refusal over ``--max-concurrent-workflows`` begins (a router retries such a call on
 #: another replica: nothing ran).
