@@ -95,11 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = BlazenRouterServer(config=config)
         log.info("node %s routing to pools %s", config.node_id, ", ".join(config.pool))
     else:
-        try:
-            server = BlazenPeerServer(config=config)
-        except Exception as exc:  # the entrypoint's own import or registration failed
-            return _fail(f"cannot load --entrypoint {config.entrypoint}: {type(exc).__name__}: {exc}", 2)
-        log.info("node %s serving steps %s", config.node_id, ", ".join(server.served_step_ids) or "<none>")
+        server = BlazenPeerServer(config=config)
     holder.append(server)
     try:
         run_event_loop(_serve(server), config.event_loop)

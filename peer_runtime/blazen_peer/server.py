@@ -25,7 +25,7 @@ from .transport.forwarding import SiblingForwarder, split_host_port
 from .transport.grpc_server import create_grpc_server, peer_methods
 from .transport.http_listener import GuardedSite, make_runner
 from .transport.http_shim import create_http_app
-from .wire.errors import PeerError
+from .wire.errors import EntrypointError, PeerError
 from .wire.fleet import Description
 from .wire.protocol import ENVELOPE_VERSION
 
@@ -53,8 +53,8 @@ class BlazenPeerServer:
         self.config = cfg
         #: the caller's hooks (added to the runtime's at start, never modified).
         self.hooks = hooks or ServerHooks()
-        if cfg.entrypoint:
-            registry = load_entrypoint(cfg.entrypoint, registry)
+        #: where the entrypoint registers its steps (imported in ``start()``, once the admin port is up).
+        self._given_registry = registry
         self.registry = default_registry if registry is None else registry
         self.refs = SessionRefStore(
             max_count=cfg.ref_max_count, max_bytes=cfg.ref_max_bytes, parent_ttl_secs=cfg.ref_ttl_secs or None
@@ -143,6 +143,14 @@ class BlazenPeerServer:
         self._executor = StepExecutor(workers, slots=self.runtime.limiter)
         self.service.executor = self._executor
         await self._prepare(hooks)
+        # The admin port binds before the user's code is imported: a model load that takes minutes reads as
+        # alive and "starting" (/healthz 200, /readyz 503) to the kubelet, not as a dead container.
+        if hooks.admin_app_factory is not None and cfg.admin_addr is not None:
+            admin = hooks.admin_app_factory(self)
+            self.admin_port = await self._start_app(admin, cfg.admin_addr, None, "admin")
+            self._admin_runner = self._runners.pop()
+        if cfg.entrypoint:
+            await self._load_entrypoint(cfg.entrypoint)
 
         age = cfg.grpc_max_connection_age_secs
         server = create_grpc_server(
@@ -205,15 +213,23 @@ class BlazenPeerServer:
             ssl_ctx = hooks.http_ssl_context() if hooks.http_ssl_context else None
             self.http_port = await self._start_app(app, cfg.http_addr, ssl_ctx, "HTTP/JSON shim")
             log.info("HTTP/JSON shim listening on %s (port %s)", cfg.http_addr, self.http_port)
-        if hooks.admin_app_factory is not None and cfg.admin_addr is not None:
-            admin = hooks.admin_app_factory(self)
-            self.admin_port = await self._start_app(admin, cfg.admin_addr, None, "admin")
-            self._admin_runner = self._runners.pop()
 
         self._sweeper = asyncio.ensure_future(self._sweep_refs())
         self._ready = True
         for cb in hooks.on_ready:
             await _maybe_await(cb(self))
+
+    async def _load_entrypoint(self, entrypoint: str) -> None:
+        """Import the user's steps in a worker thread, so the admin port keeps answering while a slow import
+        (model weights, CUDA initialisation) runs."""
+        try:
+            registry = await asyncio.to_thread(load_entrypoint, entrypoint, self._given_registry)
+        except Exception as exc:  # the entrypoint's own import or registration failed
+            raise EntrypointError(
+                f"cannot load --entrypoint {entrypoint}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.registry = self.service.registry = registry
+        log.info("node %s serving steps %s", self.node_id, ", ".join(self.served_step_ids) or "<none>")
 
     # -- what a second server kind (blazen_peer.router) replaces ----------
 

@@ -130,6 +130,8 @@ def test_progress_deadline_covers_the_startup_budget():
     slow = peer(probes={"startupBudgetSeconds": 1800})
     assert workload.deployment(slow)["spec"]["progressDeadlineSeconds"] == 2100
     assert container(slow)["startupProbe"]["failureThreshold"] * 2 == 1800
+    # The admin port is up during the entrypoint's import (/healthz 200): only /readyz ends the start.
+    assert container(slow)["startupProbe"]["httpGet"]["path"] == "/readyz"
 
 
 # ------------------------------------------------------------ GPU-ready pod shape

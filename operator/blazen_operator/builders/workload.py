@@ -154,8 +154,10 @@ def probes(p: Peer) -> dict[str, Any]:
     pr = p.spec.probes
     startup_failures = -(-pr.startup_budget_seconds // STARTUP_PROBE_PERIOD)
     return {
+        # /readyz, not /healthz: the admin port answers while the entrypoint is still imported, so only
+        # readiness tells a finished model load from one still running (or hung) - the budget bounds that.
         "startupProbe": _probe(
-            "/healthz", period=STARTUP_PROBE_PERIOD, failures=startup_failures, timeout=pr.timeout_seconds
+            "/readyz", period=STARTUP_PROBE_PERIOD, failures=startup_failures, timeout=pr.timeout_seconds
         ),
         "livenessProbe": _probe(
             "/healthz",

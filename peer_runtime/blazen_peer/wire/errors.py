@@ -13,6 +13,7 @@ import enum
 
 __all__ = [
     "DrainingError",
+    "EntrypointError",
     "PeerAuthConfigError",
     "PeerError",
     "PeerInsecureConfigError",
@@ -86,6 +87,10 @@ class PeerTlsError(PeerError):
 
 class PeerAuthConfigError(PeerError):
     """The bearer-token configuration is unusable (unreadable or empty token file at start)."""
+
+
+class EntrypointError(PeerError):
+    """The ``--entrypoint`` module could not be imported, or its registration failed."""
 
 
 class PeerInsecureConfigError(PeerError):
