@@ -660,9 +660,9 @@ async def test_session_ref_forwarding_over_mtls_with_token(make_peer, tmp_path: 
     # A's certificate rotates: the forwarding channels are rebuilt and forwarding keeps working.
     dirs["a"].write(secret_files(ca.issue("peer-a2", dns=("peers.fleet.svc",), ips=()), ca))
     forwarder = a._forwarder
-    old_channels = dict(forwarder._channels)
+    old_channels = forwarder.channels.open_channels
     assert a.runtime.tls.check_now()
-    await _until(lambda: forwarder._channels != old_channels or not forwarder._channels)
+    await _until(lambda: forwarder.channels.open_channels != old_channels)
     code, body = await call(a.grpc_port, wrap(DerefRequest(ref).encode()), DEREF)
     assert code == grpc.StatusCode.OK
     assert DerefResponse.decode(body).payload == b"held by b"

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..transport.channels import ChannelPool
 from ..wire.envelope import unwrap
 from ..wire.fleet import Description, DescriptionError
 from ..wire.protocol import PATH_DESCRIBE
@@ -46,14 +47,11 @@ class PoolSet:
             name: [Replica(name, a) for a in addrs] for name, addrs in pools.items()
         }
         self.replicas = [r for rs in self.pools.values() for r in rs]
-        self._credentials = credentials
         self._metadata = metadata
-        self._options = options
+        self.channels = ChannelPool(credentials=credentials, options=options)
         self.refresh_secs = refresh_secs
         self.describe_timeout = describe_timeout
         self._on_refresh = on_refresh
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closing: set[asyncio.Future[Any]] = set()
         self.table = RoutingTable()
         self.refreshed_at: float | None = None
         self._wake = asyncio.Event()
@@ -61,30 +59,15 @@ class PoolSet:
 
     # -- channels ----------
     def channel(self, addr: str) -> grpc.aio.Channel:
-        ch = self._channels.get(addr)
-        if ch is None:
-            creds = self._credentials() if self._credentials is not None else None
-            opts = self._options() if self._options is not None else None
-            ch = (
-                grpc.aio.secure_channel(addr, creds, options=opts)
-                if creds is not None
-                else grpc.aio.insecure_channel(addr, options=opts)
-            )
-            self._channels[addr] = ch
-        return ch
+        return self.channels.get(addr)
 
     def metadata(self) -> list[tuple[str, str]]:
         """What every call to a pool carries (the token)."""
         return self._metadata() if self._metadata is not None else []
 
-    def reset_channels(self, grace: float = 30.0) -> None:
-        """New calls open new channels (a reloaded client certificate); the old ones close once their calls
-        had ``grace`` seconds. Call on the event loop."""
-        old, self._channels = self._channels, {}
-        for ch in old.values():
-            task = asyncio.ensure_future(ch.close(grace=grace))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+    def reset_channels(self) -> None:
+        """New calls open new channels (a reloaded client certificate). Call on the event loop."""
+        self.channels.reset()
 
     # -- descriptions ----------
     async def _describe(self, replica: Replica) -> None:
@@ -148,9 +131,7 @@ class PoolSet:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self.channels.close()
 
     # -- observability ----------
     def info(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import grpc
 from ..wire.envelope import unwrap, wrap
 from ..wire.messages import DerefRequest, DerefResponse, ReleaseRequest, ReleaseResponse
 from ..wire.protocol import FORWARDED_METADATA, PATH_DEREF, PATH_RELEASE
+from .channels import ChannelPool
 
 log = logging.getLogger("blazen_peer.forwarding")
 
@@ -61,12 +62,10 @@ class SiblingForwarder:
         self.dns_name = dns_name
         self.own_ports = set(own_ports)
         self.dns_port = dns_port
-        self._credentials = credentials
         self._metadata = metadata
-        self._options = options
         self.timeout_secs = timeout_secs
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closing: set[asyncio.Future] = set()
+        # A reload lets forwarding calls in flight finish within their own timeout.
+        self.channels = ChannelPool(credentials=credentials, options=options, grace=timeout_secs)
         self._local = local_addresses()
 
     def _is_self(self, host: str, port: int) -> bool:
@@ -91,34 +90,16 @@ class SiblingForwarder:
                 seen.append(addr)
         return seen
 
-    def _channel(self, addr: str) -> grpc.aio.Channel:
-        ch = self._channels.get(addr)
-        if ch is None:
-            creds = self._credentials() if self._credentials is not None else None
-            opts = self._options() if self._options is not None else None
-            ch = (
-                grpc.aio.secure_channel(addr, creds, options=opts)
-                if creds is not None
-                else grpc.aio.insecure_channel(addr, options=opts)
-            )
-            self._channels[addr] = ch
-        return ch
-
     def reset_channels(self) -> None:
-        """New calls open new channels (e.g. with a reloaded client certificate); the old channels close
-        once their calls had ``timeout_secs`` to finish. Call on the event loop."""
-        old, self._channels = self._channels, {}
-        for ch in old.values():
-            task = asyncio.ensure_future(ch.close(grace=self.timeout_secs))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        """New calls open new channels (e.g. with a reloaded client certificate). Call on the event loop."""
+        self.channels.reset()
 
     async def _call(self, addr: str, method: str, payload: bytes) -> bytes | None:
         """``method``: the full gRPC path."""
         md = [(FORWARDED_METADATA, "1")]
         if self._metadata is not None:
             md.extend(self._metadata())
-        call = self._channel(addr).unary_unary(method)
+        call = self.channels.get(addr).unary_unary(method)
         try:
             return unwrap(await call(wrap(payload), metadata=md, timeout=self.timeout_secs))
         except grpc.aio.AioRpcError as exc:
@@ -161,6 +142,4 @@ class SiblingForwarder:
         return bool(await self._first(PATH_RELEASE, ReleaseRequest(ref_uuid).encode(), accept))
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
+        await self.channels.close()

@@ -1,0 +1,62 @@
+"""``ChannelPool``: one long-lived gRPC channel per address, built with the caller's current credentials and
+options, replaced as a whole after a credential reload. Session-ref forwarding and the router's hop to its
+pools both reuse it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+__all__ = ["ChannelPool"]
+
+
+class ChannelPool:
+    def __init__(
+        self,
+        *,
+        credentials: Callable[[], grpc.ChannelCredentials | None] | None = None,
+        options: Callable[[], list[tuple[str, Any]]] | None = None,
+        grace: float = 30.0,
+    ) -> None:
+        """``credentials()``/``options()`` are read when a channel opens, so a reload reaches new channels;
+        ``None`` credentials mean plaintext. ``grace``: how long calls on replaced channels may run on."""
+        self._credentials = credentials
+        self._options = options
+        self.grace = grace
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Future[Any]] = set()
+
+    @property
+    def open_channels(self) -> dict[str, grpc.aio.Channel]:
+        """The channels new calls use, by address (a copy)."""
+        return dict(self._channels)
+
+    def get(self, addr: str) -> grpc.aio.Channel:
+        ch = self._channels.get(addr)
+        if ch is None:
+            creds = self._credentials() if self._credentials is not None else None
+            opts = self._options() if self._options is not None else None
+            ch = (
+                grpc.aio.secure_channel(addr, creds, options=opts)
+                if creds is not None
+                else grpc.aio.insecure_channel(addr, options=opts)
+            )
+            self._channels[addr] = ch
+        return ch
+
+    def reset(self) -> None:
+        """New calls open new channels (after a client certificate reload); the old ones close once their
+        calls had ``grace`` seconds. Call on the event loop."""
+        old, self._channels = self._channels, {}
+        for ch in old.values():
+            task = asyncio.ensure_future(ch.close(grace=self.grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        old, self._channels = self._channels, {}
+        for ch in old.values():
+            await ch.close()
