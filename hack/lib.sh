@@ -15,12 +15,3 @@ export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
 export CGO_ENABLED="${CGO_ENABLED:-0}"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-# Runs "$@" only if the stamp file is absent; writes the stamp after success.
-once() {
-  local stamp="$1"; shift
-  if [[ -f "$stamp" ]]; then return 0; fi
-  "$@"
-  mkdir -p "$(dirname "$stamp")"
-  date -u +%FT%TZ > "$stamp"
-}
