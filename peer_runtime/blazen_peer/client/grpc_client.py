@@ -80,8 +80,12 @@ class BlazenPeerClient:
         self._retiring: dict[grpc.aio.Channel, asyncio.Future[Any]] = {}
         if tls_source is not None and reopen is not None:
             loop = asyncio.get_running_loop()
-            # The source polls its files in a thread; the channel is swapped on the event loop.
-            tls_source.add_listener(lambda _m: loop.call_soon_threadsafe(self._reopen, reopen))
+
+            def on_reload(_material: object) -> None:
+                # The source polls its files in a thread; the channel is swapped on the event loop.
+                loop.call_soon_threadsafe(self._reopen, reopen)
+
+            tls_source.add_listener(on_reload)
             tls_source.start()
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
