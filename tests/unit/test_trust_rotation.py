@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from blazen_peer import BlazenPeerServer
-from blazen_peer.client import BlazenPeerClient, PeerTransportError
+from blazen_peer.client import BlazenPeerClient, PeerTlsError, PeerTransportError
 
 from tests.support.peers import STEP_MODULE, TOKEN, start_peer, write_steps
-from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files
+from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files, write_pem_files
 
 DEADLINE = 20.0  # "must not hang" bound on a reload that is polled every second
 
@@ -188,3 +188,26 @@ async def test_a_long_lived_client_follows_a_full_ca_rotation_with_zero_failed_c
     assert tls.material.ca_pem == new_ca.cert_pem
     # The control proves the phases were met by new handshakes: the certificate it connected with is refused.
     assert counts["control_failed"] > 0
+
+
+async def test_a_client_refuses_a_broken_renewal_and_keeps_calling(
+    make_peer: Callable[..., Awaitable[BlazenPeerServer]], tmp_path: Path
+) -> None:
+    ca = CA("client-files")
+    server = await make_peer(_secret(tmp_path / "server", ca.issue("peer-0"), ca.cert_pem))
+    url = f"https://127.0.0.1:{server.grpc_port}"
+    crt, key, cab = write_pem_files(tmp_path / "caller", ca.issue("caller", server=False), ca)
+    with pytest.raises(PeerTlsError, match="not both"):
+        await BlazenPeerClient.connect(url, "c", tls_files=(crt, key, cab), root_certificates=ca.cert_pem)
+    with pytest.raises(PeerTlsError, match="does not match"):  # validated at connect, like the server
+        await BlazenPeerClient.connect(
+            url, "c", tls_files=(crt, write_pem_files(tmp_path / "x", ca.issue("x"), ca)[1], cab)
+        )
+    async with await BlazenPeerClient.connect(
+        url, "caller", tls_files=(crt, key, cab), token=TOKEN
+    ) as client:
+        await _echo(client, 1)
+        crt.write_bytes(ca.issue("caller-2", server=False).cert_pem)  # the key is not rewritten: mismatch
+        await asyncio.sleep(1.5)  # more than one poll
+        assert client.tls_generation == 1
+        await _echo(client, 2)
