@@ -33,11 +33,11 @@ from .admin.metrics import PeerMetrics
 from .admin.readiness import Readiness
 from .admission import Admission, ConcurrencyLimiter
 from .hooks import ServerHooks
+from .pki.reload import ClientAuth, ReloadingTlsSource
+from .pki.tls import TlsMaterial, first_dns_name
 from .security.auth import TokenSource
 from .security.cors import make_cors_middleware
 from .security.policy import check_secure, http_auth, load_tls, token_source
-from .security.reload import ClientAuth, ReloadingTlsSource
-from .security.tls import TlsMaterial, first_dns_name
 
 if TYPE_CHECKING:
     from .server import BlazenPeerServer

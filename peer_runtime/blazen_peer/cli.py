@@ -15,7 +15,7 @@ from .admin.logs import configure_json_logging
 from .config import ROUTER_FLAGS, add_flags, config_from
 from .engine.watchdog import LoopWatchdog
 from .event_loop import run_event_loop
-from .security.tls_policy import pin_grpc_environment
+from .pki.tls_policy import pin_grpc_environment
 from .wire.errors import PeerError
 
 if TYPE_CHECKING:

@@ -19,12 +19,12 @@ import grpc
 from .config import PeerConfig
 from .engine.registry import StepRegistry
 from .hooks import ServerHooks
+from .pki.reload import ReloadingTlsSource
+from .pki.tls import TlsMaterial
 from .routing.forward import Router, RouterService, router_methods
 from .routing.pools import PoolSet
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
-from .security.reload import ReloadingTlsSource
-from .security.tls import TlsMaterial
 from .server import BlazenPeerServer
 
 __all__ = ["BlazenRouterServer", "parse_pools"]

@@ -13,7 +13,7 @@ from blazen_peer.admin.health import (
 )
 from blazen_peer.admin.metrics import PeerMetrics, method_label
 from blazen_peer.admin.readiness import Readiness
-from blazen_peer.security.reload import ReloadingTlsSource
+from blazen_peer.pki.reload import ReloadingTlsSource
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import socket
 import ssl
@@ -14,7 +13,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
-from blazen_peer.security.reload import ReloadingTlsSource
+from blazen_peer.pki.reload import ReloadingTlsSource
 from blazen_peer.wire.errors import PeerTlsError
 from cryptography import x509
 
@@ -115,7 +114,7 @@ def test_half_written_or_mismatched_set_keeps_the_old_one(secret, ca, caplog):
     new = ca.issue("peer", serial=1003)
     files = secret_files(new, ca)
     half = dict(files, **{"tls.crt": files["tls.crt"][:100]})
-    caplog.set_level(logging.WARNING, logger="blazen_peer.security.reload")
+    caplog.set_level(logging.WARNING, logger="blazen_peer.pki.reload")
     secret.write(half)
     for _ in range(3):
         assert src.check_now() is False
@@ -151,37 +150,30 @@ def test_plain_file_rewrite_in_place(tmp_path, ca):
     assert src.material.serial == 6
 
 
-def test_ca_rotation_keeps_the_old_root_for_the_overlap_window(secret, ca):
-    now = [time.time()]
-    src = _source(secret, ca_overlap=dt.timedelta(hours=1), clock=lambda: now[0])
+def test_trusted_roots_are_exactly_the_bundle(secret, ca):
+    src = _source(secret)
     new_ca = CA("reload-root-2")
-    # cert-manager rotated the CA: ca.crt changes, the leaf (signed by the old CA) is not re-issued.
-    leaf_old = x509.load_pem_x509_certificate(secret.path("tls.crt").read_bytes())
-    secret.write(
-        {
-            "tls.crt": secret.path("tls.crt").read_bytes(),
-            "tls.key": secret.path("tls.key").read_bytes(),
-            "ca.crt": new_ca.cert_pem,
-        }
-    )
+    cert, key = secret.path("tls.crt").read_bytes(), secret.path("tls.key").read_bytes()
+    # A rotation begins: the bundle carries old + new, the leaf (signed by the old CA) is not re-issued yet.
+    secret.write({"tls.crt": cert, "tls.key": key, "ca.crt": ca.cert_pem + new_ca.cert_pem})
     assert src.check_now() is True
-    assert src.material.serial == leaf_old.serial_number
-    assert new_ca.cert_pem in src.material.ca_pem
-    assert ca.cert_pem in src.material.ca_pem
-    # The leaf is re-issued by the new CA later; the old root is still trusted.
-    secret.write(secret_files(new_ca.issue("peer", serial=2002), new_ca))
+    assert src.material.ca_pem == ca.cert_pem + new_ca.cert_pem
+    # The leaf is re-issued by the new CA; the bundle still holds both roots, so both stay trusted.
+    leaf = new_ca.issue("peer", serial=2002)
+    secret.write({"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem, "ca.crt": ca.cert_pem + new_ca.cert_pem})
     assert src.check_now() is True
-    assert ca.cert_pem in src.material.ca_pem
-    # After the overlap window, the old root is dropped without any file change.
-    now[0] += 3601
+    assert src.material.ca_pem == ca.cert_pem + new_ca.cert_pem
+    # The old root leaves the bundle: it is no longer trusted, at this reload, whatever time it is.
+    secret.write(secret_files(leaf, new_ca))
     assert src.check_now() is True
-    assert ca.cert_pem not in src.material.ca_pem
-    assert new_ca.cert_pem in src.material.ca_pem
-    assert src.reload_count == 2  # the overlap expiry is a trust update, not a certificate reload
+    assert src.material.ca_pem == new_ca.cert_pem
+    # Nothing keeps a root alive behind the bundle's back: polling again changes nothing.
+    assert src.check_now() is False
+    assert src.reload_count == 3
 
 
-def test_without_overlap_a_leaf_of_the_old_ca_is_refused(secret, ca):
-    src = _source(secret, ca_overlap=dt.timedelta(0))
+def test_a_bundle_without_the_leafs_root_is_refused(secret, ca):
+    src = _source(secret)
     new_ca = CA("reload-root-3")
     secret.write(
         {
@@ -371,7 +363,7 @@ async def test_aiohttp_https_follows_a_kubelet_swap(secret, ca):
 
 
 async def test_aiohttp_client_certificates_are_optional_but_verified(secret, ca):
-    src = _source(secret, ca_overlap=dt.timedelta(0)).start()
+    src = _source(secret).start()
     runner, port = await _https_server(src.ssl_context(client_auth="optional"))
     try:
         good = ca.issue("client", server=False)

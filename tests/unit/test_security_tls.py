@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from blazen_peer.security.tls import load_client_tls, load_server_tls, validate_tls_material
+from blazen_peer.pki.tls import load_client_tls, load_server_tls, validate_tls_material
 from blazen_peer.wire.errors import PeerError, PeerTlsError
 from cryptography.hazmat.primitives import serialization
 
@@ -177,22 +177,14 @@ def test_extended_key_usage_is_checked(tmp_path, ca):
         load_client_tls(cab, crt, key)
 
 
-def test_ca_bundle_with_several_roots_and_extra_anchors(tmp_path, ca):
+def test_ca_bundle_with_several_roots(tmp_path, ca):
     other = CA("root-b")
     leaf = other.issue()
     crt, key, cab = write_pem_files(tmp_path, leaf, ca.cert_pem + other.cert_pem)
     assert load_server_tls(crt, key, cab).serial == leaf.serial
-    # The previous root given as an extra anchor is trusted and appended to the bundle.
-    m = validate_tls_material(
-        cert_pem=leaf.cert_pem,
-        key_pem=leaf.key_pem,
-        ca_pem=ca.cert_pem,
-        role="server",
-        extra_anchors=[other.cert],
-    )
-    assert m.ca_pem is not None
-    assert ca.cert_pem in m.ca_pem
-    assert other.cert_pem in m.ca_pem
+    # The bundle is what is trusted: without root-b the same leaf is refused.
+    with pytest.raises(PeerTlsError):
+        validate_tls_material(cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, ca_pem=ca.cert_pem, role="server")
 
 
 def test_ca_bundle_must_hold_ca_certs(tmp_path, ca):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -30,7 +31,16 @@ from ..wire.protocol import (
     PATH_STREAM,
 )
 from ._common import build_request, check_response, normalize_uuid, tls_parts
-from .errors import PeerEncodeError, PeerTransportError, error_for_status
+from .errors import PeerEncodeError, PeerTlsError, PeerTransportError, error_for_status
+
+if TYPE_CHECKING:
+    from ..pki.reload import ReloadingTlsSource
+
+TlsFiles = (
+    str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str], str | os.PathLike[str]]
+)
+# How long calls already running on a channel replaced after a certificate reload may go on.
+RELOAD_GRACE_SECS = 30.0
 
 
 def _target(endpoint: str) -> tuple[str, bool]:
@@ -43,15 +53,61 @@ def _target(endpoint: str) -> tuple[str, bool]:
     return endpoint.rstrip("/"), False
 
 
+def _tls_source(files: TlsFiles) -> ReloadingTlsSource:
+    from ..pki.reload import ReloadingTlsSource  # cryptography only for callers that reload files
+
+    if isinstance(files, tuple):
+        cert, key, ca = files
+    else:  # a mounted Secret: the keys of a cert-manager TLS Secret
+        cert, key, ca = (os.path.join(files, name) for name in ("tls.crt", "tls.key", "ca.crt"))
+    return ReloadingTlsSource(cert, key, ca, role="client")
+
+
 class BlazenPeerClient:
-    def __init__(self, channel: grpc.aio.Channel, node_id: str, metadata: list[tuple[str, str]]) -> None:
-        self._channel = channel
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        node_id: str,
+        metadata: list[tuple[str, str]],
+        *,
+        reopen: Any = None,
+        tls_source: ReloadingTlsSource | None = None,
+    ) -> None:
         self.node_id = node_id
         self._metadata = tuple(metadata)
+        self._bind(channel)
+        self._tls_source = tls_source
+        self._retiring: dict[grpc.aio.Channel, asyncio.Future[Any]] = {}
+        if tls_source is not None and reopen is not None:
+            loop = asyncio.get_running_loop()
+
+            def on_reload(_material: object) -> None:
+                # The source polls its files in a thread; the channel is swapped on the event loop.
+                loop.call_soon_threadsafe(self._reopen, reopen)
+
+            tls_source.add_listener(on_reload)
+            tls_source.start()
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
         self._invoke = channel.unary_unary(PATH_INVOKE)
         self._stream = channel.unary_stream(PATH_STREAM)
         self._deref = channel.unary_unary(PATH_DEREF)
         self._release = channel.unary_unary(PATH_RELEASE)
+
+    def _reopen(self, open_channel: Any) -> None:
+        # A channel keeps the credentials it was built with: new calls go to a new channel carrying the
+        # reloaded certificate; calls running on the old one finish within the grace.
+        old = self._channel
+        self._bind(open_channel())
+        task = asyncio.ensure_future(old.close(grace=RELOAD_GRACE_SECS))
+        self._retiring[old] = task
+        task.add_done_callback(lambda _t: self._retiring.pop(old, None))
+
+    @property
+    def tls_generation(self) -> int | None:
+        """How many certificate sets the client has used (1 at connect), None without ``tls_files``."""
+        return self._tls_source.generation if self._tls_source is not None else None
 
     @classmethod
     async def connect(
@@ -63,14 +119,27 @@ class BlazenPeerClient:
         root_certificates: bytes | None = None,
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
+        tls_files: TlsFiles | None = None,
         token: str | None = None,
         server_name: str | None = None,
         connect_timeout: float = 10.0,
     ) -> BlazenPeerClient:
         """Connect eagerly (as Blazen's client does). ``endpoint``: ``http://H:P`` (plaintext) or ``https://H:P``
         (TLS; system roots unless ``tls``/``root_certificates`` say otherwise). ``token`` is sent as
-        ``authorization: Bearer <token>``; ``node_id`` as ``x-blazen-peer-node-id``."""
+        ``authorization: Bearer <token>``; ``node_id`` as ``x-blazen-peer-node-id``.
+
+        ``tls_files``: a directory holding ``tls.crt``, ``tls.key`` and ``ca.crt`` (a mounted client Secret)
+        or a ``(cert, key, ca)`` tuple of paths. They are validated now and followed afterwards as the server
+        follows its own (``blazen_peer.pki.reload``): when they change, new calls use a channel with the new
+        certificate and trust, calls in flight finish on the old one."""
         target, secure = _target(endpoint)
+        source = None
+        if tls_files is not None:
+            if tls is not None or root_certificates or certificate_chain or private_key:
+                raise PeerTlsError(
+                    "give either tls_files or PEM data (tls=, root_certificates=...), not both"
+                )
+            source = _tls_source(tls_files)
         parts = tls_parts(tls, root_certificates, certificate_chain, private_key)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -78,7 +147,15 @@ class BlazenPeerClient:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        if secure or parts is not None:
+        reopen = None
+        if source is not None:
+            tls_source = source
+
+            def reopen() -> grpc.aio.Channel:
+                return grpc.aio.secure_channel(target, tls_source.grpc_channel_credentials(), options=options)
+
+            channel = reopen()
+        elif secure or parts is not None:
             root, chain, key = parts if parts is not None else (None, None, None)
             creds = grpc.ssl_channel_credentials(
                 root_certificates=root, private_key=key, certificate_chain=chain
@@ -96,7 +173,7 @@ class BlazenPeerClient:
         if reason is not None:
             await channel.close()
             raise PeerTransportError(f"transport error: cannot connect to {endpoint}: {reason}")
-        return cls(channel, node_id, metadata)
+        return cls(channel, node_id, metadata, reopen=reopen, tls_source=source)
 
     async def _call(self, method: Any, name: str, payload: bytes, deadline: float | None) -> bytes:
         try:
@@ -157,7 +234,11 @@ class BlazenPeerClient:
         return _decode(ReleaseResponse.decode, raw).released
 
     async def close(self) -> None:
+        if self._tls_source is not None:
+            self._tls_source.stop()
         await self._channel.close()
+        for old in list(self._retiring):
+            await old.close()  # no grace left: the caller closes the client
 
     async def __aenter__(self) -> BlazenPeerClient:
         return self

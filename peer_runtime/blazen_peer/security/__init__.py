@@ -1,7 +1,7 @@
 """The security decisions of the peer runtime, one job per module (see docs/security.md): ``policy`` (what a
 ``PeerConfig`` asks for: token, TLS, secure by default, who may call the HTTPS shim), ``http_auth`` (the
-``--http-auth`` rule), ``tls`` (PEM validation), ``tls_policy`` (the TLS suites both listeners accept),
-``reload`` (certificates that follow a Secret volume), ``auth`` (the bearer token) and ``cors``. The
+``--http-auth`` rule), ``auth`` (the bearer token) and ``cors``; the TLS files themselves (PEM validation, TLS
+suites, certificates that follow a Secret volume) live in ``blazen_peer.pki``, which the client shares. The
 composition root (``blazen_peer.app``) applies them; the admission (``blazen_peer.admission``) checks the
 token per call.
 
@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "TlsMaterial": "tls",
-    "load_client_tls": "tls",
-    "load_server_tls": "tls",
-    "ReloadingTlsSource": "reload",
-    "TokenSource": "auth",
+    "TlsMaterial": "blazen_peer.pki.tls",
+    "load_client_tls": "blazen_peer.pki.tls",
+    "load_server_tls": "blazen_peer.pki.tls",
+    "ReloadingTlsSource": "blazen_peer.pki.reload",
+    "TokenSource": "blazen_peer.security.auth",
 }
 __all__ = sorted(_LAZY)
 
@@ -29,4 +29,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'blazen_peer.security' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return getattr(importlib.import_module(module), name)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..pki.reload import ClientAuth
 from ..wire.errors import PeerInsecureConfigError
-from .reload import ClientAuth
 
 __all__ = ["HttpAuth", "resolve_http_auth"]
 

@@ -10,10 +10,10 @@ import time
 from typing import Literal
 
 from ..config import PeerConfig
+from ..pki.reload import ReloadingTlsSource
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
 from .auth import TokenSource
 from .http_auth import HttpAuth, resolve_http_auth
-from .reload import ReloadingTlsSource
 
 __all__ = [
     "INSECURE_MESSAGE",

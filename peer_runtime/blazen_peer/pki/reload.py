@@ -8,11 +8,10 @@ three files, and when their content changed it validates the new set (``validate
 swapping it in. A half-written, mismatched or expired set is refused, logged once, and the previous set
 stays in use; the next poll tries again.
 
-**CA rotation overlap.** cert-manager's CA issuer changes ``ca.crt`` the moment the CA rotates and does
-not re-issue the leaves, so trusting only the new ``ca.crt`` would drop every peer whose leaf the old CA
-signed. Roots that disappear from ``ca.crt`` therefore stay trusted for ``ca_overlap`` (default 24 h,
-never past their own notAfter) and are appended to the trust bundle handed to grpcio and ``ssl``; the
-leaf itself may chain to such a root.
+**CA rotation.** The trusted roots are exactly the certificates the CA file (the trust bundle) holds now:
+during a rotation it carries the old and the new root, and a root removed from it stops being trusted at
+the next reload, new handshakes refusing the leaves it signed. How long both roots stay is the bundle's
+owner's decision (docs/security.md), not a timer here.
 
 Consumers:
 
@@ -33,7 +32,6 @@ Consumers:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import logging
 import os
@@ -46,15 +44,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import grpc
-from cryptography import x509
 
 from ..wire.errors import PeerTlsError
-from .tls import TlsMaterial, cert_fingerprint, parse_ca_bundle, validate_tls_material
+from .tls import TlsMaterial, validate_tls_material
 from .tls_policy import TLS12_CIPHERS
 
 __all__ = ["ReloadingTlsSource", "build_server_ssl_context", "grpc_certificate_configuration"]
 
-log = logging.getLogger("blazen_peer.security.reload")
+log = logging.getLogger("blazen_peer.pki.reload")
 
 ClientAuth = Literal["none", "optional", "required"]
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -142,19 +139,13 @@ class ReloadingTlsSource:
         *,
         role: Literal["server", "client"] = "server",
         poll_interval: float = 1.0,
-        ca_overlap: _dt.timedelta = _dt.timedelta(hours=24),
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._paths = tuple(os.fspath(p) for p in (cert, key) + ((ca,) if ca is not None else ()))
         self._role = role
         self.poll_interval = poll_interval
-        self._overlap = ca_overlap.total_seconds()
-        self._clock = clock
         self._lock = threading.Lock()
         self._listeners: list[Callable[[TlsMaterial], None]] = []
         self._ssl_contexts: list[_SwappingContext] = []
-        self._retained: dict[str, tuple[x509.Certificate, float]] = {}  # fingerprint -> (root, trusted until)
-        self._anchors: dict[str, x509.Certificate] = {}  # roots of the current ca.crt
         self._last_failure: tuple | None = None
         self._next_poll = 0.0
         self._stop = threading.Event()
@@ -164,8 +155,7 @@ class ReloadingTlsSource:
         self.last_error: str | None = None
         sig = self._signature()
         blobs = self._read()  # raises PeerTlsError
-        material = self._validate(blobs, extra=[])
-        self._remember_anchors(blobs[2] if len(blobs) == 3 else None)
+        material = self._validate(blobs)
         self._seen_sig = sig
         self._snap = _Snapshot(material, 1, self._hash(blobs))
 
@@ -243,10 +233,8 @@ class ReloadingTlsSource:
         return swapped
 
     def _check_locked(self) -> bool:
-        now = self._clock()
-        expired = [fp for fp, (_, until) in self._retained.items() if until <= now]
         sig = self._signature()
-        if sig == self._seen_sig and not expired:
+        if sig == self._seen_sig:
             return False
         try:
             blobs = self._read()
@@ -254,38 +242,29 @@ class ReloadingTlsSource:
             self._fail(sig, str(e))
             return False
         content_hash = self._hash(blobs)
-        if content_hash == self._snap.content_hash and not expired:
+        if content_hash == self._snap.content_hash:
             self._seen_sig = sig  # touched, not changed
             return False
-        ca_pem = blobs[2] if len(blobs) == 3 else None
-        retained = self._retained_after(ca_pem, now)
-        if retained is None:
-            self._fail(sig, "CA bundle could not be parsed")
-            return False
         try:
-            material = self._validate(blobs, extra=[c for c, _ in retained.values()])
+            material = self._validate(blobs)
         except PeerTlsError as e:
             self._fail(sig, str(e))
             return False
-        self._retained = retained
-        self._remember_anchors(ca_pem)
         self._seen_sig = sig
         old = self._snap
         self._snap = _Snapshot(material, old.generation + 1, content_hash)
         self._last_failure = None
         self.last_error = None
-        if content_hash != old.content_hash:
-            self.reload_count += 1
-            log.info(
-                "TLS certificate reloaded",
-                extra={
-                    "serial": f"{material.serial:x}" if material.serial is not None else None,
-                    "not_after": material.not_after.isoformat() if material.not_after else None,
-                    "generation": self._snap.generation,
-                },
-            )
-        else:
-            log.info("TLS trust bundle updated: previous CA overlap window ended")
+        self.reload_count += 1
+        log.info(
+            "TLS certificate reloaded",
+            extra={
+                "serial": f"{material.serial:x}" if material.serial is not None else None,
+                "not_after": material.not_after.isoformat() if material.not_after else None,
+                "generation": self._snap.generation,
+                "roots": material.ca_pem.count(b"-----BEGIN CERTIFICATE-----") if material.ca_pem else 0,
+            },
+        )
         for sc in list(self._ssl_contexts):
             sc.prepare(self._snap)
         return True
@@ -325,37 +304,16 @@ class ReloadingTlsSource:
             h.update(b)
         return h.hexdigest()
 
-    def _validate(self, blobs: tuple[bytes, ...], extra: list[x509.Certificate]) -> TlsMaterial:
+    def _validate(self, blobs: tuple[bytes, ...]) -> TlsMaterial:
         return validate_tls_material(
             cert_pem=blobs[0],
             key_pem=blobs[1],
             ca_pem=blobs[2] if len(blobs) == 3 else None,
             role=self._role,
-            extra_anchors=extra,
             cert_label=f"{self._role} cert {self._paths[0]}",
             key_label=f"{self._role} key {self._paths[1]}",
             ca_label=f"CA cert {self._paths[2]}" if len(self._paths) == 3 else "CA cert",
         )
-
-    def _remember_anchors(self, ca_pem: bytes | None) -> None:
-        self._anchors = {}
-        if ca_pem is not None:
-            for c in parse_ca_bundle(ca_pem):
-                self._anchors[cert_fingerprint(c)] = c
-
-    def _retained_after(self, ca_pem: bytes | None, now: float) -> dict | None:
-        try:
-            new = {cert_fingerprint(c): c for c in parse_ca_bundle(ca_pem)} if ca_pem is not None else {}
-        except PeerTlsError:
-            return None
-        retained = {fp: v for fp, v in self._retained.items() if v[1] > now and fp not in new}
-        if self._overlap > 0:
-            for fp, root in self._anchors.items():
-                if fp not in new and fp not in retained:
-                    until = min(now + self._overlap, root.not_valid_after_utc.timestamp())
-                    if until > now:
-                        retained[fp] = (root, until)
-        return retained
 
     # -- consumers ------------------------------------------------------------------------------------------
     def grpc_server_credentials(self, *, require_client_auth: bool | None = None) -> grpc.ServerCredentials:

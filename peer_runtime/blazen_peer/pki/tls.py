@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -210,7 +210,6 @@ def validate_tls_material(
     key_pem: bytes | None,
     ca_pem: bytes | None,
     role: str,
-    extra_anchors: Iterable[x509.Certificate] = (),
     now: _dt.datetime | None = None,
     clock_skew: _dt.timedelta = DEFAULT_CLOCK_SKEW,
     cert_label: str = "certificate",
@@ -218,10 +217,8 @@ def validate_tls_material(
     ca_label: str = "CA bundle",
 ) -> TlsMaterial:
     """Validate PEM bytes; ``role`` is ``"server"`` or ``"client"`` (selects the extendedKeyUsage checked).
-
-    ``extra_anchors`` are further trusted roots (the reloader passes the previous CA during a rotation
-    overlap); they are added to ``ca_pem`` in the returned material.
-    """
+    The leaf must chain to one of the roots of ``ca_pem`` (a bundle may hold several, e.g. old + new during
+    a CA rotation)."""
     if role not in ("server", "client"):
         raise ValueError(f"role must be 'server' or 'client', not {role!r}")
     now = now or _dt.datetime.now(_dt.UTC)
@@ -231,21 +228,13 @@ def validate_tls_material(
         for ca in anchors:
             if not _may_sign(ca):
                 raise PeerTlsError(f"{ca_label}: {_describe(ca)} is not a CA certificate")
-    extra = list(extra_anchors)
-    seen = {a.fingerprint(hashes.SHA256()) for a in anchors}
-    merged_ca_pem = ca_pem
-    added = [a for a in extra if a.fingerprint(hashes.SHA256()) not in seen]
-    if added:
-        head = ca_pem.rstrip(b"\n") + b"\n" if ca_pem else b""
-        merged_ca_pem = head + b"".join(a.public_bytes(serialization.Encoding.PEM) for a in added)
-    all_anchors = anchors + added
 
     if (cert_pem is None) != (key_pem is None):
         raise PeerTlsError(f"{role} certificate and private key must be given together")
     if cert_pem is None:
         if ca_pem is None:
             raise PeerTlsError("nothing to load: neither an identity nor a CA")
-        return TlsMaterial(None, None, merged_ca_pem, None, None, None)
+        return TlsMaterial(None, None, ca_pem, None, None, None)
 
     chain = _parse_certs(cert_pem, cert_label)
     leaf, intermediates = chain[0], chain[1:]
@@ -260,12 +249,12 @@ def validate_tls_material(
         ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH,
         cert_label,
     )
-    if all_anchors:
-        _check_chain(leaf, intermediates, all_anchors, now, clock_skew, cert_label)
+    if anchors:
+        _check_chain(leaf, intermediates, anchors, now, clock_skew, cert_label)
     return TlsMaterial(
         cert_chain_pem=cert_pem,
         private_key_pem=key_pem,
-        ca_pem=merged_ca_pem,
+        ca_pem=ca_pem,
         not_after=leaf.not_valid_after_utc,
         serial=leaf.serial_number,
         fingerprint=cert_fingerprint(leaf),
