@@ -23,13 +23,12 @@ import pytest
 from blazen_peer.client import BlazenPeerClient, HttpPeerClient
 from cryptography import x509
 
-from tests.support.blazen_wheel import blazen_env
+from tests.support.blazen_wheel import DRIVER, blazen_env
 
 from .conftest import (
     CPU_NODE,
     GPU_NODE,
     OPERATOR_NS,
-    REPO,
     apply,
     kubectl,
     kubectl_json,
@@ -371,7 +370,7 @@ def test_blazen_wheel_client_through_plaintext_opt_in(
             ],
         }
         out = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "interop" / "blazen_driver.py")],
+            [sys.executable, str(DRIVER)],
             input=json.dumps(spec),
             capture_output=True,
             text=True,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,10 +11,9 @@ from typing import Any
 import pytest
 from blazen_peer import BlazenPeerServer, RefLifetime, StepRegistry, Workflow
 
-from tests.support.blazen_wheel import blazen_env
+from tests.support.blazen_wheel import run_driver
 from tests.support.peers import running_peer
 
-DRIVER = Path(__file__).with_name("blazen_driver.py")
 NODE_ID = "peer-under-test"
 
 
@@ -118,18 +115,7 @@ def run_blazen(isoc23_shim: Path) -> BlazenRun:
     """``await run_blazen(peer, ops)`` runs the ops with the real blazen clients in a subprocess."""
 
     async def run(peer: Peer, ops: list[dict], node_id: str = "interop-caller") -> list[dict]:
-        spec = {"grpc": peer.grpc_url, "http": peer.http_url, "node_id": node_id, "ops": ops}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(DRIVER),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=blazen_env(isoc23_shim),
-        )
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout=120)
-        assert proc.returncode == 0, err.decode()
-        return json.loads(out)
+        return await run_driver(isoc23_shim, peer.grpc_url, peer.http_url, node_id, ops)
 
     return run
 

@@ -5,23 +5,19 @@ the router is started as for its plaintext opt-in."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.blazen_wheel import blazen_env
+from tests.support.blazen_wheel import run_driver
 from tests.support.peers import blazen_peer_command, wait_ready
 from tests.support.ports import free_port
 
 from .conftest import Fleet, start_fleet, stop_fleet
 
 pytestmark = pytest.mark.interop
-
-DRIVER = Path(__file__).parents[1] / "interop" / "blazen_driver.py"
 
 
 class RouterProcess:
@@ -64,23 +60,8 @@ async def routed(tmp_path: Path) -> AsyncIterator[tuple[Fleet, RouterProcess]]:
 
 
 async def run_blazen(shim: Path, router: RouterProcess, ops: list[dict]) -> list[dict]:
-    spec = {
-        "grpc": f"http://127.0.0.1:{router.grpc}",
-        "http": f"http://127.0.0.1:{router.http}",
-        "node_id": "wheel-caller",
-        "ops": ops,
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(DRIVER),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=blazen_env(shim),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout=120)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out)
+    grpc_url, http_url = f"http://127.0.0.1:{router.grpc}", f"http://127.0.0.1:{router.http}"
+    return await run_driver(shim, grpc_url, http_url, "wheel-caller", ops)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])

@@ -8,10 +8,18 @@ the classic functions; put it in ``LD_PRELOAD`` of the process that imports ``bl
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
+
+#: the interop driver: reads ``{"grpc", "http", "node_id", "ops"}`` on stdin, runs the ops with the real
+#: ``blazen`` clients and prints their results as JSON.
+DRIVER = Path(__file__).parents[1] / "interop" / "blazen_driver.py"
 
 _SHIM_C = """
 #include <stdlib.h>
@@ -40,3 +48,20 @@ def blazen_env(shim: Path, base: dict[str, str] | None = None) -> dict[str, str]
     env = dict(os.environ if base is None else base)
     env["LD_PRELOAD"] = f"{shim} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else str(shim)
     return env
+
+
+async def run_driver(shim: Path, grpc_url: str, http_url: str, node_id: str, ops: list[dict]) -> list[Any]:
+    """Run ``ops`` against a peer (or router) with the real ``blazen`` clients in a subprocess."""
+    spec = {"grpc": grpc_url, "http": http_url, "node_id": node_id, "ops": ops}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(DRIVER),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=blazen_env(shim),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    result: list[Any] = json.loads(out)
+    return result
