@@ -14,13 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from blazen_peer.pki.tls import system_roots_pem
 from blazen_peer.wire.envelope import unwrap, wrap
 from blazen_peer.wire.messages import DerefRequest, DerefResponse, SubWorkflowRequest, SubWorkflowResponse
 from blazen_peer.wire.protocol import PATH_DEREF, PATH_INVOKE
 
 from tests.security.test_transport_auth_tls import exit_of, https_invoke
 from tests.security.transport_peer import ShimPeer
-from tests.support.peers import TOKEN, http_get, metric
+from tests.support.peers import TOKEN, http_get, metric, start_peer, start_router
 from tests.support.pki import CA, KubeletSecretDir
 
 #: the first DNS SAN of every replica's certificate: what forwarding asks a sibling's certificate for
@@ -199,3 +200,35 @@ async def test_outbound_hops_verify_siblings_against_the_system_roots(tmp_path):
     finally:
         for peer in peers:
             await peer.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["pool-issuer-in-the-roots", "other-roots"])
+async def test_a_routers_hop_verifies_its_pools_against_the_system_roots(tmp_path, monkeypatch, trusted):
+    """A router and a pool without a CA bundle (in process): the router describes the pool over TLS only when
+    the pool's issuer is among its system roots."""
+    public = CA("public-ca")
+    roots = roots_file(tmp_path / "roots", public if trusted else CA("some-other-public-ca"))
+    monkeypatch.setenv("SSL_CERT_FILE", roots["SSL_CERT_FILE"])
+    system_roots_pem.cache_clear()
+
+    def tls(name: str) -> dict[str, str]:
+        secret = acme_secret(tmp_path / f"tls-{name}", public, name)
+        return {
+            "tls_cert": str(secret.path("tls.crt")),
+            "tls_key": str(secret.path("tls.key")),
+            "token": TOKEN,
+        }
+
+    pool = await start_peer(**tls("pool-0"), http_addr=None)
+    router = None
+    try:
+        router = await start_router({"p": [f"127.0.0.1:{pool.grpc_port}"]}, **tls("router"), http_addr=None)
+        assert router.runtime is not None
+        assert router.runtime.tls_info() == {"client_auth": "none", "outbound_trust": "system-roots"}
+        described = [r.description is not None for r in router.pools.replicas]
+        assert described == [trusted]
+    finally:
+        if router is not None:
+            await router.stop(grace=0)
+        await pool.stop(grace=0)
+        system_roots_pem.cache_clear()
