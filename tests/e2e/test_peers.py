@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,88 @@ def test_https_shim_needs_a_client_certificate_by_default(operator: str, namespa
         resp = asyncio.run(http_call(with_cert))
         assert resp.error is None, resp.error
         assert resp.result_value() == {"c": 3}
+
+
+def _ca_issuer(ns: str, name: str) -> None:
+    """A cert-manager CA Issuer of the test's own (self-signed root -> CA Certificate -> CA Issuer)."""
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Issuer",
+            "metadata": {"name": f"{name}-root"},
+            "spec": {"selfSigned": {}},
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Certificate",
+            "metadata": {"name": f"{name}-ca"},
+            "spec": {
+                "isCA": True,
+                "commonName": f"{name}-ca",
+                "secretName": f"{name}-ca",
+                "privateKey": {"algorithm": "ECDSA", "size": 256},
+                "issuerRef": {"name": f"{name}-root", "kind": "Issuer"},
+            },
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Issuer",
+            "metadata": {"name": name},
+            "spec": {"ca": {"secretName": f"{name}-ca"}},
+        },
+        ns,
+    )
+
+
+def test_issuer_ref_without_trust_bundle_authenticates_callers_by_token(
+    operator: str, namespace: str, tmp: Path
+) -> None:
+    """tls.issuerRef without tls.trustBundle: the operator cannot know whether the issuer writes a ca.crt
+    (ACME does not), so it renders --tls-client-auth none and the CRD requires a token. The peer serves TLS
+    without asking for a client certificate; the token is what lets a caller in."""
+    _ca_issuer(namespace, "corp")
+    token = uuid.uuid4().hex
+    kubectl("-n", namespace, "create", "secret", "generic", "corp-token", f"--from-literal=token={token}")
+    spec = {
+        "tls": {"issuerRef": {"name": "corp", "kind": "Issuer"}},
+        "auth": {"tokenSecretRef": {"name": "corp-token"}},
+    }
+    apply(peer("corp", **spec), namespace)
+    st = wait_ready(namespace, "corp")
+    args = pods(namespace, "corp")[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--tls-client-auth") + 1] == "none"
+    ca = secret_files(namespace, st["certificate"]["secretName"], tmp / "corp-srv").ca.read_bytes()
+
+    async def call(tok: str | None) -> Any:
+        async with await BlazenPeerClient.connect(
+            f"https://127.0.0.1:{port}",
+            "e2e-token-only",
+            root_certificates=ca,
+            token=tok,
+            server_name=f"corp.{namespace}.svc",
+        ) as client:
+            return await client.invoke_sub_workflow("examples", ["examples::echo"], {"t": 1}, timeout_secs=30)
+
+    with port_forward(namespace, "svc/corp", 50051) as port:
+        resp = asyncio.run(call(token))  # no client certificate
+        assert resp.error is None, resp.error
+        assert resp.result_value() == {"t": 1}
+        assert refused(call(None))
+        assert refused(call("wrong-" + token))
+    pod = pods(namespace, "corp")[0]["metadata"]["name"]
+    with (
+        port_forward(namespace, f"pod/{pod}", 9090) as port,
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as r,
+    ):
+        info = json.loads(r.read())
+    # this issuer writes a ca.crt: siblings are verified against it, not the system roots
+    assert info["tls"] == {"client_auth": "none", "outbound_trust": "ca-bundle"}
 
 
 def test_blazen_wheel_client_through_plaintext_opt_in(
