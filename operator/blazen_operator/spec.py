@@ -538,6 +538,15 @@ class BlazenPeerSpec(Model):
                     "reason": "FieldValueInvalid",
                 },
                 {
+                    "rule": "!self.tls.enabled || !has(self.tls.issuerRef) || has(self.tls.trustBundle) || "
+                    "has(self.auth.tokenSecretRef)",
+                    "message": "with tls.issuerRef and no tls.trustBundle a token (auth.tokenSecretRef) is "
+                    "required: the issuer may write no ca.crt (ACME), so callers are not asked for client "
+                    "certificates and the token authenticates them; or set tls.trustBundle for mutual TLS",
+                    "fieldPath": ".auth.tokenSecretRef",
+                    "reason": "FieldValueRequired",
+                },
+                {
                     "rule": "!has(self.http.auth) || self.http.auth != 'Token' || "
                     "has(self.auth.tokenSecretRef)",
                     "message": "spec.http.auth Token needs a token: set auth.tokenSecretRef",
@@ -548,6 +557,14 @@ class BlazenPeerSpec(Model):
                     "rule": "!has(self.http.auth) || self.http.auth != 'ClientCertificate' || "
                     "self.tls.enabled",
                     "message": "spec.http.auth ClientCertificate needs tls.enabled",
+                    "fieldPath": ".http.auth",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.http.auth) || self.http.auth != 'ClientCertificate' || "
+                    "!has(self.tls.issuerRef) || has(self.tls.trustBundle)",
+                    "message": "spec.http.auth ClientCertificate with tls.issuerRef needs tls.trustBundle "
+                    "(the CA client certificates are verified against)",
                     "fieldPath": ".http.auth",
                     "reason": "FieldValueInvalid",
                 },

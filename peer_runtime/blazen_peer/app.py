@@ -37,7 +37,14 @@ from .pki.reload import ClientAuth, ReloadingTlsSource
 from .pki.tls import TlsMaterial, first_dns_name
 from .security.auth import TokenSource
 from .security.cors import make_cors_middleware
-from .security.policy import check_secure, http_auth, load_tls, token_source
+from .security.policy import (
+    TlsClientAuth,
+    check_secure,
+    http_auth,
+    load_tls,
+    tls_client_auth,
+    token_source,
+)
 
 if TYPE_CHECKING:
     from .server import BlazenPeerServer
@@ -57,11 +64,23 @@ class PeerRuntime:
     limiter: ConcurrencyLimiter
     tokens: TokenSource | None
     tls: ReloadingTlsSource | None
+    #: ``--tls-client-auth`` resolved ("require" or "none"); None without TLS.
+    tls_client_auth: TlsClientAuth | None = None
     hooks: ServerHooks = field(default_factory=ServerHooks)
     #: the DNS name forwarding asks siblings' certificates for (the first DNS SAN of ours).
     forward_server_name: str | None = None
     #: further tokens the server sends (a router's ``--pool-token-file``), hidden from the logs as well.
     outgoing_tokens: list[TokenSource] = field(default_factory=list)
+
+    def tls_info(self) -> dict[str, str] | None:
+        """The ``tls`` field of ``/v1/info``: how callers are authenticated and whom outbound hops trust (the
+        CA bundle, or the system roots when the issuer wrote none)."""
+        if self.tls is None:
+            return None
+        return {
+            "client_auth": self.tls_client_auth or "none",
+            "outbound_trust": "ca-bundle" if self.tls.material.ca_pem is not None else "system-roots",
+        }
 
     def secrets(self) -> list[str]:
         """Values the log redaction hides (the bearer tokens)."""
@@ -72,15 +91,16 @@ class PeerRuntime:
 def compose(server: BlazenPeerServer) -> PeerRuntime:
     cfg = server.config
     tokens = token_source(cfg)
-    tls = load_tls(cfg)
+    client_auth = tls_client_auth(cfg, tokens)
+    tls = load_tls(cfg, client_auth)
     check_secure(cfg, tls, tokens)
-    shim_auth = http_auth(cfg, tls, tokens)
+    shim_auth = http_auth(cfg, tls, tokens, client_auth)
 
     readiness = Readiness()
     metrics = PeerMetrics()
     drainer = Drainer(readiness, grace_period=cfg.shutdown_grace_secs, admit_window=cfg.shutdown_admit_secs)
     limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None)
-    rt = PeerRuntime(readiness, metrics, drainer, limiter, tokens, tls)
+    rt = PeerRuntime(readiness, metrics, drainer, limiter, tokens, tls, client_auth)
     hooks = rt.hooks
 
     def admission(transport: str, tokens: TokenSource | None) -> Admission:
@@ -114,7 +134,9 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
     metrics.track_refs(lambda: (server.refs.count, server.refs.bytes_used))
 
     def admin_app(s: BlazenPeerServer) -> web.Application:
-        return make_admin_app(readiness=readiness, metrics=metrics, info=s.info)
+        return make_admin_app(
+            readiness=readiness, metrics=metrics, info=lambda: {**s.info(), "tls": rt.tls_info()}
+        )
 
     hooks.admin_app_factory = admin_app
     readiness.add_listener(server.set_ready)
@@ -145,7 +167,8 @@ def _wire_tls(
 ) -> None:
     """gRPC and HTTPS credentials that follow the certificate files, and forwarding over mTLS."""
     hooks = rt.hooks
-    hooks.grpc_server_credentials = tls.grpc_server_credentials
+    mutual = rt.tls_client_auth == "require"
+    hooks.grpc_server_credentials = lambda: tls.grpc_server_credentials(require_client_auth=mutual)
     hooks.http_ssl_context = lambda: tls.ssl_context(client_auth=client_auth)
     rt.metrics.track_tls(tls, "peer")
     rt.forward_server_name = first_dns_name(tls.material.cert_chain_pem)
@@ -164,9 +187,15 @@ def _wire_tls(
         log.info("TLS certificate reloaded: serial %x, notAfter %s", material.serial, material.not_after)
 
     tls.add_listener(on_reload)
+    info = rt.tls_info() or {}
     log.info(
-        "TLS on: serial %x, notAfter %s, client certificates %s on gRPC",
+        "TLS on: serial %x, notAfter %s, --tls-client-auth %s: %s; outbound hops verify servers against %s",
         tls.material.serial,
         tls.material.not_after,
-        "required" if server.config.tls_ca else "not requested",
+        rt.tls_client_auth,
+        "gRPC requires a client certificate chained to --tls-ca"
+        if mutual
+        else "no TLS listener asks for a client certificate, every call on them needs the bearer token",
+        "the CA bundle" if info.get("outbound_trust") == "ca-bundle" else "the system roots",
+        extra={"tls": info},
     )

@@ -30,6 +30,7 @@ class PeerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    tls_client_auth: str = "auto"
     token_file: str | None = None
     token: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
@@ -112,6 +113,16 @@ def _http_auth(value: str) -> str:
     return v
 
 
+TLS_CLIENT_AUTH_MODES = ("auto", "require", "none")
+
+
+def _tls_client_auth(value: str) -> str:
+    v = value.strip().lower()
+    if v not in TLS_CLIENT_AUTH_MODES:
+        raise ValueError(f"must be one of {', '.join(TLS_CLIENT_AUTH_MODES)}, not {value!r}")
+    return v
+
+
 def _positive(value: str) -> float:
     v = float(value)
     if not v > 0:
@@ -159,6 +170,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("tls_cert", "PEM certificate", metavar="PATH"),
     Flag("tls_key", "PEM private key", metavar="PATH"),
     Flag("tls_ca", "PEM CA bundle", metavar="PATH"),
+    Flag(
+        "tls_client_auth",
+        "how TLS callers are authenticated: require (a client certificate chained to --tls-ca), none (no "
+        "client certificate; a bearer token is then required, and outbound hops verify servers against "
+        "--tls-ca or else the system roots), auto (require with --tls-ca, else none)",
+        _tls_client_auth,
+        metavar="|".join(TLS_CLIENT_AUTH_MODES),
+    ),
     Flag("token_file", "file holding the bearer token", metavar="PATH"),
     Flag("token", "bearer token (prefer --token-file)", metavar="TOKEN"),
     Flag("cors_allow_origin", "allowed CORS origin (repeatable)", str, "append", metavar="ORIGIN"),

@@ -142,6 +142,20 @@ CHILDREN = [
             "spec.http.auth",
         ),
         ({"http": {"auth": "Anonymous"}}, "bp", "spec.http.auth"),
+        (
+            {"tls": {"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}},
+            "bp",
+            "spec.auth.tokenSecretRef: Required value: with tls.issuerRef and no tls.trustBundle",
+        ),
+        (
+            {
+                "tls": {"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
+                "auth": {"tokenSecretRef": {"name": "t"}},
+                "http": {"auth": "ClientCertificate"},
+            },
+            "bp",
+            'spec.http.auth: Invalid value: "object": spec.http.auth ClientCertificate with tls.issuerRef',
+        ),
         ({}, "x" * 53, "metadata.name"),
     ],
 )
@@ -166,6 +180,28 @@ def test_invalid_manifests_are_rejected_with_field_messages(api, namespace, spec
 def test_explicit_http_auth_decisions_are_accepted(api, namespace, http):
     created = create(api, manifest("bp", namespace, http=http))
     assert created["spec"]["http"].get("auth") == http.get("auth")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {
+            "tls": {"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
+            "auth": {"tokenSecretRef": {"name": "t"}},
+        },
+        {
+            "tls": {
+                "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"},
+                "trustBundle": {"configMap": {"name": "roots"}},
+            },
+            "http": {"auth": "ClientCertificate"},
+        },
+    ],
+    ids=["issuer-with-token", "issuer-with-trust-bundle"],
+)
+def test_an_issuer_without_ca_crt_is_accepted_with_a_token_or_a_trust_bundle(api, namespace, spec):
+    created = create(api, manifest("bp", namespace, **spec))
+    assert created["spec"]["tls"]["issuerRef"]["name"] == "letsencrypt"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

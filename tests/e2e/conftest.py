@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -33,6 +35,8 @@ K8S_VERSION = os.environ.get("K8S_VERSION", "v1.34.4")
 GPU_NODE = f"{CLUSTER}-worker2"
 CPU_NODE = f"{CLUSTER}-worker"
 OPERATOR_NS = os.environ.get("OPERATOR_NAMESPACE", "blazen-system")
+#: where ``wheel_on_node`` puts the ``blazen`` wheel on CPU_NODE for client pods to mount (hostPath)
+WHEEL_HOST_DIR = "/opt/blazen-wheel"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -127,6 +131,27 @@ def _operator_running() -> bool:
         return False
     items = deps.get("items", [])
     return bool(items) and all((d.get("status") or {}).get("availableReplicas", 0) >= 1 for d in items)
+
+
+@pytest.fixture(scope="session")
+def wheel_on_node(cluster: str, isoc23_shim: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real ``blazen`` wheel (the test venv's, 0.6.74) and its glibc shim (tests/support/blazen_wheel.py)
+    copied onto CPU_NODE, where client pods run, at WHEEL_HOST_DIR: the client image does not carry this test
+    dependency (114 MB). ``clients.in_cluster(..., wheel=True)`` mounts it."""
+    spec = importlib.util.find_spec("blazen")  # not imported: that needs the shim preloaded
+    assert spec is not None
+    assert spec.submodule_search_locations, spec
+    package = Path(next(iter(spec.submodule_search_locations)))
+    stage = tmp_path_factory.mktemp("wheel")
+    shutil.copytree(package, stage / "blazen")
+    # the wheel's extension finds its bundled libraries through its RPATH, ../blazen.libs
+    shutil.copytree(package.parent / "blazen.libs", stage / "blazen.libs")
+    shutil.copy(isoc23_shim, stage / "libisoc23_shim.so")
+    docker = ["docker", "exec", CPU_NODE]
+    subprocess.run([*docker, "rm", "-rf", WHEEL_HOST_DIR], check=True)
+    subprocess.run(["docker", "cp", str(stage), f"{CPU_NODE}:{WHEEL_HOST_DIR}"], check=True)
+    subprocess.run([*docker, "chmod", "-R", "a+rX", WHEEL_HOST_DIR], check=True)  # the pods run as 65532
+    return WHEEL_HOST_DIR
 
 
 @pytest.fixture

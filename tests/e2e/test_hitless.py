@@ -1,6 +1,7 @@
 """Hitless operations on the kind cluster: a rollout, a scale-down, a node drain and a token rotation, each
-under >= 200 calls/s from a client pod that keeps ONE gRPC channel open through the Service, with 0 failed
-calls; and a SIGKILLed replica, where exactly the calls in flight on it fail, with a transport error.
+under >= 200 calls/s from two client pods that each keep ONE channel open through the Service, our client
+(gRPC, mutual TLS, the token) and the real blazen wheel (the plaintext opt-in), with 0 failed calls; and a
+SIGKILLed replica, where exactly the calls in flight on it fail, with a transport error.
 
 What makes it hold (docs/operator.md, "What a rollout guarantees"): Surge rollouts (maxUnavailable 0), the
 runtime's drain (not ready at once, admitting for pod.drainAdmitSeconds while the endpoints drop the pod,
@@ -22,88 +23,51 @@ from typing import Any
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.client.errors import PeerError
 
+from .clients import in_cluster, joined, load_spec, start_load
 from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, port_forward, secret_files, wait_until
-from .test_peers import in_background, in_cluster, joined, peer, pods, status, wait_ready
+from .test_peers import peer, pods, status, wait_ready
 
-RATE = 220  # calls/s offered on one channel; >= 200/s must be answered
+RATE = 220  # calls/s our client offers on its one channel
+WHEEL_RATE = 60  # calls/s the real blazen wheel offers on its one channel (plaintext opt-in)
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-
-LOAD = """
-import asyncio, collections, json, os, time
-import grpc
-from blazen_peer.wire.envelope import wrap, unwrap
-from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse
-
-RATE, SECONDS, TOKEN, WAIT_FOR_READY = {rate}, {seconds}, {token!r}, {wait_for_ready}
-SVC = os.environ["SVC"]
-ROOT, CHAIN, KEY = (open(f"/tls/{{f}}", "rb").read() for f in ("ca.crt", "tls.crt", "tls.key"))
-
-async def main():
-    creds = grpc.ssl_channel_credentials(ROOT, KEY, CHAIN)
-    md = [("x-blazen-peer-node-id", "e2e-hitless")]
-    if TOKEN:
-        md.append(("authorization", "Bearer " + TOKEN))
-    async with grpc.aio.secure_channel(f"{{SVC}}:50051", creds) as channel:  # ONE channel for the whole run
-        await channel.channel_ready()
-        invoke = channel.unary_unary("/blazen.peer.v1.BlazenPeer/InvokeSubWorkflow")
-        ok, errors, failed, tasks = 0, collections.Counter(), [], set()
-        start = time.monotonic()
-
-        async def one(i):
-            nonlocal ok
-            t0 = time.time()
-            try:
-                req = wrap(SubWorkflowRequest.new("examples", ["examples::echo"], {{"i": i}}, 10).encode())
-                raw = await invoke(req, metadata=md, timeout=15, wait_for_ready=WAIT_FOR_READY)
-                resp = SubWorkflowResponse.decode(unwrap(raw))
-                if resp.error is None and resp.result_value() == {{"i": i}}:
-                    ok += 1
-                    return
-                kind = "workflow:" + str(resp.error)[:80]
-            except grpc.aio.AioRpcError as e:
-                kind = e.code().name + ":" + (e.details() or "")[:80]
-            except Exception as e:
-                kind = type(e).__name__ + ":" + str(e)[:80]
-            errors[kind] += 1
-            failed.append([t0, time.time(), kind])
-
-        n = int(RATE * SECONDS)
-        for i in range(n):
-            delay = start + i / RATE - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            t = asyncio.ensure_future(one(i))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - start
-        print(json.dumps({{"sent": n, "ok": ok, "errors": dict(errors), "failed": failed[:200],
-                          "elapsed": elapsed, "started": time.time() - elapsed}}))
-
-asyncio.run(main())
-"""
+#: the plaintext listener Blazen's own clients need, open to the e2e client pods only
+PLAINTEXT = {
+    "plaintextGrpc": {"enabled": True, "allowedFrom": [{"podSelector": {"matchLabels": {"e2e": "client"}}}]}
+}
 
 
 def load(ns: str, name: str, seconds: int, token: str = "", wait_for_ready: bool = False) -> Any:
-    """Starts the one-channel load client pod in the background; ``joined()`` returns its JSON result."""
-    script = LOAD.format(rate=RATE, seconds=seconds, token=token, wait_for_ready=wait_for_ready)
-    return in_background(lambda: in_cluster(ns, name, script, timeout=seconds + 300))
+    """Our one-channel load client in a pod, in the background; ``joined()`` returns its result."""
+    spec = load_spec(ns, name, rate=RATE, seconds=seconds, token=token, wait_for_ready=wait_for_ready)
+    return start_load(ns, name, spec)
 
 
-def assert_no_failed_call(result: dict[str, Any], seconds: int) -> None:
-    print(f"load: {result['sent']} sent, {result['ok']} ok, {result['errors']} in {result['elapsed']:.1f}s")
-    assert result["errors"] == {}, result
-    assert result["ok"] == result["sent"] == RATE * seconds, result
-    assert result["sent"] / result["elapsed"] >= 200, result
+def loads(ns: str, name: str, seconds: int, token: str = "") -> list[Any]:
+    """Our client (gRPC, mutual TLS, ``token``) and the real blazen wheel (plaintext opt-in), each on one
+    channel kept for the whole run, in two pods at once."""
+    wheel = load_spec(ns, name, rate=WHEEL_RATE, seconds=seconds, client="wheel")
+    return [load(ns, name, seconds, token=token), start_load(ns, name, wheel)]
 
 
-def started_load(ns: str, name: str) -> None:
-    """Waits until the client pod is running, so what follows happens under load."""
+def assert_no_failed_call(results: list[dict[str, Any]], seconds: int) -> None:
+    """Every call of every client answered right, and >= 200 calls/s between them."""
+    for r in results:
+        print(f"{r['client']}: {r['sent']} sent, {r['ok']} ok, {r['errors']} in {r['elapsed']:.1f}s")
+        assert r["errors"] == {}, r
+        assert r["ok"] == r["sent"] == r["rate"] * seconds, r
+    assert sum(r["sent"] / r["elapsed"] for r in results) >= 200, results
+
+
+def started_load(ns: str, clients: int = 2) -> None:
+    """Waits until the client pods are running, so what follows happens under load."""
     wait_until(
-        "load client running",
-        lambda: any(
-            p["status"].get("phase") == "Running"
-            for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
+        "load clients running",
+        lambda: (
+            sum(
+                p["status"].get("phase") == "Running"
+                for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
+            )
+            >= clients
         ),
         timeout=120,
         interval=1,
@@ -118,12 +82,12 @@ def restarts(ns: str, name: str) -> dict[str, tuple[str, int]]:
     }
 
 
-def test_rollout_of_two_replicas_fails_no_call(operator: str, namespace: str) -> None:
-    apply(peer("roll", replicas=2, steps=["examples::echo"]), namespace)
+def test_rollout_of_two_replicas_fails_no_call(operator: str, namespace: str, wheel_on_node: str) -> None:
+    apply(peer("roll", replicas=2, steps=["examples::echo"], **PLAINTEXT), namespace)
     wait_ready(namespace, "roll", replicas=2)
     before = set(restarts(namespace, "roll"))
-    t, out = load(namespace, "roll", 90)
-    started_load(namespace, "roll")
+    running = loads(namespace, "roll", 90)
+    started_load(namespace)
     patch = {"spec": {"env": [{"name": "E2E_ROLL", "value": "2"}]}}
     kubectl("-n", namespace, "patch", "blazenpeer", "roll", "--type=merge", "-p", json.dumps(patch))
 
@@ -133,21 +97,23 @@ def test_rollout_of_two_replicas_fails_no_call(operator: str, namespace: str) ->
 
     wait_until("both pods replaced", rolled, timeout=240, interval=2)
     wait_ready(namespace, "roll", replicas=2)
-    assert_no_failed_call(joined(t, out), 90)
+    assert_no_failed_call([joined(t, out) for t, out in running], 90)
 
 
-def test_scale_down_three_to_one_fails_no_call(operator: str, namespace: str) -> None:
-    apply(peer("shrink", replicas=3, steps=["examples::echo"]), namespace)
+def test_scale_down_three_to_one_fails_no_call(operator: str, namespace: str, wheel_on_node: str) -> None:
+    apply(peer("shrink", replicas=3, steps=["examples::echo"], **PLAINTEXT), namespace)
     wait_ready(namespace, "shrink", replicas=3)
-    t, out = load(namespace, "shrink", 60)
-    started_load(namespace, "shrink")
+    running = loads(namespace, "shrink", 60)
+    started_load(namespace)
     kubectl("-n", namespace, "scale", "blazenpeer/shrink", "--replicas=1")
     wait_until("one pod left", lambda: len(pods(namespace, "shrink")) == 1, timeout=120, interval=1)
-    assert_no_failed_call(joined(t, out), 60)
+    assert_no_failed_call([joined(t, out) for t, out in running], 60)
     wait_ready(namespace, "shrink", replicas=1)
 
 
-def test_drain_of_the_node_holding_a_replica_fails_no_call(operator: str, namespace: str) -> None:
+def test_drain_of_the_node_holding_a_replica_fails_no_call(
+    operator: str, namespace: str, wheel_on_node: str
+) -> None:
     # One replica per schedulable worker (the GPU worker included: the peer tolerates its taint), so draining
     # GPU_NODE evicts one replica through the PodDisruptionBudget while the client pod stays on CPU_NODE.
     spread = [
@@ -160,13 +126,18 @@ def test_drain_of_the_node_holding_a_replica_fails_no_call(operator: str, namesp
             "matchLabelKeys": ["pod-template-hash"],
         }
     ]
-    spec = {"tolerations": [GPU_TOLERATION], "topologySpreadConstraints": spread, "steps": ["examples::echo"]}
+    spec = {
+        "tolerations": [GPU_TOLERATION],
+        "topologySpreadConstraints": spread,
+        "steps": ["examples::echo"],
+        **PLAINTEXT,
+    }
     apply(peer("drained", replicas=2, **spec), namespace)
     wait_ready(namespace, "drained", replicas=2)
     assert {p["spec"]["nodeName"] for p in pods(namespace, "drained")} == {CPU_NODE, GPU_NODE}
     assert kubectl_json("-n", namespace, "get", "pdb", "drained")["spec"]["maxUnavailable"] == 1
-    t, out = load(namespace, "drained", 90)
-    started_load(namespace, "drained")
+    running = loads(namespace, "drained", 90)
+    started_load(namespace)
     try:
         kubectl(
             "drain",
@@ -179,7 +150,7 @@ def test_drain_of_the_node_holding_a_replica_fails_no_call(operator: str, namesp
         )
         wait_ready(namespace, "drained", replicas=2)
         assert {p["spec"]["nodeName"] for p in pods(namespace, "drained")} == {CPU_NODE}
-        assert_no_failed_call(joined(t, out), 90)
+        assert_no_failed_call([joined(t, out) for t, out in running], 90)
     finally:
         kubectl("uncordon", GPU_NODE)
 
@@ -210,12 +181,18 @@ async def _call(port: int, ns: str, name: str, tls: Any, token: str) -> bool:
 
 
 def test_token_rotation_restarts_nothing_and_fails_no_call(
-    operator: str, namespace: str, tmp_path: Path
+    operator: str, namespace: str, tmp_path: Path, wheel_on_node: str
 ) -> None:
     old, new = uuid.uuid4().hex, uuid.uuid4().hex
     _secret(namespace, "rot-token", old)
     apply(
-        peer("rot", replicas=2, steps=["examples::echo"], auth={"tokenSecretRef": {"name": "rot-token"}}),
+        peer(
+            "rot",
+            replicas=2,
+            steps=["examples::echo"],
+            auth={"tokenSecretRef": {"name": "rot-token"}},
+            **PLAINTEXT,
+        ),
         namespace,
     )
     wait_ready(namespace, "rot", replicas=2)
@@ -223,9 +200,10 @@ def test_token_rotation_restarts_nothing_and_fails_no_call(
     generation = kubectl_json("-n", namespace, "get", "deployment", "rot")["metadata"]["generation"]
     tls = secret_files(namespace, status(namespace, "rot")["certificate"]["clientSecretName"], tmp_path / "c")
 
-    # The old token keeps working across the switch: the load (old token) runs through the rotation.
-    t, out = load(namespace, "rot", 60, token=old)
-    started_load(namespace, "rot")
+    # The old token keeps working across the switch: our load (old token) runs through the rotation, and the
+    # wheel's (plaintext: no token) with it.
+    running = loads(namespace, "rot", 60, token=old)
+    started_load(namespace)
     _secret(namespace, "rot-token", new)
     for pod in before:
         with port_forward(namespace, f"pod/{pod}", 50051) as port:
@@ -235,7 +213,7 @@ def test_token_rotation_restarts_nothing_and_fails_no_call(
                 timeout=180,
                 interval=3,
             )
-    assert_no_failed_call(joined(t, out), 60)
+    assert_no_failed_call([joined(t, out) for t, out in running], 60)
     # After the runtime's 120 s overlap the old token is refused, the new one accepted, on every pod.
     for pod in before:
         with port_forward(namespace, f"pod/{pod}", 50051) as port:
@@ -284,7 +262,7 @@ def test_sigkilled_replica_fails_exactly_its_in_flight_calls(operator: str, name
     apply(peer("chaos", replicas=2, steps=["examples::echo"]), namespace)
     wait_ready(namespace, "chaos", replicas=2)
     t, out = load(namespace, "chaos", 40, wait_for_ready=True)
-    started_load(namespace, "chaos")
+    started_load(namespace, clients=1)
     killed_from, killed_by = _sigkill(pods(namespace, "chaos")[0])
     result = joined(t, out)
     print(f"chaos: {result['sent']} sent, {result['ok']} ok, {result['errors']}")

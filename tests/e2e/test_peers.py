@@ -12,9 +12,8 @@ import json
 import ssl
 import subprocess
 import sys
-import textwrap
-import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from cryptography import x509
 
 from tests.support.blazen_wheel import DRIVER, blazen_env
 
+from .clients import IMAGE, in_cluster, joined, load_spec, run_load, start_load
 from .conftest import (
-    CPU_NODE,
     GPU_NODE,
     OPERATOR_NS,
     apply,
@@ -37,7 +36,6 @@ from .conftest import (
     wait_until,
 )
 
-IMAGE = "blazen-fleet/example-steps:dev"
 CPU_STEPS = ["examples::echo", "examples::tokenize", "examples::count", "examples::remember"]
 
 
@@ -108,46 +106,6 @@ async def invoke_grpc(
         return await client.invoke_sub_workflow("examples", steps, data, timeout_secs=30)
 
 
-def in_cluster(ns: str, name: str, script: str, timeout: float = 240) -> Any:
-    """Runs a Python script in a client pod (example-steps image, client cert at /tls) and returns the JSON
-    object its last stdout line holds."""
-    pod = f"client-{uuid.uuid4().hex[:6]}"
-    secret = status(ns, name)["certificate"]["clientSecretName"]
-    apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": pod, "labels": {"e2e": "client"}},
-            "spec": {
-                "restartPolicy": "Never",
-                "nodeName": CPU_NODE,
-                "containers": [
-                    {
-                        "name": "c",
-                        "image": IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["python", "-c", textwrap.dedent(script)],
-                        "env": [{"name": "SVC", "value": f"{name}.{ns}.svc"}],
-                        "volumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}],
-                    }
-                ],
-                "volumes": [{"name": "tls", "secret": {"secretName": secret}}],
-            },
-        },
-        ns,
-    )
-    wait_until(
-        f"client pod {pod}",
-        lambda: kubectl_json("-n", ns, "get", "pod", pod)["status"].get("phase") in ("Succeeded", "Failed"),
-        timeout=timeout,
-        interval=2,
-    )
-    logs = kubectl("-n", ns, "logs", pod)
-    phase = kubectl_json("-n", ns, "get", "pod", pod)["status"]["phase"]
-    assert phase == "Succeeded", logs[-4000:]
-    return json.loads(logs.strip().splitlines()[-1])
-
-
 CLIENT_PRELUDE = """
 import asyncio, json, os, time, collections
 from blazen_peer.client import BlazenPeerClient
@@ -159,75 +117,6 @@ async def connect():
     return await BlazenPeerClient.connect(f"https://{SVC}:50051", "e2e-incluster", root_certificates=ROOT,
                                           certificate_chain=CHAIN, private_key=KEY)
 """
-
-LOAD_BODY = """
-RATE, SECONDS, CONNS = {rate}, {seconds}, {conns}
-
-async def main():
-    clients = [await connect() for _ in range(CONNS)]
-    ok, errors, latencies = 0, collections.Counter(), []
-    start = time.monotonic()
-    tasks = set()
-
-    async def one(i):
-        nonlocal ok
-        t0 = time.monotonic()
-        try:
-            resp = await clients[i % CONNS].invoke_sub_workflow(
-                "examples", ["examples::echo"], {{"i": i}}, timeout_secs=10, deadline=10)
-            if resp.error is None and resp.result_value() == {{"i": i}}:
-                ok += 1
-            else:
-                errors["workflow:" + str(resp.error)[:80]] += 1
-        except Exception as e:
-            errors[type(e).__name__ + ":" + str(e)[:80]] += 1
-        latencies.append(time.monotonic() - t0)
-
-    n = int(RATE * SECONDS)
-    for i in range(n):
-        delay = start + i / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = asyncio.ensure_future(one(i))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - start
-    latencies.sort()
-    print(json.dumps({{"sent": n, "ok": ok, "errors": dict(errors), "elapsed": elapsed,
-                      "p50": latencies[len(latencies) // 2], "p99": latencies[int(len(latencies) * .99)]}}))
-
-asyncio.run(main())
-"""
-
-
-def load_script(rate: int, seconds: int, conns: int) -> str:
-    """A client that offers `rate` calls/s of examples::echo for `seconds` over `conns` connections and prints
-    {"sent", "ok", "errors": {kind: count}, "elapsed", "p50", "p99"}."""
-    return CLIENT_PRELUDE + LOAD_BODY.format(rate=rate, seconds=seconds, conns=conns)
-
-
-def in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """Runs fn() in a thread; the dict gets "result" or "exc"."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["exc"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def joined(t: threading.Thread, out: dict[str, Any], timeout: float = 400) -> dict[str, Any]:
-    t.join(timeout=timeout)
-    if "exc" in out:
-        raise out["exc"]
-    assert "result" in out, "the load client did not finish"
-    return out["result"]
 
 
 @pytest.fixture
@@ -345,6 +234,88 @@ def test_https_shim_needs_a_client_certificate_by_default(operator: str, namespa
         resp = asyncio.run(http_call(with_cert))
         assert resp.error is None, resp.error
         assert resp.result_value() == {"c": 3}
+
+
+def _ca_issuer(ns: str, name: str) -> None:
+    """A cert-manager CA Issuer of the test's own (self-signed root -> CA Certificate -> CA Issuer)."""
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Issuer",
+            "metadata": {"name": f"{name}-root"},
+            "spec": {"selfSigned": {}},
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Certificate",
+            "metadata": {"name": f"{name}-ca"},
+            "spec": {
+                "isCA": True,
+                "commonName": f"{name}-ca",
+                "secretName": f"{name}-ca",
+                "privateKey": {"algorithm": "ECDSA", "size": 256},
+                "issuerRef": {"name": f"{name}-root", "kind": "Issuer"},
+            },
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Issuer",
+            "metadata": {"name": name},
+            "spec": {"ca": {"secretName": f"{name}-ca"}},
+        },
+        ns,
+    )
+
+
+def test_issuer_ref_without_trust_bundle_authenticates_callers_by_token(
+    operator: str, namespace: str, tmp: Path
+) -> None:
+    """tls.issuerRef without tls.trustBundle: the operator cannot know whether the issuer writes a ca.crt
+    (ACME does not), so it renders --tls-client-auth none and the CRD requires a token. The peer serves TLS
+    without asking for a client certificate; the token is what lets a caller in."""
+    _ca_issuer(namespace, "corp")
+    token = uuid.uuid4().hex
+    kubectl("-n", namespace, "create", "secret", "generic", "corp-token", f"--from-literal=token={token}")
+    spec = {
+        "tls": {"issuerRef": {"name": "corp", "kind": "Issuer"}},
+        "auth": {"tokenSecretRef": {"name": "corp-token"}},
+    }
+    apply(peer("corp", **spec), namespace)
+    st = wait_ready(namespace, "corp")
+    args = pods(namespace, "corp")[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--tls-client-auth") + 1] == "none"
+    ca = secret_files(namespace, st["certificate"]["secretName"], tmp / "corp-srv").ca.read_bytes()
+
+    async def call(tok: str | None) -> Any:
+        async with await BlazenPeerClient.connect(
+            f"https://127.0.0.1:{port}",
+            "e2e-token-only",
+            root_certificates=ca,
+            token=tok,
+            server_name=f"corp.{namespace}.svc",
+        ) as client:
+            return await client.invoke_sub_workflow("examples", ["examples::echo"], {"t": 1}, timeout_secs=30)
+
+    with port_forward(namespace, "svc/corp", 50051) as port:
+        resp = asyncio.run(call(token))  # no client certificate
+        assert resp.error is None, resp.error
+        assert resp.result_value() == {"t": 1}
+        assert refused(call(None))
+        assert refused(call("wrong-" + token))
+    pod = pods(namespace, "corp")[0]["metadata"]["name"]
+    with (
+        port_forward(namespace, f"pod/{pod}", 9090) as port,
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=10) as r,
+    ):
+        info = json.loads(r.read())
+    # this issuer writes a ca.crt: siblings are verified against it, not the system roots
+    assert info["tls"] == {"client_auth": "none", "outbound_trust": "ca-bundle"}
 
 
 def test_blazen_wheel_client_through_plaintext_opt_in(
@@ -475,7 +446,7 @@ def test_certificate_renewal_under_load(operator: str, namespace: str, tmp: Path
     before = restarts()
     serials = [_serial(namespace, secret, tmp)]
 
-    t, out = in_background(lambda: in_cluster(namespace, "renew", load_script(200, 30, 8), timeout=300))
+    t, out = start_load(namespace, "renew", load_spec(namespace, "renew", rate=200, seconds=30, channels=8))
     for at in (10, 20):  # seconds into the load (the client pod needs a few seconds to start)
         time.sleep(at - (10 if at == 20 else 0))
         _force_renewal(namespace, cert)
@@ -537,7 +508,7 @@ def test_pod_deleted_under_load_fails_no_call(operator: str, namespace: str) -> 
     apply(peer("chaos", replicas=2, steps=["examples::echo"]), namespace)
     wait_ready(namespace, "chaos", replicas=2)
     victim = pods(namespace, "chaos")[0]["metadata"]["name"]
-    t, out = in_background(lambda: in_cluster(namespace, "chaos", load_script(50, 30, 4), timeout=300))
+    t, out = start_load(namespace, "chaos", load_spec(namespace, "chaos", rate=50, seconds=30, channels=4))
     time.sleep(12)
     kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
     result = joined(t, out)
@@ -545,7 +516,7 @@ def test_pod_deleted_under_load_fails_no_call(operator: str, namespace: str) -> 
     assert result["errors"] == {}, result
     assert result["ok"] == result["sent"] == 50 * 30, result
     wait_ready(namespace, "chaos", replicas=2)
-    after = in_cluster(namespace, "chaos", load_script(20, 5, 2))
+    after = run_load(namespace, "chaos", load_spec(namespace, "chaos", rate=20, seconds=5, channels=2))
     assert after["errors"] == {}, after
     assert after["ok"] == after["sent"]
 

@@ -82,11 +82,12 @@ async def test_default_tls_peer_without_token_requires_a_client_certificate_on_t
 
 
 async def test_tls_without_ca_and_without_token_refuses_to_start_the_shim(tmp_path, pki):
+    # Refused for every listener, the shim included (``--tls-client-auth``: test_transport_no_ca.py).
     code, out = await exit_of(tmp_path, *tls_flags(pki, ca=False))
     assert code == 2
     errors = [line for line in out.splitlines() if "error" in line]
     assert len(errors) == 1, out
-    assert "--http-auth" in errors[0]
+    assert "--tls-client-auth" in errors[0]
     assert "Traceback" not in out
 
 

@@ -727,6 +727,32 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
     assert "trust" not in volumes(peer())
 
 
+@pytest.mark.parametrize(
+    ("tls", "mode", "ca"),
+    [
+        ({}, "require", "/etc/blazen/tls/ca.crt"),  # the namespace CA: its ca.crt is always there
+        (
+            {
+                "issuerRef": {"name": "corp", "kind": "ClusterIssuer"},
+                "trustBundle": {"configMap": {"name": "r"}},
+            },
+            "require",
+            "/etc/blazen/trust/ca.crt",
+        ),
+        # Any other issuer may write no ca.crt (ACME): no client certificates, the token the CRD requires.
+        ({"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}, "none", "/etc/blazen/tls/ca.crt"),
+    ],
+)
+def test_tls_client_auth_follows_whether_a_ca_bundle_is_sure_to_exist(tls, mode, ca):
+    args = container(peer(tls=tls, auth={"tokenSecretRef": {"name": "t"}}))["args"]
+    assert flag(args, "--tls-client-auth") == mode
+    assert flag(args, "--tls-ca") == ca
+    assert (
+        "--tls-client-auth"
+        not in container(peer(tls={"enabled": False}, auth={"tokenSecretRef": {"name": "t"}}))["args"]
+    )
+
+
 def test_pod_deletion_cost_is_the_live_refs():
     assert workload.pod_deletion_cost(0) == "0"
     assert workload.pod_deletion_cost(42) == "42"

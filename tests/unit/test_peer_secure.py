@@ -195,7 +195,10 @@ async def test_start_waits_for_tls_files_that_are_not_there_yet(make_peer, pki: 
         time.sleep(1.5)
         late.mkdir()
         for name, src in (("tls.crt", pki.cert), ("tls.key", pki.key), ("ca.crt", pki.ca_file)):
-            paths[name].write_bytes(Path(src).read_bytes())
+            # each file appears whole, as the kubelet's rename makes it (a file seen empty is invalid)
+            tmp = paths[name].with_suffix(".tmp")
+            tmp.write_bytes(Path(src).read_bytes())
+            tmp.replace(paths[name])
 
     publisher = asyncio.get_running_loop().run_in_executor(None, publish)
     peer = await make_peer(
@@ -342,6 +345,7 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
         "envelope_version": 1,
         "ready": True,
         "session_refs": 0,
+        "tls": {"client_auth": "require", "outbound_trust": "ca-bundle"},
     }
     creds = grpc_creds(pki, pki.client_files)
     code, _, _body = await grpc_call(server.grpc_port, creds, req(["keep"], {"data": "hello"}), token=TOKEN)

@@ -89,10 +89,20 @@ def peer_args(p: Peer) -> list[str]:
             f"{c.TLS_DIR}/tls.key",
             "--tls-ca",
             f"{c.TRUST_DIR if sp.tls.trust_bundle is not None else c.TLS_DIR}/ca.crt",
+            "--tls-client-auth",
+            tls_client_auth(sp),
         ]
     if sp.auth.token_secret_ref is not None:
         args += ["--token-file", f"{c.TOKEN_DIR}/{c.TOKEN_KEY_PATH}"]
     return args
+
+
+def tls_client_auth(sp: s.BlazenPeerSpec) -> str:
+    """Mutual TLS where a CA bundle is sure to exist: the namespace CA's ca.crt, or tls.trustBundle. Another
+    issuer may write no ca.crt (ACME), so its peers ask for no client certificate and authenticate callers by
+    the token the CRD requires then; their ca.crt, when the issuer writes one, is what they trust their
+    siblings with (else the system roots)."""
+    return "require" if sp.tls.issuer_ref is None or sp.tls.trust_bundle is not None else "none"
 
 
 def shutdown_args(p: Peer) -> list[str]:

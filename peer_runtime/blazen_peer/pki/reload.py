@@ -46,7 +46,7 @@ from typing import Literal
 import grpc
 
 from ..wire.errors import PeerTlsError
-from .tls import TlsMaterial, validate_tls_material
+from .tls import TlsMaterial, system_roots_pem, validate_tls_material
 from .tls_policy import TLS12_CIPHERS
 
 __all__ = ["ReloadingTlsSource", "build_server_ssl_context", "grpc_certificate_configuration"]
@@ -139,9 +139,13 @@ class ReloadingTlsSource:
         *,
         role: Literal["server", "client"] = "server",
         poll_interval: float = 1.0,
+        ca_optional: bool = False,
     ) -> None:
         self._paths = tuple(os.fspath(p) for p in (cert, key) + ((ca,) if ca is not None else ()))
         self._role = role
+        # An issuer that writes no ca.crt (ACME) leaves the file absent or empty: with ca_optional that set
+        # has no CA (outbound hops then verify against the system roots) until the file holds one.
+        self._ca_optional = ca_optional
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
         self._listeners: list[Callable[[TlsMaterial], None]] = []
@@ -293,6 +297,9 @@ class ReloadingTlsSource:
                 with open(path, "rb") as f:
                     out.append(f.read())
             except OSError as e:
+                if isinstance(e, FileNotFoundError) and self._ca_optional and name == "CA cert":
+                    out.append(b"")
+                    continue
                 raise PeerTlsError(f"failed to read {self._role} {name} {path}: {e.strerror or e}") from e
         return tuple(out)
 
@@ -305,10 +312,13 @@ class ReloadingTlsSource:
         return h.hexdigest()
 
     def _validate(self, blobs: tuple[bytes, ...]) -> TlsMaterial:
+        ca_pem = blobs[2] if len(blobs) == 3 else None
+        if self._ca_optional and ca_pem is not None and not ca_pem.strip():
+            ca_pem = None
         return validate_tls_material(
             cert_pem=blobs[0],
             key_pem=blobs[1],
-            ca_pem=blobs[2] if len(blobs) == 3 else None,
+            ca_pem=ca_pem,
             role=self._role,
             cert_label=f"{self._role} cert {self._paths[0]}",
             key_label=f"{self._role} key {self._paths[1]}",
@@ -344,9 +354,11 @@ class ReloadingTlsSource:
 
     def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
         """Channel credentials of the current set: its certificate as client identity, its CA as trust
-        (the system roots without one). A channel keeps them: open new channels after a reload."""
+        (``system_roots_pem()`` without one: a server certificate from a public issuer such as ACME verifies).
+        A channel keeps them: open new channels after a reload."""
         m = self._snap.material
-        return grpc.ssl_channel_credentials(m.ca_pem, m.private_key_pem, m.cert_chain_pem)
+        roots = m.ca_pem if m.ca_pem is not None else system_roots_pem()
+        return grpc.ssl_channel_credentials(roots, m.private_key_pem, m.cert_chain_pem)
 
     def ssl_context(self, *, client_auth: ClientAuth = "optional") -> ssl.SSLContext:
         """A server ``SSLContext`` for aiohttp whose certificate and CA follow this source."""

@@ -14,7 +14,9 @@ be allowed to be a CA.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ __all__ = [
     "load_client_tls",
     "load_server_tls",
     "parse_ca_bundle",
+    "system_roots_pem",
     "validate_tls_material",
 ]
 
@@ -311,6 +314,35 @@ def load_client_tls(
         cert_label=f"client cert {os.fspath(cert)}" if cert is not None else "client cert",
         key_label=f"client key {os.fspath(key)}" if key is not None else "client key",
         ca_label=f"CA cert {os.fspath(ca)}",
+    )
+
+
+#: Where distributions keep the system trust bundle when OpenSSL's default file is not there (the files Go's
+#: crypto/x509 looks for on Linux), so an image built on any of them finds its roots.
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Arch, Gentoo
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # CentOS, RHEL 7
+    "/etc/ssl/cert.pem",  # Alpine
+)
+
+
+@functools.cache
+def system_roots_pem() -> bytes:
+    """The system's trusted roots (PEM): ``SSL_CERT_FILE`` when set, else OpenSSL's default file, else the
+    first of ``SYSTEM_BUNDLES`` that exists. What a peer without a CA bundle verifies the servers it dials
+    against (siblings, a router's pools), never the callers it serves. Raises ``PeerTlsError`` when there is
+    none."""
+    for path in (ssl.get_default_verify_paths().cafile, *SYSTEM_BUNDLES):
+        if path and os.path.isfile(path):
+            data = _read(path, "system trust bundle")
+            if b"-----BEGIN CERTIFICATE-----" not in data:
+                raise PeerTlsError(f"system trust bundle {path}: no PEM certificate found")
+            return data
+    raise PeerTlsError(
+        f"no system trust bundle (SSL_CERT_FILE or one of {', '.join(SYSTEM_BUNDLES)}) to verify the servers "
+        "this peer dials: give --tls-ca"
     )
 
 

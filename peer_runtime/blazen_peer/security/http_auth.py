@@ -54,7 +54,8 @@ def resolve_http_auth(mode: str, *, tls: bool, ca: bool, token: bool) -> HttpAut
     if mode == "client-cert":
         if not (tls and ca):
             raise PeerInsecureConfigError(
-                "--http-auth client-cert needs TLS with a CA (--tls-cert, --tls-key and --tls-ca)"
+                "--http-auth client-cert needs TLS that verifies client certificates (--tls-cert, --tls-key "
+                "and --tls-ca, --tls-client-auth require or auto)"
             )
         # A token, when configured, is checked too: the same rule as the gRPC listener.
         return HttpAuth(mode, "required", token)

@@ -1,6 +1,6 @@
-"""The security decisions taken from a ``PeerConfig``: which token source, which TLS material, whether the
-configuration may serve at all, and who may call the HTTPS shim. The composition root
-(``blazen_peer.app``) applies them to the listeners."""
+"""The security decisions taken from a ``PeerConfig``: which token source, which TLS material, how TLS callers
+are authenticated (``--tls-client-auth``), whether the configuration may serve at all, and who may call the
+HTTPS shim. The composition root (``blazen_peer.app``) applies them to the listeners."""
 
 from __future__ import annotations
 
@@ -11,19 +11,25 @@ from typing import Literal
 
 from ..config import PeerConfig
 from ..pki.reload import ReloadingTlsSource
+from ..pki.tls import system_roots_pem
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
 from .auth import TokenSource
 from .http_auth import HttpAuth, resolve_http_auth
 
 __all__ = [
     "INSECURE_MESSAGE",
+    "TlsClientAuth",
     "check_secure",
     "http_auth",
     "load_tls",
     "pool_hop_tls",
     "pool_hop_tokens",
+    "tls_client_auth",
     "token_source",
 ]
+
+#: ``--tls-client-auth`` resolved: "require" (mutual TLS, client certificates chained to --tls-ca) or "none".
+TlsClientAuth = Literal["require", "none"]
 
 log = logging.getLogger("blazen_peer.security")
 
@@ -43,20 +49,56 @@ def token_source(cfg: PeerConfig) -> TokenSource | None:
     return None
 
 
-def load_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
+def tls_client_auth(cfg: PeerConfig, tokens: TokenSource | None) -> TlsClientAuth | None:
+    """How the TLS listeners authenticate callers (``--tls-client-auth``); None without TLS.
+
+    ``require``: gRPC asks for a client certificate chained to ``--tls-ca`` (mutual TLS). ``none``: no
+    listener asks for one, so the bearer token is the only thing that tells callers apart and is required:
+    without it the peer refuses to start rather than serve anyone who can open a TLS connection. A CA
+    bundle is never replaced by the system roots for *callers*: any holder of any publicly issued
+    certificate would pass. ``auto``: ``require`` with ``--tls-ca``, else ``none``. Decided before the TLS
+    files are awaited, so a configuration that can never serve fails at once."""
+    if not (cfg.tls_cert and cfg.tls_key):
+        return None
+    mode = cfg.tls_client_auth
+    if mode == "auto":
+        mode = "require" if cfg.tls_ca else "none"
+    if mode == "require":
+        if not cfg.tls_ca:
+            raise PeerInsecureConfigError(
+                "--tls-client-auth require needs the CA bundle client certificates must chain to (--tls-ca)"
+            )
+        return "require"
+    if tokens is None:
+        why = "--tls-client-auth none" if cfg.tls_client_auth == "none" else "no --tls-ca"
+        raise PeerInsecureConfigError(
+            f"refusing to start: TLS without client certificates ({why}) leaves the bearer token as the only "
+            "authentication, and none is configured: give --token-file (or --token / BLAZEN_PEER_TOKEN), or "
+            "--tls-ca with --tls-client-auth require for mutual TLS"
+        )
+    return "none"
+
+
+def load_tls(cfg: PeerConfig, client_auth: TlsClientAuth | None) -> ReloadingTlsSource | None:
     """The TLS material of ``--tls-cert/--tls-key[/--tls-ca]``, None without TLS.
 
     Waits up to ``--tls-wait-secs`` while some files are still absent: a pod can start before cert-manager
     has filled its Secret (the operator creates the Secret up front so it carries an owner reference), and
     exiting then would only buy a container restart. Files that exist but are invalid fail at once. This
-    runs before any listener is up, so blocking the loop here costs nothing."""
+    runs before any listener is up, so blocking the loop here costs nothing. With ``client_auth`` "none"
+    the CA file only says whom outbound hops trust, and an absent or empty one (an issuer that writes no
+    ``ca.crt``, e.g. ACME) means the system roots: it is neither awaited nor required."""
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise PeerTlsError("--tls-cert and --tls-key go together")
     if cfg.tls_ca and not cfg.tls_cert:
         raise PeerTlsError("--tls-ca needs --tls-cert and --tls-key")
     if not cfg.tls_cert or not cfg.tls_key:
         return None
-    return _wait_for_tls(cfg, cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None, "server")
+    ca_optional = client_auth == "none"
+    tls = _wait_for_tls(cfg, cfg.tls_cert, cfg.tls_key, cfg.tls_ca or None, "server", ca_optional)
+    if tls.material.ca_pem is None:
+        system_roots_pem()  # no trust store to verify siblings and pools against fails here, not per call
+    return tls
 
 
 def pool_hop_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
@@ -72,7 +114,7 @@ def pool_hop_tls(cfg: PeerConfig) -> ReloadingTlsSource | None:
         raise PeerTlsError(
             "--pool-tls-ca needs a client certificate: --pool-tls-cert/--pool-tls-key or --tls-cert/--tls-key"
         )
-    return _wait_for_tls(cfg, cert, key, cfg.pool_tls_ca or cfg.tls_ca or None, "client")
+    return _wait_for_tls(cfg, cert, key, cfg.pool_tls_ca or cfg.tls_ca or None, "client", False)
 
 
 def pool_hop_tokens(cfg: PeerConfig) -> TokenSource | None:
@@ -82,15 +124,21 @@ def pool_hop_tokens(cfg: PeerConfig) -> TokenSource | None:
 
 
 def _wait_for_tls(
-    cfg: PeerConfig, cert: str, key: str, ca: str | None, role: Literal["server", "client"]
+    cfg: PeerConfig,
+    cert: str,
+    key: str,
+    ca: str | None,
+    role: Literal["server", "client"],
+    ca_optional: bool,
 ) -> ReloadingTlsSource:
     deadline = time.monotonic() + cfg.tls_wait_secs
     next_note = 0.0
+    awaited = (cert, key) if ca_optional else (cert, key, ca)
     while True:
         try:
-            return ReloadingTlsSource(cert, key, ca, role=role)
+            return ReloadingTlsSource(cert, key, ca, role=role, ca_optional=ca_optional)
         except PeerTlsError:
-            missing = [p for p in (cert, key, ca) if p and not os.path.exists(p)]
+            missing = [p for p in awaited if p and not os.path.exists(p)]
             now = time.monotonic()
             if not missing or now >= deadline:
                 raise
@@ -107,14 +155,19 @@ def check_secure(cfg: PeerConfig, tls: ReloadingTlsSource | None, tokens: TokenS
         if not cfg.insecure:
             raise PeerInsecureConfigError(INSECURE_MESSAGE)
         log.warning("serving without TLS and without a token (--insecure)")
-    elif tls is not None and not cfg.tls_ca:
-        log.warning("TLS without --tls-ca: gRPC clients are not asked for a certificate")
 
 
-def http_auth(cfg: PeerConfig, tls: ReloadingTlsSource | None, tokens: TokenSource | None) -> HttpAuth | None:
-    """Who may call the HTTP shim (``--http-auth``, ``security.http_auth``); None when it does not listen."""
+def http_auth(
+    cfg: PeerConfig,
+    tls: ReloadingTlsSource | None,
+    tokens: TokenSource | None,
+    client_auth: TlsClientAuth | None,
+) -> HttpAuth | None:
+    """Who may call the HTTP shim (``--http-auth``, ``security.http_auth``); None when it does not listen.
+    Client certificates count on the shim only where the TLS listeners verify them (``client_auth``
+    "require")."""
     if not cfg.http_addr:
         return None
     return resolve_http_auth(
-        cfg.http_auth, tls=tls is not None, ca=bool(cfg.tls_ca), token=tokens is not None
+        cfg.http_auth, tls=tls is not None, ca=client_auth == "require", token=tokens is not None
     )
