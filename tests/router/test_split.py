@@ -371,3 +371,23 @@ async def test_the_blazen_wheel_gets_a_split_run(fleets: Fleets, isoc23_shim: Pa
         assert sorted(d["origin_node_id"] for d in resp["refs"].values()) == ["cpu-0", "gpu-0"]
     # refs are listed sorted: $ref1 is one of the two; its payload comes back through the router
     assert bytes.fromhex(deref["payload_hex"]) in (b"vectors:w1 w2", b"index-of:2")
+
+
+async def test_a_caller_gone_mid_run_cancels_the_step_and_ends_the_run(fleets: Fleets) -> None:
+    """The caller's deadline passes while the gpu step runs: the hop is cancelled with it, the step sees its
+    cancellation, and the run still ends on both pods (its scratch refs go, its kept ref is released by
+    nobody: it stays, as in one peer)."""
+    client = await fleets.client(fleets.split)
+    try:
+        with pytest.raises(PeerTransportError) as err:
+            await client.invoke_sub_workflow("ingest", STEPS, {"text": "d e", "mode": "slow"}, deadline=1.0)
+        assert err.value.code == "DEADLINE_EXCEEDED"
+    finally:
+        await client.close()
+    await asyncio.wait_for(fleets.probe.cancelled.wait(), 10)
+    for _ in range(100):
+        if (fleets.cpu.refs.count, fleets.gpu.refs.count) == (0, 1) and not len(fleets.gpu.remote_runs):
+            break
+        await asyncio.sleep(0.05)
+    assert (fleets.cpu.refs.count, fleets.gpu.refs.count) == (0, 1)
+    assert len(fleets.cpu.remote_runs) == len(fleets.gpu.remote_runs) == 0
