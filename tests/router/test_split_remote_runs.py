@@ -79,3 +79,22 @@ async def test_bad_event_json_is_invalid_argument() -> None:
         await runs.run_step(unknown)
     assert err.value.status is Status.NOT_FOUND
     assert err.value.message == "unknown step id `nope`"
+
+
+async def test_a_run_that_keeps_nothing_here_is_forgotten_at_once() -> None:
+    reg = StepRegistry()
+
+    @reg.step("plain")
+    async def plain(event: dict, ctx: Any) -> dict:
+        ctx.state["x"] = 1
+        return {"type": "blazen::StopEvent", "result": None}
+
+    runs = RemoteRuns(PeerService("node-b", reg))
+    resp = await runs.run_step(
+        RunStepRequest(str(uuid.uuid4()), "wf", "plain", b'{"type":"blazen::StartEvent"}')
+    )
+    assert resp.keeps_run is False  # the router needs no EndRun here
+    assert len(runs) == 0
+    # a step that used session refs keeps its run until EndRun
+    kept = await RemoteRuns(service()).run_step(req(str(uuid.uuid4())))
+    assert kept.keeps_run is True

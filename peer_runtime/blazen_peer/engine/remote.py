@@ -90,15 +90,27 @@ class RemoteRuns:
             events = [service.encode_event(spec.step_id, ev, ctx) for ev in outs]
             state_set, deleted = self._delta(req.state_json, ctx)
         except WorkflowFailed as exc:
-            return RunStepResponse(error=str(exc))
+            return RunStepResponse(error=str(exc), keeps_run=self._keeps(req.run_id, run))
         except Unencodable as exc:
-            return RunStepResponse(error=f"result is not JSON-serializable: {exc}")
+            error = f"result is not JSON-serializable: {exc}"
+            return RunStepResponse(error=error, keeps_run=self._keeps(req.run_id, run))
         except (SessionRefLimitError, StepWorkersSaturated) as exc:
             raise PeerStatusError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         finally:
             run.running -= 1
             run.last = self._clock()
-        return RunStepResponse(events, state_set, deleted)
+        return RunStepResponse(events, state_set, deleted, keeps_run=self._keeps(req.run_id, run))
+
+    def _keeps(self, run_id: str, run: _Run) -> bool:
+        """After a step that returned: a run holding no refs and running no step here is forgotten at once
+        (most runs: the router then needs no ``EndRun`` here); else it is kept until ``EndRun``."""
+        if run.running or any(ctx.opened_refs for ctx in run.contexts):
+            return True
+        if self._runs.get(run_id) is run:
+            del self._runs[run_id]
+        for ctx in run.contexts:
+            ctx.end()  # nothing to drop; closes it to inserts, as the end of the run would
+        return False
 
     def _delta(self, before: dict[str, bytes], ctx: Context) -> tuple[dict[str, bytes], list[str]]:
         """The state keys the step set or changed (their JSON, as ``state_json`` carries it) and the ones it

@@ -99,12 +99,16 @@ class _Run:
         self.metadata = metadata
         self.run_id = str(uuid.uuid4())
         self.state: dict[str, bytes] = {}
-        #: every replica a step was sent to (it may have started even when the call failed)
+        #: the replicas that may hold something of the run: a step was sent there and did not answer, or
+        #: answered ``keeps_run`` (a step may have started even when its call failed)
         self.reached: dict[str, Replica] = {}
+        #: the replicas whose steps all answered that they keep nothing of the run
+        self._done_with: set[str] = set()
         self.deadline: float | None = None
 
     def _reach(self, replica: Replica) -> None:
         self.reached[replica.addr] = replica
+        self._done_with.discard(replica.addr)
 
     async def call(self, step: RemoteStep, event: dict[str, Any]) -> list[dict[str, Any]]:
         runner = self.runner
@@ -119,6 +123,8 @@ class _Run:
         )
         runner.steps[replica.pool] += 1
         resp = RunStepResponse.decode(unwrap(raw))
+        if not resp.keeps_run:
+            self._done_with.add(replica.addr)
         if resp.error is not None:
             raise WorkflowFailed(resp.error)
         state = self.state
@@ -131,11 +137,11 @@ class _Run:
 
     async def end(self) -> dict[str, RemoteRefDescriptor]:
         """``EndRun`` on every replica reached; the refs that survive, remembered as theirs."""
-        if not self.reached:
+        replicas = [r for addr, r in self.reached.items() if addr not in self._done_with]
+        if not replicas:
             return {}
         router = self.runner.router
         request = wrap(EndRunRequest(self.run_id).encode())
-        replicas = list(self.reached.values())
         answers = await asyncio.gather(
             *(router._one(r, PATH_END_RUN, request, self.metadata, END_RUN_TIMEOUT) for r in replicas),
             return_exceptions=True,

@@ -148,9 +148,11 @@ class RunStepRequest(_Message):
 class RunStepResponse(_Message):
     """What the step did: the events it emitted (JSON each, in order), the state keys it set or changed
     (``state_set``) and removed (``state_deleted``) - a delta, not the whole state - or ``error`` (the text
-    after ``workflow error: ``, as one peer would report the run failing in this step)."""
+    after ``workflow error: ``, as one peer would report the run failing in this step). ``keeps_run``: the
+    peer holds something of the run (session refs, a step still running) until ``EndRun``; False lets the
+    router skip that call when no other step of the run ran there."""
 
-    __slots__ = ("envelope_version", "error", "events_json", "state_deleted", "state_set")
+    __slots__ = ("envelope_version", "error", "events_json", "keeps_run", "state_deleted", "state_set")
 
     def __init__(
         self,
@@ -158,9 +160,11 @@ class RunStepResponse(_Message):
         state_set: dict[str, bytes] | None = None,
         state_deleted: list[str] | None = None,
         error: str | None = None,
+        keeps_run: bool = True,
         envelope_version: int = ENVELOPE_VERSION,
     ) -> None:
         self.envelope_version = envelope_version
+        self.keeps_run = keeps_run
         self.events_json = events_json if events_json is not None else []
         self.state_set = state_set if state_set is not None else {}
         self.state_deleted = state_deleted if state_deleted is not None else []
@@ -178,7 +182,7 @@ class RunStepResponse(_Message):
             w.option_tag(False)
         else:
             w.option_tag(True).str(self.error)
-        return w.getvalue()
+        return w.bool(self.keeps_run).getvalue()
 
     @classmethod
     def decode(cls, buf: bytes) -> RunStepResponse:
@@ -187,7 +191,8 @@ class RunStepResponse(_Message):
         events = [r.take_bytes() for _ in range(_count(r, buf))]
         state = _read_state(r, buf)
         deleted = [r.take_str() for _ in range(_count(r, buf))]
-        return cls(events, state, deleted, r.take_option_str(), version)
+        error = r.take_option_str()
+        return cls(events, state, deleted, error, r.take_bool(), version)
 
 
 class EndRunRequest(_Message):
