@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from blazen_peer import BlazenPeerServer, RefLifetime, StepRegistry
 from blazen_peer.client import BlazenPeerClient, PeerTransportError, PeerUnknownStepError
 from blazen_peer.router import BlazenRouterServer
-from blazen_peer.wire.messages import SubWorkflowEvent, SubWorkflowResponse
+from blazen_peer.wire.envelope import wrap
+from blazen_peer.wire.messages import SubWorkflowEvent, SubWorkflowRequest, SubWorkflowResponse
+from blazen_peer.wire.protocol import PATH_INVOKE, PATH_STREAM
 
 from tests.support.blazen_wheel import run_driver
 from tests.support.peers import blazen_peer_command, http_get, metric, start_peer, start_router, wait_ready
@@ -391,3 +394,20 @@ async def test_a_caller_gone_mid_run_cancels_the_step_and_ends_the_run(fleets: F
         await asyncio.sleep(0.05)
     assert (fleets.cpu.refs.count, fleets.gpu.refs.count) == (0, 1)
     assert len(fleets.cpu.remote_runs) == len(fleets.gpu.remote_runs) == 0
+
+
+async def test_bad_input_json_gets_the_peers_status(fleets: Fleets) -> None:
+    req = wrap(SubWorkflowRequest("ingest", STEPS, b'{"text": ').encode())
+    answers = []
+    for router in (fleets.one, fleets.split):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.grpc_port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary(PATH_INVOKE)(req, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as stream_err:
+                async for _ in ch.unary_stream(PATH_STREAM)(req, timeout=10):
+                    pass
+        answers.append(
+            (err.value.code(), err.value.details(), stream_err.value.code(), stream_err.value.details())
+        )
+    assert answers[0] == answers[1]
+    assert answers[1][0] == grpc.StatusCode.INVALID_ARGUMENT
