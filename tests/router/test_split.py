@@ -411,3 +411,52 @@ async def test_bad_input_json_gets_the_peers_status(fleets: Fleets) -> None:
         )
     assert answers[0] == answers[1]
     assert answers[1][0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_fan_out_wave_over_two_pools(tmp_path: Path) -> None:
+    """One event accepted by a step on each pool: both run at once (one wave) and the first stop event in step
+    order wins, as in one peer. The documented difference: each remote step sees the state as it was when the
+    wave started (one peer's steps share one dict), and their changes are merged."""
+    reg = StepRegistry()
+
+    @reg.step("fan.cpu", accepts=["blazen::StartEvent"])
+    async def on_cpu(event: dict, ctx: Any) -> dict:
+        ctx.state["cpu"] = sorted(ctx.state)
+        await asyncio.sleep(0.05)
+        return {"type": "Part", "from": "cpu"}
+
+    @reg.step("fan.gpu", accepts=["blazen::StartEvent"])
+    async def on_gpu(event: dict, ctx: Any) -> dict:
+        ctx.state["gpu"] = sorted(ctx.state)
+        return {"type": "Part", "from": "gpu"}
+
+    @reg.step("fan.join", accepts=["Part"])
+    async def join(event: dict, ctx: Any) -> dict:
+        return {"type": "blazen::StopEvent", "result": event["from"]}
+
+    token = tmp_path / "t"
+    token.write_text("fan-token")
+    cfg = {"insecure": True, "fleet_router_token_file": str(token)}
+    everything = await start_peer(reg, node_id="all", steps=["fan.cpu", "fan.gpu", "fan.join"], **cfg)
+    cpu = await start_peer(reg, node_id="cpu", steps=["fan.cpu", "fan.join"], **cfg)
+    gpu = await start_peer(reg, node_id="gpu", steps=["fan.gpu"], **cfg)
+    one = await start_router({"all": [f"127.0.0.1:{everything.grpc_port}"]}, **cfg)
+    split = await start_router(
+        {"cpu": [f"127.0.0.1:{cpu.grpc_port}"], "gpu": [f"127.0.0.1:{gpu.grpc_port}"]}, **cfg
+    )
+    try:
+        answers = []
+        for router in (one, split):
+            client = await BlazenPeerClient.connect(f"http://127.0.0.1:{router.grpc_port}", "c")
+            try:
+                answers.append(await client.invoke_sub_workflow("fan", ["fan.cpu", "fan.gpu", "fan.join"]))
+            finally:
+                await client.close()
+        a, b = answers
+        assert b.error is None
+        assert b.result_value() == a.result_value() == "cpu"
+        assert b.state_values() == {"cpu": [], "gpu": []}
+        assert a.state_values() == {"cpu": [], "gpu": ["cpu"]}  # one dict: gpu saw cpu's key
+    finally:
+        for s in (one, split, everything, cpu, gpu):
+            await s.stop(grace=0)
