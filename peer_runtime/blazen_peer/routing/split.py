@@ -99,16 +99,17 @@ class _Run:
         self.metadata = metadata
         self.run_id = str(uuid.uuid4())
         self.state: dict[str, bytes] = {}
-        #: the replicas that may hold something of the run: a step was sent there and did not answer, or
-        #: answered ``keeps_run`` (a step may have started even when its call failed)
+        #: every replica a step was sent to, and how many steps it was sent and answered: one that did not
+        #: answer a step (it may have started it) or answered ``keeps_run`` gets ``EndRun``
         self.reached: dict[str, Replica] = {}
-        #: the replicas whose steps all answered that they keep nothing of the run
-        self._done_with: set[str] = set()
+        self._sent: Counter[str] = Counter()
+        self._answered: Counter[str] = Counter()
+        self._keeping: set[str] = set()
         self.deadline: float | None = None
 
     def _reach(self, replica: Replica) -> None:
         self.reached[replica.addr] = replica
-        self._done_with.discard(replica.addr)
+        self._sent[replica.addr] += 1
 
     async def call(self, step: RemoteStep, event: dict[str, Any]) -> list[dict[str, Any]]:
         runner = self.runner
@@ -123,8 +124,9 @@ class _Run:
         )
         runner.steps[replica.pool] += 1
         resp = RunStepResponse.decode(unwrap(raw))
-        if not resp.keeps_run:
-            self._done_with.add(replica.addr)
+        self._answered[replica.addr] += 1
+        if resp.keeps_run:
+            self._keeping.add(replica.addr)
         if resp.error is not None:
             raise WorkflowFailed(resp.error)
         state = self.state
@@ -136,8 +138,13 @@ class _Run:
         return [Event.of(b) for b in resp.events_json]
 
     async def end(self) -> dict[str, RemoteRefDescriptor]:
-        """``EndRun`` on every replica reached; the refs that survive, remembered as theirs."""
-        replicas = [r for addr, r in self.reached.items() if addr not in self._done_with]
+        """``EndRun`` on every replica that may hold something of the run; the refs that survive, remembered
+        as theirs."""
+        replicas = [
+            r
+            for addr, r in self.reached.items()
+            if addr in self._keeping or self._sent[addr] > self._answered[addr]
+        ]
         if not replicas:
             return {}
         router = self.runner.router
