@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from ..engine.runner import WorkflowFailed, route_events
 from ..engine.service import run_within, start_event
 from ..wire.envelope import unwrap, wrap
-from ..wire.errors import PeerStatusError, Status
+from ..wire.errors import PeerStatusError, Status, exception_text
 from ..wire.fleet import EndRunRequest, EndRunResponse, RunStepRequest, RunStepResponse
 from ..wire.messages import (
     RemoteRefDescriptor,
@@ -123,7 +123,12 @@ class _Run:
             cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach
         )
         runner.steps[replica.pool] += 1
-        resp = RunStepResponse.decode(unwrap(raw))
+        try:
+            resp = RunStepResponse.decode(unwrap(raw))
+        except ValueError as exc:  # postcard or envelope: a peer that speaks another RunStep
+            raise UpstreamError(
+                grpc.StatusCode.INTERNAL, f"malformed RunStep reply from {replica.addr}: {exc}"
+            ) from None
         self._answered[replica.addr] += 1
         if resp.keeps_run:
             self._keeping.add(replica.addr)
@@ -159,7 +164,11 @@ class _Run:
                 detail = answer.details() if isinstance(answer, grpc.aio.AioRpcError) else answer
                 log.warning("split run %s: EndRun on %s failed: %s", self.run_id, replica.addr, detail)
                 continue
-            survivors = EndRunResponse.decode(unwrap(answer)).remote_refs
+            try:
+                survivors = EndRunResponse.decode(unwrap(answer)).remote_refs
+            except ValueError as exc:
+                log.warning("split run %s: bad EndRun reply from %s: %s", self.run_id, replica.addr, exc)
+                continue
             if survivors:
                 router.owners.remember([parse_uuid(k) for k in survivors], replica.addr)
                 refs.update(survivors)
@@ -275,6 +284,10 @@ class SplitRunner:
                 final = await self._run(_Run(self, req, self._metadata(metadata)), time_left, on_event)
             except (UpstreamError, PeerStatusError) as exc:
                 await queue.put(exc)
+                return
+            except Exception as exc:  # a bug must still end the stream with a status, as a peer's does
+                log.exception("split stream %r failed", req.workflow_name)
+                await queue.put(PeerStatusError(Status.INTERNAL, f"internal error: {exception_text(exc)}"))
                 return
             await queue.put(_Final(wrap(encode_stream_final(final))))
 
