@@ -14,7 +14,7 @@ import pytest
 from blazen_peer import StepRegistry
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.wire.envelope import unwrap, wrap
-from blazen_peer.wire.errors import PeerAuthConfigError
+from blazen_peer.wire.errors import PeerAuthConfigError, PeerError
 from blazen_peer.wire.fleet import EndRunRequest, RunStepRequest, RunStepResponse
 from blazen_peer.wire.protocol import FLEET_ROUTER_TOKEN_METADATA, PATH_END_RUN, PATH_RUN_STEP
 
@@ -226,3 +226,65 @@ async def test_a_tls_router_splits_a_run_with_its_certificate(tmp_path: Path) ->
             assert resp.state_values() == {"a": "p1"}
         finally:
             await router.stop(grace=0)
+
+
+async def test_a_pool_answering_garbage_to_runstep_fails_the_call_not_the_router(tmp_path: Path) -> None:
+    """A replica that says it runs steps but answers RunStep with bytes that are no RunStepResponse: the
+    caller gets INTERNAL naming it (invoke and stream), and the router goes on serving."""
+    from blazen_peer.wire.fleet import Description
+    from blazen_peer.wire.protocol import FLEET_SERVICE, METHOD_DESCRIBE, METHOD_RUN_STEP
+
+    reg = StepRegistry()
+
+    @reg.step("a")
+    async def a(event: dict, ctx: Any) -> dict:
+        return {"type": "Mid"}
+
+    async def describe(request: bytes, context: Any) -> bytes:
+        return wrap(Description("liar", {"b": ("Mid",)}, run_steps=True).encode())
+
+    async def garbage(request: bytes, context: Any) -> bytes:
+        return wrap(b"\xff\xff\xff")
+
+    liar = grpc.aio.server()
+    liar.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                FLEET_SERVICE,
+                {
+                    METHOD_DESCRIBE: grpc.unary_unary_rpc_method_handler(describe),
+                    METHOD_RUN_STEP: grpc.unary_unary_rpc_method_handler(garbage),
+                },
+            ),
+        )
+    )
+    liar_port = liar.add_insecure_port("127.0.0.1:0")
+    await liar.start()
+    token = tmp_path / "t"
+    token.write_text("tok")
+    cfg = {"insecure": True, "fleet_router_token_file": str(token)}
+    try:
+        async with running_peer(reg, node_id="honest", steps=["a"], **cfg) as honest:
+            router = await start_router(
+                {"one": [f"127.0.0.1:{honest.grpc_port}"], "two": [f"127.0.0.1:{liar_port}"]}, **cfg
+            )
+            try:
+                client = await BlazenPeerClient.connect(f"http://127.0.0.1:{router.grpc_port}", "c")
+                try:
+                    with pytest.raises(PeerError, match="malformed RunStep reply") as err:
+                        await client.invoke_sub_workflow("wf", ["a", "b"])
+                    assert getattr(err.value, "code", None) == "INTERNAL"
+                    assert "malformed RunStep reply" in str(err.value)
+                    with pytest.raises(PeerError, match="malformed RunStep reply") as err:
+                        async for _ in client.stream_sub_workflow_events("wf", ["a", "b"]):
+                            pass
+                    assert getattr(err.value, "code", None) == "INTERNAL"
+                    # still serving
+                    resp = await client.invoke_sub_workflow("wf", ["a"])
+                    assert resp.error == "workflow error: no handler for event type: Mid"
+                finally:
+                    await client.close()
+            finally:
+                await router.stop(grace=0)
+    finally:
+        await liar.stop(0)
