@@ -259,7 +259,7 @@ FLAGS: tuple[Flag, ...] = (
         "fleet_router_identity",
         "the DNS/URI names (SANs) of the fleet router's client certificate: only it may run single steps of "
         "a run split over pools here (blazen.fleet.v1 RunStep; refused unless this or "
-        "--fleet-router-token-file is set; needs --tls-ca)",
+        "--fleet-router-token-file is set; needs --tls-ca and --tls-client-auth auto|require)",
         _csv,
         metavar="NAME[,NAME...]",
     ),
