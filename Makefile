@@ -56,6 +56,7 @@ bench: $(STAMP)
 	hack/install-h2load.sh
 	hack/build-ghz.sh
 	nice $(PY) -m bench
+	nice $(PY) -m bench.split
 
 # The API-test control plane plus kube-scheduler, the kwok controller and cert-manager's controller (docs/benchmarks.md).
 toolchain-bench: toolchain-api

@@ -68,7 +68,7 @@ async def bare_grpcio_sync(port: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, server.wait_for_termination)
 
 
-def ours(port: int) -> None:
+def ours(port: int, *extra: str) -> None:
     """The product as a pod runs it: the ``blazen-peer serve`` CLI (its event loop, logging, signals)."""
     from blazen_peer.cli import main
 
@@ -78,6 +78,49 @@ def ours(port: int) -> None:
             "--entrypoint=bench.steps",
             "--node-id=bench-ours",
             f"--grpc-addr=127.0.0.1:{port}",
+            "--admin-addr=off",
+            "--insecure",
+            "--log-level=WARNING",
+            *extra,
+        ]
+    )
+
+
+#: the split-run benchmark's peers (bench/split.py) trust their router by this token (loopback only).
+SPLIT_TOKEN = "bench-split-router-token"
+
+
+def _split_token() -> str:
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="bench-split-token-")
+    os.write(fd, SPLIT_TOKEN.encode())
+    os.close(fd)
+    return path
+
+
+def chain_peer(port: int, steps: str) -> None:
+    """A peer serving only ``steps`` of bench/steps.py (``hop1``, ``hop2`` or both: ``hop1,hop2``) that
+    runs single steps for the split benchmark's router."""
+    ours(
+        port,
+        f"--steps={','.join('bench::' + s for s in steps.split(','))}",
+        f"--fleet-router-token-file={_split_token()}",
+    )
+
+
+def pools_router(port: int, *pools: str) -> None:
+    """``blazen-peer route`` over ``NAME=H:P`` pools, sending the split benchmark's router token."""
+    from blazen_peer.cli import main
+
+    main(
+        [
+            "route",
+            "--node-id=bench-router",
+            f"--grpc-addr=127.0.0.1:{port}",
+            *(f"--pool={p}" for p in pools),
+            f"--fleet-router-token-file={_split_token()}",
             "--admin-addr=off",
             "--insecure",
             "--log-level=WARNING",
@@ -132,8 +175,13 @@ KINDS = {
     "ours-sync": ours_sync,
     "router": router,
 }
+#: kinds taking string arguments after the port (bench/split.py)
+STR_KINDS = {"chain-peer": chain_peer, "pools-router": pools_router}
 
 if __name__ == "__main__":
+    if sys.argv[1] in STR_KINDS:
+        STR_KINDS[sys.argv[1]](int(sys.argv[2]), *sys.argv[3:])
+        sys.exit(0)
     started = KINDS[sys.argv[1]](*(int(a) for a in sys.argv[2:]))
     if asyncio.iscoroutine(started):  # the others run their own loop
         asyncio.run(started)

@@ -40,6 +40,7 @@ from .wire.protocol import (
     NODE_ID_HEADER,
     NODE_ID_METADATA,
     PATH_DEREF,
+    PATH_END_RUN,
     PATH_RELEASE,
     REQUEST_ID_HEADER,
     REQUEST_ID_METADATA,
@@ -57,9 +58,10 @@ log = logging.getLogger("blazen_peer.admission")
 #: count too: each holds a step's payload or forwards to every sibling, so they must not escape the cap.
 LIMITED_METHODS = frozenset(RPC_NAMES)
 
-#: deref and release of the session refs this process holds: still admitted after the drain's admit window
-#: (the refs live only here), as long as the server listens.
-REF_METHODS = frozenset({PATH_DEREF, PATH_RELEASE, ROUTE_DEREF, ROUTE_RELEASE})
+#: deref and release of the session refs this process holds, and a router's end of a split run (which drops
+#: its refs here): still admitted after the drain's admit window (the refs live only here), as long as the
+#: server listens.
+REF_METHODS = frozenset({PATH_DEREF, PATH_RELEASE, ROUTE_DEREF, ROUTE_RELEASE, PATH_END_RUN})
 
 #: ``admit(authorization) -> None`` (admitted) or the refusal ``(status, message)``.
 Admit = Callable[[Any], "tuple[Status, str] | None"]

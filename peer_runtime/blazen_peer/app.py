@@ -37,9 +37,12 @@ from .pki.reload import ClientAuth, ReloadingTlsSource
 from .pki.tls import TlsMaterial, first_dns_name
 from .security.auth import TokenSource
 from .security.cors import make_cors_middleware
+from .security.fleet_router import FleetRouterGuard
 from .security.policy import (
     TlsClientAuth,
     check_secure,
+    fleet_router_guard,
+    fleet_router_token,
     http_auth,
     load_tls,
     tls_client_auth,
@@ -71,6 +74,10 @@ class PeerRuntime:
     forward_server_name: str | None = None
     #: further tokens the server sends (a router's ``--pool-token-file``), hidden from the logs as well.
     outgoing_tokens: list[TokenSource] = field(default_factory=list)
+    #: who may call ``blazen.fleet.v1`` RunStep / EndRun here (``--fleet-router-*``).
+    fleet_guard: FleetRouterGuard = field(default_factory=lambda: FleetRouterGuard(mtls=False))
+    #: the fleet router's token (``--fleet-router-token-file``): checked by a peer, sent by a router.
+    fleet_router_token: TokenSource | None = None
 
     def tls_info(self) -> dict[str, str] | None:
         """The ``tls`` field of ``/v1/info``: how callers are authenticated and whom outbound hops trust (the
@@ -102,6 +109,10 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
     limiter = ConcurrencyLimiter(cfg.max_concurrent_workflows or None)
     rt = PeerRuntime(readiness, metrics, drainer, limiter, tokens, tls, client_auth)
     hooks = rt.hooks
+    rt.fleet_router_token = fleet_router_token(cfg)
+    if rt.fleet_router_token is not None:
+        rt.outgoing_tokens.append(rt.fleet_router_token)
+    rt.fleet_guard = fleet_router_guard(cfg, client_auth, rt.fleet_router_token)
 
     def admission(transport: str, tokens: TokenSource | None) -> Admission:
         return Admission(

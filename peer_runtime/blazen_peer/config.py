@@ -56,6 +56,9 @@ class PeerConfig:
     event_loop: str = "uvloop"
     # the admission's concurrency limit (blazen_peer.admission)
     max_concurrent_workflows: int = 64
+    # who may run single steps of split runs here (security/fleet_router.py); the router sends the token
+    fleet_router_identity: tuple[str, ...] = ()
+    fleet_router_token_file: str | None = None
     # blazen-peer route (docs/router.md)
     pool: tuple[str, ...] = ()
     pool_refresh_secs: float = 10.0
@@ -253,6 +256,20 @@ FLAGS: tuple[Flag, ...] = (
     Flag("log_level", "logging level", str.upper, metavar="LEVEL"),
     Flag("event_loop", "uvloop (default) or asyncio's own loop", _event_loop, metavar="uvloop|asyncio"),
     Flag(
+        "fleet_router_identity",
+        "the DNS/URI names (SANs) of the fleet router's client certificate: only it may run single steps of "
+        "a run split over pools here (blazen.fleet.v1 RunStep; refused unless this or "
+        "--fleet-router-token-file is set; needs --tls-ca and --tls-client-auth auto|require)",
+        _csv,
+        metavar="NAME[,NAME...]",
+    ),
+    Flag(
+        "fleet_router_token_file",
+        "file holding the fleet router's own token: a peer requires it on blazen.fleet.v1 RunStep, a router "
+        "sends it",
+        metavar="PATH",
+    ),
+    Flag(
         "max_concurrent_workflows",
         "calls run at once (Invoke, Stream, Deref, Release); more are refused RESOURCE_EXHAUSTED / 429 "
         "(0: no cap)",
@@ -288,7 +305,7 @@ ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
 #: ``blazen-peer serve``'s flags a router has no use for (it runs no steps and holds no refs).
 _SERVE_ONLY = frozenset(
     {"entrypoint", "steps", "forward_dns", "forward_peers", "ref_max_count", "ref_max_bytes", "ref_ttl_secs"}
-    | {"sync_step_workers"}
+    | {"sync_step_workers", "fleet_router_identity"}
 )
 #: the flags of ``blazen-peer route``: serve's listeners, security, limits, drain and logging, and the pools.
 ROUTER_FLAGS: tuple[Flag, ...] = tuple(f for f in FLAGS if f.attr not in _SERVE_ONLY) + ROUTER_ONLY_FLAGS

@@ -23,6 +23,7 @@ from .pki.reload import ReloadingTlsSource
 from .pki.tls import TlsMaterial
 from .routing.forward import Router, RouterService, router_methods
 from .routing.pools import PoolSet
+from .routing.split import SplitRunner
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
 from .server import BlazenPeerServer
@@ -51,6 +52,7 @@ class BlazenRouterServer(BlazenPeerServer):
         self.pool_addrs = parse_pools(self.config.pool)
         self.pools: PoolSet | None = None
         self.router: Router | None = None
+        self.split: SplitRunner | None = None
         self._hop_tls: ReloadingTlsSource | None = None
 
     async def _prepare(self, hooks: ServerHooks) -> None:
@@ -88,7 +90,10 @@ class BlazenRouterServer(BlazenPeerServer):
             on_refresh=self._pools_refreshed,
         )
         self.router = Router(self.pools)
+        # step ids no single pool serves: the router runs the events itself, each step on its pool
+        self.split = self.router.split = SplitRunner(self.router, self.runtime.fleet_router_token)
         self.runtime.metrics.add_collector(self.pools.collect)
+        self.runtime.metrics.add_collector(self.split.collect)
         # Routable from the first call: the listeners bind once every replica answered or failed.
         await self.pools.refresh()
         self.pools.start()
@@ -129,4 +134,6 @@ class BlazenRouterServer(BlazenPeerServer):
     def info(self) -> dict[str, Any]:
         out = super().info()
         out["router"] = self.pools.info() if self.pools is not None else None
+        if out["router"] is not None and self.split is not None:
+            out["router"]["split"] = self.split.info()
         return out

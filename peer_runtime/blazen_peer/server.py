@@ -18,6 +18,7 @@ from .config import PeerConfig
 from .engine.executor import StepExecutor, default_workers
 from .engine.refs import SessionRefStore
 from .engine.registry import StepRegistry, default_registry, load_entrypoint
+from .engine.remote import RemoteRuns
 from .engine.service import PeerService
 from .hooks import ServerHooks, combine
 from .transport.fleet import fleet_methods
@@ -60,6 +61,8 @@ class BlazenPeerServer:
             max_count=cfg.ref_max_count, max_bytes=cfg.ref_max_bytes, parent_ttl_secs=cfg.ref_ttl_secs or None
         )
         self.service = PeerService(cfg.node_id, self.registry, served_steps=cfg.steps, refs=self.refs)
+        #: the steps this peer runs for a router's split runs (``blazen.fleet.v1`` RunStep / EndRun).
+        self.remote_runs = RemoteRuns(self.service)
         self.grpc_port: int | None = None
         self.plaintext_grpc_port: int | None = None
         self.http_port: int | None = None
@@ -238,10 +241,12 @@ class BlazenPeerServer:
 
     def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
         """The gRPC methods of ``--grpc-addr`` (``main``) and of ``--plaintext-grpc-addr``: the BlazenPeer
-        service; the fleet's ``Describe`` only on the authenticated listener."""
+        service; the fleet's methods only on the authenticated listener."""
         methods = peer_methods(self.service)
         if main:
-            methods.update(fleet_methods(self.describe))
+            assert self.runtime is not None
+            guard = self.runtime.fleet_guard.why_refused
+            methods.update(fleet_methods(self.describe, self.remote_runs, guard))
         return methods
 
     def _http_service(self) -> Any:
@@ -262,7 +267,8 @@ class BlazenPeerServer:
         steps = {sid: spec.accepts for sid in served if (spec := reg.get(sid)) is not None}
         workflows = {w: tuple(ids) for w, ids in reg.workflows().items() if all(i in steps for i in ids)}
         in_flight = self.runtime.limiter.in_use if self.runtime is not None else 0
-        return Description(self.node_id, steps, workflows, in_flight, self._ready)
+        run_steps = self.runtime is not None and self.runtime.fleet_guard.configured
+        return Description(self.node_id, steps, workflows, in_flight, self._ready, run_steps)
 
     async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any, name: str) -> int:
         cfg = self.config
@@ -289,6 +295,9 @@ class BlazenPeerServer:
             dropped = self.refs.sweep()
             if dropped:
                 log.info("dropped %d expired session refs", dropped)
+            abandoned = self.remote_runs.sweep()
+            if abandoned:
+                log.warning("ended %d split runs their router never ended", abandoned)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop within ``grace`` seconds (``--shutdown-grace-secs``): the ``on_stop`` hooks (the drain: not

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from ..wire.protocol import METHOD_DESCRIBE, PATH_DESCRIBE, RPC_NAMES
+from ..wire.protocol import METHOD_DESCRIBE, METHOD_END_RUN, PATH_DESCRIBE, PATH_END_RUN, RPC_NAMES
 
 __all__ = ["CallStats", "PeerMetrics", "method_label"]
 
@@ -32,8 +32,8 @@ _BOUND_LABELS = tuple(floatToGoString(b) for b in _BUCKETS)
 CALL_LABELS = ["transport", "method", "code"]
 
 
-# Describe is not in RPC_NAMES: that map is also the set of calls the concurrency limit counts.
-_LABELS = {**RPC_NAMES, PATH_DESCRIBE: METHOD_DESCRIBE}
+# Describe and EndRun are not in RPC_NAMES: that map is also the set of calls the concurrency limit counts.
+_LABELS = {**RPC_NAMES, PATH_DESCRIBE: METHOD_DESCRIBE, PATH_END_RUN: METHOD_END_RUN}
 
 
 def method_label(method: str) -> str:

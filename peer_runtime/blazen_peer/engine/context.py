@@ -46,6 +46,11 @@ class Context:
             self._store.open_run(self.run_id, self._has_ended)
         return refs
 
+    @property
+    def opened_refs(self) -> bool:
+        """A step of this run used ``session_refs`` (the run may hold refs until it ends)."""
+        return self._refs is not None
+
     def _has_ended(self) -> bool:
         return self._ended
 

@@ -20,8 +20,8 @@ bug in the step; a step that catches it carries on as usual) and ``StepWorkersSa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from ..wire.errors import PeerError, exception_text
 from .executor import StepExecutor, StepWorkersSaturated
@@ -58,7 +58,7 @@ def _normalize(spec: StepSpec, out: Any) -> list[dict[str, Any]]:
     return events
 
 
-async def _call(
+async def call_step(
     spec: StepSpec, event: dict[str, Any], ctx: Any, executor: StepExecutor
 ) -> list[dict[str, Any]]:
     try:
@@ -80,14 +80,30 @@ async def _call(
     return _normalize(spec, out)
 
 
-async def run_workflow(
-    index: dict[str, list[StepSpec]],
+class Routable(Protocol):
+    """What event routing needs of a step: its id (a ``StepSpec`` here; a remote step in a router)."""
+
+    @property
+    def step_id(self) -> str: ...
+
+
+S = TypeVar("S", bound=Routable)
+#: ``await call(step, event)``: run one step on one event, return the events it emitted (``WorkflowFailed``
+#: when it failed).
+StepCall = Callable[[S, dict[str, Any]], Awaitable[list[dict[str, Any]]]]
+
+
+async def route_events(
+    index: Mapping[str, Sequence[S]],
     start_event: dict[str, Any],
-    ctx: Any,
-    executor: StepExecutor,
+    call: StepCall[S],
+    ctx: Any = None,
     on_event: EventSink | None = None,
 ) -> Any:
-    """Run to the first stop event and return its ``result``; raise ``WorkflowFailed`` otherwise."""
+    """Blazen's event routing, wherever the steps run: from ``start_event`` to the first stop event, whose
+    ``result`` it returns; ``WorkflowFailed`` otherwise. ``index`` maps an event type to the steps accepting
+    it, ``call`` runs one of them (here: on this peer; in a router: on a replica of the pool that serves it,
+    ``routing.split``); ``on_event`` sees each emitted event with ``ctx``."""
     pending = [start_event]
     wave = 0
     while pending:
@@ -99,7 +115,7 @@ async def run_workflow(
             # of them would hold it (no timeout, no other call) until the watchdog ends the process.
             await asyncio.sleep(0)
         wave += 1
-        jobs: list[tuple[StepSpec, dict[str, Any]]] = []
+        jobs: list[tuple[S, dict[str, Any]]] = []
         for ev in pending:
             specs = index.get(ev["type"])
             if not specs:
@@ -108,12 +124,12 @@ async def run_workflow(
                 jobs.append((spec, ev))
         if len(jobs) == 1:
             spec, ev = jobs[0]
-            pending = await _call(spec, ev, ctx, executor)
+            pending = await call(spec, ev)
             if on_event is not None:
                 for out in pending:
                     await on_event(spec.step_id, out, ctx)
             continue
-        tasks = [asyncio.ensure_future(_call(spec, ev, ctx, executor)) for spec, ev in jobs]
+        tasks = [asyncio.ensure_future(call(spec, ev)) for spec, ev in jobs]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
@@ -133,3 +149,20 @@ async def run_workflow(
                     await on_event(spec.step_id, out, ctx)
             pending.extend(outs)
     raise WorkflowFailed(f"the run ended without a {STOP_EVENT}: no step emitted an event")
+
+
+def run_workflow(
+    index: dict[str, list[StepSpec]],
+    start_event: dict[str, Any],
+    ctx: Any,
+    executor: StepExecutor,
+    on_event: EventSink | None = None,
+) -> Coroutine[Any, Any, Any]:
+    """The run on this peer (``route_events`` with ``call_step``): to the first stop event, whose ``result``
+    it returns; ``WorkflowFailed`` otherwise. A plain function returning the coroutine: no extra frame per
+    call on the hot path."""
+
+    def call(spec: StepSpec, event: dict[str, Any]) -> Coroutine[Any, Any, list[dict[str, Any]]]:
+        return call_step(spec, event, ctx, executor)
+
+    return route_events(index, start_event, call, ctx, on_event)

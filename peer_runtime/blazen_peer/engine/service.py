@@ -93,7 +93,7 @@ def _wake(waiter: asyncio.Future[Any], *_: Any) -> None:
         waiter.set_result(None)
 
 
-async def _within(run: Coroutine[Any, Any, Any], secs: float, slots: Slots | None) -> Any:
+async def run_within(run: Coroutine[Any, Any, Any], secs: float, slots: Slots | None) -> Any:
     """``await run``, or TimeoutError after ``secs`` without waiting for the run to stop: a step that
     swallows its cancellation cannot stretch the call past its ``timeout_secs``. Until the abandoned run
     does stop, it keeps a slot of the concurrency limiter (``slots``), like a sync step that outlives its
@@ -119,6 +119,17 @@ async def _within(run: Coroutine[Any, Any, Any], secs: float, slots: Slots | Non
     if abandoned:
         raise TimeoutError
     return task.result()
+
+
+def start_event(input_json: bytes) -> dict[str, Any]:
+    """The run's start event from the request's input: a JSON object's keys with ``type`` set, anything
+    else under ``input``; INVALID_ARGUMENT for bad JSON (a router splitting a run builds it the same way)."""
+    try:
+        # Decoded as UTF-8 here: json.loads(bytes) sniffs UTF-16/32 first, which Blazen never sends.
+        data = json.loads(input_json.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included; RecursionError: nesting
+        raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid input JSON: {exc}") from None
+    return {**data, "type": START_EVENT} if isinstance(data, dict) else {"type": START_EVENT, "input": data}
 
 
 class PeerService:
@@ -209,14 +220,7 @@ class PeerService:
             if not step_ids:
                 raise PeerStatusError(Status.INTERNAL, EMPTY_WORKFLOW)
         index = self._index(step_ids)
-        try:
-            # Decoded as UTF-8 here: json.loads(bytes) sniffs UTF-16/32 first, which Blazen never sends.
-            data = json.loads(req.input_json.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included; RecursionError: nesting
-            raise PeerStatusError(Status.INVALID_ARGUMENT, f"invalid input JSON: {exc}") from None
-        start = (
-            {**data, "type": START_EVENT} if isinstance(data, dict) else {"type": START_EVENT, "input": data}
-        )
+        start = start_event(req.input_json)
         ctx = Context(self.refs, next_run_id(), self.node_id, req.workflow_name, caller_node_id)
         try:
             return await self._run(req, index, start, ctx, on_event)
@@ -237,7 +241,7 @@ class PeerService:
         try:
             run = run_workflow(index, start, ctx, self.executor, on_event)
             if req.timeout_secs is not None:
-                run = _within(run, req.timeout_secs, self.executor.slots)
+                run = run_within(run, req.timeout_secs, self.executor.slots)
             result = await run
             result_json = self.encode_json(result, ctx)
             if ctx.state:
@@ -329,4 +333,13 @@ class PeerService:
         return False
 
 
-__all__ = ["EMPTY_WORKFLOW", "REF_MARKER", "Forwarder", "PeerService", "Unencodable", "check_version"]
+__all__ = [
+    "EMPTY_WORKFLOW",
+    "REF_MARKER",
+    "Forwarder",
+    "PeerService",
+    "Unencodable",
+    "check_version",
+    "run_within",
+    "start_event",
+]

@@ -4,7 +4,8 @@
   by power of two choices; a replica that refused before running anything (connection refused, draining,
   its admission's concurrency limit) is replaced by another, invisibly; any other failure is the caller's
   answer, never re-run. The caller's node id and request id go along, with the router's token; the
-  caller's deadline is the hop's; a cancelled call cancels the hop.
+  caller's deadline is the hop's; a cancelled call cancels the hop. Step ids that no single pool serves
+  but the pools do together make a split run: the router routes the events itself (``routing.split``).
 * Deref / Release: straight to the replica seen holding the ref in a response; a ref not seen (another
   router, a restart, an evicted entry) is asked of every replica of every pool at once.
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -91,10 +92,26 @@ def _final_frame(msg: bytes) -> bytes | None:
     return payload[1:] if len(payload) > 0 and payload[0] == 1 else None
 
 
+class SplitRuns(Protocol):
+    """Runs whose steps no single pool serves (``routing.split``)."""
+
+    def applies(self, req: SubWorkflowRequest, refusal: PeerStatusError) -> bool: ...
+
+    async def invoke(
+        self, req: SubWorkflowRequest, metadata: list[tuple[str, str]], time_left: float | None
+    ) -> SubWorkflowResponse: ...
+
+    def stream(
+        self, req: SubWorkflowRequest, metadata: list[tuple[str, str]], time_left: float | None
+    ) -> AsyncIterator[bytes]: ...
+
+
 class Router:
     def __init__(self, pools: PoolSet, owners: RefOwners | None = None) -> None:
         self.pools = pools
         self.owners = owners if owners is not None else RefOwners()
+        #: runs the step ids of a request that no single pool serves, when set (``routing.split``).
+        self.split: SplitRuns | None = None
         self._by_addr = {r.addr: r for r in pools.replicas}
 
     # -- choice ----------
@@ -129,22 +146,27 @@ class Router:
         return UpstreamError(_UNAVAILABLE, f"no replica of pool {pools} is reachable")
 
     # -- Invoke ----------
-    async def invoke(
+    async def unary(
         self,
+        cands: Sequence[Replica],
+        path: str,
         request: bytes,
-        req: SubWorkflowRequest,
         metadata: list[tuple[str, str]],
-        time_left: float | None,
-    ) -> bytes:
-        cands = self.candidates(req)
-        deadline = None if time_left is None else time.monotonic() + time_left
+        deadline: float | None,
+        on_pick: Callable[[Replica], None] | None = None,
+    ) -> tuple[bytes, Replica]:
+        """``path`` on one replica of ``cands`` (power of two choices), another one when it refused before
+        running anything; the reply and the replica that answered it. ``on_pick`` sees each replica before
+        the call goes out."""
         tried: list[Replica] = []
         last: grpc.aio.AioRpcError | None = None
         while True:
             replica = pick(cands, tried)
             if replica is None:
                 raise self._none_left(cands, last)
-            call = self.pools.channel(replica.addr).unary_unary(PATH_INVOKE)
+            if on_pick is not None:
+                on_pick(replica)
+            call = self.pools.channel(replica.addr).unary_unary(path)
             replica.in_flight += 1
             replica.calls += 1
             try:
@@ -159,10 +181,27 @@ class Router:
                 raise UpstreamError(exc.code(), exc.details() or "") from None
             finally:
                 replica.in_flight -= 1
-            ids = response_ref_ids(_view(raw))
-            if ids:
-                self.owners.remember(ids, replica.addr)
-            return raw
+            return raw, replica
+
+    async def invoke(
+        self,
+        request: bytes,
+        req: SubWorkflowRequest,
+        metadata: list[tuple[str, str]],
+        time_left: float | None,
+    ) -> bytes:
+        try:
+            cands = self.candidates(req)
+        except PeerStatusError as exc:
+            if self.split is None or not self.split.applies(req, exc):
+                raise
+            return wrap((await self.split.invoke(req, metadata, time_left)).encode())
+        deadline = None if time_left is None else time.monotonic() + time_left
+        raw, replica = await self.unary(cands, PATH_INVOKE, request, metadata, deadline)
+        ids = response_ref_ids(_view(raw))
+        if ids:
+            self.owners.remember(ids, replica.addr)
+        return raw
 
     # -- Stream ----------
     async def stream(
@@ -172,7 +211,14 @@ class Router:
         metadata: list[tuple[str, str]],
         time_left: float | None,
     ) -> AsyncIterator[bytes]:
-        cands = self.candidates(req)
+        try:
+            cands = self.candidates(req)
+        except PeerStatusError as exc:
+            if self.split is None or not self.split.applies(req, exc):
+                raise
+            async for frame in self.split.stream(req, metadata, time_left):
+                yield frame
+            return
         deadline = None if time_left is None else time.monotonic() + time_left
         tried: list[Replica] = []
         last: grpc.aio.AioRpcError | None = None

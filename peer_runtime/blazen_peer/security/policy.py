@@ -14,12 +14,15 @@ from ..pki.reload import ReloadingTlsSource
 from ..pki.tls import system_roots_pem
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
 from .auth import TokenSource
+from .fleet_router import FleetRouterGuard
 from .http_auth import HttpAuth, resolve_http_auth
 
 __all__ = [
     "INSECURE_MESSAGE",
     "TlsClientAuth",
     "check_secure",
+    "fleet_router_guard",
+    "fleet_router_token",
     "http_auth",
     "load_tls",
     "pool_hop_tls",
@@ -121,6 +124,19 @@ def pool_hop_tokens(cfg: PeerConfig) -> TokenSource | None:
     """The token a router sends its pools when ``--pool-token-file`` is given (re-read when it changes);
     None: it sends its own."""
     return TokenSource(token_file=cfg.pool_token_file) if cfg.pool_token_file else None
+
+
+def fleet_router_token(cfg: PeerConfig) -> TokenSource | None:
+    """The fleet router's own token (``--fleet-router-token-file``): a peer checks it, a router sends it."""
+    return TokenSource(token_file=cfg.fleet_router_token_file) if cfg.fleet_router_token_file else None
+
+
+def fleet_router_guard(
+    cfg: PeerConfig, client_auth: TlsClientAuth | None, router_token: TokenSource | None
+) -> FleetRouterGuard:
+    """Who may call this peer's ``RunStep`` / ``EndRun``: nobody unless ``--fleet-router-*`` says. A
+    certificate identity needs verified client certificates (``--tls-client-auth require``)."""
+    return FleetRouterGuard(cfg.fleet_router_identity, router_token, mtls=client_auth == "require")
 
 
 def _wait_for_tls(

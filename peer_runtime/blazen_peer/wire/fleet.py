@@ -1,7 +1,10 @@
-"""``blazen.fleet.v1.Fleet/Describe``: what a peer serves, as a router learns it (docs/router.md).
+"""``blazen.fleet.v1.Fleet``: the router's own calls to the peers (docs/router.md).
 
-The request is the empty message; the reply is the usual envelope (``0a <len> <bytes>``) around a JSON
-object. JSON rather than postcard: the call is off the hot path (a router asks each replica every few
+``Describe``: what a peer serves. ``RunStep`` / ``EndRun``: one step of a sub-workflow split over pools,
+and the end of such a run on a peer that ran a step of it.
+
+``Describe``'s request is the empty message; the reply is the usual envelope (``0a <len> <bytes>``) around a
+JSON object. JSON rather than postcard: the call is off the hot path (a router asks each replica every few
 seconds), the body is a nested map that grows fields over time, and an operator can read it with
 ``grpcurl``. Unknown keys are ignored, missing ones take their defaults, so either side may be newer.
 """
@@ -13,8 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PeerError
+from .messages import RemoteRefDescriptor, _Message
+from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str
+from .protocol import ENVELOPE_VERSION
 
-__all__ = ["Description", "DescriptionError"]
+__all__ = [
+    "Description",
+    "DescriptionError",
+    "EndRunRequest",
+    "EndRunResponse",
+    "RunStepRequest",
+    "RunStepResponse",
+]
 
 
 class DescriptionError(PeerError, ValueError):
@@ -31,6 +44,8 @@ class Description:
     #: calls the peer's admission holds right now.
     in_flight: int = 0
     ready: bool = True
+    #: the peer runs single steps for a fleet router (``RunStep``; it was told who the router is).
+    run_steps: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -40,6 +55,7 @@ class Description:
                 "workflows": {w: list(ids) for w, ids in self.workflows.items()},
                 "in_flight": self.in_flight,
                 "ready": self.ready,
+                "run_steps": self.run_steps,
             },
             separators=(",", ":"),
         ).encode()
@@ -56,6 +72,174 @@ class Description:
                 workflows=workflows,
                 in_flight=int(obj.get("in_flight", 0)),
                 ready=bool(obj.get("ready", True)),
+                run_steps=bool(obj.get("run_steps", False)),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise DescriptionError(f"malformed Describe reply: {exc}") from None
+
+
+# -- RunStep / EndRun --------------------------------------------------------------------------------------
+# Postcard, like the BlazenPeer payloads: these are on a split run's hot path (one per step), and they carry
+# JSON bytes (the event, each state value) that must reach the other side byte for byte, so that a split
+# run's ``state_json`` and events are the very bytes one peer would have written.
+
+
+def _count(r: Reader, buf: bytes) -> int:
+    n = r.take_usize()
+    if n > len(buf):  # each element needs at least one byte: fail before allocating
+        raise PostcardDecodeError("Hit the end of buffer, expected more data")
+    return n
+
+
+def _write_state(w: Writer, state: dict[str, bytes]) -> None:
+    w.usize(len(state))
+    for k, v in state.items():
+        w.str(k).bytes(v)
+
+
+def _read_state(r: Reader, buf: bytes) -> dict[str, bytes]:
+    state: dict[str, bytes] = {}
+    for _ in range(_count(r, buf)):
+        k = r.take_str()
+        state[k] = r.take_bytes()
+    return state
+
+
+class RunStepRequest(_Message):
+    """Run ``step_id`` once on ``event_json`` (an event object) with the run's current state (key -> JSON
+    value, as ``state_json``). ``run_id`` names the router's run: the steps a peer runs for one run share its
+    session refs (``ctx.session_refs``) until ``EndRun``."""
+
+    __slots__ = ("envelope_version", "event_json", "run_id", "state_json", "step_id", "workflow_name")
+
+    def __init__(
+        self,
+        run_id: str,
+        workflow_name: str,
+        step_id: str,
+        event_json: bytes,
+        state_json: dict[str, bytes] | None = None,
+        envelope_version: int = ENVELOPE_VERSION,
+    ) -> None:
+        self.envelope_version = envelope_version
+        self.run_id = run_id
+        self.workflow_name = workflow_name
+        self.step_id = step_id
+        self.event_json = event_json
+        self.state_json = state_json if state_json is not None else {}
+
+    def encode(self) -> bytes:
+        w = Writer().u32(self.envelope_version).uuid(parse_uuid(self.run_id)).str(self.workflow_name)
+        w.str(self.step_id).bytes(self.event_json)
+        _write_state(w, self.state_json)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, buf: bytes) -> RunStepRequest:
+        r = Reader(buf)
+        version = r.take_u32()
+        run_id = uuid_str(r.take_uuid())
+        name = r.take_str()
+        step_id = r.take_str()
+        event = r.take_bytes()
+        return cls(run_id, name, step_id, event, _read_state(r, buf), version)
+
+
+class RunStepResponse(_Message):
+    """What the step did: the events it emitted (JSON each, in order), the state keys it set or changed
+    (``state_set``) and removed (``state_deleted``) - a delta, not the whole state - or ``error`` (the text
+    after ``workflow error: ``, as one peer would report the run failing in this step). ``keeps_run``: the
+    peer holds something of the run (session refs, a step still running) until ``EndRun``; False lets the
+    router skip that call when no other step of the run ran there."""
+
+    __slots__ = ("envelope_version", "error", "events_json", "keeps_run", "state_deleted", "state_set")
+
+    def __init__(
+        self,
+        events_json: list[bytes] | None = None,
+        state_set: dict[str, bytes] | None = None,
+        state_deleted: list[str] | None = None,
+        error: str | None = None,
+        keeps_run: bool = True,
+        envelope_version: int = ENVELOPE_VERSION,
+    ) -> None:
+        self.envelope_version = envelope_version
+        self.keeps_run = keeps_run
+        self.events_json = events_json if events_json is not None else []
+        self.state_set = state_set if state_set is not None else {}
+        self.state_deleted = state_deleted if state_deleted is not None else []
+        self.error = error
+
+    def encode(self) -> bytes:
+        w = Writer().u32(self.envelope_version).usize(len(self.events_json))
+        for ev in self.events_json:
+            w.bytes(ev)
+        _write_state(w, self.state_set)
+        w.usize(len(self.state_deleted))
+        for k in self.state_deleted:
+            w.str(k)
+        if self.error is None:
+            w.option_tag(False)
+        else:
+            w.option_tag(True).str(self.error)
+        return w.bool(self.keeps_run).getvalue()
+
+    @classmethod
+    def decode(cls, buf: bytes) -> RunStepResponse:
+        r = Reader(buf)
+        version = r.take_u32()
+        events = [r.take_bytes() for _ in range(_count(r, buf))]
+        state = _read_state(r, buf)
+        deleted = [r.take_str() for _ in range(_count(r, buf))]
+        error = r.take_option_str()
+        return cls(events, state, deleted, error, r.take_bool(), version)
+
+
+class EndRunRequest(_Message):
+    """The run is over: drop its ``UntilContextDrop`` refs on this peer, close it to inserts."""
+
+    __slots__ = ("envelope_version", "run_id")
+
+    def __init__(self, run_id: str, envelope_version: int = ENVELOPE_VERSION) -> None:
+        self.envelope_version = envelope_version
+        self.run_id = run_id
+
+    def encode(self) -> bytes:
+        return Writer().u32(self.envelope_version).uuid(parse_uuid(self.run_id)).getvalue()
+
+    @classmethod
+    def decode(cls, buf: bytes) -> EndRunRequest:
+        r = Reader(buf)
+        version = r.take_u32()
+        return cls(uuid_str(r.take_uuid()), version)
+
+
+class EndRunResponse(_Message):
+    """The run's surviving, derefable refs on this peer (``remote_refs`` entries, origin = this peer)."""
+
+    __slots__ = ("envelope_version", "remote_refs")
+
+    def __init__(
+        self,
+        remote_refs: dict[str, RemoteRefDescriptor] | None = None,
+        envelope_version: int = ENVELOPE_VERSION,
+    ) -> None:
+        self.envelope_version = envelope_version
+        self.remote_refs = remote_refs if remote_refs is not None else {}
+
+    def encode(self) -> bytes:
+        w = Writer().u32(self.envelope_version).usize(len(self.remote_refs))
+        for key, desc in self.remote_refs.items():
+            w.uuid(parse_uuid(key))
+            desc.write(w)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, buf: bytes) -> EndRunResponse:
+        r = Reader(buf)
+        version = r.take_u32()
+        refs: dict[str, RemoteRefDescriptor] = {}
+        for _ in range(_count(r, buf)):
+            key = uuid_str(r.take_uuid())
+            refs[key] = RemoteRefDescriptor.read(r)
+        return cls(refs, version)

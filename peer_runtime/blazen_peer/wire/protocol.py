@@ -26,6 +26,15 @@ PATH_RELEASE = f"/{SERVICE}/{METHOD_RELEASE}"
 FLEET_SERVICE = "blazen.fleet.v1.Fleet"
 METHOD_DESCRIBE = "Describe"
 PATH_DESCRIBE = f"/{FLEET_SERVICE}/{METHOD_DESCRIBE}"
+#: a router running a sub-workflow split over pools runs each step with ``RunStep`` on a replica that serves
+#: it, then ends the run with ``EndRun`` on every replica that ran one (docs/router.md). Only the router's
+#: identity may call them (``--fleet-router-identity``, ``--fleet-router-token-file``).
+METHOD_RUN_STEP = "RunStep"
+PATH_RUN_STEP = f"/{FLEET_SERVICE}/{METHOD_RUN_STEP}"
+METHOD_END_RUN = "EndRun"
+PATH_END_RUN = f"/{FLEET_SERVICE}/{METHOD_END_RUN}"
+#: the metadata key carrying the router token (``--fleet-router-token-file``) on RunStep / EndRun.
+FLEET_ROUTER_TOKEN_METADATA = "x-blazen-fleet-router-token"
 
 #: how the admission's refusal over ``--max-concurrent-workflows`` begins (a router retries such a call on
 #: another replica: nothing ran).
@@ -42,6 +51,7 @@ RPC_NAMES = {
     PATH_STREAM: METHOD_STREAM,
     PATH_DEREF: METHOD_DEREF,
     PATH_RELEASE: METHOD_RELEASE,
+    PATH_RUN_STEP: METHOD_RUN_STEP,
     ROUTE_INVOKE: METHOD_INVOKE,
     ROUTE_DEREF: METHOD_DEREF,
     ROUTE_RELEASE: METHOD_RELEASE,
