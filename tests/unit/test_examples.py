@@ -85,6 +85,25 @@ async def test_tokenize_count_chain(service: PeerService) -> None:
     assert resp.result_value() == expected
 
 
+async def test_the_cpu_gpu_cpu_chain_records_where_steps_ran(service: PeerService, monkeypatch: Any) -> None:
+    monkeypatch.setenv("BLAZEN_NODE_NAME", "node-a")
+    monkeypatch.setenv("BLAZEN_POOL", "cpu")
+    steps = ["examples::extract", "examples::embed", "examples::index"]
+    resp = await invoke(service, "examples", steps, {"text": "Embed every word"})
+    assert resp.result_value() == {"indexed": 3, "longest": "embed"}
+    hops = resp.state_values()["hops"]
+    assert [h["step"] for h in hops] == steps
+    assert {(h["node"], h["pool"]) for h in hops} == {("node-a", "cpu")}
+
+
+async def test_where_reports_the_pod_node_and_pool(service: PeerService, monkeypatch: Any) -> None:
+    monkeypatch.setenv("BLAZEN_NODE_NAME", "node-b")
+    monkeypatch.setenv("BLAZEN_POOL", "gpu")
+    monkeypatch.setenv("BLAZEN_PEER_NODE_ID", "pod-7")
+    resp = await invoke(service, "where", [], {})
+    assert resp.result_value() == {"node": "node-b", "pool": "gpu", "pod": "pod-7"}
+
+
 async def test_count_alone_cannot_start_a_run(service: PeerService) -> None:
     resp = await service.invoke(SubWorkflowRequest.new("examples", ["examples::count"], {"text": "x"}))
     assert resp.result_json is None

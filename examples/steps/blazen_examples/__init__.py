@@ -10,6 +10,10 @@ STEP_IDS = (
     "examples::count",
     "examples::remember",
     "examples::gpu_info",
+    "examples::where",
+    "examples::extract",
+    "examples::embed",
+    "examples::index",
 )
 
 __all__ = ["STEP_IDS"]
