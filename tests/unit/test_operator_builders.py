@@ -261,7 +261,7 @@ def test_one_field_sets_the_pod_grace_and_the_runtime_drain(pod, grace, admit, a
                 "--forward-dns": "bp-peers.ns1.svc",
                 "--tls-cert": "/etc/blazen/tls/tls.crt",
                 "--tls-key": "/etc/blazen/tls/tls.key",
-                "--tls-ca": "/etc/blazen/tls/ca.crt",
+                "--tls-ca": "/etc/blazen/trust/ca.crt",
             },
             ["--steps", "--token-file", "--plaintext-grpc-addr", "--insecure"],
         ),
@@ -342,7 +342,7 @@ def test_hardening_probes_and_mounts():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert set(mounts) == {"/tmp", "/home/blazen", "/etc/blazen/tls", "/etc/blazen/token"}
+    assert set(mounts) == {"/tmp", "/home/blazen", "/etc/blazen/tls", "/etc/blazen/trust", "/etc/blazen/token"}
     assert all("subPath" not in m for m in c["volumeMounts"]), "subPath mounts never see rotated secrets"
     vols = {v["name"]: v for v in ps["volumes"]}
     assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
@@ -443,9 +443,6 @@ def kinds(p: Peer) -> list[tuple[str, str]]:
                 ("ServiceAccount", "bp-peer"),
                 ("Role", "bp-peer"),
                 ("RoleBinding", "bp-peer"),
-                ("Issuer", "blazen-selfsigned"),
-                ("Certificate", "blazen-ca"),
-                ("Issuer", "blazen-ca"),
                 ("Certificate", "bp-tls"),
                 ("Certificate", "bp-client-tls"),
                 ("Secret", "bp-tls"),
@@ -454,7 +451,8 @@ def kinds(p: Peer) -> list[tuple[str, str]]:
                 ("Service", "bp-peers"),
                 ("Deployment", "bp"),
             ],
-            [("PodDisruptionBudget", "bp")],
+            # the namespace CA is not a child of any BlazenPeer (trust.py keeps it)
+            [("PodDisruptionBudget", "bp"), ("Issuer", "blazen-ca"), ("Certificate", "blazen-ca")],
         ),
         (
             {"replicas": 3, "tls": {"issuerRef": {"name": "corp", "kind": "ClusterIssuer"}}},
@@ -489,15 +487,12 @@ def test_every_child_is_owned_and_labelled():
         assert ref["kind"] == "BlazenPeer"
         assert ref["apiVersion"] == "blazen.dev/v1alpha1"
         assert ref["uid"] == "uid-1"
-        assert ref["controller"] is (not child.shared), "shared namespace-CA objects have several owners"
+        assert ref["controller"] is True
         assert meta["namespace"] == "ns1"
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "blazen-operator"
-        if not child.shared:
-            assert meta["labels"][common.PEER_LABEL] == "bp"
-            assert meta["labels"]["team"] == "ml"
-            assert "kopf.zalando.org/x" not in meta["labels"]
-        else:
-            assert common.PEER_LABEL not in meta["labels"]
+        assert meta["labels"][common.PEER_LABEL] == "bp"
+        assert meta["labels"]["team"] == "ml"
+        assert "kopf.zalando.org/x" not in meta["labels"]
 
 
 def test_services():
@@ -525,10 +520,6 @@ def test_certificates_cover_both_services_with_server_and_client_usages():
     assert client["spec"]["secretName"] == "bp-client-tls"
     assert "client auth" in client["spec"]["usages"]
     assert "server auth" not in client["spec"]["usages"]
-    ca = {(m["kind"], m["metadata"]["name"]): m for m in certs.namespace_ca(p)}
-    assert ca[("Issuer", "blazen-selfsigned")]["spec"] == {"selfSigned": {}}
-    assert ca[("Certificate", "blazen-ca")]["spec"]["isCA"] is True
-    assert ca[("Issuer", "blazen-ca")]["spec"] == {"ca": {"secretName": "blazen-ca"}}
 
 
 def test_custom_issuer():
@@ -723,8 +714,22 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
         "mountPath": "/etc/blazen/trust",
         "readOnly": True,
     }
-    assert flag(container(peer())["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
-    assert "trust" not in volumes(peer())
+    # a user issuer without a bundle: the ca.crt the issuer writes into the leaf Secret
+    corp = peer(tls={"issuerRef": {"name": "corp"}})
+    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
+    assert "trust" not in volumes(corp)
+
+
+def test_namespace_ca_peers_trust_the_namespace_bundle():
+    """The pods read the trust ConfigMap the operator maintains (old + new roots during a rotation), not the
+    leaf Secret's ca.crt, which holds only the CA that signed that leaf."""
+    p = peer()
+    assert flag(container(p)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert volumes(p)["trust"] == {
+        "name": "trust",
+        "configMap": {"name": "blazen-trust", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+    }
+    assert "subPath" not in mounts(p)["/etc/blazen/trust"]
 
 
 @pytest.mark.parametrize(
