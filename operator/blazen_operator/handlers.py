@@ -32,7 +32,7 @@ from kopf._cogs.structs.references import NamespaceName, match_namespace, select
 
 from . import kinds, metrics
 from . import spec as s
-from .apply import Api, bearer_token, load_client_configuration
+from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .builders.common import OperatorIdentity
 from .reconcile import Reconciler
 from .trust import Trust
@@ -192,6 +192,11 @@ async def _trust_loop(trust: Trust, tick: float = 2.0) -> None:
         for namespace in trust.due():
             try:
                 await asyncio.to_thread(trust.sync, namespace)
+            except ApiError as exc:
+                if exc.transient or exc.namespace_terminating:
+                    log.info("trust pass of namespace %s: %s; retried", namespace, exc)
+                else:
+                    log.exception("trust pass of namespace %s failed", namespace)
             except Exception:
                 log.exception("trust pass of namespace %s failed", namespace)
         await asyncio.sleep(tick)
