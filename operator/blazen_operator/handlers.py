@@ -55,6 +55,8 @@ class Options:
     # this long is presumed frozen (a dropped NAT entry, a stalled proxy) and reconnected from its last
     # resourceVersion, so no change is lost.
     watch_inactivity_seconds: float = 70.0
+    # Trusting and Reissuing of a namespace CA rotation last at least this long (callers outside the pods).
+    ca_rotation_settle_seconds: float = 120.0
     verbose: bool = False
     kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG
     operator: OperatorIdentity | None = None  # admitted to the peers' admin port by their NetworkPolicy
@@ -130,7 +132,7 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     options = _options(memo)
     configure(settings, options)
     api = Api(load_client_configuration(options.kubeconfig))
-    trust = Trust(api)
+    trust = Trust(api, settle=options.ca_rotation_settle_seconds)
     reconciler = Reconciler(api, options.operator, trust)
 
     async def work(key: Key) -> bool:

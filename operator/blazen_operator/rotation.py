@@ -15,6 +15,8 @@ returns what to store, what to ask of cert-manager and which Events to post. Pha
 ``Reissuing``  the CA Issuer signs with the new CA; every leaf Certificate of the namespace (servers, callers)
                is re-issued through cert-manager's Issuing condition (what ``cmctl renew`` sets); waits until
                every leaf Secret carries the new CA and every pod serves a leaf of the new CA.
+               Trusting and Reissuing also last at least ``settle``: callers outside the peers' pods
+               (a client mounting the bundle and its client Secret) cannot be asked, only given time.
 ``Dropping``   the bundle holds the new CA only; waits until no pod trusts an old root, then deletes the old
                CA Certificate and Secret and returns to Idle.
 """
@@ -144,6 +146,9 @@ class World:
     cas: dict[int, CaCert]  # by generation: every CA Certificate that exists
     pods: tuple[PodTrust, ...] = ()
     leaves: tuple[Leaf, ...] = ()
+    # Callers outside the peers' pods (a client mounting the bundle and its client Secret) cannot be asked
+    # what they trust: Trusting and Reissuing last at least this long, so their kubelet syncs their volumes.
+    settle: dt.timedelta = dt.timedelta(0)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,21 @@ def _waiting(pods: tuple[PodTrust, ...], done: list[bool]) -> dict[str, list[str
         if not ok:
             out.setdefault(pod.peer, []).append(pod.pod)
     return out
+
+
+def _settling(stored: Stored, world: World) -> float:
+    """Seconds the phase must still last for the callers (0: it may end)."""
+    since = _parse_stamp(stored.since)
+    if since is None:
+        return 0.0
+    return max(0.0, (since + world.settle - world.now).total_seconds())
+
+
+def _parse_stamp(value: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(value or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
 
 
 def _enter(stored: Stored, now: dt.datetime, **changes: object) -> Stored:
@@ -230,6 +250,9 @@ def step(stored: Stored, world: World) -> Plan:
         if not all(done):
             msg = f"{sum(done)}/{len(pods)} pods trust every root of the bundle"
             return Plan(stored, progress=msg, waiting=_waiting(pods, done))
+        if (left := _settling(stored, world)) > 0:
+            msg = f"every pod trusts both roots; {left:.0f}s more for callers to get the bundle"
+            return Plan(stored, progress=msg)
         new = _enter(stored, now, phase="Reissuing", generation=target)
         reissue = tuple(leaf.name for leaf in world.leaves if leaf.ca_pem != new_pem and not leaf.issuing)
         msg = (
@@ -249,6 +272,9 @@ def step(stored: Stored, world: World) -> Plan:
                 f"{sum(done)}/{len(pods)} pods on CA generation {target}"
             )
             return Plan(stored, reissue=retry, progress=msg, waiting=_waiting(pods, done))
+        if (left := _settling(stored, world)) > 0:
+            msg = f"every leaf and pod on the new CA; {left:.0f}s more for callers to reload their leaves"
+            return Plan(stored, progress=msg)
         new = _enter(stored, now, phase="Dropping", roots=(new_pem,))
         msg = f"every leaf is issued by CA generation {target}; dropping the old roots from the bundle"
         return Plan(new, events=(("Normal", "LeavesReissued", msg),), progress=msg)

@@ -102,12 +102,14 @@ class Trust:
         *,
         idle_interval: float = 30.0,
         active_interval: float = 5.0,
+        settle: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.api = api
         self.idle_interval = idle_interval
         self.active_interval = active_interval
+        self.settle = dt.timedelta(seconds=settle)
         self._clock = clock
         self._now = now
         self._guard = threading.Lock()
@@ -187,6 +189,7 @@ class Trust:
             cas=cas,
             pods=self._pods(namespace, peers) if active else (),
             leaves=self._leaves(namespace, certificates) if active else (),
+            settle=self.settle,
         )
         plan = rotation.step(stored, world)
         new = plan.stored

@@ -4,6 +4,7 @@ real certificates, and the runtime's /v1/info trust report it reads (pki.tls.tru
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 from blazen_operator import rotation as r
@@ -200,3 +201,30 @@ def test_runtime_trust_report_names_every_root_and_the_leaf_root(old, new):
     assert report["trusted_sha256"] == [fp(old), fp(new)]
     assert report["leaf_root_sha256"] == fp(new)
     assert report["leaf_sha256"] == material.fingerprint
+
+
+def test_callers_get_a_settle_time_in_trusting_and_reissuing(old, new):
+    """Callers outside the peers' pods cannot report what they trust: the phases that change what they must
+    trust or present last at least ``settle`` even when every pod is there already."""
+    cas = {1: far(old), 2: far(new)}
+    both = {fp(old), fp(new)}
+    settle = dt.timedelta(seconds=120)
+    s = r.Stored(phase="Trusting", target=2, roots=(pem(old), pem(new)), since="2026-12-01T00:00:00Z")
+    early = r.World(
+        NOW + dt.timedelta(seconds=60), WINDOW, None, cas, (pod("a-1", both, fp(old)),), settle=settle
+    )
+    p = r.step(s, early)
+    assert p.stored == s
+    assert "60s more for callers" in p.progress
+    late = replace(early, now=NOW + dt.timedelta(seconds=121))
+    p = r.step(s, late)
+    assert p.stored.phase == "Reissuing"
+    leaves = (r.Leaf("a-tls", pem(new)),)
+    s = replace(p.stored, since="2026-12-01T00:03:00Z")
+    moved = (pod("a-1", both, fp(new)),)
+    assert (
+        r.step(s, r.World(NOW + dt.timedelta(seconds=200), WINDOW, None, cas, moved, leaves, settle)).stored
+        == s
+    )
+    after = r.World(NOW + dt.timedelta(seconds=301), WINDOW, None, cas, moved, leaves, settle)
+    assert r.step(s, after).stored.phase == "Dropping"
