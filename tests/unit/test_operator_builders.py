@@ -741,7 +741,7 @@ def test_namespace_ca_peers_trust_the_namespace_bundle():
 @pytest.mark.parametrize(
     ("tls", "mode", "ca"),
     [
-        ({}, "require", "/etc/blazen/tls/ca.crt"),  # the namespace CA: its ca.crt is always there
+        ({}, "require", "/etc/blazen/trust/ca.crt"),  # the namespace CA: its trust bundle is always there
         (
             {
                 "issuerRef": {"name": "corp", "kind": "ClusterIssuer"},
