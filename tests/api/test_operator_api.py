@@ -291,7 +291,7 @@ def test_create_reconciles_every_child_with_owner_references(api, operator, name
     assert st["phase"] == "Progressing"
     assert "servedSteps" not in st, "no pod answered /v1/info: unknown, not invented"
     conds = {c["type"]: c for c in st["conditions"]}
-    assert set(conds) == {"Ready", "Available", "Progressing", "CertificateReady", "Degraded"}
+    assert set(conds) == {"Ready", "Available", "Progressing", "CertificateReady", "Degraded", "CARotation"}
     assert conds["Ready"]["status"] == "False"
     assert conds["CertificateReady"]["status"] == "False"
     assert conds["CertificateReady"]["reason"] in ("CertificatePending", "CertificateMissing")
@@ -741,7 +741,8 @@ def test_per_peer_owner_references_of_earlier_versions_are_replaced(api, operato
     """A namespace CA set up by an earlier operator (one ownerReference per BlazenPeer) is taken over: the
     trust ConfigMap becomes its only owner."""
     # a user issuer first, so the operator sets up no namespace CA before the legacy object exists
-    a = create(api, manifest("a", namespace, replicas=0, tls={"issuerRef": {"name": "corp"}}))
+    user = {"issuerRef": {"name": "corp"}, "trustBundle": {"configMap": {"name": "roots"}}}
+    a = create(api, manifest("a", namespace, replicas=0, tls=user))
     legacy = {"apiVersion": BP, "kind": "BlazenPeer", "name": "a", "uid": a["metadata"]["uid"]}
     api.request(
         "POST",
@@ -753,7 +754,8 @@ def test_per_peer_owner_references_of_earlier_versions_are_replaced(api, operato
             "spec": {"ca": {"secretName": "blazen-ca"}},
         },
     )
-    merge_patch(api, "BlazenPeer", namespace, "a", {"spec": {"tls": {"issuerRef": None}}})
+    to_namespace_ca = {"spec": {"tls": {"issuerRef": None, "trustBundle": None}}}
+    merge_patch(api, "BlazenPeer", namespace, "a", to_namespace_ca)
 
     def one_owner():
         refs = get(api, "Issuer", namespace, "blazen-ca")["metadata"]["ownerReferences"]
