@@ -154,12 +154,17 @@ class Trust:
     # ------------------------------------------------------------------------------------------ the pass
     def _sync_locked(self, namespace: str) -> None:
         api = self.api
-        peers = self._peers(namespace)
+        peers, unparsed = self._peers(namespace)
         configmap = api.get("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP)
         settings = certs.ca_settings(peers)
         if settings is None:
-            self._retire(namespace, configmap)
-            return
+            if not unparsed:
+                self._retire(namespace, configmap)
+                return
+            # Only BlazenPeers the models refuse (an upgrade made a field stricter) still name the namespace
+            # CA: keep it, with the default lifetime, rather than take their certificates away.
+            default = s.CA()
+            settings = certs.CaSettings(default.duration, default.renew_before, unparsed[0])
         self._last[namespace] = self._clock()
         if configmap is None:
             api.create_if_absent(certs.trust_configmap(namespace), TRUST_MANAGER)
@@ -219,18 +224,24 @@ class Trust:
             log.info("%s: %s: %s", namespace, reason, message)
             api.post_event({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message)
 
-    def _peers(self, namespace: str) -> list[Peer]:
-        out = []
+    def _peers(self, namespace: str) -> tuple[list[Peer], list[str]]:
+        """The BlazenPeers on the namespace CA, and the names of those whose spec the models refuse but whose
+        raw tls still names the namespace CA (their status reports the error)."""
+        out, unparsed = [], []
         for body in self.api.list(s.API_VERSION, s.KIND, namespace):
             if body["metadata"].get("deletionTimestamp"):
                 continue
             try:
                 peer = Peer.from_body(body)
             except ValidationError:
-                continue  # reported on that BlazenPeer's own status
+                tls = (body.get("spec") or {}).get("tls") or {}
+                on = isinstance(tls, dict) and tls.get("enabled", True) is not False
+                if on and not tls.get("issuerRef"):
+                    unparsed.append(body["metadata"]["name"])
+                continue
             if c.uses_namespace_ca(peer):
                 out.append(peer)
-        return out
+        return out, unparsed
 
     def _retire(self, namespace: str, configmap: dict[str, Any] | None) -> None:
         """No BlazenPeer uses the namespace CA any more: delete the trust ConfigMap; the garbage collector
