@@ -6,7 +6,8 @@ namespace trust ConfigMap (old + new roots during the rotation). The test forces
 ``blazen.dev/rotate-ca`` annotation and asserts: 0 failed calls, every leaf (server and client Secrets)
 re-issued by the new CA, every pod serving a new-CA leaf and trusting only the new root at the end (its
 /v1/info), no pod restarted or replaced, and the caller's own certificate renewed under load (its files
-reloaded, no reconnect by hand).
+reloaded, no reconnect by hand). Its own client script, not tests/e2e/load_client.py: that one reads its
+PEM once, and this caller must follow its files.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from cryptography import x509
 
+from .clients import IMAGE, in_background, joined
 from .conftest import CPU_NODE, apply, kubectl, kubectl_json, wait_until
-from .test_peers import IMAGE, in_background, joined, peer, pods, status, wait_ready
+from .test_peers import peer, pods, status, wait_ready
 
 RATE = 220  # calls/s offered; >= 200/s must be answered
 SECONDS = 420  # longer than a rotation (three kubelet volume syncs, each up to about a minute)
