@@ -8,9 +8,14 @@
 ENDPOINT is the peer's gRPC (TLS) listener: the BlazenPeer's status.endpoints.grpc, or a port-forward
 (`kubectl port-forward svc/examples-cpu 50051`; then pass --server-name with a name the serving certificate
 holds, e.g. examples-cpu.NAMESPACE.svc). The client identity is the Secret named in
-status.certificate.clientSecretName (tls.crt, tls.key, ca.crt), which the operator issues with cert-manager:
+status.certificate.clientSecretName (tls.crt, tls.key), which the operator issues with cert-manager; the CA
+bundle is the namespace trust ConfigMap blazen-trust (key ca.crt: old and new roots during a CA rotation):
 
-    kubectl get secret NAME -o jsonpath='{.data.tls\\.crt}' | base64 -d > tls.crt   # likewise tls.key, ca.crt
+    kubectl get secret NAME -o jsonpath='{.data.tls\\.crt}' | base64 -d > tls.crt   # likewise tls.key
+    kubectl get configmap blazen-trust -o jsonpath='{.data.ca\\.crt}' > ca.crt
+
+In a pod, mount both (as directories) and pass the mounted paths: the files are followed (re-read when they
+change), so the caller keeps working across certificate renewals and CA rotations.
 
 With no --step the peer runs the named workflow's default step set (examples/steps registers echo,
 word-count, remember and gpu-info). --deref fetches the payload of every session ref the run returned.
@@ -34,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("endpoint", help="https://HOST:PORT of the peer's gRPC listener (HOST:PORT means https)")
     p.add_argument("--cert", type=Path, required=True, help="client certificate chain (PEM)")
     p.add_argument("--key", type=Path, required=True, help="client private key (PEM)")
-    p.add_argument("--ca", type=Path, required=True, help="CA that signed the peer's certificate (PEM)")
+    p.add_argument("--ca", type=Path, required=True, help="CA bundle: the namespace trust ConfigMap's ca.crt")
     p.add_argument("--server-name", help="TLS name to verify when ENDPOINT's host is not in the certificate")
     p.add_argument("--token-file", type=Path, help="bearer token file, when the peer also asks for a token")
     p.add_argument("--node-id", default="examples-client", help="our node id (x-blazen-peer-node-id)")
@@ -58,12 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     token = args.token_file.read_text().strip() if args.token_file else None
+    # Files, not PEM bytes: the client follows them, so a renewed client certificate (cert-manager) or a
+    # trust bundle gaining or losing a root (a CA rotation) reaches a long-lived caller without a reconnect.
     client = await BlazenPeerClient.connect(
         args.endpoint,
         args.node_id,
-        root_certificates=args.ca.read_bytes(),
-        certificate_chain=args.cert.read_bytes(),
-        private_key=args.key.read_bytes(),
+        tls_files=(args.cert, args.key, args.ca),
         token=token,
         server_name=args.server_name,
         connect_timeout=args.connect_timeout,

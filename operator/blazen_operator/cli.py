@@ -71,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         resync_seconds=args.resync_seconds,
         watch_inactivity_seconds=args.watch_inactivity_seconds,
+        ca_rotation_settle_seconds=args.ca_rotation_settle_seconds,
         verbose=args.verbose,
         kubeconfig=args.kubeconfig,
         operator=_operator_identity(args),
@@ -121,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="level-based resync period of status and children (default %(default)s)",
+    )
+    run.add_argument(
+        "--ca-rotation-settle-seconds",
+        type=float,
+        default=120.0,
+        help="minimum length of the Trusting and Reissuing phases of a namespace CA rotation, so callers "
+        "outside the peers' pods (which cannot report what they trust) get the new bundle and their renewed "
+        "client certificate from their kubelet first (default %(default)s)",
     )
     run.add_argument(
         "--watch-inactivity-seconds",

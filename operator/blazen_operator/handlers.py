@@ -8,7 +8,9 @@ Every trigger is a request to one :class:`~.workqueue.WorkQueue`, which owns the
   children come back, status follows the Deployment;
 * a resync loop (a plain asyncio task, not a kopf timer: timers would add finalizers) that re-requests every
   BlazenPeer periodically, refreshes the served step ids and the referenced token Secrets (which are read by
-  name, never watched), and feeds the liveness probe.
+  name, never watched), and feeds the liveness probe;
+* a trust loop that runs the namespace trust passes that are due (``trust.Trust``: every few seconds while a
+  namespace CA rotation runs, every 30 s otherwise, so a ``blazen.dev/rotate-ca`` request is seen).
 
 Options and shared state live in kopf's ``memo`` (``memo.options`` is set by ``operator.run``). No handler
 here adds a finalizer: there are no on.delete handlers, timers or daemons; children are removed by the garbage
@@ -30,9 +32,10 @@ from kopf._cogs.structs.references import NamespaceName, match_namespace, select
 
 from . import kinds, metrics
 from . import spec as s
-from .apply import Api, bearer_token, load_client_configuration
+from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .builders.common import OperatorIdentity
 from .reconcile import Reconciler
+from .trust import Trust
 from .workqueue import Key, WorkQueue
 
 log = logging.getLogger("blazen_operator")
@@ -52,6 +55,8 @@ class Options:
     # this long is presumed frozen (a dropped NAT entry, a stalled proxy) and reconnected from its last
     # resourceVersion, so no change is lost.
     watch_inactivity_seconds: float = 70.0
+    # Trusting and Reissuing of a namespace CA rotation last at least this long (callers outside the pods).
+    ca_rotation_settle_seconds: float = 120.0
     verbose: bool = False
     kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG
     operator: OperatorIdentity | None = None  # admitted to the peers' admin port by their NetworkPolicy
@@ -73,6 +78,7 @@ class Runtime:
     queue: WorkQueue
     health: Health = field(default_factory=Health)
     resync_task: asyncio.Task[None] | None = None
+    trust_task: asyncio.Task[None] | None = None
 
 
 def _options(memo: kopf.Memo) -> Options:
@@ -126,7 +132,8 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     options = _options(memo)
     configure(settings, options)
     api = Api(load_client_configuration(options.kubeconfig))
-    reconciler = Reconciler(api, options.operator)
+    trust = Trust(api, settle=options.ca_rotation_settle_seconds)
+    reconciler = Reconciler(api, options.operator, trust)
 
     async def work(key: Key) -> bool:
         outcome = await asyncio.to_thread(reconciler.reconcile, *key)
@@ -139,6 +146,7 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
 
         prometheus_client.start_http_server(options.metrics_port)
     runtime.resync_task = asyncio.create_task(_resync_loop(runtime), name="blazen-resync")
+    runtime.trust_task = asyncio.create_task(_trust_loop(trust), name="blazen-trust")
 
 
 @kopf.on.login()
@@ -160,9 +168,10 @@ async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
     if runtime is None:
         return
-    if runtime.resync_task is not None:
-        runtime.resync_task.cancel()
-        await asyncio.gather(runtime.resync_task, return_exceptions=True)
+    for task in (runtime.resync_task, runtime.trust_task):
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     await runtime.queue.close()
 
 
@@ -178,6 +187,21 @@ async def _resync_loop(runtime: Runtime) -> None:
         except Exception:
             log.exception("resync failed")
         await asyncio.sleep(runtime.options.resync_seconds)
+
+
+async def _trust_loop(trust: Trust, tick: float = 2.0) -> None:
+    while True:
+        for namespace in trust.due():
+            try:
+                await asyncio.to_thread(trust.sync, namespace)
+            except ApiError as exc:
+                if exc.transient or exc.namespace_terminating:
+                    log.info("trust pass of namespace %s: %s; retried", namespace, exc)
+                else:
+                    log.exception("trust pass of namespace %s failed", namespace)
+            except Exception:
+                log.exception("trust pass of namespace %s failed", namespace)
+        await asyncio.sleep(tick)
 
 
 def list_peers(api: Api, patterns: tuple[str, ...]) -> list[Key]:

@@ -84,10 +84,29 @@ KINDS: tuple[ManagedKind, ...] = (
     _child("rbac.authorization.k8s.io/v1", "Role", "roles"),
     _child("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
     _child("v1", "ServiceAccount", "serviceaccounts"),
-    # The namespace CA Issuers are shared by every BlazenPeer of the namespace: garbage collection, not
-    # pruning, removes them with the last owner.
+    # The namespace CA Issuers are owned by the trust ConfigMap: garbage collection, not pruning, removes
+    # them with it.
     _child("cert-manager.io/v1", "Issuer", "issuers", pruned=False),
-    _child("cert-manager.io/v1", "Certificate", "certificates"),
+    ManagedKind(
+        "cert-manager.io/v1",
+        "Certificate",
+        "certificates",
+        owned=True,
+        watched=True,
+        pruned=True,
+        subresources=(("status", frozenset({"patch"})),),
+        why="leaf and namespace CA Certificates; status/patch sets the Issuing condition (as `cmctl renew` "
+        "does) to re-issue every leaf during a CA rotation",
+    ),
+    ManagedKind(
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        owned=True,
+        extra_verbs=frozenset({"delete"}),
+        why="the namespace trust bundle blazen-trust (read by name, never listed or watched), which owns "
+        "the namespace CA objects and is deleted when no BlazenPeer uses the namespace CA",
+    ),
     # Both Services and the Deployment exist for as long as the BlazenPeer: never pruned, never deleted.
     _child("v1", "Service", "services", pruned=False),
     _child("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),

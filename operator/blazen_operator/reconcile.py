@@ -20,6 +20,7 @@ from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
 from .builders import Child, Peer, certs, desired, workload
 from .builders import common as c
 from .kinds import PRUNABLE
+from .trust import Trust
 
 log = logging.getLogger(__name__)
 CERT_NAME_ANNOTATION = "cert-manager.io/certificate-name"
@@ -75,25 +76,20 @@ def _ours(peer: Peer, child: Child, live: dict[str, Any]) -> bool:
     refs = meta.get("ownerReferences") or []
     if any(ref.get("uid") == peer.uid for ref in refs):
         return True
-    if child.shared and any(
-        ref.get("kind") == s.KIND and str(ref.get("apiVersion", "")).startswith(f"{s.GROUP}/") for ref in refs
-    ):
-        return True  # the namespace CA another BlazenPeer set up: each co-owner adds its reference
     # A TLS Secret that cert-manager (re)wrote for our Certificate of the same name before our stub existed.
     return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
-
-
-def shared_manager(peer_name: str) -> str:
-    return f"{FIELD_MANAGER}.{peer_name}"[:128]
 
 
 class Reconciler:
     """Reconciles one BlazenPeer per call. Not reentrant for one object: the work queue never runs two passes
     of the same BlazenPeer at once."""
 
-    def __init__(self, api: Api, operator: c.OperatorIdentity | None = None) -> None:
+    def __init__(
+        self, api: Api, operator: c.OperatorIdentity | None = None, trust: Trust | None = None
+    ) -> None:
         self.api = api
         self.operator = operator
+        self.trust = trust or Trust(api)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
@@ -117,6 +113,7 @@ class Reconciler:
         # Always read the object fresh: the status we compare against must be the latest.
         body = api.get(s.API_VERSION, s.KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            self.trust.sync(namespace)  # the last BlazenPeer on the namespace CA takes it along
             return Outcome(gone=True)
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
@@ -137,6 +134,7 @@ class Reconciler:
             elif ref.key not in (secret.get("data") or {}):
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
 
+        rotation = self.trust.sync_if_due(namespace) if c.uses_namespace_ca(peer) else None
         children = desired(peer)
         live = {child.key: api.get(child.key[0], child.key[1], namespace, child.key[2]) for child in children}
         conflict = _foreign_child(peer, children, live)
@@ -157,6 +155,7 @@ class Reconciler:
             deployment=deployment,
             certificate=certificate,
             pods=pods,
+            ca_rotation=rotation.condition(peer.name) if rotation is not None else None,
         )
         return self._write_status(body, observed, previous)
 
@@ -164,7 +163,7 @@ class Reconciler:
         self, peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
     ) -> str | None:
         for child in children:
-            manager = shared_manager(peer.name) if child.shared else FIELD_MANAGER
+            manager = FIELD_MANAGER
             try:
                 if child.create_only:
                     if live.get(child.key) is None:
@@ -189,7 +188,7 @@ class Reconciler:
             # A 422 on an object whose content is entirely ours (not the Deployment: its pod template
             # carries user input) means someone else's list items clash with ours: overwrite them, then own
             # the fields again by apply.
-            if exc.status != 422 or child.shared or child.manifest["kind"] == "Deployment":
+            if exc.status != 422 or child.manifest["kind"] == "Deployment":
                 raise
             log.info("apply of %s refused (%s); overwriting it", child.key, exc.message)
             if self.api.merge_replace(child.manifest) is None:

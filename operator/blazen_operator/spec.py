@@ -8,6 +8,7 @@ wire (aliases) and snake_case in Python.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -150,6 +151,60 @@ class TrustBundle(Model):
         return self
 
 
+GO_DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def go_duration_seconds(value: str) -> float:
+    """Seconds of a Go duration as the CRD accepts it (``2160h``, ``1h30m``)."""
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"{value!r} is not a duration such as 2160h or 1h30m")
+    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
+
+
+class CA(Model):
+    """The namespace CA the operator bootstraps when tls.issuerRef is unset.
+
+    One CA serves every BlazenPeer of the namespace. When they disagree, the BlazenPeer with the shortest
+    ca.duration sets both values (ties: the longest ca.renewBefore): the strictest policy wins."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "duration(self.duration) > duration(self.renewBefore)",
+                    "message": "tls.ca.renewBefore must be shorter than tls.ca.duration",
+                    "fieldPath": ".renewBefore",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
+    duration: str = Field(
+        "8760h",
+        max_length=32,
+        pattern=GO_DURATION,
+        description="Lifetime of the namespace CA (Go duration). Must be longer than tls.duration.",
+    )
+    renew_before: str = Field(
+        "720h",
+        max_length=32,
+        pattern=GO_DURATION,
+        description="Rotate the namespace CA this long before it expires (Go duration): the operator "
+        "issues a new CA, makes every pod trust both, re-issues every leaf, then drops the old CA "
+        "(docs/security.md). Force a rotation now with the annotation blazen.dev/rotate-ca=<new value> on "
+        "the ConfigMap blazen-trust.",
+    )
+
+    @model_validator(mode="after")
+    def _renew_inside_lifetime(self) -> CA:
+        if go_duration_seconds(self.duration) <= go_duration_seconds(self.renew_before):
+            raise ValueError("tls.ca.renewBefore must be shorter than tls.ca.duration")
+        return self
+
+
 class TLS(Model):
     """Transport security of the gRPC and HTTP listeners (cert-manager Certificates)."""
 
@@ -161,7 +216,13 @@ class TLS(Model):
                     "message": "tls.renewBefore must be shorter than tls.duration",
                     "fieldPath": ".renewBefore",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "has(self.issuerRef) || duration(self.ca.duration) > duration(self.duration)",
+                    "message": "tls.ca.duration must be longer than tls.duration (the leaf lifetime)",
+                    "fieldPath": ".ca.duration",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
@@ -172,7 +233,8 @@ class TLS(Model):
     issuer_ref: IssuerRef | None = Field(
         None,
         description="Issuer of the peer certificates. Unset: the operator bootstraps a namespace CA "
-        "(self-signed Issuer 'blazen-selfsigned' -> CA Certificate 'blazen-ca' -> CA Issuer 'blazen-ca').",
+        "(self-signed Issuer 'blazen-selfsigned' -> CA Certificate 'blazen-ca' -> CA Issuer 'blazen-ca') "
+        "and the trust bundle ConfigMap 'blazen-trust' the pods trust, and rotates the CA (tls.ca).",
     )
     trust_bundle: TrustBundle | None = Field(
         None,
@@ -183,16 +245,28 @@ class TLS(Model):
     duration: str = Field(
         "2160h",
         max_length=32,
-        pattern=r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$",
+        pattern=GO_DURATION,
         description="Requested certificate lifetime (Go duration, e.g. 2160h).",
     )
     renew_before: str = Field(
         "360h",
         max_length=32,
-        pattern=r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$",
+        pattern=GO_DURATION,
         description="Renew this long before expiry (Go duration). The runtime reloads renewed files "
         "in place.",
     )
+    ca: CA = Field(
+        default_factory=CA,
+        description="Lifetime and renewal of the namespace CA (only when issuerRef is unset).",
+    )
+
+    @model_validator(mode="after")
+    def _ca_outlives_leaves(self) -> TLS:
+        if self.issuer_ref is None and go_duration_seconds(self.ca.duration) <= go_duration_seconds(
+            self.duration
+        ):
+            raise ValueError("tls.ca.duration must be longer than tls.duration (the leaf lifetime)")
+        return self
 
 
 class SecretKeyRef(Model):
@@ -654,7 +728,9 @@ class BlazenPeerSpec(Model):
 class Condition(Model):
     """A status condition in the Kubernetes convention."""
 
-    type: str = Field(..., description="Ready, Available, Progressing, CertificateReady or Degraded.")
+    type: str = Field(
+        ..., description="Ready, Available, Progressing, CertificateReady, Degraded or CARotation."
+    )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., description="CamelCase reason.")
     message: str = Field("", description="Human-readable detail.")
@@ -714,7 +790,9 @@ class BlazenPeerStatus(Model):
     )
     conditions: list[Condition] | None = Field(
         None,
-        description="Ready, Available, Progressing, CertificateReady, Degraded.",
+        description="Ready, Available, Progressing, CertificateReady, Degraded; CARotation (namespace CA "
+        "only: True while a CA rotation runs, reason = its phase, message = its progress and this peer's "
+        "pods it waits for).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
 

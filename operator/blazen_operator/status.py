@@ -17,7 +17,7 @@ from .spec import BlazenPeerStatus, CertificateStatus, Condition, Endpoints
 
 # (status, reason, message) of one condition
 Cond = tuple[Literal["True", "False", "Unknown"], str, str]
-CONDITION_TYPES = ("Ready", "Available", "Progressing", "CertificateReady", "Degraded")
+CONDITION_TYPES = ("Ready", "Available", "Progressing", "CertificateReady", "Degraded", "CARotation")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Observed:
     deployment: dict[str, Any] | None = None
     certificate: dict[str, Any] | None = None
     pods: tuple[PodReport, ...] = ()
+    ca_rotation: Cond | None = None  # the namespace CA rotation as this peer sees it (trust.Summary)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ def compute(
         "CertificateReady": cert,
         "Degraded": deg,
     }
+    if observed.ca_rotation is not None:
+        conds["CARotation"] = observed.ca_rotation
     return _finish(out, conds, previous, stamp, observed.generation)
 
 

@@ -34,7 +34,7 @@ from .admin.readiness import Readiness
 from .admission import Admission, ConcurrencyLimiter
 from .hooks import ServerHooks
 from .pki.reload import ClientAuth, ReloadingTlsSource
-from .pki.tls import TlsMaterial, first_dns_name
+from .pki.tls import TlsMaterial, first_dns_name, trust_report
 from .security.auth import TokenSource
 from .security.cors import make_cors_middleware
 from .security.fleet_router import FleetRouterGuard
@@ -78,15 +78,22 @@ class PeerRuntime:
     fleet_guard: FleetRouterGuard = field(default_factory=lambda: FleetRouterGuard(mtls=False))
     #: the fleet router's token (``--fleet-router-token-file``): checked by a peer, sent by a router.
     fleet_router_token: TokenSource | None = None
+    _trust_report: tuple[int, dict[str, Any]] | None = field(default=None, repr=False)
 
-    def tls_info(self) -> dict[str, str] | None:
-        """The ``tls`` field of ``/v1/info``: how callers are authenticated and whom outbound hops trust (the
-        CA bundle, or the system roots when the issuer wrote none)."""
+    def tls_info(self) -> dict[str, Any] | None:
+        """The ``tls`` field of ``/v1/info``: how callers are authenticated, whom outbound hops trust (the
+        CA bundle, or the system roots when the issuer wrote none), and the roots of the bundle and the leaf
+        served (``pki.tls.trust_report``, once per certificate generation), which the operator follows
+        during a CA rotation."""
         if self.tls is None:
             return None
+        generation = self.tls.generation
+        if self._trust_report is None or self._trust_report[0] != generation:
+            self._trust_report = (generation, trust_report(self.tls.material))
         return {
             "client_auth": self.tls_client_auth or "none",
             "outbound_trust": "ca-bundle" if self.tls.material.ca_pem is not None else "system-roots",
+            **self._trust_report[1],
         }
 
     def secrets(self) -> list[str]:

@@ -192,6 +192,7 @@ def operator(
         liveness_port=operator_ports["liveness"],
         metrics_port=operator_ports["metrics"],
         resync_seconds=3,
+        ca_rotation_settle_seconds=2,  # no caller outside the (never running) pods
         kubeconfig=str(control_plane.operator_kubeconfig),
         operator=OPERATOR_IDENTITY,
     )

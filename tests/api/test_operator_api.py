@@ -109,6 +109,8 @@ CHILDREN = [
         ({"replicas": -1}, "bp", "spec.replicas"),
         ({"tls": {"enabled": False}}, "bp", "spec.auth.tokenSecretRef"),
         ({"tls": {"duration": "1h", "renewBefore": "2h"}}, "bp", "spec.tls.renewBefore"),
+        ({"tls": {"ca": {"duration": "100h"}}}, "bp", "spec.tls.ca.renewBefore"),
+        ({"tls": {"duration": "9000h"}}, "bp", "spec.tls.ca.duration"),
         ({"plaintextGrpc": {"enabled": True}}, "bp", "spec.plaintextGrpc.allowedFrom"),
         ({"ports": {"grpc": 9090}}, "bp", "spec.ports"),
         (
@@ -260,14 +262,19 @@ def test_create_reconciles_every_child_with_owner_references(api, operator, name
     assert pod["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == "bp-peer"
 
-    # the namespace CA bootstrap: shared, not controller-owned
+    # the namespace CA bootstrap: owned by the trust ConfigMap alone, which has no owner
+    trust = eventually(lambda: get(api, "ConfigMap", namespace, "blazen-trust"), what="trust ConfigMap")
+    assert not trust["metadata"].get("ownerReferences")
     for kind, name in [
         ("Issuer", "blazen-selfsigned"),
         ("Certificate", "blazen-ca"),
         ("Issuer", "blazen-ca"),
+        ("Secret", "blazen-ca"),
     ]:
-        refs = get(api, kind, namespace, name)["metadata"]["ownerReferences"]
-        assert [(r["uid"], r["controller"]) for r in refs] == [(uid, False)]
+        obj = eventually(lambda kind=kind, name=name: get(api, kind, namespace, name), what=name)
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["uid"]) for r in refs] == [("ConfigMap", trust["metadata"]["uid"])]
+    assert {"name": "trust", "mountPath": "/etc/blazen/trust", "readOnly": True} in c["volumeMounts"]
 
     # status: the controller-manager creates 2 pods (they never run: no kubelet), cert-manager is absent
     def status_settled():
@@ -284,7 +291,7 @@ def test_create_reconciles_every_child_with_owner_references(api, operator, name
     assert st["phase"] == "Progressing"
     assert "servedSteps" not in st, "no pod answered /v1/info: unknown, not invented"
     conds = {c["type"]: c for c in st["conditions"]}
-    assert set(conds) == {"Ready", "Available", "Progressing", "CertificateReady", "Degraded"}
+    assert set(conds) == {"Ready", "Available", "Progressing", "CertificateReady", "Degraded", "CARotation"}
     assert conds["Ready"]["status"] == "False"
     assert conds["CertificateReady"]["status"] == "False"
     assert conds["CertificateReady"]["reason"] in ("CertificatePending", "CertificateMissing")
@@ -701,21 +708,61 @@ def test_delete_garbage_collects_everything_and_never_hangs(api, operator, names
     eventually(all_gone, timeout=60, what="garbage collection")
 
 
-def test_namespace_ca_is_shared_and_goes_with_the_last_peer(api, operator, namespace):
-    a = create(api, manifest("a", namespace))
-    b = create(api, manifest("b", namespace))
-
-    def two_owners():
-        refs = get(api, "Issuer", namespace, "blazen-ca")["metadata"]["ownerReferences"]
-        assert {r["uid"] for r in refs} == {a["metadata"]["uid"], b["metadata"]["uid"]}
-        return True
-
-    eventually(two_owners, what="CA co-owned")
+def test_namespace_ca_has_one_owner_and_goes_with_the_last_peer(api, operator, namespace):
+    """Any number of BlazenPeers share the namespace CA through one owner, the trust ConfigMap: the objects
+    do not grow per peer; deleting one peer of many leaves the CA; the last one takes it along."""
+    for name in ("a", "b", "c"):
+        create(api, manifest(name, namespace))
+    eventually(lambda: all(get(api, "Deployment", namespace, n) for n in "abc"), what="peers reconciled")
+    trust = eventually(lambda: get(api, "ConfigMap", namespace, "blazen-trust"), what="trust ConfigMap")
+    owner = [("ConfigMap", "blazen-trust", trust["metadata"]["uid"])]
+    for kind, name in [("Issuer", "blazen-ca"), ("Certificate", "blazen-ca"), ("Secret", "blazen-ca")]:
+        meta = get(api, kind, namespace, name)["metadata"]
+        assert [(r["kind"], r["name"], r["uid"]) for r in meta["ownerReferences"]] == owner
+        managers = {m["manager"] for m in meta.get("managedFields") or []}
+        assert not any(m.startswith("blazen-operator.") for m in managers), managers
     api.delete(BP, "BlazenPeer", namespace, "a")
     eventually(lambda: get(api, "Deployment", namespace, "a") is None, timeout=60, what="a collected")
-    assert get(api, "Issuer", namespace, "blazen-ca") is not None, "b still uses the CA"
     api.delete(BP, "BlazenPeer", namespace, "b")
-    eventually(lambda: get(api, "Issuer", namespace, "blazen-ca") is None, timeout=60, what="CA collected")
+    eventually(lambda: get(api, "Deployment", namespace, "b") is None, timeout=60, what="b collected")
+    assert get(api, "Issuer", namespace, "blazen-ca") is not None, "c still uses the CA"
+    assert get(api, "ConfigMap", namespace, "blazen-trust") is not None
+    api.delete(BP, "BlazenPeer", namespace, "c")
+    for kind in ("ConfigMap", "Issuer", "Certificate", "Secret"):
+        name = "blazen-trust" if kind == "ConfigMap" else "blazen-ca"
+        eventually(
+            lambda kind=kind, name=name: get(api, kind, namespace, name) is None,
+            timeout=60,
+            what=f"{kind} gone",
+        )
+
+
+def test_per_peer_owner_references_of_earlier_versions_are_replaced(api, operator, namespace):
+    """A namespace CA set up by an earlier operator (one ownerReference per BlazenPeer) is taken over: the
+    trust ConfigMap becomes its only owner."""
+    # a user issuer first, so the operator sets up no namespace CA before the legacy object exists
+    user = {"issuerRef": {"name": "corp"}, "trustBundle": {"configMap": {"name": "roots"}}}
+    a = create(api, manifest("a", namespace, replicas=0, tls=user))
+    legacy = {"apiVersion": BP, "kind": "BlazenPeer", "name": "a", "uid": a["metadata"]["uid"]}
+    api.request(
+        "POST",
+        path_for("cert-manager.io/v1", "Issuer", namespace),
+        body={
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Issuer",
+            "metadata": {"name": "blazen-ca", "namespace": namespace, "ownerReferences": [legacy]},
+            "spec": {"ca": {"secretName": "blazen-ca"}},
+        },
+    )
+    to_namespace_ca = {"spec": {"tls": {"issuerRef": None, "trustBundle": None}}}
+    merge_patch(api, "BlazenPeer", namespace, "a", to_namespace_ca)
+
+    def one_owner():
+        refs = get(api, "Issuer", namespace, "blazen-ca")["metadata"]["ownerReferences"]
+        assert [r["kind"] for r in refs] == ["ConfigMap"], refs
+        return True
+
+    eventually(one_owner, timeout=60, what="legacy owners replaced")
 
 
 def test_gpu_peer_lands_on_the_gpu_pool(api, operator, namespace):

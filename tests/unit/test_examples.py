@@ -377,10 +377,11 @@ async def test_client_reports_a_failed_workflow(mtls_peer: dict[str, Any]) -> No
 
 async def test_client_refuses_a_peer_signed_by_another_ca(mtls_peer: dict[str, Any]) -> None:
     client = load_client_module()
-    other_ca = mtls_peer["tmp"] / "other-ca.crt"
-    other_ca.write_bytes(CA(name="someone-else").cert_pem)
-    files = list(mtls_peer["files"])
-    files[files.index("--ca") + 1] = str(other_ca)
+    # a caller of another CA, consistent in itself (its files validate), meets a peer it does not trust
+    other = CA(name="someone-else")
+    leaf = other.issue("other-client", server=False)
+    crt, key, ca = write_pem_files(mtls_peer["tmp"] / "other", leaf, other)
+    files = ["--cert", str(crt), "--key", str(key), "--ca", str(ca)]
     args = client.parse_args(
         [mtls_peer["endpoint"], *files, "--server-name", "localhost", "--connect-timeout", "2"]
     )

@@ -261,7 +261,7 @@ def test_one_field_sets_the_pod_grace_and_the_runtime_drain(pod, grace, admit, a
                 "--forward-dns": "bp-peers.ns1.svc",
                 "--tls-cert": "/etc/blazen/tls/tls.crt",
                 "--tls-key": "/etc/blazen/tls/tls.key",
-                "--tls-ca": "/etc/blazen/tls/ca.crt",
+                "--tls-ca": "/etc/blazen/trust/ca.crt",
             },
             ["--steps", "--token-file", "--plaintext-grpc-addr", "--insecure"],
         ),
@@ -342,7 +342,13 @@ def test_hardening_probes_and_mounts():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert set(mounts) == {"/tmp", "/home/blazen", "/etc/blazen/tls", "/etc/blazen/token"}
+    assert set(mounts) == {
+        "/tmp",
+        "/home/blazen",
+        "/etc/blazen/tls",
+        "/etc/blazen/trust",
+        "/etc/blazen/token",
+    }
     assert all("subPath" not in m for m in c["volumeMounts"]), "subPath mounts never see rotated secrets"
     vols = {v["name"]: v for v in ps["volumes"]}
     assert vols["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}
@@ -443,9 +449,6 @@ def kinds(p: Peer) -> list[tuple[str, str]]:
                 ("ServiceAccount", "bp-peer"),
                 ("Role", "bp-peer"),
                 ("RoleBinding", "bp-peer"),
-                ("Issuer", "blazen-selfsigned"),
-                ("Certificate", "blazen-ca"),
-                ("Issuer", "blazen-ca"),
                 ("Certificate", "bp-tls"),
                 ("Certificate", "bp-client-tls"),
                 ("Secret", "bp-tls"),
@@ -454,7 +457,8 @@ def kinds(p: Peer) -> list[tuple[str, str]]:
                 ("Service", "bp-peers"),
                 ("Deployment", "bp"),
             ],
-            [("PodDisruptionBudget", "bp")],
+            # the namespace CA is not a child of any BlazenPeer (trust.py keeps it)
+            [("PodDisruptionBudget", "bp"), ("Issuer", "blazen-ca"), ("Certificate", "blazen-ca")],
         ),
         (
             {"replicas": 3, "tls": {"issuerRef": {"name": "corp", "kind": "ClusterIssuer"}}},
@@ -489,15 +493,12 @@ def test_every_child_is_owned_and_labelled():
         assert ref["kind"] == "BlazenPeer"
         assert ref["apiVersion"] == "blazen.dev/v1alpha1"
         assert ref["uid"] == "uid-1"
-        assert ref["controller"] is (not child.shared), "shared namespace-CA objects have several owners"
+        assert ref["controller"] is True
         assert meta["namespace"] == "ns1"
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "blazen-operator"
-        if not child.shared:
-            assert meta["labels"][common.PEER_LABEL] == "bp"
-            assert meta["labels"]["team"] == "ml"
-            assert "kopf.zalando.org/x" not in meta["labels"]
-        else:
-            assert common.PEER_LABEL not in meta["labels"]
+        assert meta["labels"][common.PEER_LABEL] == "bp"
+        assert meta["labels"]["team"] == "ml"
+        assert "kopf.zalando.org/x" not in meta["labels"]
 
 
 def test_services():
@@ -525,10 +526,6 @@ def test_certificates_cover_both_services_with_server_and_client_usages():
     assert client["spec"]["secretName"] == "bp-client-tls"
     assert "client auth" in client["spec"]["usages"]
     assert "server auth" not in client["spec"]["usages"]
-    ca = {(m["kind"], m["metadata"]["name"]): m for m in certs.namespace_ca(p)}
-    assert ca[("Issuer", "blazen-selfsigned")]["spec"] == {"selfSigned": {}}
-    assert ca[("Certificate", "blazen-ca")]["spec"]["isCA"] is True
-    assert ca[("Issuer", "blazen-ca")]["spec"] == {"ca": {"secretName": "blazen-ca"}}
 
 
 def test_custom_issuer():
@@ -723,14 +720,28 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
         "mountPath": "/etc/blazen/trust",
         "readOnly": True,
     }
-    assert flag(container(peer())["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
-    assert "trust" not in volumes(peer())
+    # a user issuer without a bundle: the ca.crt the issuer writes into the leaf Secret
+    corp = peer(tls={"issuerRef": {"name": "corp"}})
+    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
+    assert "trust" not in volumes(corp)
+
+
+def test_namespace_ca_peers_trust_the_namespace_bundle():
+    """The pods read the trust ConfigMap the operator maintains (old + new roots during a rotation), not the
+    leaf Secret's ca.crt, which holds only the CA that signed that leaf."""
+    p = peer()
+    assert flag(container(p)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert volumes(p)["trust"] == {
+        "name": "trust",
+        "configMap": {"name": "blazen-trust", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+    }
+    assert "subPath" not in mounts(p)["/etc/blazen/trust"]
 
 
 @pytest.mark.parametrize(
     ("tls", "mode", "ca"),
     [
-        ({}, "require", "/etc/blazen/tls/ca.crt"),  # the namespace CA: its ca.crt is always there
+        ({}, "require", "/etc/blazen/trust/ca.crt"),  # the namespace CA: its trust bundle is always there
         (
             {
                 "issuerRef": {"name": "corp", "kind": "ClusterIssuer"},
@@ -757,3 +768,81 @@ def test_pod_deletion_cost_is_the_live_refs():
     assert workload.pod_deletion_cost(0) == "0"
     assert workload.pod_deletion_cost(42) == "42"
     assert workload.pod_deletion_cost(10**12) == str(2**31 - 1)  # the annotation is an int32
+
+
+# ------------------------------------------------------------ namespace CA (issue #15)
+
+TRUST_OWNER = {"apiVersion": "v1", "kind": "ConfigMap", "name": "blazen-trust", "uid": "cm-uid"}
+
+
+def test_namespace_ca_has_one_owner_whatever_the_number_of_peers():
+    """Every namespace CA object is owned by the trust ConfigMap alone: nothing grows with the BlazenPeers of
+    the namespace (before: one ownerReference and one managedFields entry per peer)."""
+    settings = certs.ca_settings([peer(f"p{i}") for i in range(50)])
+    assert settings is not None
+    objs = certs.namespace_ca("ns1", TRUST_OWNER, settings, (1,), 1)
+    objs.append(certs.ca_secret_stub("ns1", TRUST_OWNER, 1))
+    by = {(m["kind"], m["metadata"]["name"]): m for m in objs}
+    assert set(by) == {
+        ("Issuer", "blazen-selfsigned"),
+        ("Certificate", "blazen-ca"),
+        ("Issuer", "blazen-ca"),
+        ("Secret", "blazen-ca"),
+    }
+    for m in objs:
+        assert m["metadata"]["ownerReferences"] == [TRUST_OWNER]
+        assert common.PEER_LABEL not in m["metadata"]["labels"]
+        assert m["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "blazen-operator"
+    assert by[("Certificate", "blazen-ca")]["spec"]["isCA"] is True
+    assert by[("Issuer", "blazen-ca")]["spec"] == {"ca": {"secretName": "blazen-ca"}}
+    assert by[("Issuer", "blazen-selfsigned")]["spec"] == {"selfSigned": {}}
+    cm = certs.trust_configmap("ns1")["metadata"]
+    assert "ownerReferences" not in cm, "the root: deleted by the operator with the last namespace-CA peer"
+
+
+def test_namespace_ca_during_a_rotation_keeps_both_generations_and_signs_with_one():
+    settings = certs.CaSettings("8760h", "720h", "bp")
+    objs = certs.namespace_ca("ns1", TRUST_OWNER, settings, (1, 2), 1)
+    cas = {m["metadata"]["name"]: m for m in objs if m["kind"] == "Certificate"}
+    assert set(cas) == {"blazen-ca", "blazen-ca-2"}, "the new CA under a new name"
+    assert cas["blazen-ca-2"]["spec"]["secretName"] == "blazen-ca-2"
+    assert cas["blazen-ca-2"]["metadata"]["labels"][certs.CA_GENERATION_LABEL] == "2"
+    issuer = next(m for m in objs if m["kind"] == "Issuer" and m["metadata"]["name"] == "blazen-ca")
+    assert issuer["spec"] == {"ca": {"secretName": "blazen-ca"}}, "the old CA keeps signing until switched"
+    switched = certs.namespace_ca("ns1", TRUST_OWNER, settings, (1, 2), 2)
+    issuer = next(m for m in switched if m["kind"] == "Issuer" and m["metadata"]["name"] == "blazen-ca")
+    assert issuer["spec"] == {"ca": {"secretName": "blazen-ca-2"}}
+    # cert-manager's own in-place renewal only as a backstop, half-way into the operator's window
+    assert cas["blazen-ca"]["spec"]["duration"] == "8760h"
+    assert cas["blazen-ca"]["spec"]["renewBefore"] == f"{360 * 3600}s"
+
+
+def test_the_strictest_ca_setting_wins():
+    peers = [
+        peer("lax", tls={"ca": {"duration": "87600h", "renewBefore": "2160h"}}),
+        peer("strict", tls={"ca": {"duration": "4320h", "renewBefore": "240h"}}),
+        peer("strict-b", tls={"ca": {"duration": "4320h", "renewBefore": "480h"}}),
+        peer("corp", tls={"issuerRef": {"name": "corp"}, "ca": {"duration": "3000h", "renewBefore": "1h"}}),
+    ]
+    assert certs.ca_settings(peers) == certs.CaSettings("4320h", "480h", "strict-b")
+    assert certs.ca_settings([peers[3]]) is None, "a user issuer takes no part in the namespace CA"
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        (
+            {"ca": {"duration": "720h", "renewBefore": "720h"}},
+            "tls.ca.renewBefore must be shorter than tls.ca",
+        ),
+        ({"duration": "9000h"}, "tls.ca.duration must be longer than tls.duration"),
+        ({"ca": {"duration": "1y"}}, "ca.duration"),
+    ],
+)
+def test_ca_settings_are_validated_with_messages_naming_the_fields(tls, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec({**BASE, "tls": tls})
+
+
+def test_a_user_issuer_may_outlive_the_unused_namespace_ca_setting():
+    assert parse_spec({**BASE, "tls": {"issuerRef": {"name": "corp"}, "duration": "9000h"}})

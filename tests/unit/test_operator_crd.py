@@ -101,7 +101,15 @@ def test_schema_is_structural_and_described(crd):
         (".spec.ports.plaintextGrpc", 50052),
         (".spec.hardware.gpu", 0),
         (".spec.hardware.gpuResourceName", "nvidia.com/gpu"),
-        (".spec.tls", {"enabled": True, "duration": "2160h", "renewBefore": "360h"}),
+        (
+            ".spec.tls",
+            {
+                "enabled": True,
+                "duration": "2160h",
+                "renewBefore": "360h",
+                "ca": {"duration": "8760h", "renewBefore": "720h"},
+            },
+        ),
         (".spec.auth", {}),
         (".spec.plaintextGrpc.enabled", False),
     ],

@@ -20,6 +20,7 @@ import pytest
 from blazen_peer import BlazenPeerServer
 from blazen_peer.admin.logs import configure_json_logging
 from blazen_peer.client import BlazenPeerClient
+from blazen_peer.pki.tls import cert_fingerprint
 from blazen_peer.security.policy import INSECURE_MESSAGE
 from blazen_peer.wire.envelope import unwrap, wrap
 from blazen_peer.wire.errors import PeerInsecureConfigError, PeerTlsError
@@ -339,14 +340,20 @@ async def test_admin_endpoints_and_metrics(make_peer, pki: Pki) -> None:
     assert await http_get(admin + "/readyz") == (200, '{"ready": true, "reason": "ready"}')
     status, info = await http_get(admin + "/v1/info")
     assert status == 200
-    assert json.loads(info) == {
+    body = json.loads(info)
+    tls = body.pop("tls")
+    assert body == {
         "node_id": "secure-0",
         "steps": ["echo", "slow", "keep", "blob", "chatty", "fill"],
         "envelope_version": 1,
         "ready": True,
         "session_refs": 0,
-        "tls": {"client_auth": "require", "outbound_trust": "ca-bundle"},
     }
+    assert (tls["client_auth"], tls["outbound_trust"]) == ("require", "ca-bundle")
+    # what it trusts and serves, which the operator follows during a CA rotation
+    assert tls["trusted_sha256"] == [cert_fingerprint(pki.ca.cert)]
+    assert tls["leaf_sha256"] == cert_fingerprint(pki.server.cert)
+    assert tls["leaf_root_sha256"] == cert_fingerprint(pki.ca.cert)
     creds = grpc_creds(pki, pki.client_files)
     code, _, _body = await grpc_call(server.grpc_port, creds, req(["keep"], {"data": "hello"}), token=TOKEN)
     assert code == grpc.StatusCode.OK

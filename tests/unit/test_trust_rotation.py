@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from blazen_peer import BlazenPeerServer
-from blazen_peer.client import BlazenPeerClient, PeerTlsError, PeerTransportError
+from blazen_peer.client import BlazenPeerClient, HttpPeerClient, PeerTlsError, PeerTransportError
 
 from tests.support.peers import STEP_MODULE, TOKEN, start_peer, write_steps
 from tests.support.pki import CA, Issued, KubeletSecretDir, secret_files, write_pem_files
@@ -211,3 +211,56 @@ async def test_a_client_refuses_a_broken_renewal_and_keeps_calling(
         await asyncio.sleep(1.5)  # more than one poll
         assert client.tls_generation == 1
         await _echo(client, 2)
+
+
+async def test_the_https_client_follows_its_files_through_a_ca_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HttpPeerClient.new_http(tls_files=...)`` against a shim that requires a client certificate: the
+    caller's leaf is re-issued by a new CA and its bundle loses the old root while it keeps calling; a
+    caller still presenting the leaf it started with (the control) is refused once the server dropped the
+    old root."""
+    monkeypatch.syspath_prepend(str(write_steps(tmp_path / "steps")))
+    old_ca, new_ca = CA("http-old"), CA("http-new")
+    both = old_ca.cert_pem + new_ca.cert_pem
+    server_secret = _secret(tmp_path / "server", new_ca.issue("peer-0"), both)
+    caller_leaf = old_ca.issue("caller", server=False)
+    caller_secret = _secret(tmp_path / "caller", caller_leaf, both)
+    server = await start_peer(
+        node_id="rot-http",
+        entrypoint=f"{STEP_MODULE}:REG",
+        tls_cert=str(server_secret.path("tls.crt")),
+        tls_key=str(server_secret.path("tls.key")),
+        tls_ca=str(server_secret.path("ca.crt")),
+        http_auth="client-cert",
+        grpc_addr="127.0.0.1:0",
+    )
+    url = f"https://localhost:{server.http_port}"
+    client = HttpPeerClient.new_http(url, "caller", tls_files=caller_secret.root)
+
+    async def echo(c: HttpPeerClient, x: int) -> None:
+        resp = await c.invoke_sub_workflow("wf", ["echo"], {"x": x}, 10)
+        assert resp.result_value()["x"] == x
+
+    try:
+        await echo(client, 1)
+        # the caller's leaf re-issued by the new CA (still trusting both), then the old root dropped
+        caller_secret.write(secret_files(new_ca.issue("caller", server=False), both))
+        await _until(lambda: client.tls_generation == 2, "the caller's reload")
+        await echo(client, 2)
+        caller_secret.write(secret_files(new_ca.issue("caller", server=False), new_ca.cert_pem))
+        await _until(lambda: client.tls_generation == 3, "the caller's second reload")
+        tls = server.runtime.tls
+        before = tls.generation
+        server_secret.write(secret_files(new_ca.issue("peer-0"), new_ca.cert_pem))
+        await _until(lambda: tls.generation > before, "the server dropping the old root")
+        for i in range(20):
+            await echo(client, 100 + i)
+        # the control: a caller still presenting the old-CA leaf it started with is refused now
+        crt, key, ca = write_pem_files(tmp_path / "control", caller_leaf, both)
+        async with HttpPeerClient.new_http(url, "control", tls_files=(crt, key, ca)) as control:
+            with pytest.raises(PeerTransportError):
+                await echo(control, 3)
+    finally:
+        await client.close()
+        await server.stop(grace=0)

@@ -19,13 +19,12 @@ class Child:
     """One child object and how to apply it.
 
     ``create_only``: created when absent and never overwritten (Secret stubs that cert-manager fills in); the
-    operator then applies only their metadata. ``shared``: a namespace-wide object several BlazenPeers co-own;
-    applied with a per-peer field manager so each owns just its own owner reference.
+    operator then applies only their metadata. The namespace CA is not a child of any BlazenPeer: the
+    ``trust`` module keeps it, owned by the trust ConfigMap.
     """
 
     manifest: dict[str, Any]
     create_only: bool = False
-    shared: bool = False
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -37,12 +36,6 @@ def desired(p: Peer) -> list[Child]:
     """Every child of the BlazenPeer, in apply order (identity and certificates before the pods use them)."""
     out: list[Child] = [Child(m) for m in workload.rbac(p)]
     if p.spec.tls.enabled:
-        ca = certs.namespace_ca(p)
-        if ca:
-            out.append(
-                Child(certs.secret_stub(p, common.CA_NAME, controller=False), create_only=True, shared=True)
-            )
-            out += [Child(m, shared=True) for m in ca]
         out.append(Child(certs.secret_stub(p, common.server_cert_name(p)), create_only=True))
         out.append(Child(certs.secret_stub(p, common.client_cert_name(p)), create_only=True))
         out.append(Child(certs.server_certificate(p)))

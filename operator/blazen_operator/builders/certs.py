@@ -1,16 +1,22 @@
-"""cert-manager objects: the namespace CA bootstrap, the serving Certificate and the client Certificate."""
+"""cert-manager objects: the namespace CA (its generations, its Issuers, the trust ConfigMap that owns them),
+the serving Certificate and the client Certificate."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from .. import spec as s
 from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 from . import common as c
 from .common import Peer
 
 CM_API = "cert-manager.io/v1"
-CA_DURATION = "87600h"  # 10 years; the leaves are short-lived
-CA_RENEW_BEFORE = "720h"
+CA_GENERATION_LABEL = "blazen.dev/ca-generation"
+ROTATE_ANNOTATION = "blazen.dev/rotate-ca"  # set to any new value on the trust ConfigMap: rotate now
+STATE_ANNOTATION = "blazen.dev/ca-rotation"  # the rotation state (rotation.Stored)
+PROGRESS_ANNOTATION = "blazen.dev/ca-rotation-progress"
+SETTINGS_ANNOTATION = "blazen.dev/ca-settings"  # the tls.ca in force and the BlazenPeer it came from
 
 
 def issuer_ref(p: Peer) -> dict[str, str]:
@@ -24,43 +30,135 @@ def issuer_ref(p: Peer) -> dict[str, str]:
 SHARED_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet"}
 
 
-def namespace_ca(p: Peer) -> list[dict[str, Any]]:
-    """Self-signed Issuer -> CA Certificate -> CA Issuer, shared by every BlazenPeer of the namespace.
+@dataclass(frozen=True)
+class CaSettings:
+    """The tls.ca in force for the namespace and the BlazenPeer that set it."""
 
-    Each BlazenPeer applies them with its own field manager and a non-controller owner reference, so each owns
-    only its reference: garbage collection deletes the CA with the last BlazenPeer that uses it.
-    """
-    if not p.spec.tls.enabled or p.spec.tls.issuer_ref is not None:
-        return []
-    labels = SHARED_LABELS
-    return [
+    duration: str
+    renew_before: str
+    source: str
+
+    @property
+    def renew_before_seconds(self) -> float:
+        return s.go_duration_seconds(self.renew_before)
+
+
+def ca_settings(peers: list[Peer]) -> CaSettings | None:
+    """One namespace CA, many BlazenPeers: the strictest tls.ca wins, i.e. the shortest ca.duration (ties:
+    the longest ca.renewBefore, then the name), taken as a pair so renewBefore < duration holds."""
+    candidates = [p for p in peers if c.uses_namespace_ca(p)]
+    if not candidates:
+        return None
+
+    def strictness(p: Peer) -> tuple[float, float, str]:
+        ca = p.spec.tls.ca
+        return (s.go_duration_seconds(ca.duration), -s.go_duration_seconds(ca.renew_before), p.name)
+
+    best = min(candidates, key=strictness)
+    return CaSettings(best.spec.tls.ca.duration, best.spec.tls.ca.renew_before, best.name)
+
+
+def ca_name(generation: int) -> str:
+    """Name of the Certificate and Secret of one CA generation (generation 1 keeps the historical name)."""
+    return c.CA_NAME if generation <= 1 else f"{c.CA_NAME}-{generation}"
+
+
+def trust_configmap(namespace: str) -> dict[str, Any]:
+    """The trust ConfigMap as first created: the root every namespace CA object is owned by. It has no
+    owner itself; the operator deletes it when no BlazenPeer of the namespace uses the namespace CA."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": c.TRUST_CONFIGMAP, "namespace": namespace, "labels": dict(SHARED_LABELS)},
+    }
+
+
+def trust_bundle(namespace: str, bundle: str, annotations: dict[str, str]) -> dict[str, Any]:
+    """What the operator applies to the trust ConfigMap: the bundle (absent until the first CA is issued,
+    so pods wait for it instead of starting with no root) and the rotation state."""
+    out = trust_configmap(namespace)
+    out["metadata"]["annotations"] = dict(annotations)
+    if bundle:
+        out["data"] = {c.TRUST_KEY: bundle}
+    return out
+
+
+def owner_reference(configmap: dict[str, Any]) -> dict[str, Any]:
+    """The one owner of every namespace CA object: the trust ConfigMap (not each BlazenPeer, which grew the
+    objects by one reference and one managedFields entry per peer)."""
+    meta = configmap["metadata"]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "name": meta["name"], "uid": meta["uid"]}
+
+
+def _shared_meta(namespace: str, name: str, owner: dict[str, Any], **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**SHARED_LABELS, **labels},
+        "ownerReferences": [owner],
+    }
+
+
+def _backstop(settings: CaSettings) -> str:
+    # cert-manager would renew a CA in place (the trap the rotation avoids); ask it to only after half of
+    # the operator's own window passed, so it does so only when the operator is down that long.
+    return f"{max(300, int(settings.renew_before_seconds / 2))}s"
+
+
+def namespace_ca(
+    namespace: str, owner: dict[str, Any], settings: CaSettings, generations: tuple[int, ...], issuing: int
+) -> list[dict[str, Any]]:
+    """Self-signed Issuer -> one CA Certificate per live generation -> the CA Issuer, signing with
+    ``issuing``. Each CA Secret is pre-created as a stub so it has the owner too (cert-manager sets none)."""
+    out: list[dict[str, Any]] = [
         {
             "apiVersion": CM_API,
             "kind": "Issuer",
-            "metadata": c.metadata(p, c.CA_SELFSIGNED_ISSUER, controller=False, extra_labels=labels),
+            "metadata": _shared_meta(namespace, c.CA_SELFSIGNED_ISSUER, owner),
             "spec": {"selfSigned": {}},
-        },
-        {
-            "apiVersion": CM_API,
-            "kind": "Certificate",
-            "metadata": c.metadata(p, c.CA_NAME, controller=False, extra_labels=labels),
-            "spec": {
-                "isCA": True,
-                "commonName": f"blazen-ca.{p.namespace}",
-                "secretName": c.CA_NAME,
-                "duration": CA_DURATION,
-                "renewBefore": CA_RENEW_BEFORE,
-                "privateKey": {"algorithm": "ECDSA", "size": 256},
-                "issuerRef": {"name": c.CA_SELFSIGNED_ISSUER, "kind": "Issuer", "group": "cert-manager.io"},
-            },
-        },
+        }
+    ]
+    for gen in sorted(set(generations)):
+        name = ca_name(gen)
+        out.append(
+            {
+                "apiVersion": CM_API,
+                "kind": "Certificate",
+                "metadata": _shared_meta(namespace, name, owner, **{CA_GENERATION_LABEL: str(gen)}),
+                "spec": {
+                    "isCA": True,
+                    "commonName": f"{name}.{namespace}",
+                    "secretName": name,
+                    "duration": settings.duration,
+                    "renewBefore": _backstop(settings),
+                    "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+                    "issuerRef": {
+                        "name": c.CA_SELFSIGNED_ISSUER,
+                        "kind": "Issuer",
+                        "group": "cert-manager.io",
+                    },
+                },
+            }
+        )
+    out.append(
         {
             "apiVersion": CM_API,
             "kind": "Issuer",
-            "metadata": c.metadata(p, c.CA_NAME, controller=False, extra_labels=labels),
-            "spec": {"ca": {"secretName": c.CA_NAME}},
-        },
-    ]
+            "metadata": _shared_meta(namespace, c.CA_NAME, owner),
+            "spec": {"ca": {"secretName": ca_name(issuing)}},
+        }
+    )
+    return out
+
+
+def ca_secret_stub(namespace: str, owner: dict[str, Any], generation: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": _shared_meta(namespace, ca_name(generation), owner),
+        "data": {"tls.crt": "", "tls.key": ""},
+    }
 
 
 def dns_names(p: Peer) -> list[str]:
@@ -121,14 +219,13 @@ def stub_names(p: Peer) -> tuple[str, ...]:
     return (c.server_cert_name(p), c.client_cert_name(p))
 
 
-def secret_stub(p: Peer, name: str, *, controller: bool = True) -> dict[str, Any]:
+def secret_stub(p: Peer, name: str) -> dict[str, Any]:
     """An empty kubernetes.io/tls Secret created before cert-manager fills it, so that it carries our owner
     reference and is garbage-collected with the BlazenPeer (cert-manager does not set one by default)."""
-    labels = c.labels(p) if controller else SHARED_LABELS
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "kubernetes.io/tls",
-        "metadata": c.metadata(p, name, controller=controller, extra_labels=labels),
+        "metadata": c.metadata(p, name),
         "data": {"tls.crt": "", "tls.key": ""},
     }

@@ -19,7 +19,9 @@ TRUST_DIR = "/etc/blazen/trust"
 TOKEN_KEY_PATH = "token"
 
 CA_SELFSIGNED_ISSUER = "blazen-selfsigned"
-CA_NAME = "blazen-ca"  # Certificate, its Secret and the CA Issuer share the name
+CA_NAME = "blazen-ca"  # the CA Issuer; also the Certificate and Secret of CA generation 1
+TRUST_CONFIGMAP = "blazen-trust"  # the namespace trust bundle (key ca.crt) and the CA rotation state
+TRUST_KEY = "ca.crt"
 
 _NO_UID = "00000000-0000-0000-0000-000000000000"  # `render` has no API server to assign one
 
@@ -68,6 +70,11 @@ class Peer:
 
 
 # ------------------------------------------------------------ names
+
+
+def uses_namespace_ca(p: Peer) -> bool:
+    """TLS with the CA the operator bootstraps (and rotates) for the namespace."""
+    return p.spec.tls.enabled and p.spec.tls.issuer_ref is None
 
 
 def deployment_name(p: Peer) -> str:

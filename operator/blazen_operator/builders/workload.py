@@ -88,7 +88,7 @@ def peer_args(p: Peer) -> list[str]:
             "--tls-key",
             f"{c.TLS_DIR}/tls.key",
             "--tls-ca",
-            f"{c.TRUST_DIR if sp.tls.trust_bundle is not None else c.TLS_DIR}/ca.crt",
+            f"{c.TRUST_DIR if _own_trust(p) else c.TLS_DIR}/ca.crt",
             "--tls-client-auth",
             tls_client_auth(sp),
         ]
@@ -103,6 +103,12 @@ def tls_client_auth(sp: s.BlazenPeerSpec) -> str:
     the token the CRD requires then; their ca.crt, when the issuer writes one, is what they trust their
     siblings with (else the system roots)."""
     return "require" if sp.tls.issuer_ref is None or sp.tls.trust_bundle is not None else "none"
+
+
+def _own_trust(p: Peer) -> bool:
+    """The CA file comes from a bundle of its own (spec.tls.trustBundle or the namespace trust ConfigMap),
+    not from the leaf Secret's ca.crt."""
+    return p.spec.tls.trust_bundle is not None or c.uses_namespace_ca(p)
 
 
 def shutdown_args(p: Peer) -> list[str]:
@@ -216,6 +222,12 @@ def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         elif bundle.secret is not None:
             items = [{"key": bundle.secret.key, "path": "ca.crt"}]
             volumes.append({"name": "trust", "secret": {"secretName": bundle.secret.name, "items": items}})
+        mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
+    elif c.uses_namespace_ca(p):
+        # The namespace trust bundle the operator maintains: old + new roots during a CA rotation (the
+        # leaf Secret's ca.crt holds only the CA that signed that leaf).
+        items = [{"key": c.TRUST_KEY, "path": "ca.crt"}]
+        volumes.append({"name": "trust", "configMap": {"name": c.TRUST_CONFIGMAP, "items": items}})
         mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
     if sp.auth.token_secret_ref is not None:
         # A directory mount too: a rotated token reaches the running pods, which re-read the file.

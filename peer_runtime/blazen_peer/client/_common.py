@@ -1,11 +1,31 @@
 from __future__ import annotations
 
+import os
 import uuid as _uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..wire.messages import SubWorkflowRequest, SubWorkflowResponse
 from ..wire.protocol import ENVELOPE_VERSION
 from .errors import PeerEncodeError, PeerEnvelopeVersionError, PeerTlsError, PeerWorkflowError
+
+if TYPE_CHECKING:
+    from ..pki.reload import ReloadingTlsSource
+
+# A directory holding tls.crt, tls.key and ca.crt (a mounted client Secret) or (cert, key, ca) paths.
+TlsFiles = (
+    str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str], str | os.PathLike[str]]
+)
+
+
+def open_tls_files(files: TlsFiles) -> ReloadingTlsSource:
+    """The caller's certificate files, validated now (``PeerTlsError``); the caller starts following them."""
+    from ..pki.reload import ReloadingTlsSource  # cryptography only for callers that reload files
+
+    if isinstance(files, tuple):
+        cert, key, ca = files
+    else:  # a mounted Secret: the keys of a cert-manager TLS Secret
+        cert, key, ca = (os.path.join(files, name) for name in ("tls.crt", "tls.key", "ca.crt"))
+    return ReloadingTlsSource(cert, key, ca, role="client")
 
 
 def normalize_uuid(ref_uuid: Any) -> str:

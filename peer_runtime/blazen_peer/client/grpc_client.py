@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,15 +29,12 @@ from ..wire.protocol import (
     PATH_RELEASE,
     PATH_STREAM,
 )
-from ._common import build_request, check_response, normalize_uuid, tls_parts
+from ._common import TlsFiles, build_request, check_response, normalize_uuid, open_tls_files, tls_parts
 from .errors import PeerEncodeError, PeerTlsError, PeerTransportError, error_for_status
 
 if TYPE_CHECKING:
     from ..pki.reload import ReloadingTlsSource
 
-TlsFiles = (
-    str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str], str | os.PathLike[str]]
-)
 # How long calls already running on a channel replaced after a certificate reload may go on.
 RELOAD_GRACE_SECS = 30.0
 
@@ -51,16 +47,6 @@ def _target(endpoint: str) -> tuple[str, bool]:
     if "://" in endpoint:
         raise PeerTransportError(f"unsupported endpoint scheme in {endpoint!r}")
     return endpoint.rstrip("/"), False
-
-
-def _tls_source(files: TlsFiles) -> ReloadingTlsSource:
-    from ..pki.reload import ReloadingTlsSource  # cryptography only for callers that reload files
-
-    if isinstance(files, tuple):
-        cert, key, ca = files
-    else:  # a mounted Secret: the keys of a cert-manager TLS Secret
-        cert, key, ca = (os.path.join(files, name) for name in ("tls.crt", "tls.key", "ca.crt"))
-    return ReloadingTlsSource(cert, key, ca, role="client")
 
 
 class BlazenPeerClient:
@@ -139,7 +125,7 @@ class BlazenPeerClient:
                 raise PeerTlsError(
                     "give either tls_files or PEM data (tls=, root_certificates=...), not both"
                 )
-            source = _tls_source(tls_files)
+            source = open_tls_files(tls_files)
         parts = tls_parts(tls, root_certificates, certificate_chain, private_key)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

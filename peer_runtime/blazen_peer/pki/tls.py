@@ -19,6 +19,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +35,7 @@ __all__ = [
     "load_server_tls",
     "parse_ca_bundle",
     "system_roots_pem",
+    "trust_report",
     "validate_tls_material",
 ]
 
@@ -262,6 +264,25 @@ def validate_tls_material(
         serial=leaf.serial_number,
         fingerprint=cert_fingerprint(leaf),
     )
+
+
+def trust_report(material: TlsMaterial) -> dict[str, Any]:
+    """What the peer trusts and serves, for ``/v1/info`` (the operator follows a CA rotation by it):
+    ``trusted_sha256``: the SHA-256 of each root in the CA bundle; ``leaf_sha256`` and ``leaf_root_sha256``:
+    the leaf and the root of the bundle its chain ends at (None when no root signed it)."""
+    roots = parse_ca_bundle(material.ca_pem) if material.ca_pem else []
+    out: dict[str, Any] = {
+        "trusted_sha256": [cert_fingerprint(r) for r in roots],
+        "leaf_sha256": material.fingerprint,
+        "leaf_not_after": material.not_after.isoformat() if material.not_after else None,
+        "leaf_root_sha256": None,
+    }
+    if material.cert_chain_pem:
+        chain = _parse_certs(material.cert_chain_pem, "certificate")
+        top = chain[-1]
+        root = top if top in roots else next((r for r in roots if _issued_by(top, r)), None)
+        out["leaf_root_sha256"] = cert_fingerprint(root) if root is not None else None
+    return out
 
 
 def load_server_tls(

@@ -1,0 +1,194 @@
+"""A forced namespace CA rotation on the real API server with cert-manager's real controller (issue #15):
+the new CA under a new name, the trust bundle old + new, the CA Issuer switched, every leaf (servers and
+callers) re-issued by cert-manager through the Issuing condition, the old root dropped and the old CA deleted,
+Events at each step and the CARotation condition on the BlazenPeers.
+
+The control plane has no kubelet: pods never run, so no pod reports its trust and the pod gates are empty
+(tests/unit/test_ca_rotation.py covers them; tests/e2e/test_ca_rotation.py runs it all on kind)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from blazen_operator.apply import Api
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.support import controlplane
+from tests.support.controlplane import eventually
+from tests.support.ports import free_port
+
+from .test_operator_api import create, get, manifest, merge_patch
+
+LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls")
+
+
+@pytest.fixture(scope="module")
+def cert_manager(control_plane: controlplane.ControlPlane, api: Api) -> Iterator[None]:
+    from bench.operator import scale_paths
+
+    binary = scale_paths()["cert-manager-controller"]
+    if not binary.exists():
+        pytest.fail(f"cert-manager's controller is not built: {binary} (hack/kind-lib.sh places it)")
+    proc = control_plane.spawn(
+        "cert-manager-controller-rotation",
+        [
+            str(binary),
+            f"--kubeconfig={control_plane.kubeconfig}",
+            "--leader-elect=false",
+            f"--metrics-listen-address=127.0.0.1:{free_port()}",
+            "-v=1",
+        ],
+    )
+    try:
+        yield None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def secret_pem(api: Api, ns: str, name: str, key: str) -> bytes | None:
+    secret = get(api, "Secret", ns, name)
+    raw = ((secret or {}).get("data") or {}).get(key)
+    return base64.b64decode(raw) if raw else None
+
+
+def issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    try:
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    except Exception:
+        return False
+    return True
+
+
+def state(api: Api, ns: str) -> tuple[dict[str, Any], list[bytes]]:
+    cm = get(api, "ConfigMap", ns, "blazen-trust") or {"metadata": {}}
+    annotations = cm["metadata"].get("annotations") or {}
+    bundle = (cm.get("data") or {}).get("ca.crt", "")
+    roots = (
+        [c.public_bytes(Encoding.PEM) for c in x509.load_pem_x509_certificates(bundle.encode())]
+        if bundle
+        else []
+    )
+    return json.loads(annotations.get("blazen.dev/ca-rotation") or "{}"), roots
+
+
+def trust_events(api: Api, ns: str) -> list[str]:
+    items = [e for e in api.list("v1", "Event", ns) if e["involvedObject"].get("kind") == "ConfigMap"]
+    return [
+        e["reason"]
+        for e in sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
+    ]
+
+
+def test_forced_rotation_goes_through_every_phase(api, operator, cert_manager, namespace):
+    for name in ("a", "b"):
+        create(api, manifest(name, namespace, replicas=0))
+
+    def bootstrapped() -> bytes:
+        _, roots = state(api, namespace)
+        assert len(roots) == 1, roots
+        for leaf in LEAVES:
+            pem = secret_pem(api, namespace, leaf, "tls.crt")
+            assert pem, leaf
+            assert issued_by(pem, roots[0]), leaf
+        return roots[0]
+
+    old = eventually(bootstrapped, timeout=120, what="namespace CA and leaves issued")
+    before = {leaf: secret_pem(api, namespace, leaf, "tls.crt") for leaf in LEAVES}
+
+    merge_patch(
+        api,
+        "ConfigMap",
+        namespace,
+        "blazen-trust",
+        {"metadata": {"annotations": {"blazen.dev/rotate-ca": "test-1"}}},
+        api_version="v1",
+    )
+    started = time.monotonic()
+    seen: list[tuple[str, int]] = []
+    conditions: set[str] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        st, roots = state(api, namespace)
+        if not seen or seen[-1] != (st.get("phase"), len(roots)):
+            seen.append((st.get("phase"), len(roots)))
+        for name in ("a", "b"):
+            for c in (get(api, "BlazenPeer", namespace, name) or {}).get("status", {}).get(
+                "conditions"
+            ) or []:
+                if c["type"] == "CARotation" and c["status"] == "True":
+                    conditions.add(c["reason"])
+        if st.get("phase") == "Idle" and st.get("generation") == 2:
+            break
+        time.sleep(0.3)
+    print(f"\nforced rotation took {time.monotonic() - started:.1f}s through {seen}")
+    st, roots = state(api, namespace)
+    assert (st.get("phase"), st.get("generation"), st.get("handled")) == ("Idle", 2, "test-1"), seen
+
+    # the bundle held old + new from Trusting until the leaves had moved; then only the new root
+    phases = [p for p, _ in seen]
+    assert "Reissuing" in phases or "Trusting" in phases, seen
+    for phase, n in seen:
+        if phase in ("Trusting", "Reissuing"):
+            assert n == 2, seen
+    new = secret_pem(api, namespace, "blazen-ca-2", "tls.crt")
+    assert new is not None
+    assert roots == [x509.load_pem_x509_certificate(new).public_bytes(Encoding.PEM)]
+    assert old not in roots
+
+    # every leaf, servers and callers, re-issued by the new CA, with a new certificate
+    for leaf in LEAVES:
+        pem = secret_pem(api, namespace, leaf, "tls.crt")
+        assert pem != before[leaf], leaf
+        assert issued_by(pem, new), leaf
+        assert secret_pem(api, namespace, leaf, "ca.crt") == new, leaf
+
+    issuer = get(api, "Issuer", namespace, "blazen-ca")
+    assert issuer["spec"]["ca"]["secretName"] == "blazen-ca-2"
+    eventually(
+        lambda: get(api, "Certificate", namespace, "blazen-ca") is None, what="old CA Certificate deleted"
+    )
+    eventually(lambda: get(api, "Secret", namespace, "blazen-ca") is None, what="old CA Secret deleted")
+    cert = get(api, "Certificate", namespace, "blazen-ca-2")
+    assert [r["kind"] for r in cert["metadata"]["ownerReferences"]] == ["ConfigMap"]
+
+    def all_events() -> bool:
+        reasons = trust_events(api, namespace)
+        expected = [
+            "CaRotationStarted",
+            "CaIssued",
+            "ReissuingLeaves",
+            "LeavesReissued",
+            "CaRotationComplete",
+        ]
+        assert [r for r in reasons if r in expected] == expected, reasons
+        return True
+
+    eventually(all_events, what="an Event per step")
+    assert conditions, "the BlazenPeers showed the rotation as their CARotation condition"
+
+    def idle_condition() -> bool:
+        for name in ("a", "b"):
+            conds = {c["type"]: c for c in get(api, "BlazenPeer", namespace, name)["status"]["conditions"]}
+            assert conds["CARotation"]["status"] == "False", conds["CARotation"]
+            assert conds["CARotation"]["reason"] == "Idle"
+        return True
+
+    eventually(idle_condition, timeout=60, what="CARotation back to Idle")
+
+    # the same value again does not rotate again
+    time.sleep(1)
+    assert state(api, namespace)[0]["generation"] == 2
+    assert get(api, "Certificate", namespace, "blazen-ca-3") is None
