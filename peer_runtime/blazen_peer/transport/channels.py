@@ -56,6 +56,13 @@ class ChannelPool:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    async def discard(self, addr: str, grace: float) -> None:
+        """New calls to ``addr`` open a new channel; the old one closes once its calls have ended (those
+        still running after ``grace`` seconds are cancelled)."""
+        ch = self._channels.pop(addr, None)
+        if ch is not None:
+            await ch.close(grace=grace)
+
     async def close(self) -> None:
         old, self._channels = self._channels, {}
         for ch in old.values():
