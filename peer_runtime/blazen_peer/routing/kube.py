@@ -147,10 +147,10 @@ class KubeApi:
                     body = (await resp.content.read(2048)).decode("utf-8", "replace")
                     raise KubeError(f"GET {path}: HTTP {resp.status}: {_status_message(body)}")
                 yield resp
+        except TimeoutError:  # (an OSError too)
+            raise KubeError(f"GET {path}: timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise KubeError(f"GET {path}: {type(exc).__name__}: {exc}") from None
-        except TimeoutError:
-            raise KubeError(f"GET {path}: timed out") from None
 
     async def list(self, path: str, label_selector: str) -> tuple[list[dict[str, Any]], str]:
         """The matching objects and the list's resourceVersion."""
@@ -195,11 +195,11 @@ class KubeApi:
                     if not isinstance(kind, str) or not isinstance(obj, dict):
                         raise KubeError(f"watch {path}: an event that is not one")
                     yield kind, obj
-            except (aiohttp.ClientError, OSError) as exc:
-                raise KubeError(f"watch {path}: {type(exc).__name__}: {exc}") from None
-            except TimeoutError:
+            except TimeoutError:  # (an OSError too)
                 limit = timeout_secs + WATCH_GRACE_SECS
                 raise KubeError(f"watch {path}: stalled (still open after {limit:.0f} s)") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise KubeError(f"watch {path}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         if self._session is not None:
