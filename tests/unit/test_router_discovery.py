@@ -5,6 +5,7 @@ scripted HTTP server on loopback (a hostile or broken API server), and PoolSet's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -191,8 +192,8 @@ async def test_an_endless_watch_line_is_refused_without_buffering_it(fake: FakeA
         nonlocal sent
         resp = web.StreamResponse()
         await resp.prepare(request)
-        with pytest.raises((ConnectionError, asyncio.CancelledError)):
-            while True:  # no newline, ever
+        with contextlib.suppress(ConnectionError):
+            while True:  # no newline, ever, until the client hangs up
                 await resp.write(b"x" * 65536)
                 sent += 65536
         return resp
@@ -200,8 +201,7 @@ async def test_an_endless_watch_line_is_refused_without_buffering_it(fake: FakeA
     fake.handlers[("/p", True)] = endless
     api = KubeApi(fake.url, token_file=None, ca_file=None, max_line_bytes=1 << 20)
     with pytest.raises(KubeError, match="larger than 1048576 bytes"):
-        async for _ in api.watch("/p", "a=b", "1", 60):
-            pass
+        await anext(aiter(api.watch("/p", "a=b", "1", 60)))
     await api.close()
     assert sent < 16 << 20  # refused after about a megabyte, not after the server gave up
 
@@ -241,9 +241,13 @@ async def test_a_stalled_watch_is_abandoned(fake: FakeApi, monkeypatch: pytest.M
     fake.handlers[("/p", True)] = stalled
     api = KubeApi(fake.url, token_file=None, ca_file=None)
     seen = []
-    with pytest.raises(KubeError, match="stalled"):
+
+    async def consume() -> None:
         async for kind, o in api.watch("/p", "a=b", "1", 1):
             seen.append((kind, o["metadata"]["name"]))
+
+    with pytest.raises(KubeError, match="stalled"):
+        await consume()
     await api.close()
     assert seen == [("ADDED", "a")]
     q = fake.requests[0].query

@@ -153,7 +153,7 @@ def test_parse_pool_flags() -> None:
 def test_a_router_refuses_an_entrypoint() -> None:
     with pytest.raises(ValueError, match="runs no steps"):
         BlazenRouterServer(config=PeerConfig(pool=("p=h:1",), entrypoint="my_steps"))
-    with pytest.raises(ValueError, match="one of --pool .* or --fleet NAME"):
+    with pytest.raises(ValueError, match=r"one of --pool .* or --fleet NAME"):
         BlazenRouterServer(config=PeerConfig())
 
 
