@@ -36,7 +36,7 @@ pytestmark = pytest.mark.api
 T = TypeVar("T")
 
 FLEET = "f"
-MANAGER = "blazen-tests.example/hand"
+MANAGER = "blazen-tests.by-hand"
 
 
 def local_ipv4() -> list[str]:
@@ -73,7 +73,7 @@ async def until(check: Callable[[], Any], limit: float = 30, what: str = "") -> 
                 value = await value
             if value:
                 return value
-        except (AssertionError, KeyError, LookupError, PeerError, ApiError) as exc:
+        except (AssertionError, KeyError, LookupError, PeerError, ApiError, OSError) as exc:
             last = exc
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {limit}s waiting for {what}: {last!r}")
