@@ -15,6 +15,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -321,12 +322,14 @@ async def test_the_router_follows_its_fleet_from_the_api(harness: Harness) -> No
 
         # a new endpoint: the router uses it (its own slice, its own port, as a second Service port would)
         await h.peer("cpu-2", ip1, p_new, ("cpu.work",))
+        added = time.monotonic()
         h.apply(endpoint_slice("f-cpu-b", "cpu", p_new, [ep(ip1, ready=True)]))
         await until(
             lambda: _has(h.nodes(client, "cpu.work", 30), "cpu-2"),
             limit=10,
             what="the new replica receiving calls",
         )
+        print(f"\nnew endpoint -> calls on it: {time.monotonic() - added:.2f} s", file=sys.stderr)
 
         # not ready, terminating: no more calls
         h.apply(endpoint_slice("f-cpu-a", "cpu", p_cpu, [{"addresses": [ip1]}, ep(ip2, ready=False)]))

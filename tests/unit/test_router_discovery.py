@@ -230,6 +230,7 @@ async def test_an_oversized_list_and_junk_are_refused(fake: FakeApi, tmp_path: P
     await api.close()
     assert [r.headers["Authorization"] for r in fake.requests] == ["Bearer first"] * 2 + ["Bearer second"]
     assert fake.requests[0].query["labelSelector"] == "a=b"
+    assert fake.requests[0].headers["Accept-Encoding"] == "identity"  # the limits count what is sent
 
 
 async def test_a_stalled_watch_is_abandoned(fake: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:

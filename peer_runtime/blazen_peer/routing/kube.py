@@ -99,7 +99,9 @@ class KubeApi:
         self._ssl_key: tuple[str, float] | None = None
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        # identity: the size limits count the bytes the server sends, and a compressed body could expand
+        # far beyond them in one chunk
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if self.token_file:
             try:
                 token = Path(self.token_file).read_text().strip()
