@@ -87,6 +87,9 @@ class FreezableProxy:
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(OSError):
+            # shutdown first: close() alone leaves the port listening while the accept thread is blocked in it
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
             pairs = list(self._pairs)
