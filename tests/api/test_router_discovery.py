@@ -30,6 +30,7 @@ from blazen_peer.client import BlazenPeerClient, PeerError
 
 from tests.support import controlplane
 from tests.support.peers import blazen_peer_command, http_get, metric, start_peer, wait_ready
+from tests.support.pki import CA
 from tests.support.ports import free_port
 from tests.support.tcpproxy import FreezableProxy
 
@@ -425,15 +426,23 @@ async def _unhealthy(h: Harness) -> bool:
     return metric(await h.metrics(), "blazen_router_discovery_healthy", resource="endpointslices") == 0
 
 
-async def test_a_router_that_cannot_list_its_fleet_is_not_ready(harness: Harness) -> None:
+@pytest.mark.parametrize("broken", ["token", "ca"])
+async def test_a_router_that_cannot_list_its_fleet_is_not_ready(harness: Harness, broken: str) -> None:
     h = harness
-    (h.tmp / "token").write_text("not-a-token")
-    await h.start_router(h.cp.apiserver_port, h.tmp / "token")
+    token = router_identity(h.api, h.ns, h.tmp)
+    ca = h.cp.ca
+    if broken == "token":
+        token.write_text("not-a-token")
+    else:  # a CA the API server's certificate does not chain to: never talk to an impostor
+        ca = h.tmp / "other-ca.crt"
+        ca.write_bytes(CA("someone-else").cert_pem)
+    await h.start_router(h.cp.apiserver_port, token, "--kube-ca", str(ca))
     assert h.router is not None
+    why = "401" if broken == "token" else "CERTIFICATE_VERIFY_FAILED"
 
     async def unready() -> bool:
         status, body = await http_get(f"http://127.0.0.1:{h.admin_port}/readyz")
-        return status == 503 and "not listed from the Kubernetes API yet" in body and "401" in body
+        return status == 503 and "not listed from the Kubernetes API yet" in body and why in body
 
-    await until(unready, limit=40, what="a not-ready router naming the API's refusal")
+    await until(unready, limit=40, what="a not-ready router naming why it cannot list")
     assert h.router.returncode is None, h.log()
