@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 from blazen_peer.cli import main
@@ -326,3 +327,39 @@ async def test_poolset_update_keeps_replicas_that_stay_and_drops_the_others() ->
     assert pools.empty_pools() == ["gpu"]
     assert seen_unready[-1] == ["cpu", "gpu"]
     await pools.close()
+
+
+async def test_a_left_replica_channel_closes_once_its_calls_ended() -> None:
+    """A real call in flight on a replica that leaves finishes; its channel is closed after, not before."""
+    from blazen_peer.client import BlazenPeerClient
+
+    from tests.router.conftest import start_fleet, stop_fleet
+
+    fleet = await start_fleet()
+    try:
+        pools = fleet.router.pools
+        assert pools is not None
+        gone = pools.pools["cpu"][0]
+        channel = pools.channel(gone.addr)
+        client = await BlazenPeerClient.connect(f"http://127.0.0.1:{fleet.router.grpc_port}", "c")
+        calls = [
+            asyncio.ensure_future(client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 1.0}))
+            for _ in range(8)
+        ]
+        await asyncio.sleep(0.3)
+        assert gone.in_flight > 0  # picked by some of the calls
+        pools.update({"cpu": [r.addr for r in pools.pools["cpu"][1:]], "gpu": fleet.pools["gpu"]})
+        assert gone.addr not in pools.channels.open_channels
+        results = await asyncio.gather(*calls)
+        assert all(r.error is None for r in results)  # none cut off by the removal
+        assert {r.result_value()["node"] for r in results} == {"cpu-0", "cpu-1"}
+        await asyncio.sleep(0.2)
+        assert channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        # later calls go to the replica that stays
+        nodes = {
+            (await client.invoke_sub_workflow("wf", ["cpu.parse"])).result_value()["node"] for _ in range(10)
+        }
+        assert nodes == {"cpu-1"}
+        await client.close()
+    finally:
+        await stop_fleet(fleet)

@@ -64,7 +64,7 @@ class PoolSet:
         self.refreshed_at: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: describing joined replicas, closing left ones' channels
+        #: describing replicas that joined
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- channels ----------
@@ -149,7 +149,7 @@ class PoolSet:
         for r in left:
             r.down_until = math.inf  # a call that picked it before it left and retries goes elsewhere
             if r.addr not in self.by_addr:  # (else the address stays, in another pool: same channel)
-                self._spawn(self.channels.discard(r.addr, grace=LEFT_GRACE_SECS))
+                self.channels.discard(r.addr, grace=LEFT_GRACE_SECS)
         self._rebuild()
         if joined:
             self._spawn(self._describe_joined(joined))

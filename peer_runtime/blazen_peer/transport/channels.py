@@ -28,6 +28,7 @@ class ChannelPool:
         self.grace = grace
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Future[Any]] = set()
+        self._draining: set[grpc.aio.Channel] = set()
 
     @property
     def open_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -56,14 +57,19 @@ class ChannelPool:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def discard(self, addr: str, grace: float) -> None:
+    def discard(self, addr: str, grace: float) -> None:
         """New calls to ``addr`` open a new channel; the old one closes once its calls have ended (those
-        still running after ``grace`` seconds are cancelled)."""
+        still running after ``grace`` seconds are cancelled). Call on the event loop."""
         ch = self._channels.pop(addr, None)
-        if ch is not None:
-            await ch.close(grace=grace)
+        if ch is None:
+            return
+        self._draining.add(ch)
+        task = asyncio.ensure_future(ch.close(grace=grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(lambda _: self._draining.discard(ch))
 
     async def close(self) -> None:
         old, self._channels = self._channels, {}
-        for ch in old.values():
+        for ch in [*old.values(), *self._draining]:
             await ch.close()
