@@ -30,6 +30,7 @@ from .routing.split import SplitRunner
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
 from .server import BlazenPeerServer
+from .transport.channels import TARGET_NAME_OPTION
 
 log = logging.getLogger("blazen_peer.router")
 
@@ -96,7 +97,7 @@ class BlazenRouterServer(BlazenPeerServer):
         if name:
 
             def options() -> list[tuple[str, Any]]:
-                return [("grpc.ssl_target_name_override", name)]
+                return [(TARGET_NAME_OPTION, name)]
 
         metadata = hooks.forward_metadata
         hop_tokens = pool_hop_tokens(self.config)
@@ -140,8 +141,16 @@ class BlazenRouterServer(BlazenPeerServer):
         assert self.runtime is not None
         assert self.pools is not None
         api = KubeApi(kube.url, token_file=kube.token_file, ca_file=kube.ca_file)
+        pools = self.pools
+        # Each pool's replicas are checked against their own BlazenPeer's name, unless --pool-server-name
+        # gives one name for all.
+        per_pool = self.config.pool_server_name is None
+
+        def on_pools(addrs: dict[str, list[str]], names: dict[str, str]) -> None:
+            pools.update(addrs, names if per_pool else None)
+
         self.discovery = FleetDiscovery(
-            api, kube.namespace, kube.fleet, self.pools.update, watch_secs=self.config.kube_watch_secs
+            api, kube.namespace, kube.fleet, on_pools, watch_secs=self.config.kube_watch_secs
         )
         self.runtime.metrics.add_collector(self.discovery.collect)
         self.discovery.start()

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .endpoints import fleet_pools, fleet_selector
+from .endpoints import fleet_pools, fleet_selector, pool_server_names
 from .kube import KubeApi, ResourceWatch
 
 __all__ = ["FleetDiscovery", "KubeAccess", "kube_access"]
@@ -95,12 +95,12 @@ class FleetDiscovery:
         api: KubeApi,
         namespace: str,
         fleet: str,
-        on_pools: Callable[[dict[str, list[str]]], None],
+        on_pools: Callable[[dict[str, list[str]], dict[str, str]], None],
         *,
         watch_secs: int = 60,
     ) -> None:
-        """``on_pools(pool -> addresses)`` once both watches have listed, then after every change that
-        alters it."""
+        """``on_pools(pool -> addresses, pool -> server name)`` once both watches have listed, then after
+        every change that alters them."""
         self.api = api
         self.namespace = namespace
         self.fleet = fleet
@@ -113,6 +113,7 @@ class FleetDiscovery:
             api, ENDPOINTSLICES.format(ns=namespace), selector, self._changed, watch_secs=watch_secs
         )
         self.pools: dict[str, list[str]] | None = None
+        self.server_names: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -127,14 +128,16 @@ class FleetDiscovery:
         if not self.synced:
             return
         pools = fleet_pools(self.peers.objects.values(), self.slices.objects.values())
-        if pools == self.pools:
+        names = pool_server_names(self.peers.objects.values())
+        if pools == self.pools and names == self.server_names:
             return
         if self.pools is None:
             log.info("fleet %s/%s: pools %s", self.namespace, self.fleet, _summary(pools))
         else:
             log.info("fleet %s/%s: pools now %s", self.namespace, self.fleet, _summary(pools))
         self.pools = pools
-        self._on_pools(pools)
+        self.server_names = names
+        self._on_pools(pools, names)
 
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(w.run()) for w in (self.peers, self.slices)]

@@ -3,7 +3,8 @@
 The pools are the fleet's BlazenPeers (pool name = their ``blazen.dev/pool`` label); a pool's replicas are the
 endpoints of its EndpointSlices (the same label) that are ready - ``conditions.ready`` unset counts as ready,
 as the API defines it - and not terminating, each at its first address and the slice's port named ``grpc``,
-once however many slices list it (both of a BlazenPeer's Services select the same pods).
+once however many slices list it (both of a BlazenPeer's Services select the same pods). A pool's replicas
+prove who they are with their BlazenPeer's certificate, which names its Service ``<peer>.<namespace>.svc``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["FLEET_LABEL", "GRPC_PORT_NAME", "POOL_LABEL", "fleet_pools", "fleet_selector"]
+__all__ = [
+    "FLEET_LABEL",
+    "GRPC_PORT_NAME",
+    "POOL_LABEL",
+    "fleet_pools",
+    "fleet_selector",
+    "pool_server_names",
+    "slice_addresses",
+]
 
 FLEET_LABEL = "blazen.dev/fleet"
 POOL_LABEL = "blazen.dev/pool"
@@ -92,3 +101,18 @@ def fleet_pools(
         if pool in pools:
             pools[pool].update(slice_addresses(s))
     return {name: sorted(addrs) for name, addrs in sorted(pools.items())}
+
+
+def pool_server_names(peers: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """pool name -> the name its replicas' certificates are checked against: the BlazenPeer's Service,
+    ``<peer>.<namespace>.svc`` (one of the names the operator puts in every BlazenPeer's certificate)."""
+    out: dict[str, str] = {}
+    for peer in peers:
+        pool = _pool(peer)
+        meta = peer.get("metadata")
+        if pool is None or not isinstance(meta, Mapping):
+            continue
+        name, namespace = meta.get("name"), meta.get("namespace")
+        if isinstance(name, str) and name and isinstance(namespace, str) and namespace:
+            out[pool] = f"{name}.{namespace}.svc"
+    return dict(sorted(out.items()))

@@ -56,7 +56,10 @@ class PoolSet:
         self.replicas = [r for rs in self.pools.values() for r in rs]
         self.by_addr = {r.addr: r for r in self.replicas}
         self._metadata = metadata
-        self.channels = ChannelPool(credentials=credentials, options=options)
+        #: pool -> the name its replicas' certificates are checked against (discovered pools), else the
+        #: name in ``options()``
+        self.server_names: dict[str, str] = {}
+        self.channels = ChannelPool(credentials=credentials, options=options, server_name=self._server_name)
         self.refresh_secs = refresh_secs
         self.describe_timeout = describe_timeout
         self._on_refresh = on_refresh
@@ -68,6 +71,10 @@ class PoolSet:
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- channels ----------
+    def _server_name(self, addr: str) -> str | None:
+        r = self.by_addr.get(addr)
+        return self.server_names.get(r.pool) if r is not None else None
+
     def channel(self, addr: str) -> grpc.aio.Channel:
         return self.channels.get(addr)
 
@@ -129,8 +136,11 @@ class PoolSet:
         return [name for name, replicas in self.pools.items() if not replicas]
 
     # -- membership ----------
-    def update(self, pools: Mapping[str, list[str]]) -> None:
-        """The pools are now ``pools`` (name -> replica addresses). Call on the event loop."""
+    def update(self, pools: Mapping[str, list[str]], server_names: Mapping[str, str] | None = None) -> None:
+        """The pools are now ``pools`` (name -> replica addresses); ``server_names``: pool -> the name its
+        replicas' certificates are checked against. Call on the event loop."""
+        if server_names is not None:
+            self.server_names = dict(server_names)
         old = self.by_addr
         new: dict[str, list[Replica]] = {}
         for name, addrs in pools.items():
