@@ -20,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,7 @@ class KubeApi:
 
     async def watch(
         self, path: str, label_selector: str, resource_version: str, timeout_secs: int
-    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """(type, object) per event from ``resource_version`` on, bookmarks included; the server ends it after
         ``timeout_secs``, and it is abandoned (``KubeError``) if still open ``WATCH_GRACE_SECS`` later."""
         params = {
@@ -291,27 +291,30 @@ class ResourceWatch:
 
     async def _watch_once(self) -> None:
         self.health.watches += 1
-        async for kind, obj in self.api.watch(self.path, self.label_selector, self._rv, self.watch_secs):
-            self._seen()
-            if kind == "ERROR":
-                # A Status: 410 Gone ("too old resource version", "Expired") or any other failure - relist.
-                code = obj.get("code")
-                raise WatchGone(f"watch {self.path}: ERROR {code}: {obj.get('message', '')}")
-            rv = _rv(obj)
-            if rv is not None:
-                self._rv = rv
-            if kind == "BOOKMARK":
-                continue
-            key = _key(obj)
-            if key is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
-                continue
-            self.health.events += 1
-            if kind == "DELETED":
-                if self.objects.pop(key, None) is not None:
+        events = self.api.watch(self.path, self.label_selector, self._rv, self.watch_secs)
+        # aclosing: leaving on an ERROR event closes the response now, not when the generator is collected
+        async with contextlib.aclosing(events):
+            async for kind, obj in events:
+                self._seen()
+                if kind == "ERROR":
+                    # A Status: 410 Gone ("too old resource version", "Expired") or another failure: relist.
+                    code = obj.get("code")
+                    raise WatchGone(f"watch {self.path}: ERROR {code}: {obj.get('message', '')}")
+                rv = _rv(obj)
+                if rv is not None:
+                    self._rv = rv
+                if kind == "BOOKMARK":
+                    continue
+                key = _key(obj)
+                if key is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
+                    continue
+                self.health.events += 1
+                if kind == "DELETED":
+                    if self.objects.pop(key, None) is not None:
+                        self.on_change()
+                else:
+                    self.objects[key] = obj
                     self.on_change()
-            else:
-                self.objects[key] = obj
-                self.on_change()
 
     def _failed(self, exc: BaseException) -> None:
         was = self.health.healthy
