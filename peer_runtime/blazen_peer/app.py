@@ -48,6 +48,7 @@ from .security.policy import (
     tls_client_auth,
     token_source,
 )
+from .transport.channels import TARGET_NAME_OPTION
 
 if TYPE_CHECKING:
     from .server import BlazenPeerServer
@@ -193,7 +194,7 @@ def _wire_tls(
 
     def forward_options() -> list[tuple[str, Any]]:
         name = rt.forward_server_name
-        return [("grpc.ssl_target_name_override", name)] if name else []
+        return [(TARGET_NAME_OPTION, name)] if name else []
 
     hooks.forward_channel_credentials = tls.grpc_channel_credentials
     hooks.forward_channel_options = forward_options

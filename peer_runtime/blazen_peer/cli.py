@@ -71,14 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_grpc_environment()
     _drop_working_directory_from_path()
     # grpcio is imported from here on (router, server): after its environment is set.
-    from .router import BlazenRouterServer, parse_pools
+    from .router import BlazenRouterServer, pool_source
     from .server import BlazenPeerServer
 
     routing = args.command == "route"
     try:
         config = config_from(args, flags=ROUTER_FLAGS) if routing else config_from(args)
         if routing:
-            parse_pools(config.pool)
+            pool_source(config)
     except ValueError as exc:
         parser.error(str(exc))
     if not routing and not config.entrypoint:
@@ -93,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server: BlazenPeerServer
     if routing:
         server = BlazenRouterServer(config=config)
-        log.info("node %s routing to pools %s", config.node_id, ", ".join(config.pool))
+        if config.fleet is not None:
+            log.info("node %s routing to the pools of fleet %s", config.node_id, config.fleet)
+        else:
+            log.info("node %s routing to pools %s", config.node_id, ", ".join(config.pool))
     else:
         server = BlazenPeerServer(config=config)
     holder.append(server)

@@ -67,6 +67,13 @@ class PeerConfig:
     pool_tls_key: str | None = None
     pool_tls_ca: str | None = None
     pool_token_file: str | None = None
+    # the router's pools from the Kubernetes API (routing.discovery)
+    fleet: str | None = None
+    fleet_namespace: str | None = None
+    kube_api_url: str | None = None
+    kube_token_file: str | None = None
+    kube_ca: str | None = None
+    kube_watch_secs: int = 60
 
     def connection_cap(self) -> int:
         """``--max-connections``, else an eighth of the soft fd limit: four listeners at their caps still
@@ -123,6 +130,13 @@ def _tls_client_auth(value: str) -> str:
     v = value.strip().lower()
     if v not in TLS_CLIENT_AUTH_MODES:
         raise ValueError(f"must be one of {', '.join(TLS_CLIENT_AUTH_MODES)}, not {value!r}")
+    return v
+
+
+def _positive_int(value: str) -> int:
+    v = int(value)
+    if v <= 0:
+        raise ValueError(f"must be > 0, not {value!r}")
     return v
 
 
@@ -300,6 +314,37 @@ ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
         "pool_token_file",
         "file holding the bearer token sent to the pools (default: the router's own token)",
         metavar="PATH",
+    ),
+    Flag(
+        "fleet",
+        "discover the pools of this BlazenFleet from the Kubernetes API (watches; instead of --pool)",
+        metavar="NAME",
+    ),
+    Flag(
+        "fleet_namespace",
+        "the fleet's namespace (default: the service account's, from "
+        "/var/run/secrets/kubernetes.io/serviceaccount/namespace)",
+        metavar="NS",
+    ),
+    Flag(
+        "kube_api_url",
+        "the Kubernetes API (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)",
+        metavar="URL",
+    ),
+    Flag(
+        "kube_token_file",
+        "bearer token for the Kubernetes API, re-read for every request (default: the service account's)",
+        metavar="PATH",
+    ),
+    Flag(
+        "kube_ca", "CA bundle of the Kubernetes API (default: the service account's ca.crt)", metavar="PATH"
+    ),
+    Flag(
+        "kube_watch_secs",
+        "each watch asks the API server to end it after this long, then resumes; one open this long plus "
+        "10 s counts as stalled and is reopened",
+        _positive_int,
+        metavar="SECS",
     ),
 )
 #: ``blazen-peer serve``'s flags a router has no use for (it runs no steps and holds no refs).

@@ -12,6 +12,7 @@ own, which follow their files like the serving ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -21,14 +22,22 @@ from .engine.registry import StepRegistry
 from .hooks import ServerHooks
 from .pki.reload import ReloadingTlsSource
 from .pki.tls import TlsMaterial
+from .routing.discovery import FleetDiscovery, KubeAccess, kube_access
 from .routing.forward import Router, RouterService, router_methods
+from .routing.kube import KubeApi
 from .routing.pools import PoolSet
 from .routing.split import SplitRunner
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
 from .server import BlazenPeerServer
+from .transport.channels import TARGET_NAME_OPTION
 
-__all__ = ["BlazenRouterServer", "parse_pools"]
+log = logging.getLogger("blazen_peer.router")
+
+__all__ = ["BlazenRouterServer", "parse_pools", "pool_source"]
+
+#: how long a starting router waits for its first list of the fleet before it listens anyway (not ready)
+FIRST_SYNC_SECS = 10.0
 
 
 def parse_pools(specs: tuple[str, ...]) -> dict[str, list[str]]:
@@ -44,12 +53,38 @@ def parse_pools(specs: tuple[str, ...]) -> dict[str, list[str]]:
     return pools
 
 
+def pool_source(config: PeerConfig) -> dict[str, list[str]] | KubeAccess:
+    """The static pools (``--pool``) or where to discover them (``--fleet``): exactly one of the two."""
+    if config.fleet is not None:
+        if config.pool:
+            raise ValueError("--pool and --fleet are mutually exclusive: give static pools or a fleet")
+        if not config.fleet.strip():
+            raise ValueError("--fleet: empty")
+        return kube_access(
+            config.fleet.strip(),
+            namespace=config.fleet_namespace,
+            url=config.kube_api_url,
+            token_file=config.kube_token_file,
+            ca_file=config.kube_ca,
+        )
+    if not config.pool:
+        raise ValueError(
+            "one of --pool NAME=HOST:PORT[,HOST:PORT...] or --fleet NAME (pools from the Kubernetes API) is "
+            "required"
+        )
+    return parse_pools(config.pool)
+
+
 class BlazenRouterServer(BlazenPeerServer):
     def __init__(self, config: PeerConfig | None = None, *, hooks: ServerHooks | None = None) -> None:
         if config is not None and (config.entrypoint or config.steps is not None):
             raise ValueError("a router runs no steps: no entrypoint, no --steps")
         super().__init__(config=config, registry=StepRegistry(), hooks=hooks)
-        self.pool_addrs = parse_pools(self.config.pool)
+        source = pool_source(self.config)
+        self.kube = source if isinstance(source, KubeAccess) else None
+        self.pool_addrs = {} if isinstance(source, KubeAccess) else source
+        self.discovery: FleetDiscovery | None = None
+        self._unready: list[str] = []
         self.pools: PoolSet | None = None
         self.router: Router | None = None
         self.split: SplitRunner | None = None
@@ -62,7 +97,7 @@ class BlazenRouterServer(BlazenPeerServer):
         if name:
 
             def options() -> list[tuple[str, Any]]:
-                return [("grpc.ssl_target_name_override", name)]
+                return [(TARGET_NAME_OPTION, name)]
 
         metadata = hooks.forward_metadata
         hop_tokens = pool_hop_tokens(self.config)
@@ -94,17 +129,51 @@ class BlazenRouterServer(BlazenPeerServer):
         self.split = self.router.split = SplitRunner(self.router, self.runtime.fleet_router_token)
         self.runtime.metrics.add_collector(self.pools.collect)
         self.runtime.metrics.add_collector(self.split.collect)
+        if self.kube is not None:
+            await self._start_discovery(self.kube)
         # Routable from the first call: the listeners bind once every replica answered or failed.
         await self.pools.refresh()
         self.pools.start()
         if self._hop_tls is not None:
             self._hop_tls.start()
 
-    def _pools_refreshed(self, unready: list[str]) -> None:
-        # Not ready while a pool has no live replica: a Service in front of several routers then sends
-        # callers to one that can serve every pool.
+    async def _start_discovery(self, kube: KubeAccess) -> None:
         assert self.runtime is not None
-        reason = f"pools without a live replica: {', '.join(unready)}" if unready else None
+        assert self.pools is not None
+        api = KubeApi(kube.url, token_file=kube.token_file, ca_file=kube.ca_file)
+        pools = self.pools
+        # Each pool's replicas are checked against their own BlazenPeer's name, unless --pool-server-name
+        # gives one name for all.
+        per_pool = self.config.pool_server_name is None
+
+        def on_pools(addrs: dict[str, list[str]], names: dict[str, str]) -> None:
+            pools.update(addrs, names if per_pool else None)
+
+        self.discovery = FleetDiscovery(
+            api, kube.namespace, kube.fleet, on_pools, watch_secs=self.config.kube_watch_secs
+        )
+        self.runtime.metrics.add_collector(self.discovery.collect)
+        self.discovery.start()
+        # Listen with the fleet known when the API answers; when it does not, listen anyway, not ready.
+        if not await self.discovery.wait_synced(FIRST_SYNC_SECS):
+            log.warning("%s; listening, not ready until it is", self.discovery.not_ready_reason())
+            self._update_readiness()
+
+    def _pools_refreshed(self, unready: list[str]) -> None:
+        self._unready = unready
+        self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        # Not ready while a pool has no live replica: a Service in front of several routers then sends
+        # callers to one that can serve every pool. A discovered pool with no endpoint at all (scaled to
+        # zero) does not count: every router sees it so, and none being ready would only cut off the others.
+        assert self.runtime is not None
+        assert self.pools is not None
+        reason = self.discovery.not_ready_reason() if self.discovery is not None else None
+        if reason is None:
+            empty = set(self.pools.empty_pools()) if self.discovery is not None else set()
+            blocking = [p for p in self._unready if p not in empty]
+            reason = f"pools without a live replica: {', '.join(blocking)}" if blocking else None
         self.runtime.readiness.set_blocker(reason)
 
     def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
@@ -119,6 +188,8 @@ class BlazenRouterServer(BlazenPeerServer):
         await super()._close()
         if self._hop_tls is not None:
             self._hop_tls.stop()
+        if self.discovery is not None:
+            await self.discovery.close()
         if self.pools is not None:
             await self.pools.close()
 
@@ -136,4 +207,6 @@ class BlazenRouterServer(BlazenPeerServer):
         out["router"] = self.pools.info() if self.pools is not None else None
         if out["router"] is not None and self.split is not None:
             out["router"]["split"] = self.split.info()
+        if out["router"] is not None and self.discovery is not None:
+            out["router"]["discovery"] = self.discovery.info()
         return out

@@ -23,9 +23,10 @@ class _Pair:
 
 
 class FreezableProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int = 0) -> None:
+        """``port``: listen there (a proxy closed, then opened again on its port: an API that comes back)."""
         self.target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = self._listener.getsockname()[1]
         self._pairs: list[_Pair] = []
         self._lock = threading.Lock()
@@ -85,6 +86,9 @@ class FreezableProxy:
 
     def close(self) -> None:
         self._closed.set()
+        with contextlib.suppress(OSError):
+            # shutdown first: close() alone leaves the port listening while the accept thread is blocked in it
+            self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:

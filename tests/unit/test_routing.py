@@ -153,7 +153,7 @@ def test_parse_pool_flags() -> None:
 def test_a_router_refuses_an_entrypoint() -> None:
     with pytest.raises(ValueError, match="runs no steps"):
         BlazenRouterServer(config=PeerConfig(pool=("p=h:1",), entrypoint="my_steps"))
-    with pytest.raises(ValueError, match="at least one --pool"):
+    with pytest.raises(ValueError, match=r"one of --pool .* or --fleet NAME"):
         BlazenRouterServer(config=PeerConfig())
 
 
@@ -222,4 +222,4 @@ def test_route_without_a_pool_is_a_usage_error(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exit_:
         main(["route", "--insecure"])
     assert exit_.value.code == 2
-    assert "at least one --pool" in capsys.readouterr().err
+    assert "one of --pool NAME=HOST:PORT[,HOST:PORT...] or --fleet NAME" in capsys.readouterr().err

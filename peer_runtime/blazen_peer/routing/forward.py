@@ -112,7 +112,6 @@ class Router:
         self.owners = owners if owners is not None else RefOwners()
         #: runs the step ids of a request that no single pool serves, when set (``routing.split``).
         self.split: SplitRuns | None = None
-        self._by_addr = {r.addr: r for r in pools.replicas}
 
     # -- choice ----------
     def candidates(self, req: SubWorkflowRequest) -> Sequence[Replica]:
@@ -120,8 +119,8 @@ class Router:
         names = self.pools.table.pools_for(req.workflow_name, req.step_ids)
         pools = self.pools.pools
         if len(names) == 1:
-            return pools[names[0]]
-        return [r for n in names for r in pools[n]]
+            return pools.get(names[0], ())
+        return [r for n in names for r in pools.get(n, ())]
 
     def _refused(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:
         replica.retries += 1
@@ -274,7 +273,7 @@ class Router:
         ref = uuid.UUID(ref_uuid).bytes
         release = path == PATH_RELEASE
         deadline = None if time_left is None else time.monotonic() + time_left
-        owner = self._by_addr.get(self.owners.owner(ref) or "")
+        owner = self.pools.by_addr.get(self.owners.owner(ref) or "")
         if owner is not None:
             try:
                 raw = await self._one(owner, path, request, metadata, self._timeout(deadline))

@@ -1,14 +1,19 @@
 """The pools a router forwards to: their replicas, one pooled gRPC channel per replica, and what each
 serves, learned from the replicas themselves (``blazen.fleet.v1.Fleet/Describe``) every
-``--pool-refresh-secs`` and at once after a replica refused a call."""
+``--pool-refresh-secs``, at once after a replica refused a call, and at once for a replica that joins.
+
+Pools and replicas come and go at runtime (``update``, from Kubernetes discovery): a replica whose address
+stays keeps its object (its in-flight count, its channel, its description); one that leaves is no longer
+chosen, and its channel closes once the calls running on it have ended."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -28,6 +33,8 @@ log = logging.getLogger("blazen_peer.routing")
 #: how long a replica that refused a call, or failed to describe itself, is avoided (unless nothing else is
 #: left); a successful Describe clears it sooner.
 DOWN_SECS = 5.0
+#: how long calls running on a replica that left the pools may go on before its channel closes under them
+LEFT_GRACE_SECS = 3600.0
 
 
 class PoolSet:
@@ -47,8 +54,12 @@ class PoolSet:
             name: [Replica(name, a) for a in addrs] for name, addrs in pools.items()
         }
         self.replicas = [r for rs in self.pools.values() for r in rs]
+        self.by_addr = {r.addr: r for r in self.replicas}
         self._metadata = metadata
-        self.channels = ChannelPool(credentials=credentials, options=options)
+        #: pool -> the name its replicas' certificates are checked against (discovered pools), else the
+        #: name in ``options()``
+        self.server_names: dict[str, str] = {}
+        self.channels = ChannelPool(credentials=credentials, options=options, server_name=self._server_name)
         self.refresh_secs = refresh_secs
         self.describe_timeout = describe_timeout
         self._on_refresh = on_refresh
@@ -56,8 +67,14 @@ class PoolSet:
         self.refreshed_at: float | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: describing replicas that joined
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- channels ----------
+    def _server_name(self, addr: str) -> str | None:
+        r = self.by_addr.get(addr)
+        return self.server_names.get(r.pool) if r is not None else None
+
     def channel(self, addr: str) -> grpc.aio.Channel:
         return self.channels.get(addr)
 
@@ -92,6 +109,11 @@ class PoolSet:
     async def refresh(self) -> None:
         """Ask every replica at once, then rebuild the routing table from those that answered."""
         await asyncio.gather(*(self._describe(r) for r in self.replicas))
+        self._rebuild()
+        self.refreshed_at = time.time()
+
+    def _rebuild(self) -> None:
+        """The routing table from the current pools' descriptions; then ``on_refresh``."""
         views = []
         for name, replicas in self.pools.items():
             steps: dict[str, tuple[str, ...]] = {}
@@ -102,13 +124,55 @@ class PoolSet:
                     workflows.update(r.description.workflows)
             views.append(PoolView(name, steps, workflows))
         self.table = RoutingTable(views)
-        self.refreshed_at = time.time()
         if self._on_refresh is not None:
             self._on_refresh(self.unready_pools())
 
     def unready_pools(self) -> list[str]:
-        """The pools none of whose replicas answered its last Describe as ready."""
+        """The pools none of whose replicas answered its last Describe as ready (or that have none)."""
         return [name for name, replicas in self.pools.items() if not any(r.live for r in replicas)]
+
+    def empty_pools(self) -> list[str]:
+        """The pools without a single replica (a discovered pool with no ready endpoint)."""
+        return [name for name, replicas in self.pools.items() if not replicas]
+
+    # -- membership ----------
+    def update(self, pools: Mapping[str, list[str]], server_names: Mapping[str, str] | None = None) -> None:
+        """The pools are now ``pools`` (name -> replica addresses); ``server_names``: pool -> the name its
+        replicas' certificates are checked against. Call on the event loop."""
+        if server_names is not None:
+            self.server_names = dict(server_names)
+        old = self.by_addr
+        new: dict[str, list[Replica]] = {}
+        for name, addrs in pools.items():
+            replicas = []
+            for addr in dict.fromkeys(addrs):
+                r = old.get(addr)
+                if r is None or r.pool != name:
+                    r = Replica(name, addr)
+                replicas.append(r)
+            new[name] = replicas
+        self.pools = new
+        self.replicas = [r for rs in new.values() for r in rs]
+        self.by_addr = {r.addr: r for r in self.replicas}
+        left = [r for a, r in old.items() if self.by_addr.get(a) is not r]
+        joined = [r for a, r in self.by_addr.items() if old.get(a) is not r]
+        for r in left:
+            r.down_until = math.inf  # a call that picked it before it left and retries goes elsewhere
+            if r.addr not in self.by_addr:  # (else the address stays, in another pool: same channel)
+                self.channels.discard(r.addr, grace=LEFT_GRACE_SECS)
+        self._rebuild()
+        if joined:
+            self._spawn(self._describe_joined(joined))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _describe_joined(self, joined: list[Replica]) -> None:
+        # At once, not at the next refresh: a replica that joins gets calls within moments.
+        await asyncio.gather(*(self._describe(r) for r in joined))
+        self._rebuild()
 
     def refresh_soon(self) -> None:
         self._wake.set()
@@ -127,10 +191,11 @@ class PoolSet:
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.channels.close()
 
     # -- observability ----------
@@ -187,6 +252,16 @@ class PoolSet:
         up = GaugeMetricFamily(
             "blazen_router_replica_up", "1 when the replica is chosen for calls.", labels=labels
         )
+        pool_ready = GaugeMetricFamily(
+            "blazen_router_pool_ready", "1 when a replica of the pool is live.", labels=["pool"]
+        )
+        pool_replicas = GaugeMetricFamily(
+            "blazen_router_pool_replicas", "The replicas the router knows in the pool.", labels=["pool"]
+        )
+        unready = set(self.unready_pools())
+        for name, replicas in self.pools.items():
+            pool_ready.add_metric([name], 0 if name in unready else 1)
+            pool_replicas.add_metric([name], len(replicas))
         now = time.monotonic()
         for r in self.replicas:
             key = [r.pool, r.addr]
@@ -195,4 +270,4 @@ class PoolSet:
             errors.add_metric(key, r.errors)
             retries.add_metric(key, r.retries)
             up.add_metric(key, 1 if r.up(now) else 0)
-        yield from (in_flight, calls, errors, retries, up)
+        yield from (in_flight, calls, errors, retries, up, pool_ready, pool_replicas)

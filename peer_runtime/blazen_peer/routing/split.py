@@ -117,8 +117,8 @@ class _Run:
         request = wrap(
             RunStepRequest(self.run_id, self.req.workflow_name, step.step_id, raw_event, self.state).encode()
         )
-        pools = runner.router.pools.pools
-        cands = pools[step.pools[0]] if len(step.pools) == 1 else [r for p in step.pools for r in pools[p]]
+        pools = runner.router.pools.pools  # (a discovered pool may have gone since the run began)
+        cands = [r for p in step.pools for r in pools.get(p, ())]
         raw, replica = await runner.router.unary(
             cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach
         )
@@ -199,7 +199,7 @@ class SplitRunner:
         return tuple(
             name
             for name in pools.table.step_pools.get(step_id, ())
-            if any(r.description is not None and r.description.run_steps for r in pools.pools[name])
+            if any(r.description is not None and r.description.run_steps for r in pools.pools.get(name, ()))
         )
 
     def applies(self, req: SubWorkflowRequest, refusal: PeerStatusError) -> bool:

@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 
-__all__ = ["ChannelPool"]
+__all__ = ["TARGET_NAME_OPTION", "ChannelPool"]
+
+TARGET_NAME_OPTION = "grpc.ssl_target_name_override"
 
 
 class ChannelPool:
@@ -19,15 +21,20 @@ class ChannelPool:
         *,
         credentials: Callable[[], grpc.ChannelCredentials | None] | None = None,
         options: Callable[[], list[tuple[str, Any]]] | None = None,
+        server_name: Callable[[str], str | None] | None = None,
         grace: float = 30.0,
     ) -> None:
         """``credentials()``/``options()`` are read when a channel opens, so a reload reaches new channels;
-        ``None`` credentials mean plaintext. ``grace``: how long calls on replaced channels may run on."""
+        ``None`` credentials mean plaintext. ``server_name(addr)``, when it gives one, is the name that
+        address's certificate is checked against (over any in ``options()``). ``grace``: how long calls on
+        replaced channels may run on."""
         self._credentials = credentials
         self._options = options
+        self._server_name = server_name
         self.grace = grace
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Future[Any]] = set()
+        self._draining: set[grpc.aio.Channel] = set()
 
     @property
     def open_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -39,6 +46,9 @@ class ChannelPool:
         if ch is None:
             creds = self._credentials() if self._credentials is not None else None
             opts = self._options() if self._options is not None else None
+            name = self._server_name(addr) if self._server_name is not None else None
+            if name:
+                opts = [o for o in opts or () if o[0] != TARGET_NAME_OPTION] + [(TARGET_NAME_OPTION, name)]
             ch = (
                 grpc.aio.secure_channel(addr, creds, options=opts)
                 if creds is not None
@@ -56,7 +66,19 @@ class ChannelPool:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    def discard(self, addr: str, grace: float) -> None:
+        """New calls to ``addr`` open a new channel; the old one closes once its calls have ended (those
+        still running after ``grace`` seconds are cancelled). Call on the event loop."""
+        ch = self._channels.pop(addr, None)
+        if ch is None:
+            return
+        self._draining.add(ch)
+        task = asyncio.ensure_future(ch.close(grace=grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(lambda _: self._draining.discard(ch))
+
     async def close(self) -> None:
         old, self._channels = self._channels, {}
-        for ch in old.values():
+        for ch in [*old.values(), *self._draining]:
             await ch.close()
