@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from cryptography import x509
 
 from .clients import IMAGE, in_background, joined
@@ -155,6 +156,8 @@ def snapshot(ns: str, name: str) -> dict[str, tuple[str, int]]:
     }
 
 
+# pytest's 300 s default would end the run mid-rotation: the load alone lasts SECONDS.
+@pytest.mark.timeout(SECONDS + 600)
 def test_forced_ca_rotation_under_load_fails_no_call(operator: str, namespace: str) -> None:
     apply(peer("rot", replicas=2, steps=["examples::echo"]), namespace)
     wait_ready(namespace, "rot", replicas=2)
