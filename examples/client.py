@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=30, help="seconds the peer may run the workflow")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the connection")
     p.add_argument("--deref", action="store_true", help="also fetch the payload of each returned session ref")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="calls on the one connection (one JSON line each when > 1)"
+    )
     args = p.parse_args(argv)
     if "://" not in args.endpoint:
         args.endpoint = f"https://{args.endpoint}"
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     token = args.token_file.read_text().strip() if args.token_file else None
     # Files, not PEM bytes: the client follows them, so a renewed client certificate (cert-manager) or a
     # trust bundle gaining or losing a root (a CA rotation) reaches a long-lived caller without a reconnect.
@@ -74,31 +77,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         connect_timeout=args.connect_timeout,
     )
     async with client:
-        resp = await client.invoke_sub_workflow(args.workflow, args.steps, args.input, args.timeout)
-        out: dict[str, Any] = {
-            "result": resp.result_value(),
-            "state": resp.state_values(),
-            "refs": {
-                ref: {"origin": d.origin_node_id, "type_tag": d.type_tag}
-                for ref, d in resp.remote_refs.items()
-            },
-            "error": resp.error,
-        }
-        if args.deref:
-            for ref, desc in out["refs"].items():
-                payload = await client.deref_session_ref(ref)
-                try:
-                    desc["payload"] = json.loads(payload)
-                except ValueError:
-                    desc["payload_hex"] = payload.hex()
-        return out
+        return [await _call(client, args) for _ in range(args.repeat)]
+
+
+async def _call(client: BlazenPeerClient, args: argparse.Namespace) -> dict[str, Any]:
+    resp = await client.invoke_sub_workflow(args.workflow, args.steps, args.input, args.timeout)
+    out: dict[str, Any] = {
+        "result": resp.result_value(),
+        "state": resp.state_values(),
+        "refs": {
+            ref: {"origin": d.origin_node_id, "type_tag": d.type_tag} for ref, d in resp.remote_refs.items()
+        },
+        "error": resp.error,
+    }
+    if args.deref:
+        for ref, desc in out["refs"].items():
+            payload = await client.deref_session_ref(ref)
+            try:
+                desc["payload"] = json.loads(payload)
+            except ValueError:
+                desc["payload_hex"] = payload.hex()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    out = asyncio.run(run(parse_args(argv)))
-    json.dump(out, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-    return 0 if out["error"] is None else 1
+    outs = asyncio.run(run(parse_args(argv)))
+    for out in outs:
+        json.dump(out, sys.stdout, indent=2 if len(outs) == 1 else None, sort_keys=True)
+        sys.stdout.write("\n")
+    return 0 if all(out["error"] is None for out in outs) else 1
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ def in_cluster(
     timeout: float = 240,
     env: dict[str, str] | None = None,
     wheel: bool = False,
+    secret: str | None = None,
 ) -> Any:
     """Runs a Python script in a client pod on CPU_NODE (label ``e2e=client``; ``SVC`` is the Service's DNS
     name, ``env`` adds to it) and returns the JSON object its last stdout line holds. ``wheel``: the pod
     mounts the ``blazen`` wheel the ``wheel_on_node`` fixture put on the node and can import it."""
     pod = f"client-{uuid.uuid4().hex[:6]}"
-    secret = (kubectl_json("-n", ns, "get", "blazenpeer", name).get("status") or {})["certificate"][
-        "clientSecretName"
-    ]
+    if secret is None:
+        secret = (kubectl_json("-n", ns, "get", "blazenpeer", name).get("status") or {})["certificate"][
+            "clientSecretName"
+        ]
     variables = {"SVC": f"{name}.{ns}.svc", **(env or {})}
     mounts = [{"name": "tls", "mountPath": "/tls", "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "tls", "secret": {"secretName": secret}}]
@@ -122,7 +124,7 @@ def load_spec(
     }
 
 
-def run_load(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def run_load(ns: str, name: str, spec: dict[str, Any], secret: str | None = None) -> dict[str, Any]:
     """Runs load_client.py with ``spec`` (``load_spec``) in a client pod; its result, with ``rate``."""
     result = in_cluster(
         ns,
@@ -131,10 +133,13 @@ def run_load(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         timeout=spec["seconds"] + 300,
         env={"LOAD_SPEC": json.dumps(spec)},
         wheel=spec["client"] == "wheel",
+        secret=secret,
     )
     return {**result, "rate": spec["rate"]}
 
 
-def start_load(ns: str, name: str, spec: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+def start_load(
+    ns: str, name: str, spec: dict[str, Any], secret: str | None = None
+) -> tuple[threading.Thread, dict[str, Any]]:
     """``run_load`` in the background; ``joined()`` returns its result."""
-    return in_background(lambda: run_load(ns, name, spec))
+    return in_background(lambda: run_load(ns, name, spec, secret))

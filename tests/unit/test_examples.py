@@ -354,7 +354,7 @@ async def test_client_derefs_a_remembered_value(mtls_peer: dict[str, Any]) -> No
             *("--workflow", "remember", "--input", '{"value": {"k": [1, 2]}}', "--deref"),
         ]
     )
-    out = await client.run(args)
+    (out,) = await client.run(args)
     assert out["error"] is None
     (ref,) = out["refs"]
     assert out["refs"][ref] == {
@@ -370,9 +370,26 @@ async def test_client_reports_a_failed_workflow(mtls_peer: dict[str, Any]) -> No
     args = client.parse_args(
         [mtls_peer["endpoint"], *mtls_peer["files"], "--step", "examples::count", "--input", '{"text": "x"}']
     )
-    out = await client.run(args)
+    (out,) = await client.run(args)
     assert out["result"] is None
     assert "workflow error" in out["error"]
+
+
+async def test_client_repeats_calls_on_one_connection(mtls_peer: dict[str, Any]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "client.py"),
+        mtls_peer["endpoint"],
+        *mtls_peer["files"],
+        *("--server-name", "localhost", "--workflow", "where", "--repeat", "3"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    lines = stdout.decode().splitlines()
+    assert len(lines) == 3
+    assert len({json.loads(line)["result"]["pod"] for line in lines}) == 1  # one peer served them all
 
 
 async def test_client_refuses_a_peer_signed_by_another_ca(mtls_peer: dict[str, Any]) -> None:
