@@ -2,10 +2,10 @@
 
 Each watched child is kept as a compact :class:`Live` record: the few fields the reconciler and status.py
 read, plus what its ``managedFields`` say about who owns what. Full objects are not kept (1,000 BlazenPeers
-have ~12,000 children). The watches feed it (an index handler before any other handler runs, so the initial
-listing is in before the first pass; deletions from the event handler) and so do the operator's own applies,
-whichever is newer by resourceVersion. A child absent from the cache may still exist (an object of someone
-else's, without our label, is never watched): the reconciler reads it by name then.
+have ~12,000 children). The child watches feed it (handlers.child_event, every event including deletions) and
+so do the operator's own applies, whichever is newer by resourceVersion. A child absent from the cache may
+still exist (not seen yet just after start, or someone else's object without our label, which is never
+watched): the reconciler reads it by name then.
 
 Thread-safe: the event loop writes while reconcile passes read in worker threads.
 """
