@@ -173,6 +173,10 @@ class Api:
                 return None
             raise
 
+    def create_if_absent(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> bool:
+        """True when created, False when one of that name exists already."""
+        return self.create(manifest, manager) is not None
+
     def create(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> dict[str, Any] | None:
         """The created object; None when one of that name exists already."""
         meta = manifest["metadata"]

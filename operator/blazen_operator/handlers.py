@@ -94,7 +94,7 @@ def _runtime(memo: kopf.Memo) -> Runtime | None:
     return runtime if isinstance(runtime, Runtime) else None
 
 
-def _owner_names(body: Any, deleted: bool = False) -> list[str]:
+def _owners_to_wake(body: Any, deleted: bool = False) -> list[str]:
     """The BlazenPeers an event on this child should wake: its controller. A namespace-wide object that
     several BlazenPeers co-own wakes its first owner only (waking them all made every new BlazenPeer of a
     namespace cost a pass of every other one), unless it was deleted: then each must put its owner reference
@@ -104,9 +104,9 @@ def _owner_names(body: Any, deleted: bool = False) -> list[str]:
         for r in (body.get("metadata") or {}).get("ownerReferences") or []
         if r.get("kind") == s.KIND and str(r.get("apiVersion", "")).startswith(f"{s.GROUP}/")
     ]
-    controllers = [r for r in refs if r.get("controller")]
-    woken = controllers or (refs if deleted else refs[:1])
-    return [r["name"] for r in woken]
+    controllers = [r["name"] for r in refs if r.get("controller")]
+    owners = [r["name"] for r in refs]
+    return controllers or (owners if deleted else owners[:1])
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
@@ -276,7 +276,7 @@ async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     else:
         runtime.cache.observe(obj)
     namespace = obj.get("metadata", {}).get("namespace")
-    for owner in _owner_names(obj, deleted):
+    for owner in _owners_to_wake(obj, deleted):
         runtime.queue.request((namespace, owner))
 
 
