@@ -94,19 +94,13 @@ def _runtime(memo: kopf.Memo) -> Runtime | None:
     return runtime if isinstance(runtime, Runtime) else None
 
 
-def _owners_to_wake(body: Any, deleted: bool = False) -> list[str]:
-    """The BlazenPeers an event on this child should wake: its controller. A namespace-wide object that
-    several BlazenPeers co-own wakes its first owner only (waking them all made every new BlazenPeer of a
-    namespace cost a pass of every other one), unless it was deleted: then each must put its owner reference
-    back."""
-    refs = [
-        r
-        for r in (body.get("metadata") or {}).get("ownerReferences") or []
+def _owner_names(body: Any) -> list[str]:
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return [
+        r["name"]
+        for r in refs
         if r.get("kind") == s.KIND and str(r.get("apiVersion", "")).startswith(f"{s.GROUP}/")
     ]
-    controllers = [r["name"] for r in refs if r.get("controller")]
-    owners = [r["name"] for r in refs]
-    return controllers or (owners if deleted else owners[:1])
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
@@ -270,13 +264,12 @@ async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if runtime is None:
         return
     obj = event["object"]
-    deleted = event["type"] == "DELETED"
-    if deleted:
+    if event["type"] == "DELETED":
         runtime.cache.forget(obj)
     else:
         runtime.cache.observe(obj)
     namespace = obj.get("metadata", {}).get("namespace")
-    for owner in _owners_to_wake(obj, deleted):
+    for owner in _owner_names(obj):
         runtime.queue.request((namespace, owner))
 
 

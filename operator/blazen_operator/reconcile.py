@@ -14,11 +14,8 @@ pods and their ``/v1/info`` when the Deployment's rollout moved. The status is w
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +147,6 @@ class Reconciler:
         self.cache = cache if cache is not None else ChildCache()
         self.recheck_seconds = recheck_seconds
         self._memory: dict[tuple[str, str], PeerMemory] = {}
-        self._shared_locks: dict[tuple[str, ChildId], threading.Lock] = {}
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
@@ -274,8 +270,7 @@ class Reconciler:
                 done = memory.applied.get((child.key, manager))
                 if rec is not None and done == (rec.uid, wanted, rec.ours.get(manager)):
                     continue  # as we applied it, and nobody changed a field of ours since
-                with self._writing(peer, child):
-                    obj = self._apply_or_replace(child, manager)
+                obj = self._apply_or_replace(child, manager)
                 rec = live[child.key] = self.cache.observe(obj) or compact(obj)
                 memory.applied[(child.key, manager)] = (rec.uid, wanted, rec.ours.get(manager, ""))
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
@@ -299,36 +294,17 @@ class Reconciler:
         """Create the stub when absent; keep its labels and owner references; never touch its data."""
         rec = live.get(child.key)
         if rec is None:
-            with self._writing(peer, child):
-                obj = self.api.create(child.manifest)
+            obj = self.api.create(child.manifest)
             if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)
             metrics.APPLIES.labels(kind="Secret").inc()
         elif not _meta_current(child.manifest, rec.obj):
-            with self._writing(peer, child):
-                rec = compact(self.api.apply(_meta_only(child.manifest), manager))
+            rec = compact(self.api.apply(_meta_only(child.manifest), manager))
             metrics.APPLIES.labels(kind="Secret").inc()
         live[child.key] = rec
-        # Only this BlazenPeer's owner reference is remembered: the namespace CA's Secret carries one per
-        # BlazenPeer, and a copy of all of them per BlazenPeer would grow with the square of their number.
-        meta = rec.obj["metadata"]
-        refs = [r for r in meta.get("ownerReferences") or [] if r.get("uid") == peer.uid]
-        mine = Live({**rec.obj, "metadata": {**meta, "ownerReferences": refs}}, rec.ours)
-        memory.stubs[child.key] = (self._stub_signature(peer, child, children), time.monotonic(), mine)
+        memory.stubs[child.key] = (self._stub_signature(peer, child, children), time.monotonic(), rec)
         memory.stubs_gone.discard(child.key)
-
-    @contextlib.contextmanager
-    def _writing(self, peer: Peer, child: Child) -> Iterator[None]:
-        """One write at a time to a namespace-wide object the BlazenPeers co-own. It carries one owner
-        reference per BlazenPeer, and concurrent applies of it queued up in the API server (1,000 BlazenPeers
-        created at once: p50 11 s per apply of the CA Secret at ~300 owners, docs/benchmarks.md)."""
-        if not child.shared:
-            yield
-            return
-        lock = self._shared_locks.setdefault((peer.namespace, child.key), threading.Lock())
-        with lock:
-            yield
 
     def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
         """The object as the API server stored it."""
