@@ -12,8 +12,8 @@ lands on the tainted GPU pool; 2 replicas each) and the run records
 * the operator's peak RSS (VmHWM) and CPU seconds, and every component's CPU seconds;
 * API requests per BlazenPeer: the operator's own (the apiserver's audit log, filtered to its ServiceAccount)
   and every client's (apiserver_request_total from /metrics);
-* one resync of N unchanged BlazenPeers: the operator's write requests and the objects whose
-  resourceVersion moved.
+* one resync of N unchanged BlazenPeers: the operator's requests (target: no write request) and the objects
+  whose resourceVersion moved.
 
 Pods are simulated, so nothing listens on their IPs: kwok takes pod IPs from each fake node's podCIDR, which
 here is a loopback range (127.x), and one real ``blazen-peer serve`` listens on the peers' admin port on all
@@ -701,6 +701,7 @@ def run(n: int, workdir: Path, resync_seconds: float, ready_timeout: float) -> d
         result["resync_peers"] = total_peers
         result["resync_operator_requests"] = dict(resync_ops.most_common())
         result["resync_write_requests"] = sum(v for k, v in resync_ops.items() if k.split()[0] in WRITE_VERBS)
+        result["resync_requests_per_peer"] = round(sum(resync_ops.values()) / total_peers, 2)
         result["resync_changed_objects"] = sorted(
             f"{k}/{n_}" for (k, n_), v in rv1.items() if rv0.get((k, n_)) != v
         )

@@ -1,7 +1,8 @@
 """The one module that talks to the Kubernetes API (and to the peers' admin port).
 
 Every child is written with one server-side apply call (fixed field manager, ``force``), which creates
-it, updates it and reverts drift alike. All calls are blocking; callers run them in worker threads.
+it, updates it and reverts drift alike (reconcile.py decides when one is needed). All calls are blocking;
+callers run them in worker threads.
 """
 
 from __future__ import annotations
@@ -173,20 +174,24 @@ class Api:
             raise
 
     def create_if_absent(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> bool:
+        """True when created, False when one of that name exists already."""
+        return self.create(manifest, manager) is not None
+
+    def create(self, manifest: dict[str, Any], manager: str = STUB_MANAGER) -> dict[str, Any] | None:
+        """The created object; None when one of that name exists already."""
         meta = manifest["metadata"]
         path = path_for(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
         try:
-            self.request(
+            return self.request(
                 "POST",
                 path,
                 query={"fieldManager": manager},
                 body=manifest,
                 what=f"create {manifest['kind']}",
             )
-            return True
         except ApiError as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -4,8 +4,9 @@ Every trigger is a request to one :class:`~.workqueue.WorkQueue`, which owns the
 
 * BlazenPeer create/update/resume;
 * events on owned children (Deployments, Services, Certificates, ...; kopf watches only objects labelled
-  ``app.kubernetes.io/managed-by=blazen-operator``, asked of the API server): drift is reverted, deleted
-  children come back, status follows the Deployment;
+  ``app.kubernetes.io/managed-by=blazen-operator``, asked of the API server): they keep the child cache
+  (cache.py) the reconciler reads instead of the API; drift is reverted, deleted children come back, status
+  follows the Deployment;
 * a resync loop (a plain asyncio task, not a kopf timer: timers would add finalizers) that re-requests every
   BlazenPeer periodically, refreshes the served step ids and the referenced token Secrets (which are read by
   name, never watched), and feeds the liveness probe;
@@ -34,6 +35,7 @@ from . import kinds, metrics
 from . import spec as s
 from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .builders.common import OperatorIdentity
+from .cache import ChildCache
 from .reconcile import Reconciler
 from .trust import Trust
 from .workqueue import Key, WorkQueue
@@ -76,6 +78,7 @@ class Runtime:
     options: Options
     api: Api
     queue: WorkQueue
+    cache: ChildCache
     health: Health = field(default_factory=Health)
     resync_task: asyncio.Task[None] | None = None
     trust_task: asyncio.Task[None] | None = None
@@ -98,10 +101,6 @@ def _owner_names(body: Any) -> list[str]:
         for r in refs
         if r.get("kind") == s.KIND and str(r.get("apiVersion", "")).startswith(f"{s.GROUP}/")
     ]
-
-
-def _owned_by_blazenpeer(body: Any, **_: Any) -> bool:
-    return bool(_owner_names(body))
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
@@ -133,13 +132,17 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     configure(settings, options)
     api = Api(load_client_configuration(options.kubeconfig))
     trust = Trust(api, settle=options.ca_rotation_settle_seconds)
-    reconciler = Reconciler(api, options.operator, trust)
+    cache = ChildCache((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN)
+    # what no watch reports (pods, their /v1/info, the Secret stubs) is re-read at most once per resync
+    # period, unless a watched object says it changed
+    reconciler = Reconciler(api, options.operator, trust, cache, recheck_seconds=options.resync_seconds)
 
     async def work(key: Key) -> bool:
         outcome = await asyncio.to_thread(reconciler.reconcile, *key)
         return outcome.error is None
 
-    runtime = Runtime(options=options, api=api, queue=WorkQueue(work, concurrency=options.concurrency))
+    queue = WorkQueue(work, concurrency=options.concurrency)
+    runtime = Runtime(options=options, api=api, queue=queue, cache=cache)
     memo.runtime = runtime
     if options.metrics_port:
         import prometheus_client
@@ -255,16 +258,20 @@ async def blazenpeer_changed(namespace: str | None, name: str, memo: kopf.Memo, 
 # ---------------------------------------------------------------------------------------------- children
 
 
-async def child_event(body: Any, memo: kopf.Memo, **_: Any) -> None:
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every event of every labelled child: the cache first, then a pass for the owners."""
     runtime = _runtime(memo)
     if runtime is None:
         return
-    namespace = body.get("metadata", {}).get("namespace")
-    for owner in _owner_names(body):
+    obj = event["object"]
+    if event["type"] == "DELETED":
+        runtime.cache.forget(obj)
+    else:
+        runtime.cache.observe(obj)
+    namespace = obj.get("metadata", {}).get("namespace")
+    for owner in _owner_names(obj):
         runtime.queue.request((namespace, owner))
 
 
 for _child in kinds.WATCHED_CHILDREN:
-    kopf.on.event(
-        _child.group, _child.version, _child.plural, id=f"child-{_child.plural}", when=_owned_by_blazenpeer
-    )(child_event)
+    kopf.on.event(_child.group, _child.version, _child.plural, id=f"child-{_child.plural}")(child_event)

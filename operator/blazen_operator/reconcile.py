@@ -2,13 +2,21 @@
 
 Ordered steps; the first refused child stops the pass and is reported in the status (KubeRay-style), transient
 API errors propagate as :class:`ApiError` with ``transient`` set so the caller retries with backoff.
+
+A pass over an unchanged BlazenPeer writes nothing. The children are read from the watch cache (cache.py);
+a child is applied only when it is missing, when what the builders want differs from what this process last
+applied to it, or when the fields our apply owns changed since (someone edited or removed one: drift). The
+first pass after the operator starts has no such memory and applies each child once (no-op applies when
+nothing changed). What no watch reports is re-read when something says it changed, else at most once per
+``recheck_seconds``: the Secret stubs (by name; never watched) when the Certificate filling them changed, the
+pods and their ``/v1/info`` when the Deployment's rollout moved. The status is written only when it changed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,11 +27,11 @@ from . import status as st
 from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
 from .builders import Child, Peer, certs, desired, workload
 from .builders import common as c
+from .cache import CERT_NAME_ANNOTATION, ChildCache, Live, compact
 from .kinds import PRUNABLE
 from .trust import Trust
 
 log = logging.getLogger(__name__)
-CERT_NAME_ANNOTATION = "cert-manager.io/certificate-name"
 STATUS_KEYS = set(s.BlazenPeerStatus.model_json_schema(by_alias=True)["properties"])
 
 
@@ -50,14 +58,15 @@ def _meta_only(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _foreign_child(
-    peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
-) -> str | None:
+ChildId = tuple[str, str, str]  # (apiVersion, kind, name) in the BlazenPeer's namespace
+
+
+def _foreign_child(peer: Peer, children: list[Child], live: dict[ChildId, Live | None]) -> str | None:
     """The first desired child that exists but is not this BlazenPeer's: the operator never adopts (and so
     never overwrites) an object it did not create; the status names it instead."""
     for child in children:
-        obj = live.get(child.key)
-        if obj is not None and not _ours(peer, child, obj):
+        rec = live.get(child.key)
+        if rec is not None and not _ours(peer, child, rec.obj):
             _, kind, name = child.key
             return (
                 f"{kind} {peer.namespace}/{name} exists and is not owned by this BlazenPeer; "
@@ -80,16 +89,64 @@ def _ours(peer: Peer, child: Child, live: dict[str, Any]) -> bool:
     return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
 
 
+def _meta_current(manifest: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """The live object carries the manifest's labels and owner references (a stub's metadata is all the
+    operator keeps up to date on it)."""
+    want, have = manifest["metadata"], obj["metadata"]
+    labels = have.get("labels") or {}
+    if any(labels.get(k) != v for k, v in (want.get("labels") or {}).items()):
+        return False
+    refs = {ref.get("uid"): ref for ref in have.get("ownerReferences") or []}
+    return all(
+        (got := refs.get(ref["uid"])) is not None and all(got.get(k) == v for k, v in ref.items())
+        for ref in want.get("ownerReferences") or []
+    )
+
+
+def _rollout_signature(deployment: Live | None) -> tuple[Any, ...]:
+    """What of the Deployment says its pods changed (created, ready, replaced)."""
+    if deployment is None:
+        return ()
+    st_ = deployment.obj.get("status") or {}
+    keys = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "availableReplicas")
+    return (deployment.uid, *(st_.get(k) for k in keys))
+
+
+@dataclass
+class PeerMemory:
+    """What this process knows of one BlazenPeer's children between its passes (never shared between two
+    passes at once: the work queue runs one pass per BlazenPeer)."""
+
+    uid: str
+    # child -> (its uid, the manifest digest we applied, our fields' digest the API server returned)
+    applied: dict[tuple[ChildId, str], tuple[str, str, str]] = field(default_factory=dict)
+    # stub -> (what it was checked against: its metadata digest and its Certificate's resourceVersion; when;
+    # the stub as read or written then)
+    stubs: dict[ChildId, tuple[tuple[str, int], float, Live]] = field(default_factory=dict)
+    stubs_gone: set[ChildId] = field(default_factory=set)  # pruned stubs, known absent
+    pods_seen: tuple[tuple[Any, ...], float] | None = None  # (rollout signature, monotonic time)
+    pods: tuple[st.PodReport, ...] = ()
+
+
 class Reconciler:
     """Reconciles one BlazenPeer per call. Not reentrant for one object: the work queue never runs two passes
     of the same BlazenPeer at once."""
 
     def __init__(
-        self, api: Api, operator: c.OperatorIdentity | None = None, trust: Trust | None = None
+        self,
+        api: Api,
+        operator: c.OperatorIdentity | None = None,
+        trust: Trust | None = None,
+        cache: ChildCache | None = None,
+        recheck_seconds: float = 60.0,
     ) -> None:
         self.api = api
         self.operator = operator
         self.trust = trust or Trust(api)
+        # Without one fed by watches, every child is read by name each pass (still no write when unchanged).
+        self.cache = cache if cache is not None else ChildCache()
+        self.recheck_seconds = recheck_seconds
+        self._memory: dict[tuple[str, str], PeerMemory] = {}
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
@@ -102,6 +159,8 @@ class Reconciler:
                 outcome = Outcome(error=exc)
             else:
                 raise
+        if outcome.gone:
+            self._memory.pop((namespace, name), None)
         result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
         metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -135,42 +194,85 @@ class Reconciler:
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
 
         rotation = self.trust.sync_if_due(namespace) if c.uses_namespace_ca(peer) else None
+        memory = self._memory.get((namespace, name))
+        if memory is None or memory.uid != peer.uid:
+            memory = self._memory[(namespace, name)] = PeerMemory(peer.uid)
         children = desired(peer)
-        live = {child.key: api.get(child.key[0], child.key[1], namespace, child.key[2]) for child in children}
+        live = {child.key: self._live(peer, child, children, memory) for child in children}
         conflict = _foreign_child(peer, children, live)
-        apply_error = None if conflict else self._apply_children(peer, children, live)
+        apply_error = None if conflict else self._apply_children(peer, children, live, memory)
         if conflict is None and apply_error is None:
-            self._prune(peer, children)
+            self._prune(peer, children, memory)
 
         # As read before the pass, or as the apply returned them: status included, no second read.
         deployment = live.get(("apps/v1", "Deployment", c.deployment_name(peer)))
         certificate = live.get(("cert-manager.io/v1", "Certificate", c.server_cert_name(peer)))
-        pods = self._observe_pods(peer)
         observed = st.Observed(
             generation=generation,
             peer=peer,
             apply_error=apply_error,
             conflict=conflict,
             token_missing=token_missing,
-            deployment=deployment,
-            certificate=certificate,
-            pods=pods,
+            deployment=deployment.obj if deployment else None,
+            certificate=certificate.obj if certificate else None,
+            pods=self._observe_pods(peer, deployment, memory),
             ca_rotation=rotation.condition(peer.name) if rotation is not None else None,
         )
         return self._write_status(body, observed, previous)
 
+    # ------------------------------------------------------------------------------------------ reads
+    def _read(self, namespace: str, child_id: ChildId) -> Live | None:
+        obj = self.api.get(child_id[0], child_id[1], namespace, child_id[2])
+        return None if obj is None else (self.cache.observe(obj) or compact(obj))
+
+    def _live(self, peer: Peer, child: Child, children: list[Child], memory: PeerMemory) -> Live | None:
+        """The child as the watches last reported it; read by name when they do not know it (absent, not
+        yet seen, or someone else's object without our label). A stub is read only when it was not checked
+        against its Certificate's current state yet (it is never watched)."""
+        if child.create_only:
+            known = memory.stubs.get(child.key)
+            if (
+                known is not None
+                and known[0] == self._stub_signature(peer, child, children)
+                and time.monotonic() - known[1] < self.recheck_seconds
+            ):
+                return known[2]
+            return self._read(peer.namespace, child.key)
+        return self.cache.get(peer.namespace, *child.key) or self._read(peer.namespace, child.key)
+
+    def _stub_signature(self, peer: Peer, child: Child, children: list[Child]) -> tuple[str, int]:
+        """A stub needs a look again when its metadata should change or when the Certificate that fills it
+        changed (cert-manager re-creates a deleted Secret and reports it on the Certificate)."""
+        name = child.key[2]
+        filler = next(
+            (
+                x
+                for x in children
+                if x.manifest["kind"] == "Certificate" and x.manifest["spec"]["secretName"] == name
+            ),
+            None,
+        )
+        cert = self.cache.get(peer.namespace, *filler.key) if filler is not None else None
+        return c.digest(_meta_only(child.manifest)), cert.resource_version if cert is not None else 0
+
+    # ------------------------------------------------------------------------------------------ writes
     def _apply_children(
-        self, peer: Peer, children: list[Child], live: dict[tuple[str, str, str], dict[str, Any] | None]
+        self, peer: Peer, children: list[Child], live: dict[ChildId, Live | None], memory: PeerMemory
     ) -> str | None:
         for child in children:
             manager = FIELD_MANAGER
             try:
                 if child.create_only:
-                    if live.get(child.key) is None:
-                        self.api.create_if_absent(child.manifest)
-                    self.api.apply(_meta_only(child.manifest), manager)
-                else:
-                    live[child.key] = self._apply_or_replace(child, manager)
+                    self._ensure_stub(peer, child, children, live, memory, manager)
+                    continue
+                wanted = c.digest(child.manifest)
+                rec = live.get(child.key)
+                done = memory.applied.get((child.key, manager))
+                if rec is not None and done == (rec.uid, wanted, rec.ours.get(manager)):
+                    continue  # as we applied it, and nobody changed a field of ours since
+                obj = self._apply_or_replace(child, manager)
+                rec = live[child.key] = self.cache.observe(obj) or compact(obj)
+                memory.applied[(child.key, manager)] = (rec.uid, wanted, rec.ours.get(manager, ""))
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
                 if exc.transient or exc.namespace_terminating:
@@ -179,6 +281,30 @@ class Reconciler:
                 log.warning("%s/%s: applying %s %s failed: %s", peer.namespace, peer.name, kind, cname, exc)
                 return f"{kind} {cname}: {exc.message or exc}"
         return None
+
+    def _ensure_stub(
+        self,
+        peer: Peer,
+        child: Child,
+        children: list[Child],
+        live: dict[ChildId, Live | None],
+        memory: PeerMemory,
+        manager: str,
+    ) -> None:
+        """Create the stub when absent; keep its labels and owner references; never touch its data."""
+        rec = live.get(child.key)
+        if rec is None:
+            obj = self.api.create(child.manifest)
+            if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
+                raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
+            rec = compact(obj)
+            metrics.APPLIES.labels(kind="Secret").inc()
+        elif not _meta_current(child.manifest, rec.obj):
+            rec = compact(self.api.apply(_meta_only(child.manifest), manager))
+            metrics.APPLIES.labels(kind="Secret").inc()
+        live[child.key] = rec
+        memory.stubs[child.key] = (self._stub_signature(peer, child, children), time.monotonic(), rec)
+        memory.stubs_gone.discard(child.key)
 
     def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
         """The object as the API server stored it."""
@@ -195,25 +321,49 @@ class Reconciler:
                 raise
             return self.api.apply(child.manifest, manager)
 
-    def _prune(self, peer: Peer, children: list[Child]) -> None:
+    def _prune(self, peer: Peer, children: list[Child], memory: PeerMemory) -> None:
         wanted = {child.key for child in children}
         selector = f"{c.PEER_LABEL}={peer.name}"
         for api_version, kind in PRUNABLE:
-            for item in self.api.list(api_version, kind, peer.namespace, selector):
+            if self.cache.covers(api_version, kind):  # the watches know every child of ours of this kind
+                found = [
+                    r.obj
+                    for r in self.cache.controlled_by(peer.uid)
+                    if (r.obj["apiVersion"], r.obj["kind"]) == (api_version, kind)
+                ]
+            else:
+                found = self.api.list(api_version, kind, peer.namespace, selector)
+            for item in found:
                 meta = item["metadata"]
                 if _controlled_by(peer, item) and (api_version, kind, meta["name"]) not in wanted:
                     log.info("%s/%s: pruning %s %s", peer.namespace, peer.name, kind, meta["name"])
                     self.api.delete(api_version, kind, peer.namespace, meta["name"], uid=meta.get("uid"))
-        # Secrets are never listed (the operator may not enumerate them): the stubs go by name.
+        # Secrets are never listed (the operator may not enumerate them): the stubs go by name, once.
         for name in certs.stub_names(peer):
-            if ("v1", "Secret", name) in wanted:
+            key = ("v1", "Secret", name)
+            if key in wanted or key in memory.stubs_gone:
                 continue
             secret = self.api.get("v1", "Secret", peer.namespace, name)
             if secret is not None and _controlled_by(peer, secret):
                 log.info("%s/%s: pruning Secret %s", peer.namespace, peer.name, name)
                 self.api.delete("v1", "Secret", peer.namespace, name, uid=secret["metadata"].get("uid"))
+            memory.stubs.pop(key, None)
+            memory.stubs_gone.add(key)
 
-    def _observe_pods(self, peer: Peer) -> tuple[st.PodReport, ...]:
+    def _observe_pods(
+        self, peer: Peer, deployment: Live | None, memory: PeerMemory
+    ) -> tuple[st.PodReport, ...]:
+        """The pods' reports, read again when the rollout moved or the last read is ``recheck_seconds``
+        old: the ``/v1/info`` reads per BlazenPeer are bounded whatever the number of passes."""
+        signature, now = _rollout_signature(deployment), time.monotonic()
+        seen = memory.pods_seen
+        if seen is not None and seen[0] == signature and now - seen[1] < self.recheck_seconds:
+            return memory.pods
+        memory.pods = self._read_pods(peer)
+        memory.pods_seen = (signature, now)
+        return memory.pods
+
+    def _read_pods(self, peer: Peer) -> tuple[st.PodReport, ...]:
         pods = self.api.list("v1", "Pod", peer.namespace, c.selector_string(peer))
         reports: list[tuple[dict[str, Any], bool, str | None]] = []
         for pod in pods:

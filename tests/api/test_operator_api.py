@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from blazen_operator import kinds
-from blazen_operator.apply import Api, ApiError, path_for
+from blazen_operator.apply import Api, ApiError, bearer_token, path_for
 from blazen_operator.handlers import list_peers
 
 from tests.support.controlplane import eventually
@@ -660,6 +660,39 @@ def test_drift_is_reverted(api, operator, namespace):
     )
 
 
+def test_a_pass_over_an_unchanged_blazenpeer_writes_nothing(
+    api, operator, control_plane, namespace, monkeypatch
+):
+    """Passes keep running (child events, the resync every 3 s) but, once the BlazenPeer and its children
+    have settled, none of them sends a write request: no server-side apply of an unchanged child, no create
+    of a stub that exists, no status patch of an unchanged status."""
+    create(api, manifest("bp", namespace, replicas=2))
+    eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp").get("status", {}).get("replicas") == 2)
+
+    calls: list[tuple[float, str, str]] = []
+    original = Api.request
+
+    def request(self: Api, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        if bearer_token(self.configuration) == control_plane.operator_token and f"/{namespace}/" in path:
+            calls.append((time.monotonic(), method, path.split("?")[0]))
+        return original(self, method, path, **kw)
+
+    monkeypatch.setattr(Api, "request", request)
+    window = 3 * operator.resync_seconds + 1
+
+    def quiet_window() -> bool:
+        since = time.monotonic() - window
+        recent = [(m, p) for t, m, p in calls if t >= since]
+        passes = [p for m, p in recent if m == "GET" and p.endswith("/blazenpeers/bp")]
+        writes = [f"{m} {p}" for m, p in recent if m != "GET"]
+        assert len(passes) >= 3, passes
+        assert not writes, writes[:10]
+        return True
+
+    eventually(quiet_window, timeout=60, interval=1, what="passes that write nothing")
+
+
 def test_rejected_child_is_reported_not_crash_looped(api, operator, namespace):
     bad_affinity = {
         "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
@@ -957,6 +990,16 @@ def test_the_operator_uses_every_verb_the_chart_grants(
 
     eventually(cost_set, what="deletion costs from the pods' reports")
 
+    # a stub Secret loses its peer label by hand: the operator puts it back (it re-reads the stubs, which it
+    # never watches, once per resync period)
+    unlabel = {"metadata": {"labels": {"blazen.dev/peer": None}}}
+    merge_patch(api, "Secret", namespace, "bp-tls", unlabel, api_version="v1")
+    eventually(
+        lambda: get(api, "Secret", namespace, "bp-tls")["metadata"]["labels"].get("blazen.dev/peer") == "bp",
+        timeout=30,
+        what="the stub's label restored",
+    )
+
     # everything a BlazenPeer can stop wanting, at once: the operator prunes each
     merge_patch(
         api,
@@ -993,8 +1036,8 @@ def test_the_operator_uses_every_verb_the_chart_grants(
     assert get(api, "Deployment", namespace, "bp") is not None
     assert get(api, "Secret", namespace, "tok") is not None, "the user's token Secret is never touched"
 
-    kopf_only = {("watch", k.group, k.plural) for k in kinds.KINDS if k.watched}
-    kopf_only |= {("list", k.group, k.plural) for k in kinds.KINDS if k.watched and not k.pruned}
+    # pruning reads the watch cache: kopf's watches are what lists the child kinds
+    kopf_only = {(v, k.group, k.plural) for k in kinds.KINDS if k.watched for v in ("list", "watch")}
     kopf_only |= {("patch", "blazen.dev", "blazenpeers"), ("update", "blazen.dev", "blazenpeers/finalizers")}
     kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.cluster_scoped for v in k.verbs}
     kopf_only.discard(("list", "blazen.dev", "blazenpeers"))  # the resync loop lists them itself

@@ -1,0 +1,162 @@
+"""What the operator knows of its children between passes, from kopf's label-selected watches.
+
+Each watched child is kept as a compact :class:`Live` record: the few fields the reconciler and status.py
+read, plus what its ``managedFields`` say about who owns what. Full objects are not kept (1,000 BlazenPeers
+have ~12,000 children). The child watches feed it (handlers.child_event, every event including deletions) and
+so do the operator's own applies, whichever is newer by resourceVersion. A child absent from the cache may
+still exist (not seen yet just after start, or someone else's object without our label, which is never
+watched): the reconciler reads it by name then.
+
+Thread-safe: the event loop writes while reconcile passes read in worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .apply import FIELD_MANAGER
+from .builders.common import digest
+from .kinds import MANAGED_BY, MANAGED_BY_LABEL
+
+ChildKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name)
+
+# The fields of each kind that a pass reads besides metadata (status.py: the Deployment's rollout, the
+# Certificate's issuance).
+_KEPT: dict[str, tuple[str, ...]] = {"Deployment": ("status",), "Certificate": ("status",)}
+_META = ("name", "namespace", "uid", "resourceVersion", "generation", "labels", "ownerReferences")
+# which Certificate cert-manager wrote a TLS Secret for (the reconciler's ownership check)
+CERT_NAME_ANNOTATION = "cert-manager.io/certificate-name"
+_ANNOTATIONS = (CERT_NAME_ANNOTATION,)
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """One child as last seen.
+
+    ``ours``: the digest of the fields each of our field managers owns by apply. A field someone else
+    changes (or removes) leaves our manager's set, so the digest changes: that is how drift shows, without
+    comparing values the API server may have normalized."""
+
+    obj: dict[str, Any]
+    ours: dict[str, str]
+
+    @property
+    def uid(self) -> str:
+        return str(self.obj["metadata"].get("uid") or "")
+
+    @property
+    def resource_version(self) -> int:
+        return _rv(self.obj)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    # resourceVersions are etcd revisions; an unparsable one never wins over a known one
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def compact(obj: dict[str, Any]) -> Live:
+    meta = obj.get("metadata") or {}
+    kept_meta = {k: meta[k] for k in _META if k in meta}
+    notes = meta.get("annotations") or {}
+    kept_meta["annotations"] = {k: notes[k] for k in _ANNOTATIONS if k in notes}
+    small: dict[str, Any] = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": kept_meta}
+    for key in _KEPT.get(str(obj.get("kind")), ()):
+        if key in obj:
+            small[key] = obj[key]
+    if obj.get("kind") == "Deployment":  # status.py checks which template the Deployment carries
+        template_meta = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        small["spec"] = {"template": {"metadata": {"annotations": template_meta.get("annotations") or {}}}}
+    ours = {
+        str(entry["manager"]): digest(entry.get("fieldsV1") or {})
+        for entry in meta.get("managedFields") or []
+        if entry.get("operation") == "Apply"
+        and not entry.get("subresource")
+        and str(entry.get("manager", "")).startswith(FIELD_MANAGER)
+    }
+    return Live(small, ours)
+
+
+class ChildCache:
+    """Compact records of the watched children, by (namespace, apiVersion, kind, name), and by the uid of
+    the BlazenPeer that controls them (for pruning)."""
+
+    def __init__(self, kinds: Iterable[tuple[str, str]] = ()) -> None:
+        self._kinds = frozenset(kinds)
+        self._lock = threading.Lock()
+        self._items: dict[ChildKey, Live] = {}
+        self._by_owner: dict[str, set[ChildKey]] = {}
+
+    def covers(self, api_version: str, kind: str) -> bool:
+        """Whether the watches feed this kind: only then is a record kept up to date (and deletions seen)."""
+        return (api_version, kind) in self._kinds
+
+    @staticmethod
+    def _key(obj: dict[str, Any]) -> ChildKey:
+        meta = obj["metadata"]
+        return (meta.get("namespace") or "", obj["apiVersion"], obj["kind"], meta["name"])
+
+    def observe(self, obj: dict[str, Any]) -> Live | None:
+        """Record an object seen by a watch or returned by an apply, unless a newer one is known. Only our
+        labelled objects of watched kinds are kept: the watches report every later change of those."""
+        if not self.covers(obj.get("apiVersion", ""), obj.get("kind", "")):
+            return None
+        if ((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
+            return None
+        live = compact(obj)
+        key = self._key(obj)
+        with self._lock:
+            old = self._items.get(key)
+            if old is not None and old.resource_version > live.resource_version:
+                return old
+            self._unlink(key, old)
+            self._items[key] = live
+            owner = _controller_uid(live.obj)
+            if owner:
+                self._by_owner.setdefault(owner, set()).add(key)
+        return live
+
+    def forget(self, obj: dict[str, Any]) -> None:
+        """A watch reported the object deleted (or no longer labelled as ours)."""
+        if not self.covers(obj.get("apiVersion", ""), obj.get("kind", "")):
+            return
+        key = self._key(obj)
+        uid = (obj.get("metadata") or {}).get("uid")
+        with self._lock:
+            old = self._items.get(key)
+            # a deletion older than what we hold (the object was re-created since) changes nothing
+            if old is None or old.uid != uid or old.resource_version > _rv(obj):
+                return
+            self._unlink(key, old)
+            del self._items[key]
+
+    def _unlink(self, key: ChildKey, old: Live | None) -> None:
+        owner = _controller_uid(old.obj) if old is not None else None
+        if owner and owner in self._by_owner:
+            self._by_owner[owner].discard(key)
+            if not self._by_owner[owner]:
+                del self._by_owner[owner]
+
+    def get(self, namespace: str, api_version: str, kind: str, name: str) -> Live | None:
+        with self._lock:
+            return self._items.get((namespace, api_version, kind, name))
+
+    def controlled_by(self, uid: str) -> list[Live]:
+        with self._lock:
+            return [self._items[k] for k in self._by_owner.get(uid, ())]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def _controller_uid(obj: dict[str, Any]) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
