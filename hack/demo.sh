@@ -85,5 +85,59 @@ step "GPU sub-workflow over mTLS: examples::gpu_info (Service examples-gpu)"
 invoke examples-gpu 50051 '{}' examples::gpu_info
 echo "  served by the examples-gpu fleet:"; pods_where examples-gpu
 
+FLEET_NS="${DEMO_FLEET_NAMESPACE:-blazen-fleet}"
+step "a fleet: examples/fleet.yaml (a CPU and a GPU pool behind one router) in namespace $FLEET_NS"
+kubectl create namespace "$FLEET_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n "$FLEET_NS" apply -f "$REPO_ROOT/examples/fleet.yaml"
+deadline=$((SECONDS + ${DEMO_READY_TIMEOUT:-300}))
+while :; do
+  phase=$(kubectl -n "$FLEET_NS" get blazenfleet examples -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  msg=$(kubectl -n "$FLEET_NS" get blazenfleet examples -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}' 2>/dev/null || true)
+  printf '  %-14s %-12s %s\n' examples "${phase:-?}" "$msg" >&2
+  [[ "$phase" == Ready ]] && break
+  if ((SECONDS > deadline)); then
+    kubectl -n "$FLEET_NS" describe blazenfleet examples >&2; kubectl -n "$FLEET_NS" get pods -o wide >&2
+    log "error: the fleet is not Ready"; exit 1
+  fi
+  sleep 5
+done
+kubectl -n "$FLEET_NS" get blazenfleets,blazenpeers
+kubectl -n "$FLEET_NS" get pods -o wide
+
+# Every call below goes to the ONE router Service; the caller's identity is a pool's client certificate
+# (the router trusts the namespace CA) and the CA certificate that Secret carries.
+fleet_dir=$(mktemp -d)
+cleanup_dirs+=("$fleet_dir")
+fleet_secret=$(kubectl -n "$FLEET_NS" get blazenpeer examples-cpu -o jsonpath='{.status.certificate.clientSecretName}')
+for k in tls.crt tls.key ca.crt; do
+  kubectl -n "$FLEET_NS" get secret "$fleet_secret" -o jsonpath="{.data.${k//./\\.}}" | base64 -d > "$fleet_dir/$k"
+done
+fleet_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+kubectl -n "$FLEET_NS" port-forward svc/examples "$fleet_port:50051" >"$fleet_dir/pf.log" 2>&1 &
+cleanup_pids+=($!)
+for _ in $(seq 50); do grep -q Forwarding "$fleet_dir/pf.log" && break; sleep 0.2; done
+via_router() { # args for examples/client.py
+  "$PY" "$REPO_ROOT/examples/client.py" "127.0.0.1:$fleet_port" --cert "$fleet_dir/tls.crt" \
+    --key "$fleet_dir/tls.key" --ca "$fleet_dir/ca.crt" --server-name "examples.$FLEET_NS.svc" "$@"
+}
+
+step "through the router: the CPU chain examples::tokenize -> examples::count (pool cpu)"
+via_router --step examples::tokenize --step examples::count --input '{"text": "to be or not to be"}'
+
+step "through the router: examples::gpu_info (pool gpu, the GPU node)"
+via_router --step examples::gpu_info --input '{}'
+
+step "through the router: ONE request, three steps on two pools: extract (CPU) -> embed (GPU) -> index (CPU)"
+via_router --step examples::extract --step examples::embed --step examples::index \
+  --input '{"text": "route GPU steps to labelled node pools"}' |
+  "$PY" -c 'import json, sys; out = json.load(sys.stdin); print("  result:", json.dumps(out["result"]))
+for h in out["state"]["hops"]: print("  %-20s ran on pod %s, node %s (pool %s)" % (h["step"], h["pod"], h["node"], h["pool"]))'
+
+step "through the router: 20 calls on one connection, balanced per call over the CPU pool's replicas"
+via_router --workflow where --repeat 20 |
+  "$PY" -c 'import collections, json, sys
+c = collections.Counter((o["result"]["pod"], o["result"]["node"]) for o in map(json.loads, sys.stdin))
+for (pod, node), n in sorted(c.items()): print(f"  {n:3d} calls served by {pod} on node {node}")'
+
 record_time demo-total $((SECONDS - t0))
 step "demo done in $((SECONDS - t0)) s.  export KUBECONFIG=$KUBECONFIG   (make demo-down removes it all)"

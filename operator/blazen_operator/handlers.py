@@ -263,12 +263,14 @@ async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
     if runtime is None:
         return
-    obj = event["object"]
+    obj: dict[str, Any] = dict(event["object"])
     if event["type"] == "DELETED":
         runtime.cache.forget(obj)
     else:
         runtime.cache.observe(obj)
     namespace = obj.get("metadata", {}).get("namespace")
+    if not namespace:  # every child we label is namespaced
+        return
     for owner in _owner_names(obj):
         runtime.queue.request((namespace, owner))
 
