@@ -131,7 +131,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _resolve(raw, defs)
 
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {
         "name": "Ready",
         "type": "string",
@@ -164,7 +164,7 @@ PRINTER_COLUMNS = [
 ]
 
 
-FLEET_PRINTER_COLUMNS = [
+FLEET_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {
         "name": "Ready",
         "type": "string",
@@ -287,8 +287,8 @@ def build_fleet_crd() -> dict[str, Any]:
         singular=fs.SINGULAR,
         short_names=fs.SHORT_NAMES,
         description="BlazenFleet runs pools of Blazen peers behind one router endpoint: a BlazenPeer "
-        "<fleet>-<pool> per pool, and the router's Deployment, Service <fleet>, certificate, RBAC, disruption "
-        "budget and NetworkPolicy, all owned by this object.",
+        "<fleet>-<pool> per pool, and the router's Deployment, Service <fleet>, certificate, RBAC, "
+        "disruption budget and NetworkPolicy, all owned by this object.",
         validations=[
             {
                 "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
@@ -390,8 +390,8 @@ def render_reference() -> str:
         fleet,
         "BlazenFleet CRD reference",
         f"`{fleet['metadata']['name']}`, version `{version}`, kind `{fs.KIND}`, short name `bf`, namespaced. "
-        "Subresources: `status`. `kubectl explain blazenfleet.spec` shows the same descriptions; docs/fleet.md "
-        "explains the fleet.",
+        "Subresources: `status`. `kubectl explain blazenfleet.spec` shows the same descriptions; "
+        "docs/fleet.md explains the fleet.",
         "#",
     )
     return "\n".join(lines) + "\n"

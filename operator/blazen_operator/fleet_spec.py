@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from . import spec as s
@@ -121,25 +121,17 @@ class FleetRouter(s.Model):
     topology_spread_constraints: list[s.FreeForm] | None = _same("topology_spread_constraints")
 
 
-def _rule(rule: str, message: str, field_path: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
+def _rule(rule: str, message: str, field_path: str, reason: str = "FieldValueInvalid") -> Any:
     return {"rule": rule, "message": message, "fieldPath": field_path, "reason": reason}
-
-
-# The BlazenPeer rules that read only fleet-level fields (tls, auth) hold for the fleet as they are.
-_FLEET_WIDE_PEER_RULES = [
-    rule
-    for rule in s.BlazenPeerSpec.model_config["json_schema_extra"]["x-kubernetes-validations"]  # type: ignore[index]
-    if rule.get("fieldPath") == ".auth.tokenSecretRef"
-]
 
 
 class BlazenFleetSpec(PeerFields):
     """Desired state of a fleet: pools of Blazen peers behind one router endpoint."""
 
-    model_config = s.ConfigDict(
+    model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                *_FLEET_WIDE_PEER_RULES,
+                s.TLS_OR_TOKEN_RULE,
                 _rule(
                     "has(self.image) || self.pools.all(p, has(p.image))",
                     "spec.image is required unless every pool sets spec.pools[].image",
@@ -159,7 +151,9 @@ class BlazenFleetSpec(PeerFields):
                     "FieldValueRequired",
                 ),
                 _rule(
-                    "self.pools.all(p, !(p.name in " + str(list(RESERVED_POOL_NAMES)).replace("'", '"') + "))",
+                    "self.pools.all(p, !(p.name in "
+                    + str(list(RESERVED_POOL_NAMES)).replace("'", '"')
+                    + "))",
                     "spec.pools[].name: 'router' is the router's (its Deployment is <fleet>-router)",
                     ".pools",
                 ),
@@ -209,8 +203,8 @@ class BlazenFleetSpec(PeerFields):
         return self
 
 
-# The BlazenPeer fields a pool inherits from the fleet; tls and auth are fleet-wide (one identity and token for
-# router and pools); replicas and name are the pool's own.
+# The BlazenPeer fields a pool inherits from the fleet; tls and auth are fleet-wide (one identity and token
+# for router and pools); replicas and name are the pool's own.
 INHERITED = tuple(PeerFields.model_fields)
 
 
