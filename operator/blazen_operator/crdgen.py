@@ -88,7 +88,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
         for key in ("description", "default"):
-            if key in node:
+            if node.get(key) is not None:  # a None default is "unset", never a null default
                 int_or_string[key] = node[key]
         return int_or_string
     if "anyOf" in node:
