@@ -243,7 +243,8 @@ def test_router_pod_is_a_peer_pod_running_route() -> None:
     assert ctr["name"] == "router"
     assert ctr["image"] == "img:1"
     assert ctr["args"][:3] == ["route", "--fleet", "demo"]
-    assert "--entrypoint" not in ctr["args"] and "--steps" not in ctr["args"]
+    assert "--entrypoint" not in ctr["args"]
+    assert "--steps" not in ctr["args"]
     assert ctr["args"][ctr["args"].index("--shutdown-grace-secs") + 1] == "39"
     assert ctr["args"][ctr["args"].index("--shutdown-admit-secs") + 1] == "12"
     assert ctr["args"][ctr["args"].index("--token-file") + 1] == "/etc/blazen/token/token"
@@ -325,7 +326,8 @@ def test_single_router_has_no_pdb_and_tls_off_has_no_certificate() -> None:
     assert ("PodDisruptionBudget", "demo-router") not in got
     assert ("Certificate", "demo-router-tls") not in got
     ctr = got[("Deployment", "demo-router")]["spec"]["template"]["spec"]["containers"][0]
-    assert "--pool-server-name" not in ctr["args"] and "--tls-cert" not in ctr["args"]
+    assert "--pool-server-name" not in ctr["args"]
+    assert "--tls-cert" not in ctr["args"]
 
 
 # ------------------------------------------------------------------------------------------------ status
@@ -427,7 +429,8 @@ def test_status_router_not_ready_and_pool_degraded() -> None:
     assert conds["Routable"]["reason"] == "RouterNotReady"
     assert conds["Degraded"]["reason"] == "PoolDegraded"
     assert "pool cpu: ProgressDeadlineExceeded" in conds["Degraded"]["message"]
-    assert out["pools"][1]["name"] == "gpu" and "readyReplicas" not in out["pools"][1]
+    assert out["pools"][1]["name"] == "gpu"
+    assert "readyReplicas" not in out["pools"][1]
 
 
 def test_status_events_on_routes_and_routability_changes() -> None:
