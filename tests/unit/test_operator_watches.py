@@ -1,6 +1,6 @@
 """What the operator asks kopf to watch: BlazenPeers, BlazenFleets, and only its own children (by label,
-server-side); never Secrets or Pods, whose cluster-wide streams would grow with the cluster rather than with our
-objects."""
+server-side); never Secrets or Pods, whose cluster-wide streams would grow with the cluster rather than with
+our objects."""
 
 from __future__ import annotations
 
