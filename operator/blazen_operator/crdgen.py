@@ -303,7 +303,7 @@ def build_fleet_crd() -> dict[str, Any]:
                 "message": "spec.pools[].name: <fleet>-<pool> names a BlazenPeer and must be at most "
                 f"{fs.MAX_PEER_NAME} characters",
                 "fieldPath": ".spec.pools",
-                "reason": "FieldValueTooLong",
+                "reason": "FieldValueInvalid",
             },
         ],
         spec_model=fs.BlazenFleetSpec,
