@@ -319,7 +319,8 @@ def _header(flag: str, source: str) -> str:
 
 def render(kind: str = "peer") -> str:
     _, build, header = FILES[kind]
-    return header + yaml.safe_dump(build(), sort_keys=False, width=120)
+    # "---": helm concatenates the chart's crds/ files (helm show crds), so each must start a document
+    return header + "---\n" + yaml.safe_dump(build(), sort_keys=False, width=120)
 
 
 def _rows(node: dict[str, Any], path: str, rows: list[tuple[str, str, str, str]]) -> None:
