@@ -4,6 +4,7 @@ all pure functions."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from blazen_operator.builders import router as br
 from blazen_operator.builders.common import OperatorIdentity, labels
 from pydantic import ValidationError
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml"
 BASE: dict[str, Any] = {
     "image": "img:1",
     "entrypoint": "steps.mod",
@@ -466,3 +468,29 @@ def test_invalid_spec_status_names_the_field() -> None:
         "Ready": "InvalidSpec",
         "Degraded": "InvalidSpec",
     }
+
+
+def test_the_example_fleet_renders_a_cpu_pool_a_gpu_pool_and_the_router(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import yaml
+    from blazen_operator.cli import main
+
+    assert main(["render", "-f", str(EXAMPLE), "-n", "demo"]) == 0
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(capsys.readouterr().out) if d}
+    cpu, gpu = objs[("Deployment", "examples-cpu")], objs[("Deployment", "examples-gpu")]
+    assert cpu["spec"]["replicas"] == 2
+    assert "nvidia.com/gpu" not in cpu["spec"]["template"]["spec"]["containers"][0]["resources"].get(
+        "limits", {}
+    )
+    assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    images = {
+        d["spec"]["template"]["spec"]["containers"][0]["image"]
+        for k, d in objs.items()
+        if k[0] == "Deployment"
+    }
+    assert images == {"blazen-fleet/example-steps:dev"}, "one image: both pools and the router"
+    router = objs[("Deployment", "examples-router")]["spec"]["template"]["spec"]["containers"][0]
+    assert router["args"][:3] == ["route", "--fleet", "examples"]
+    assert objs[("Service", "examples")]["spec"]["selector"]["app.kubernetes.io/name"] == "blazen-router"
