@@ -166,7 +166,7 @@ def test_a_fleet_makes_its_pools_and_router_owned_by_it(api, operator, namespace
         assert obj["metadata"]["labels"]["blazen.dev/pool"] == "cpu"
     dep = eventually(lambda: get(api, "Deployment", namespace, "demo-gpu"), what="gpu pool deployment")
     gpu_pod = dep["spec"]["template"]["spec"]
-    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     cert = eventually(lambda: get(api, "Certificate", namespace, "demo-cpu-tls"), what="pool certificate")
     assert "demo-pools." + namespace + ".svc" in cert["spec"]["dnsNames"]
     role = api.get("rbac.authorization.k8s.io/v1", "Role", namespace, "demo-router")
