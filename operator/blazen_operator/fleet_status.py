@@ -79,13 +79,14 @@ def degraded_reasons(
         out.append(("ChildNotOwned", o.conflict))
     if o.apply_error:
         out.append(("ApplyFailed", o.apply_error))
-    for name, peer in o.peers:
-        cond = st._cond(peer, "Degraded")
-        if cond is not None and cond.get("status") == "True":
-            out.append(("PoolDegraded", f"pool {name}: {cond.get('reason')}: {cond.get('message') or ''}"))
     unserved = [f"{p.name}: {', '.join(p.unserved_steps)}" for p in pools if p.unserved_steps]
     if unserved:
         out.append(("StepsNotServed", f"steps no ready pod serves: {'; '.join(unserved)}"))
+    for name, peer in o.peers:
+        cond = st._cond(peer, "Degraded")
+        # a pool's own StepsNotServed is the fleet's, said above with the steps
+        if cond is not None and cond.get("status") == "True" and cond.get("reason") != "StepsNotServed":
+            out.append(("PoolDegraded", f"pool {name}: {cond.get('reason')}: {cond.get('message') or ''}"))
     if (deadline := r.deadline_exceeded) is not None:
         out.append(("RouterProgressDeadlineExceeded", deadline.get("message") or ""))
     if cert[0] == "False" and cert[1] in st.CERT_FAILURES:

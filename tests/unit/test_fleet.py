@@ -399,7 +399,11 @@ def test_status_unserved_steps_and_unready_pool() -> None:
     o = fst.ObservedFleet(
         generation=1,
         fleet=f,
-        peers=(("cpu", peer_obj(2, 2, ["a"])), ("gpu", peer_obj(1, 0, None, ok=False))),
+        # the pool says StepsNotServed itself: the fleet says it once, with the pool and its steps
+        peers=(
+            ("cpu", peer_obj(2, 2, ["a"], Degraded="StepsNotServed")),
+            ("gpu", peer_obj(1, 0, None, ok=False)),
+        ),
         deployment=router_dep(f, 2),
         certificate=READY_CERT,
     )
@@ -410,6 +414,7 @@ def test_status_unserved_steps_and_unready_pool() -> None:
     conds = {c["type"]: c for c in out["conditions"]}
     assert (conds["Degraded"]["status"], conds["Degraded"]["reason"]) == ("True", "StepsNotServed")
     assert "cpu: b" in conds["Degraded"]["message"]
+    assert "PoolDegraded" not in conds["Degraded"]["message"]
     assert (conds["Routable"]["status"], conds["Routable"]["reason"]) == ("False", "PoolsNotReady")
     assert "gpu" in conds["Routable"]["message"]
     assert out["phase"] == "Degraded"
