@@ -9,6 +9,7 @@ shared field's schema equals the BlazenPeer's.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -125,13 +126,34 @@ def _rule(rule: str, message: str, field_path: str, reason: str = "FieldValueInv
     return {"rule": rule, "message": message, "fieldPath": field_path, "reason": reason}
 
 
+def _peer_rules() -> list[Any]:
+    """The BlazenPeer's cross-field rules that read only fleet-wide fields (tls, auth) hold for the fleet as
+    they are; those that also read http hold for the router's http (spec.router.http)."""
+    out: list[Any] = []
+    extra: Any = s.BlazenPeerSpec.model_config["json_schema_extra"]
+    rules: list[dict[str, str]] = extra["x-kubernetes-validations"]
+    for rule in rules:
+        fields = set(re.findall(r"self\.(\w+)", rule["rule"]))
+        if fields <= {"tls", "auth"}:
+            out.append(rule)
+        elif fields <= {"tls", "auth", "http"}:
+            out.append(
+                {
+                    **rule,
+                    "rule": rule["rule"].replace("self.http", "self.router.http"),
+                    "message": rule["message"].replace("spec.http", "spec.router.http"),
+                    "fieldPath": ".router" + rule["fieldPath"],
+                }
+            )
+    return out
+
+
 class BlazenFleetSpec(PeerFields):
     """Desired state of a fleet: pools of Blazen peers behind one router endpoint."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                s.TLS_OR_TOKEN_RULE,
                 _rule(
                     "has(self.image) || self.pools.all(p, has(p.image))",
                     "spec.image is required unless every pool sets spec.pools[].image",
@@ -157,18 +179,7 @@ class BlazenFleetSpec(PeerFields):
                     "spec.pools[].name: 'router' is the router's (its Deployment is <fleet>-router)",
                     ".pools",
                 ),
-                _rule(
-                    "!has(self.router.http.auth) || self.router.http.auth != 'Token' || "
-                    "has(self.auth.tokenSecretRef)",
-                    "spec.router.http.auth Token needs a token: set spec.auth.tokenSecretRef",
-                    ".router.http.auth",
-                ),
-                _rule(
-                    "!has(self.router.http.auth) || self.router.http.auth != 'ClientCertificate' || "
-                    "self.tls.enabled",
-                    "spec.router.http.auth ClientCertificate needs spec.tls.enabled",
-                    ".router.http.auth",
-                ),
+                *_peer_rules(),
             ]
         }
     )

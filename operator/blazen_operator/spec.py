@@ -571,23 +571,20 @@ STEP_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
 StepId = Annotated[str, Field(pattern=STEP_PATTERN, min_length=1, max_length=253)]
 
 
-# Also a BlazenFleet's rule (its tls and auth are its pools' and its router's).
-TLS_OR_TOKEN_RULE: Any = {
-    "rule": "self.tls.enabled || has(self.auth.tokenSecretRef)",
-    "message": "with tls.enabled=false a token (auth.tokenSecretRef) is required; the runtime "
-    "refuses to serve with neither",
-    "fieldPath": ".auth.tokenSecretRef",
-    "reason": "FieldValueRequired",
-}
-
-
 class BlazenPeerSpec(Model):
     """Desired state of a fleet of Blazen peers."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                TLS_OR_TOKEN_RULE,
+                {
+                    "rule": "self.tls.enabled || has(self.auth.tokenSecretRef)",
+                    "message": "with tls.enabled=false a token (auth.tokenSecretRef) is required; "
+                    "the runtime "
+                    "refuses to serve with neither",
+                    "fieldPath": ".auth.tokenSecretRef",
+                    "reason": "FieldValueRequired",
+                },
                 {
                     "rule": "size([self.ports.grpc, self.ports.http, self.ports.admin, "
                     "self.ports.plaintextGrpc].filter(p, p == self.ports.grpc)) == 1 && "

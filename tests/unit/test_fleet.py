@@ -499,3 +499,22 @@ def test_the_example_fleet_renders_a_cpu_pool_a_gpu_pool_and_the_router(
     router = objs[("Deployment", "examples-router")]["spec"]["template"]["spec"]["containers"][0]
     assert router["args"][:3] == ["route", "--fleet", "examples"]
     assert objs[("Service", "examples")]["spec"]["selector"]["app.kubernetes.io/name"] == "blazen-router"
+
+
+def test_pools_trust_their_router_to_run_split_steps_with_mutual_tls_only() -> None:
+    f = fleet()
+    bp = bf.pool_peer(f, pool(f, "cpu"))
+    bp["spec"]["replicas"] = 1
+    args = workload.peer_args(Peer.from_body(bp))
+    assert args[args.index("--fleet-router-identity") + 1] == "demo.ns.svc"
+    assert "demo.ns.svc" in objects(f)[("Certificate", "demo-router-tls")]["spec"]["dnsNames"]
+    # token-only fleets: no client certificate to name the router by
+    spec = copy.deepcopy(BASE)
+    spec["tls"] = {"enabled": False}
+    spec["auth"] = {"tokenSecretRef": {"name": "tok"}}
+    g = fleet(spec)
+    bp = bf.pool_peer(g, pool(g, "cpu"))
+    bp["spec"]["replicas"] = 1
+    assert "--fleet-router-identity" not in workload.peer_args(Peer.from_body(bp))
+    alone = Peer(name="p", namespace="ns", spec=s.parse_spec({"image": "i", "entrypoint": "m"}))
+    assert "--fleet-router-identity" not in workload.peer_args(alone)

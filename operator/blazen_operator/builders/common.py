@@ -115,6 +115,12 @@ def fleet_pool_host(fleet: str, namespace: str) -> str:
     return f"{fleet}-pools.{namespace}.svc"
 
 
+def fleet_router_host(fleet: str, namespace: str) -> str:
+    """The fleet router's Service name: a DNS name of its certificate, which its pools trust to run single
+    steps of split runs (--fleet-router-identity)."""
+    return f"{fleet}.{namespace}.svc"
+
+
 def svc_host(p: Peer) -> str:
     return f"{service_name(p)}.{p.namespace}.svc"
 

@@ -103,7 +103,7 @@ def service_name(f: Fleet) -> str:
 
 
 def svc_host(f: Fleet) -> str:
-    return f"{service_name(f)}.{f.namespace}.svc"
+    return c.fleet_router_host(f.name, f.namespace)
 
 
 def cert_name(f: Fleet) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import spec as s
+from ..fleet_spec import FLEET_LABEL
 from . import common as c
 from .common import Peer
 
@@ -77,7 +78,12 @@ def peer_args(p: Peer) -> list[str]:
     ]
     if sp.steps is not None:
         args += ["--steps", ",".join(sp.steps)]
-    return args + security_args(p)
+    args += security_args(p)
+    fleet = p.labels.get(FLEET_LABEL)
+    if fleet and sp.tls.enabled and tls_client_auth(sp) == "require":
+        # a fleet's pool: its router may run single steps here (split runs), known by its certificate
+        args += ["--fleet-router-identity", c.fleet_router_host(fleet, p.namespace)]
+    return args
 
 
 def face_args(p: Peer) -> list[str]:
