@@ -143,7 +143,9 @@ def compute(
         phase=phase if o.deployment is not None or phase != "Progressing" else "Pending",
         pools=pools,
         ready_pools=f"{sum(1 for p in pools if p.ready_replicas)}/{len(pools)}",
-        routes=routes(pools),
+        # absent, never {}: a server-side apply that empties a map it owned leaves it null, which the schema
+        # refuses
+        routes=routes(pools) or None,
         router=fs.RouterStatus(replicas=f.spec.router.replicas, ready_replicas=r.ready),
         endpoints=router.endpoints(f),
         certificate=_certificate(f, o.certificate, cert[0] == "True"),

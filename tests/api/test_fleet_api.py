@@ -292,12 +292,9 @@ def test_a_pool_scaled_on_its_own_stays_scaled_until_the_fleet_changes_its_repli
         lambda: get(api, "BlazenPeer", namespace, "demo-cpu")["spec"]["replicas"] == 3, what="fleet's 3"
     )
     # a pool's spec edited by hand is put back (only replicas is the scaler's)
-    merge_patch(api, "BlazenPeer", namespace, "demo-cpu", {"spec": {"steps": ["other"]}})
+    merge_patch(api, "BlazenPeer", namespace, "demo-cpu", {"spec": {"image": "other:2"}})
     eventually(
-        lambda: (
-            get(api, "BlazenPeer", namespace, "demo-cpu")["spec"]["steps"]
-            == ["examples::echo", "examples::tokenize"]
-        ),
+        lambda: get(api, "BlazenPeer", namespace, "demo-cpu")["spec"]["image"] == "reg.local/peer:1",
         what="drift reverted",
     )
 

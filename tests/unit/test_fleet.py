@@ -518,3 +518,10 @@ def test_pools_trust_their_router_to_run_split_steps_with_mutual_tls_only() -> N
     assert "--fleet-router-identity" not in workload.peer_args(Peer.from_body(bp))
     alone = Peer(name="p", namespace="ns", spec=s.parse_spec({"image": "i", "entrypoint": "m"}))
     assert "--fleet-router-identity" not in workload.peer_args(alone)
+
+
+def test_no_routes_is_no_routes_field() -> None:
+    """An empty map would be emptied by server-side apply into null, which the status schema refuses."""
+    f = fleet()
+    out = fst.compute(fst.ObservedFleet(generation=1, fleet=f, peers=(("cpu", None), ("gpu", None))))
+    assert "routes" not in out
