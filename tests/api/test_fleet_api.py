@@ -168,7 +168,7 @@ def test_a_fleet_makes_its_pools_and_router_owned_by_it(api, operator, namespace
     gpu_pod = dep["spec"]["template"]["spec"]
     assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     cert = eventually(lambda: get(api, "Certificate", namespace, "demo-cpu-tls"), what="pool certificate")
-    assert "demo-pools." + namespace + ".svc" in cert["spec"]["dnsNames"]
+    assert f"demo-cpu.{namespace}.svc" in cert["spec"]["dnsNames"]  # what the router checks (--fleet)
     role = api.get("rbac.authorization.k8s.io/v1", "Role", namespace, "demo-router")
     assert {r["resources"][0]: r["verbs"] for r in role["rules"]} == {
         "blazenpeers": ["get", "list", "watch"],

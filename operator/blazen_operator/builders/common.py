@@ -109,12 +109,6 @@ def service_account_name(p: Peer) -> str:
     return p.spec.pod.service_account_name or rbac_name(p)
 
 
-def fleet_pool_host(fleet: str, namespace: str) -> str:
-    """The name every pool of a fleet has in its serving certificate: the one name the fleet's router checks
-    its pools' certificates against (--pool-server-name), whichever pool it calls. No Service has it."""
-    return f"{fleet}-pools.{namespace}.svc"
-
-
 def fleet_router_host(fleet: str, namespace: str) -> str:
     """The fleet router's Service name: a DNS name of its certificate, which its pools trust to run single
     steps of split runs (--fleet-router-identity)."""

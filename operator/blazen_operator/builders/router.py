@@ -68,7 +68,7 @@ def _pool_pods(f: Fleet) -> list[s.PodOverrides]:
 
 def router_args(f: Fleet, rp: c.Peer) -> list[str]:
     ports = rp.spec.ports
-    args = [
+    return [
         "route",
         "--fleet",
         f.name,
@@ -81,10 +81,8 @@ def router_args(f: Fleet, rp: c.Peer) -> list[str]:
         *workload.shutdown_args(rp),
         *workload.face_args(rp),
         *workload.security_args(rp),
+        # no --pool-server-name: with --fleet the router checks each pool's certificate for <peer>.<ns>.svc
     ]
-    if rp.spec.tls.enabled:
-        args += ["--pool-server-name", c.fleet_pool_host(f.name, f.namespace)]
-    return args
 
 
 def role(f: Fleet, rp: c.Peer) -> workload.PodRole:
