@@ -1,4 +1,5 @@
-"""``blazen-operator``: ``run`` the operator, or ``render`` a BlazenPeer's children without a cluster."""
+"""``blazen-operator``: ``run`` the operator, or ``render`` a BlazenPeer's (or BlazenFleet's) children without
+a cluster."""
 
 from __future__ import annotations
 
@@ -34,26 +35,38 @@ def _operator_identity(args: argparse.Namespace) -> OperatorIdentity | None:
 def _render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .builders import Peer, desired
+    from .builders import Fleet, Peer, desired, router_desired
+    from .builders import fleet as bf
 
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
     with stream:
         docs = [d for d in yaml.safe_load_all(stream) if d]
     out: list[dict[str, Any]] = []
     for doc in docs:
-        if doc.get("kind") != "BlazenPeer":
+        if doc.get("kind") not in ("BlazenPeer", "BlazenFleet"):
             continue
         meta = dict(doc.get("metadata") or {})
         meta.setdefault("namespace", args.namespace)
         doc = {**doc, "metadata": meta}
         try:
-            peer = Peer.from_body(doc, operator=_operator_identity(args))
+            if doc["kind"] == "BlazenPeer":
+                out += [child.manifest for child in desired(Peer.from_body(doc, _operator_identity(args)))]
+                continue
+            # a fleet: its pools' BlazenPeers and their children, then the router's
+            fleet = Fleet.from_body(doc, operator=_operator_identity(args))
+            for pool in fleet.spec.pools:
+                peer_doc = bf.pool_peer(fleet, pool)
+                peer_doc["spec"]["replicas"] = bf.pool_replicas(pool)
+                out.append(peer_doc)
+                out += [
+                    child.manifest for child in desired(Peer.from_body(peer_doc, _operator_identity(args)))
+                ]
+            out += [child.manifest for child in router_desired(fleet)]
         except ValidationError as exc:
             print(f"error: {meta.get('name', '?')}: invalid spec:\n{exc}", file=sys.stderr)
             return 2
-        out += [child.manifest for child in desired(peer)]
     if not out:
-        print("error: no BlazenPeer in the input", file=sys.stderr)
+        print("error: no BlazenPeer or BlazenFleet in the input", file=sys.stderr)
         return 2
     sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
     return 0
@@ -143,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 
-    render = sub.add_parser("render", help="print the child manifests of BlazenPeer(s) as YAML, no cluster")
-    render.add_argument("-f", "--file", required=True, help="BlazenPeer manifest(s); - for stdin")
+    render = sub.add_parser(
+        "render", help="print the child manifests of BlazenPeers and BlazenFleets as YAML, no cluster"
+    )
+    render.add_argument("-f", "--file", required=True, help="BlazenPeer/BlazenFleet manifest(s); - for stdin")
     render.add_argument("--namespace", "-n", default="default", help="namespace when the manifest has none")
     _identity_flags(render)
     render.set_defaults(func=_render)

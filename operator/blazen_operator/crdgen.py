@@ -1,9 +1,10 @@
-"""Generate the BlazenPeer CustomResourceDefinition from the pydantic models.
+"""Generate the BlazenPeer and BlazenFleet CustomResourceDefinitions from the pydantic models.
 
     python -m blazen_operator.crdgen > crds/blazenpeers.yaml
+    python -m blazen_operator.crdgen --fleet > crds/blazenfleets.yaml
     python -m blazen_operator.crdgen --reference > docs/crd-reference.md
 
-The committed file must equal this output (tests/unit/test_operator_crd.py checks it), so the schema
+The committed files must equal this output (tests/unit/test_operator_crd.py checks it), so the schema
 and the models cannot drift.
 """
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
+from . import fleet_spec as fs
 from . import spec as s
 
 # Keys a structural OpenAPI v3 schema in a CRD may carry (we keep only these).
@@ -85,7 +88,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
         for key in ("description", "default"):
-            if key in node:
+            if node.get(key) is not None:  # a None default is "unset", never a null default
                 int_or_string[key] = node[key]
         return int_or_string
     if "anyOf" in node:
@@ -128,7 +131,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _resolve(raw, defs)
 
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {
         "name": "Ready",
         "type": "string",
@@ -161,16 +164,99 @@ PRINTER_COLUMNS = [
 ]
 
 
-def build_crd() -> dict[str, Any]:
-    spec_schema = model_schema(s.BlazenPeerSpec)
-    status_schema = model_schema(s.BlazenPeerStatus)
+FLEET_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "Ready condition",
+    },
+    {
+        "name": "Routable",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Routable")].status',
+        "description": "Routable condition",
+    },
+    {"name": "Pools", "type": "string", "jsonPath": ".status.readyPools", "description": "Ready/all pools"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
+    {
+        "name": "Endpoint",
+        "type": "string",
+        "jsonPath": ".status.endpoints.grpc",
+        "description": "The router's gRPC endpoint",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _crd(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    description: str,
+    validations: list[dict[str, str]],
+    spec_model: type[BaseModel],
+    status_model: type[BaseModel],
+    subresources: dict[str, Any],
+    columns: list[dict[str, Any]],
+) -> dict[str, Any]:
     root = {
         "type": "object",
-        "description": "BlazenPeer runs a fleet of Blazen peer pods: a Deployment of `blazen-peer serve`, "
+        "description": description,
+        "required": ["spec"],
+        "x-kubernetes-validations": validations,
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object"},
+            "spec": model_schema(spec_model),
+            "status": model_schema(status_model),
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{s.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "blazen-fleet"},
+        },
+        "spec": {
+            "group": s.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
+                "categories": ["blazen"],
+            },
+            "versions": [
+                {
+                    "name": s.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
+                }
+            ],
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    return _crd(
+        kind=s.KIND,
+        plural=s.PLURAL,
+        singular=s.SINGULAR,
+        short_names=s.SHORT_NAMES,
+        description="BlazenPeer runs a fleet of Blazen peer pods: a Deployment of `blazen-peer serve`, "
         "its "
         "Services, cert-manager certificates, RBAC and disruption budget, all owned by this object.",
-        "required": ["spec"],
-        "x-kubernetes-validations": [
+        validations=[
             {
                 "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
                 "size(self.metadata.name) <= 52",
@@ -180,61 +266,61 @@ def build_crd() -> dict[str, Any]:
                 "reason": "FieldValueInvalid",
             }
         ],
-        "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
-            "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": {"type": "object"},
-            "spec": spec_schema,
-            "status": status_schema,
-        },
-    }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{s.PLURAL}.{s.GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "blazen-fleet"},
-        },
-        "spec": {
-            "group": s.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": s.KIND,
-                "listKind": f"{s.KIND}List",
-                "plural": s.PLURAL,
-                "singular": s.SINGULAR,
-                "shortNames": list(s.SHORT_NAMES),
-                "categories": ["blazen"],
+        spec_model=s.BlazenPeerSpec,
+        status_model=s.BlazenPeerStatus,
+        subresources={
+            "status": {},
+            "scale": {
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
             },
-            "versions": [
-                {
-                    "name": s.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": root},
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                }
-            ],
         },
-    }
+        columns=PRINTER_COLUMNS,
+    )
 
 
-HEADER = (
-    "# Generated by `python -m blazen_operator.crdgen`; do not edit. "
-    "Source: operator/blazen_operator/spec.py\n"
-)
+def build_fleet_crd() -> dict[str, Any]:
+    return _crd(
+        kind=fs.KIND,
+        plural=fs.PLURAL,
+        singular=fs.SINGULAR,
+        short_names=fs.SHORT_NAMES,
+        description="BlazenFleet runs pools of Blazen peers behind one router endpoint: a BlazenPeer "
+        "<fleet>-<pool> per pool, and the router's Deployment, Service <fleet>, certificate, RBAC, "
+        "disruption budget and NetworkPolicy, all owned by this object.",
+        validations=[
+            {
+                "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
+                f"size(self.metadata.name) <= {fs.MAX_PEER_NAME - 2}",
+                "message": "metadata.name must be a DNS-1035 label of at most "
+                f"{fs.MAX_PEER_NAME - 2} characters: it names the Service and the pools' BlazenPeers",
+                "reason": "FieldValueInvalid",
+            },
+            {
+                "rule": f"self.spec.pools.all(p, size(self.metadata.name) + 1 + size(p.name) <= "
+                f"{fs.MAX_PEER_NAME})",
+                "message": "spec.pools[].name: <fleet>-<pool> names a BlazenPeer and must be at most "
+                f"{fs.MAX_PEER_NAME} characters",
+                "fieldPath": ".spec.pools",
+                "reason": "FieldValueInvalid",
+            },
+        ],
+        spec_model=fs.BlazenFleetSpec,
+        status_model=fs.BlazenFleetStatus,
+        subresources={"status": {}},
+        columns=FLEET_PRINTER_COLUMNS,
+    )
 
 
-def render() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def _header(flag: str, source: str) -> str:
+    return f"# Generated by `python -m blazen_operator.crdgen{flag}`; do not edit. Source: {source}\n"
+
+
+def render(kind: str = "peer") -> str:
+    _, build, header = FILES[kind]
+    # "---": helm concatenates the chart's crds/ files (helm show crds), so each must start a document
+    return header + "---\n" + yaml.safe_dump(build(), sort_keys=False, width=120)
 
 
 def _rows(node: dict[str, Any], path: str, rows: list[tuple[str, str, str, str]]) -> None:
@@ -260,29 +346,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_reference() -> str:
-    """docs/crd-reference.md from the same schema (`python -m blazen_operator.crdgen --reference`)."""
-    crd = build_crd()
+def _reference(crd: dict[str, Any], title: str, intro: str, level: str) -> list[str]:
     version = crd["spec"]["versions"][0]
     root = version["schema"]["openAPIV3Schema"]
-    lines = [
-        "# BlazenPeer CRD reference",
-        "",
-        "<!-- Generated by `python -m blazen_operator.crdgen --reference`; do not edit. -->",
-        "",
-        f"`{crd['metadata']['name']}`, version `{version['name']}`, kind `{s.KIND}`, short name `bp`, "
-        "namespaced. "
-        "Subresources: `status`, `scale` (`.spec.replicas` / `.status.replicas` / `.status.selector`). "
-        "`kubectl explain blazenpeer.spec` shows the same descriptions.",
-        "",
-    ]
+    lines = [f"{level} {title}", "", intro, ""]
     for section in ("spec", "status"):
         rows: list[tuple[str, str, str, str]] = []
         _rows({"properties": {section: root["properties"][section]}}, "", rows)
-        lines += [f"## {section}", "", "| field | type | default | description |", "|---|---|---|---|"]
+        lines += [f"{level}# {section}", "", "| field | type | default | description |", "|---|---|---|---|"]
         lines += [f"| `{p}` | {k} | {d} | {_cell(desc)} |" for p, k, d, desc in rows[1:]]
         lines.append("")
-    lines += ["## Validation rules (CEL)", "", "| where | rule | message |", "|---|---|---|"]
+    lines += [f"{level}# Validation rules (CEL)", "", "| where | rule | message |", "|---|---|---|"]
 
     def walk(node: dict[str, Any], path: str) -> None:
         for rule in node.get("x-kubernetes-validations", []):
@@ -293,14 +367,54 @@ def render_reference() -> str:
             walk(node["items"], f"{path}[]")
 
     walk(root, "")
-    lines += ["", "## Printer columns", "", "| column | JSONPath |", "|---|---|"]
+    lines += ["", f"{level}# Printer columns", "", "| column | JSONPath |", "|---|---|"]
     lines += [f"| {c['name']} | `{c['jsonPath']}` |" for c in version["additionalPrinterColumns"]]
+    return lines
+
+
+def render_reference() -> str:
+    """docs/crd-reference.md from the same schemas (`python -m blazen_operator.crdgen --reference`)."""
+    peer, fleet = build_crd(), build_fleet_crd()
+    version = peer["spec"]["versions"][0]["name"]
+    lines = _reference(
+        peer,
+        "BlazenPeer CRD reference",
+        "<!-- Generated by `python -m blazen_operator.crdgen --reference`; do not edit. -->\n\n"
+        f"`{peer['metadata']['name']}`, version `{version}`, kind `{s.KIND}`, short name `bp`, "
+        "namespaced. "
+        "Subresources: `status`, `scale` (`.spec.replicas` / `.status.replicas` / `.status.selector`). "
+        "`kubectl explain blazenpeer.spec` shows the same descriptions.",
+        "#",
+    )
+    lines += [""]
+    lines += _reference(
+        fleet,
+        "BlazenFleet CRD reference",
+        f"`{fleet['metadata']['name']}`, version `{version}`, kind `{fs.KIND}`, short name `bf`, namespaced. "
+        "Subresources: `status`. `kubectl explain blazenfleet.spec` shows the same descriptions; "
+        "docs/fleet.md explains the fleet.",
+        "#",
+    )
     return "\n".join(lines) + "\n"
+
+
+# kind -> (committed file, builder, header)
+FILES: dict[str, tuple[str, Callable[[], dict[str, Any]], str]] = {
+    "peer": ("crds/blazenpeers.yaml", build_crd, _header("", "operator/blazen_operator/spec.py")),
+    "fleet": (
+        "crds/blazenfleets.yaml",
+        build_fleet_crd,
+        _header(" --fleet", "operator/blazen_operator/fleet_spec.py"),
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    sys.stdout.write(render_reference() if "--reference" in args else render())
+    if "--reference" in args:
+        sys.stdout.write(render_reference())
+    else:
+        sys.stdout.write(render("fleet" if "--fleet" in args else "peer"))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,13 @@ import kopf
 # kopf's own matcher, so that --namespace patterns mean in the resync loop exactly what they mean to kopf
 from kopf._cogs.structs.references import NamespaceName, match_namespace, select_specific_namespaces
 
+from . import fleet_spec as fs
 from . import kinds, metrics
 from . import spec as s
 from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .builders.common import OperatorIdentity
 from .cache import ChildCache
+from .fleet_reconcile import FleetReconciler
 from .reconcile import Reconciler
 from .trust import Trust
 from .workqueue import Key, WorkQueue
@@ -82,6 +84,7 @@ class Runtime:
     health: Health = field(default_factory=Health)
     resync_task: asyncio.Task[None] | None = None
     trust_task: asyncio.Task[None] | None = None
+    fleets: WorkQueue | None = None  # BlazenFleet passes: a queue of their own, keys (namespace, name)
 
 
 def _options(memo: kopf.Memo) -> Options:
@@ -94,13 +97,17 @@ def _runtime(memo: kopf.Memo) -> Runtime | None:
     return runtime if isinstance(runtime, Runtime) else None
 
 
-def _owner_names(body: Any) -> list[str]:
+def _owner_names(body: Any, kind: str = s.KIND) -> list[str]:
     refs = (body.get("metadata") or {}).get("ownerReferences") or []
     return [
         r["name"]
         for r in refs
-        if r.get("kind") == s.KIND and str(r.get("apiVersion", "")).startswith(f"{s.GROUP}/")
+        if r.get("kind") == kind and str(r.get("apiVersion", "")).startswith(f"{s.GROUP}/")
     ]
+
+
+def _owned_by_fleet(body: Any, **_: Any) -> bool:
+    return bool(_owner_names(body, fs.KIND))
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
@@ -141,8 +148,19 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
         outcome = await asyncio.to_thread(reconciler.reconcile, *key)
         return outcome.error is None
 
-    queue = WorkQueue(work, concurrency=options.concurrency)
-    runtime = Runtime(options=options, api=api, queue=queue, cache=cache)
+    fleets = FleetReconciler(api, options.operator)
+
+    async def fleet_work(key: Key) -> bool:
+        outcome = await asyncio.to_thread(fleets.reconcile, *key)
+        return outcome.error is None
+
+    runtime = Runtime(
+        options=options,
+        api=api,
+        queue=WorkQueue(work, concurrency=options.concurrency),
+        cache=cache,
+        fleets=WorkQueue(fleet_work, concurrency=options.concurrency),
+    )
     memo.runtime = runtime
     if options.metrics_port:
         import prometheus_client
@@ -176,17 +194,23 @@ async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     await runtime.queue.close()
+    if runtime.fleets is not None:
+        await runtime.fleets.close()
 
 
 async def _resync_loop(runtime: Runtime) -> None:
     while True:
         try:
             peers = await asyncio.to_thread(list_peers, runtime.api, runtime.options.namespaces)
+            fleets = await asyncio.to_thread(list_peers, runtime.api, runtime.options.namespaces, fs.KIND)
             runtime.health.last_resync_ok = time.monotonic()
             metrics.PEERS.set(len(peers))
             metrics.LAST_RESYNC.set_to_current_time()
             for key in peers:
                 runtime.queue.request(key)
+            if runtime.fleets is not None:
+                for key in fleets:
+                    runtime.fleets.request(key)
         except Exception:
             log.exception("resync failed")
         await asyncio.sleep(runtime.options.resync_seconds)
@@ -207,9 +231,9 @@ async def _trust_loop(trust: Trust, tick: float = 2.0) -> None:
         await asyncio.sleep(tick)
 
 
-def list_peers(api: Api, patterns: tuple[str, ...]) -> list[Key]:
-    """Every BlazenPeer in the namespaces the patterns select, as kopf selects them: plain names are listed
-    directly; globs and negations are matched against the cluster's namespaces."""
+def list_peers(api: Api, patterns: tuple[str, ...], kind: str = s.KIND) -> list[Key]:
+    """Every BlazenPeer (or BlazenFleet) in the namespaces the patterns select, as kopf selects them: plain
+    names are listed directly; globs and negations are matched against the cluster's namespaces."""
     if not patterns:
         scopes: list[str | None] = [None]
     else:
@@ -221,7 +245,7 @@ def list_peers(api: Api, patterns: tuple[str, ...]) -> list[Key]:
             scopes = [n for n in names if any(match_namespace(NamespaceName(n), p) for p in patterns)]
     out: list[Key] = []
     for ns in scopes:
-        for item in api.list(s.API_VERSION, s.KIND, ns):
+        for item in api.list(s.API_VERSION, kind, ns):
             out.append((item["metadata"]["namespace"], item["metadata"]["name"]))
     return out
 
@@ -273,7 +297,36 @@ async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         return
     for owner in _owner_names(obj):
         runtime.queue.request((namespace, owner))
+    _wake_fleets(runtime, namespace, obj)
+
+
+def _wake_fleets(runtime: Runtime, namespace: str, obj: dict[str, Any]) -> None:
+    if runtime.fleets is not None:
+        for owner in _owner_names(obj, fs.KIND):
+            runtime.fleets.request((namespace, owner))
 
 
 for _child in kinds.WATCHED_CHILDREN:
     kopf.on.event(_child.group, _child.version, _child.plural, id=f"child-{_child.plural}")(child_event)
+
+
+# ---------------------------------------------------------------------------------------------- BlazenFleet
+
+
+@kopf.on.resume(s.GROUP, s.VERSION, fs.PLURAL)
+@kopf.on.create(s.GROUP, s.VERSION, fs.PLURAL)
+@kopf.on.update(s.GROUP, s.VERSION, fs.PLURAL)
+async def blazenfleet_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    if runtime is not None and runtime.fleets is not None and namespace:
+        runtime.fleets.request((namespace, name))
+
+
+@kopf.on.event(s.GROUP, s.VERSION, s.PLURAL, id="pool-of-fleet", when=_owned_by_fleet)
+async def pool_event(body: Any, memo: kopf.Memo, **_: Any) -> None:
+    """A pool's BlazenPeer changed (its status above all: replicas, readiness, served steps): the fleet's
+    status follows, and a pool edited or deleted by hand is put back."""
+    runtime = _runtime(memo)
+    namespace = body.get("metadata", {}).get("namespace")
+    if runtime is not None and namespace:
+        _wake_fleets(runtime, namespace, dict(body))

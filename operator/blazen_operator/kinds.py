@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import spec
+from . import fleet_spec, spec
 
 # Every child carries this label; kopf's watches of child kinds ask the API server for these objects only.
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -44,6 +44,9 @@ class ManagedKind:
     extra_verbs: frozenset[str] = frozenset()
     subresources: tuple[tuple[str, frozenset[str]], ...] = ()
     cluster_scoped: bool = False
+    # held only to be granted: the operator never calls these verbs, but RBAC lets it create a Role granting
+    # a permission only if it holds that permission itself (escalation prevention)
+    grant_only: bool = False
     why: str = field(default="", compare=False)
 
     @property
@@ -76,10 +79,29 @@ KINDS: tuple[ManagedKind, ...] = (
         spec.KIND,
         spec.PLURAL,
         watched=True,
-        extra_verbs=frozenset({"get", "patch"}),
+        extra_verbs=frozenset({"get", "patch", "create", "delete"}),
         subresources=(("status", frozenset({"patch"})), ("finalizers", frozenset({"update"}))),
         why="kopf watches BlazenPeers and patches its bookkeeping annotations; the operator reads each one "
-        "fresh and patches status. finalizers/update: children's owner references set blockOwnerDeletion",
+        "fresh and patches status. finalizers/update: children's owner references set blockOwnerDeletion. "
+        "create/delete: a BlazenFleet's pools are BlazenPeers (applied; a removed pool is deleted)",
+    ),
+    ManagedKind(
+        spec.API_VERSION,
+        fleet_spec.KIND,
+        fleet_spec.PLURAL,
+        watched=True,
+        extra_verbs=frozenset({"get", "patch"}),
+        subresources=(("status", frozenset({"patch"})), ("finalizers", frozenset({"update"}))),
+        why="as BlazenPeers: kopf watches them, the operator reads each fresh and patches status; "
+        "finalizers/update for the children's blockOwnerDeletion",
+    ),
+    ManagedKind(
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        "endpointslices",
+        extra_verbs=frozenset({"get", "list", "watch"}),
+        grant_only=True,
+        why="granted to each fleet router's Role (its pools' endpoints); never called by the operator",
     ),
     _child("rbac.authorization.k8s.io/v1", "Role", "roles"),
     _child("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),

@@ -568,6 +568,7 @@ class EnvVar(Model):
 
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_.]*)?$"
 STEP_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+StepId = Annotated[str, Field(pattern=STEP_PATTERN, min_length=1, max_length=253)]
 
 
 class BlazenPeerSpec(Model):
@@ -662,7 +663,7 @@ class BlazenPeerSpec(Model):
         pattern=ENTRYPOINT_PATTERN,
         description="MODULE[:ATTR] imported at start; it registers the steps (blazen-peer --entrypoint).",
     )
-    steps: list[Annotated[str, Field(pattern=STEP_PATTERN, min_length=1, max_length=253)]] | None = Field(
+    steps: list[StepId] | None = Field(
         None,
         min_length=1,
         max_length=512,

@@ -49,7 +49,14 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlp
 @pytest.fixture(scope="package")
 def api(control_plane: controlplane.ControlPlane) -> Api:
     api = Api(load_client_configuration())
-    controlplane.install_crds(api, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
+    controlplane.install_crds(
+        api,
+        [
+            controlplane.cert_manager_crds(),
+            ROOT / "crds" / "blazenpeers.yaml",
+            ROOT / "crds" / "blazenfleets.yaml",
+        ],
+    )
     # discovery must serve the new resources before kopf starts scanning
     eventually(lambda: api.request("GET", "/apis/blazen.dev/v1alpha1"), what="blazen.dev discovery")
     eventually(lambda: api.request("GET", "/apis/cert-manager.io/v1"), what="cert-manager discovery")

@@ -462,7 +462,7 @@ def operator_doc_rules() -> tuple[dict[tuple[str, str], set[str]], dict[tuple[st
 
 def test_rbac_is_exactly_what_docs_operator_md_asks_for(helm: Path) -> None:
     cluster, namespaced = operator_doc_rules()
-    assert (len(cluster), len(namespaced)) == (2, 15)
+    assert (len(cluster), len(namespaced)) == (2, 21)
     docs = template(helm)
     assert flatten(one(docs, "ClusterRole", "bo-blazen-operator-cluster")["rules"]) == cluster
     assert flatten(one(docs, "ClusterRole", "bo-blazen-operator")["rules"]) == namespaced

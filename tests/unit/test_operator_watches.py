@@ -1,5 +1,6 @@
-"""What the operator asks kopf to watch: BlazenPeers, and only its own children (by label, server-side); never
-Secrets or Pods, whose cluster-wide streams would grow with the cluster rather than with our objects."""
+"""What the operator asks kopf to watch: BlazenPeers, BlazenFleets, and only its own children (by label,
+server-side); never Secrets or Pods, whose cluster-wide streams would grow with the cluster rather than with
+our objects."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ def watched_resources() -> set[tuple[str, str]]:
     return out
 
 
-def test_kopf_watches_blazenpeers_and_the_child_kinds_only() -> None:
+def test_kopf_watches_blazenpeers_blazenfleets_and_the_child_kinds_only() -> None:
     assert handlers  # imported: the handlers are registered
-    expected = {(k.group, k.plural) for k in kinds.WATCHED_CHILDREN} | {("blazen.dev", "blazenpeers")}
+    expected = {(k.group, k.plural) for k in kinds.WATCHED_CHILDREN}
+    expected |= {("blazen.dev", "blazenpeers"), ("blazen.dev", "blazenfleets")}
     assert watched_resources() == expected
     assert ("", "secrets") not in expected
     assert ("", "pods") not in expected

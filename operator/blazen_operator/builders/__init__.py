@@ -8,10 +8,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import certs, common, workload
+from . import certs, common, fleet, router, workload
 from .common import Peer
+from .fleet import Fleet
 
-__all__ = ["Child", "Peer", "certs", "common", "desired", "workload"]
+__all__ = [
+    "Child",
+    "Fleet",
+    "Peer",
+    "certs",
+    "common",
+    "desired",
+    "fleet",
+    "router",
+    "router_desired",
+    "workload",
+]
 
 
 @dataclass(frozen=True)
@@ -46,4 +58,19 @@ def desired(p: Peer) -> list[Child]:
         if optional is not None:
             out.append(Child(optional))
     out.append(Child(workload.deployment(p)))
+    return out
+
+
+def router_desired(f: Fleet) -> list[Child]:
+    """Every child of a BlazenFleet's router, in apply order (identity and certificate before the pods use
+    them). The pools' BlazenPeers are applied apart: the fleet writes their replicas by its own rule
+    (builders.fleet.replicas_due)."""
+    out: list[Child] = [Child(m) for m in router.rbac(f)]
+    if f.spec.tls.enabled:
+        out += [Child(router.secret_stub(f), create_only=True), Child(router.certificate(f))]
+    out.append(Child(router.service(f)))
+    for optional in (router.pod_disruption_budget(f), router.network_policy(f)):
+        if optional is not None:
+            out.append(Child(optional))
+    out.append(Child(router.deployment(f)))
     return out

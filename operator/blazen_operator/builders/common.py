@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fleet_spec as fs
 from .. import spec as s
 from ..kinds import MANAGED_BY, MANAGED_BY_LABEL
 
@@ -27,6 +28,9 @@ _NO_UID = "00000000-0000-0000-0000-000000000000"  # `render` has no API server t
 
 # Label/annotation prefixes of tooling that must not be copied from the BlazenPeer to its children.
 _NOT_PROPAGATED = ("kopf.zalando.org", "kubectl.kubernetes.io", "blazen.dev/", "app.kubernetes.io/")
+# ...except a fleet pool's two labels: on both Services they reach the EndpointSlices (the EndpointSlice
+# controller copies a Service's labels), which is how a fleet's router finds its pools' pods.
+PROPAGATED_FLEET_LABELS = (fs.FLEET_LABEL, fs.POOL_LABEL)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ def service_account_name(p: Peer) -> str:
     return p.spec.pod.service_account_name or rbac_name(p)
 
 
+def fleet_router_host(fleet: str, namespace: str) -> str:
+    """The fleet router's Service name: a DNS name of its certificate, which its pools trust to run single
+    steps of split runs (--fleet-router-identity)."""
+    return f"{fleet}.{namespace}.svc"
+
+
 def svc_host(p: Peer) -> str:
     return f"{service_name(p)}.{p.namespace}.svc"
 
@@ -126,7 +136,11 @@ def selector_string(p: Peer) -> str:
 
 def labels(p: Peer) -> dict[str, str]:
     """Labels of every child: the BlazenPeer's own (minus tooling prefixes), then ours."""
-    out = {k: v for k, v in sorted(p.labels.items()) if not k.startswith(_NOT_PROPAGATED)}
+    out = {
+        k: v
+        for k, v in sorted(p.labels.items())
+        if not k.startswith(_NOT_PROPAGATED) or k in PROPAGATED_FLEET_LABELS
+    }
     out.update(selector_labels(p))
     out.update(
         {

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from .. import spec as s
+from ..fleet_spec import FLEET_LABEL
 from . import common as c
 from .common import Peer
 
@@ -72,15 +74,35 @@ def peer_args(p: Peer) -> list[str]:
         "--forward-dns",
         c.headless_host(p),
         *shutdown_args(p),
+        *face_args(p),
     ]
+    if sp.steps is not None:
+        args += ["--steps", ",".join(sp.steps)]
+    args += security_args(p)
+    fleet = p.labels.get(FLEET_LABEL)
+    if fleet and sp.tls.enabled and tls_client_auth(sp) == "require":
+        # a fleet's pool: its router may run single steps here (split runs), known by its certificate
+        args += ["--fleet-router-identity", c.fleet_router_host(fleet, p.namespace)]
+    return args
+
+
+def face_args(p: Peer) -> list[str]:
+    """The HTTP shim and the plaintext gRPC opt-in, as spec.http and spec.plaintextGrpc say."""
+    sp = p.spec
+    args: list[str] = []
     if sp.http.enabled:
-        args += ["--http-addr", f"0.0.0.0:{ports.http}", "--http-auth", s.HTTP_AUTH_FLAGS[sp.http.auth]]
+        args += ["--http-addr", f"0.0.0.0:{sp.ports.http}", "--http-auth", s.HTTP_AUTH_FLAGS[sp.http.auth]]
         for origin in sp.http.cors_origins:
             args += ["--cors-allow-origin", origin]
     if sp.plaintext_grpc.enabled:
-        args += ["--plaintext-grpc-addr", f"0.0.0.0:{ports.plaintext_grpc}"]
-    if sp.steps is not None:
-        args += ["--steps", ",".join(sp.steps)]
+        args += ["--plaintext-grpc-addr", f"0.0.0.0:{sp.ports.plaintext_grpc}"]
+    return args
+
+
+def security_args(p: Peer) -> list[str]:
+    """TLS files and the token file, where storage() mounts them."""
+    sp = p.spec
+    args: list[str] = []
     if sp.tls.enabled:
         args += [
             "--tls-cert",
@@ -252,7 +274,7 @@ def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
-def topology_spread(p: Peer) -> list[dict[str, Any]]:
+def topology_spread(p: Peer, selector: dict[str, str]) -> list[dict[str, Any]]:
     """Unset: spread the current revision's pods over nodes, then zones; ScheduleAnyway, so a small or
     unlabelled cluster still schedules them. Also with one replica: scaling must not change the template
     (that would roll every pod)."""
@@ -263,22 +285,46 @@ def topology_spread(p: Peer) -> list[dict[str, Any]]:
             "maxSkew": 1,
             "topologyKey": key,
             "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": c.selector_labels(p)},
+            "labelSelector": {"matchLabels": dict(selector)},
             "matchLabelKeys": ["pod-template-hash"],
         }
         for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
     ]
 
 
-def pod_template(p: Peer) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PodRole:
+    """What tells a fleet router's pods from a peer's; everything else about the pod (security context,
+    probes, drain and grace, storage, placement) is built the same way for both."""
+
+    container: str
+    args: list[str]
+    labels: dict[str, str]  # the pod's labels (ours: they win over spec.pod.labels)
+    selector: dict[str, str]
+    service_account: str
+    automount_token: bool = False  # the router reads the Kubernetes API with it
+
+
+def peer_role(p: Peer) -> PodRole:
+    return PodRole(
+        container="peer",
+        args=peer_args(p),
+        labels=c.labels(p),
+        selector=c.selector_labels(p),
+        service_account=c.service_account_name(p),
+    )
+
+
+def pod_template(p: Peer, role: PodRole | None = None) -> dict[str, Any]:
     sp = p.spec
+    role = role or peer_role(p)
     volumes, mounts = storage(p)
 
     container: dict[str, Any] = {
-        "name": "peer",
+        "name": role.container,
         "image": sp.image,
         "command": ["blazen-peer"],
-        "args": peer_args(p),
+        "args": role.args,
         "env": env(p),
         "ports": container_ports(p),
         **probes(p),
@@ -296,10 +342,10 @@ def pod_template(p: Peer) -> dict[str, Any]:
         container["imagePullPolicy"] = sp.image_pull_policy
 
     pod_labels = dict(sp.pod.labels)
-    pod_labels.update(c.labels(p))
+    pod_labels.update(role.labels)
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": c.service_account_name(p),
-        "automountServiceAccountToken": False,
+        "serviceAccountName": role.service_account,
+        "automountServiceAccountToken": role.automount_token,
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
@@ -323,7 +369,7 @@ def pod_template(p: Peer) -> dict[str, Any]:
         pod_spec["priorityClassName"] = sp.pod.priority_class_name
     if sp.pod.runtime_class_name:
         pod_spec["runtimeClassName"] = sp.pod.runtime_class_name
-    if spread := topology_spread(p):
+    if spread := topology_spread(p, role.selector):
         pod_spec["topologySpreadConstraints"] = spread
     pod_spec["terminationGracePeriodSeconds"] = sp.pod.termination_grace_period_seconds
 
@@ -341,10 +387,10 @@ def pod_deletion_cost(session_refs: int) -> str:
     return str(min(session_refs, _MAX_DELETION_COST))
 
 
-def config_hash(p: Peer) -> str:
+def config_hash(p: Peer, role: PodRole | None = None) -> str:
     """Hash of everything that shapes the pods: the pod template. Not the token Secret's data: a rotated
     token reaches the running pods through the mounted file, so pods roll only when what they run changes."""
-    return c.digest({"template": pod_template(p)})
+    return c.digest({"template": pod_template(p, role)})
 
 
 def rolling_update(p: Peer) -> dict[str, Any]:
@@ -355,29 +401,34 @@ def rolling_update(p: Peer) -> dict[str, Any]:
     return {"maxSurge": p.spec.rollout.max_surge, "maxUnavailable": 0}
 
 
+def deployment_spec(p: Peer, role: PodRole | None = None) -> dict[str, Any]:
+    role = role or peer_role(p)
+    template = pod_template(p, role)
+    template["metadata"]["annotations"][c.CONFIG_HASH_ANNOTATION] = config_hash(p, role)
+    return {
+        "replicas": p.spec.replicas,
+        "selector": {"matchLabels": dict(role.selector)},
+        "revisionHistoryLimit": 5,
+        # A rollout is stuck (Degraded) only once a new pod had its whole startup budget.
+        "progressDeadlineSeconds": max(600, p.spec.probes.startup_budget_seconds + 300),
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(p)},
+        "template": template,
+    }
+
+
 def deployment(p: Peer) -> dict[str, Any]:
-    template = pod_template(p)
-    template["metadata"]["annotations"][c.CONFIG_HASH_ANNOTATION] = config_hash(p)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": c.metadata(p, c.deployment_name(p)),
-        "spec": {
-            "replicas": p.spec.replicas,
-            "selector": {"matchLabels": c.selector_labels(p)},
-            "revisionHistoryLimit": 5,
-            # A rollout is stuck (Degraded) only once a new pod had its whole startup budget.
-            "progressDeadlineSeconds": max(600, p.spec.probes.startup_budget_seconds + 300),
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(p)},
-            "template": template,
-        },
+        "spec": deployment_spec(p),
     }
 
 
 # ------------------------------------------------------------ services
 
 
-def service(p: Peer) -> dict[str, Any]:
+def service_ports(p: Peer) -> list[dict[str, Any]]:
     sp = p.spec
     ports = [
         {
@@ -409,11 +460,15 @@ def service(p: Peer) -> dict[str, Any]:
                 "appProtocol": "grpc",
             }
         )
+    return ports
+
+
+def service(p: Peer) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": c.metadata(p, c.service_name(p)),
-        "spec": {"type": "ClusterIP", "selector": c.selector_labels(p), "ports": ports},
+        "spec": {"type": "ClusterIP", "selector": c.selector_labels(p), "ports": service_ports(p)},
     }
 
 
@@ -474,15 +529,22 @@ def rbac(p: Peer) -> list[dict[str, Any]]:
 # ------------------------------------------------------------ policy
 
 
-def pod_disruption_budget(p: Peer) -> dict[str, Any] | None:
+def pod_disruption_budget_spec(p: Peer, selector: dict[str, str]) -> dict[str, Any] | None:
     db = p.spec.disruption_budget
     if not db.enabled or p.spec.replicas <= 1:
         return None
-    spec: dict[str, Any] = {"selector": {"matchLabels": c.selector_labels(p)}}
+    spec: dict[str, Any] = {"selector": {"matchLabels": dict(selector)}}
     if db.min_available is not None:
         spec["minAvailable"] = db.min_available
     else:
         spec["maxUnavailable"] = db.max_unavailable if db.max_unavailable is not None else 1
+    return spec
+
+
+def pod_disruption_budget(p: Peer) -> dict[str, Any] | None:
+    spec = pod_disruption_budget_spec(p, c.selector_labels(p))
+    if spec is None:
+        return None
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -505,11 +567,14 @@ def _peers(items: list[s.NetworkPeer]) -> list[dict[str, Any]]:
     return out
 
 
-def network_policy(p: Peer) -> dict[str, Any] | None:
+def network_policy_spec(p: Peer, selector: dict[str, str]) -> dict[str, Any] | None:
+    """Ingress of the pods ``selector`` picks: the TLS ports (gRPC, HTTP) to networkPolicy.allowedFrom and
+    the pods themselves (everyone when empty), the plain-HTTP admin port fenced, the plaintext gRPC port
+    only from plaintextGrpc.allowedFrom."""
     sp = p.spec
     if not (sp.network_policy.enabled or sp.plaintext_grpc.enabled):
         return None
-    own = {"podSelector": {"matchLabels": c.selector_labels(p)}}
+    own = {"podSelector": {"matchLabels": dict(selector)}}
     tls_ports = [{"port": sp.ports.grpc, "protocol": "TCP"}]
     if sp.http.enabled:
         tls_ports.append({"port": sp.ports.http, "protocol": "TCP"})
@@ -537,12 +602,19 @@ def network_policy(p: Peer) -> dict[str, Any] | None:
             }
         )
     return {
+        "podSelector": {"matchLabels": dict(selector)},
+        "policyTypes": ["Ingress"],
+        "ingress": ingress,
+    }
+
+
+def network_policy(p: Peer) -> dict[str, Any] | None:
+    spec = network_policy_spec(p, c.selector_labels(p))
+    if spec is None:
+        return None
+    return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": c.metadata(p, c.deployment_name(p)),
-        "spec": {
-            "podSelector": {"matchLabels": c.selector_labels(p)},
-            "policyTypes": ["Ingress"],
-            "ingress": ingress,
-        },
+        "spec": spec,
     }
