@@ -76,6 +76,9 @@ def test_pools_from_peers_replicas_from_slices_deduplicated() -> None:
     ]
     assert fleet_pools(peers, slices) == {"cpu": ["10.0.0.1:50051", "10.0.0.2:50051"], "gpu": []}
     assert fleet_pools([], slices) == {}
+    # the same address on another port (its own slice, as a Service's second port gets) is another replica
+    slices.append(eps("cpu", [ep("10.0.0.1")], port=50052, name="f-cpu-def"))
+    assert fleet_pools(peers, slices)["cpu"] == ["10.0.0.1:50051", "10.0.0.1:50052", "10.0.0.2:50051"]
     # junk where objects should be is skipped, never an exception
     assert fleet_pools([{"metadata": None}, {}], [{"metadata": {"labels": {"blazen.dev/pool": "x"}}}]) == {}
     assert (
