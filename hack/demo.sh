@@ -3,7 +3,9 @@
 # cert-manager (hack/kind-up.sh), builds our images and loads them into the nodes, installs the operator with
 # its Helm chart, applies examples/ (a CPU and a GPU BlazenPeer), waits for Ready with visible progress, and
 # invokes a CPU and a GPU sub-workflow through each BlazenPeer's Service over mTLS (kubectl port-forward +
-# examples/client.py with the client certificate the operator issued), printing where each ran.
+# examples/client.py with the client certificate the operator issued), printing where each ran. Then the same
+# steps as one BlazenFleet (examples/fleet.yaml, namespace blazen-fleet): every call through its one router
+# Service, a CPU -> GPU -> CPU request split over the pools, and calls on one connection spread per call.
 source "$(dirname "$0")/kind-lib.sh"
 export KUBECONFIG="${KUBECONFIG:-$CACHE_ROOT/kind-$CLUSTER_NAME.kubeconfig}"
 NS="${DEMO_NAMESPACE:-blazen-demo}"
