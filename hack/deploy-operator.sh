@@ -18,6 +18,9 @@ timed load-app-images kind load docker-image --name "$CLUSTER_NAME" --nodes "$wo
 
 helm=$("$HACK_DIR/build-helm.sh")
 t0=$SECONDS
+# helm installs crds/ with the first install only and never upgrades them (docs/helm.md): a cluster that is
+# reused gets the CRDs of this tree (a changed schema, a new kind) the way docs/helm.md tells users to.
+kubectl apply --server-side --force-conflicts -f "$REPO_ROOT/crds/" >/dev/null
 "$helm" upgrade --install blazen-operator "$REPO_ROOT/helm/blazen-operator" \
   --namespace "$OP_NS" --create-namespace \
   --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" --set image.pullPolicy=Never \
