@@ -138,8 +138,8 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     options = _options(memo)
     configure(settings, options)
     api = Api(load_client_configuration(options.kubeconfig))
-    trust = Trust(api, settle=options.ca_rotation_settle_seconds)
     cache = ChildCache((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN)
+    trust = Trust(api, cache=cache, settle=options.ca_rotation_settle_seconds)
     # what no watch reports (pods, their /v1/info, the Secret stubs) is re-read at most once per resync
     # period, unless a watched object says it changed
     reconciler = Reconciler(api, options.operator, trust, cache, recheck_seconds=options.resync_seconds)

@@ -31,6 +31,7 @@ from . import spec as s
 from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
 from .builders import Peer, certs
 from .builders import common as c
+from .cache import Applied, ChildCache, ChildKey, Live, applied, compact, meta_current, meta_only, unchanged
 from .kinds import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Trust:
         self,
         api: Api,
         *,
+        cache: ChildCache | None = None,
         idle_interval: float = 30.0,
         active_interval: float = 5.0,
         settle: float = 120.0,
@@ -107,6 +109,8 @@ class Trust:
         now: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.api = api
+        # The watches feed it the namespace CA Issuers and Certificates; without it they are read by name.
+        self.cache = cache if cache is not None else ChildCache()
         self.idle_interval = idle_interval
         self.active_interval = active_interval
         self.settle = dt.timedelta(seconds=settle)
@@ -116,6 +120,9 @@ class Trust:
         self._locks: dict[str, threading.Lock] = {}
         self._last: dict[str, float] = {}
         self._summary: dict[str, Summary] = {}
+        # What this process applied to each namespace CA object (and the trust ConfigMap): a pass writes only
+        # what is missing, changed or drifted, so an idle namespace costs reads only.
+        self._applied: dict[ChildKey, Applied] = {}
 
     # ------------------------------------------------------------------------------------------ scheduling
     def _lock(self, namespace: str) -> threading.Lock:
@@ -185,7 +192,8 @@ class Trust:
         stored = rotation.Stored.load(annotations.get(certs.STATE_ANNOTATION), data.get(c.TRUST_KEY))
 
         certificates = api.list("cert-manager.io/v1", "Certificate", namespace, MANAGED_SELECTOR)
-        cas = self._cas(namespace, certificates)
+        secrets: dict[str, dict[str, Any] | None] = {}  # the CA Secrets read by name in this pass
+        cas = self._cas(namespace, certificates, secrets)
         active = stored.phase != "Idle"
         world = rotation.World(
             now=self._now(),
@@ -208,13 +216,14 @@ class Trust:
             f"from={settings.source}",
         }
         # The state first: it is the rotation's memory, so a crash after it repeats the actions below.
-        api.apply(certs.trust_bundle(namespace, rotation.join_pem(new.roots), state), TRUST_MANAGER)
+        bundle = certs.trust_bundle(namespace, rotation.join_pem(new.roots), state)
+        self._own(bundle, compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}))
         owner = certs.owner_reference(configmap)
         live = (new.generation,) + ((new.target,) if new.target is not None else ())
         for gen in live:
-            self._own(certs.ca_secret_stub(namespace, owner, gen), stub=True)
+            self._stub(certs.ca_secret_stub(namespace, owner, gen), secrets)
         for manifest in certs.namespace_ca(namespace, owner, settings, live, new.generation):
-            self._own(manifest)
+            self._own(manifest, self._live(manifest))
         for name in plan.reissue:
             self._reissue(namespace, name)
         for gen in plan.delete_generations:
@@ -255,7 +264,10 @@ class Trust:
             log.info("%s: no BlazenPeer uses the namespace CA: deleting it", namespace)
             self.api.delete("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP, uid=meta.get("uid"))
 
-    def _cas(self, namespace: str, certificates: list[dict[str, Any]]) -> dict[int, rotation.CaCert]:
+    def _cas(
+        self, namespace: str, certificates: list[dict[str, Any]], secrets: dict[str, dict[str, Any] | None]
+    ) -> dict[int, rotation.CaCert]:
+        """The CA generations that exist; the CA Secrets read on the way are left in ``secrets``."""
         out: dict[int, rotation.CaCert] = {}
         for cert in certificates:
             meta = cert["metadata"]
@@ -268,9 +280,8 @@ class Trust:
             pem = None
             ready = _condition(cert, "Ready")
             if ready is not None and ready.get("status") == "True":
-                secret = self.api.get(
-                    "v1", "Secret", namespace, cert["spec"].get("secretName") or meta["name"]
-                )
+                name = cert["spec"].get("secretName") or meta["name"]
+                secret = secrets[name] = self.api.get("v1", "Secret", namespace, name)
                 pem = _b64((secret or {}).get("data"), "tls.crt")
                 roots = rotation.split_pem(pem or "")
                 pem = roots[0] if roots else None
@@ -323,29 +334,62 @@ class Trust:
         return tuple(out)
 
     # ------------------------------------------------------------------------------------------ actions
-    def _own(self, manifest: dict[str, Any], *, stub: bool = False) -> None:
-        """Apply (a stub: create, then its metadata only) and strip the per-BlazenPeer owner references
-        earlier versions put on the namespace CA: a merge patch replaces the whole list."""
-        api = self.api
-        if stub:
-            api.create_if_absent(manifest, TRUST_MANAGER)
-            meta = manifest["metadata"]
-            manifest = {
-                "apiVersion": manifest["apiVersion"],
-                "kind": manifest["kind"],
-                "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences")},
-            }
-        live = api.apply(manifest, TRUST_MANAGER)
-        if _peer_owned(live):
-            meta = manifest["metadata"]
-            api.request(
-                "PATCH",
-                path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]),
-                query={"fieldManager": TRUST_MANAGER},
-                body={"metadata": {"ownerReferences": meta["ownerReferences"]}},
-                content_type="application/merge-patch+json",
-                what=f"own {manifest['kind']} {meta['name']}",
-            )
+    def _live(self, manifest: dict[str, Any]) -> Live | None:
+        """The object as the watches last reported it; read by name when they do not know it."""
+        meta = manifest["metadata"]
+        api_version, kind, namespace, name = (
+            manifest["apiVersion"],
+            manifest["kind"],
+            meta["namespace"],
+            meta["name"],
+        )
+        rec = self.cache.get(namespace, api_version, kind, name)
+        if rec is None:
+            obj = self.api.get(api_version, kind, namespace, name)
+            rec = None if obj is None else (self.cache.observe(obj) or compact(obj))
+        return rec
+
+    def _own(self, manifest: dict[str, Any], rec: Live | None) -> None:
+        """Apply, unless the object is as this process last applied this manifest and nobody changed a
+        field of ours since; then strip the per-BlazenPeer owner references earlier versions put on the
+        namespace CA."""
+        meta = manifest["metadata"]
+        key = (meta["namespace"], manifest["apiVersion"], manifest["kind"], meta["name"])
+        wanted = c.digest(manifest)
+        done = self._applied.get(key)
+        if rec is not None and not _peer_owned(rec.obj) and unchanged(rec, wanted, TRUST_MANAGER, done):
+            return
+        obj = self._disown_peers(manifest, self.api.apply(manifest, TRUST_MANAGER))
+        self._applied[key] = applied(self.cache.observe(obj) or compact(obj), wanted, TRUST_MANAGER)
+
+    def _stub(self, manifest: dict[str, Any], secrets: dict[str, dict[str, Any] | None]) -> None:
+        """A CA Secret: created when absent (cert-manager fills it), then only its metadata kept; never
+        watched, so read by name unless this pass read it already."""
+        api, meta = self.api, manifest["metadata"]
+        name = meta["name"]
+        secret = secrets[name] if name in secrets else api.get("v1", "Secret", meta["namespace"], name)
+        if secret is None:
+            secret = api.create(manifest, TRUST_MANAGER) or api.get("v1", "Secret", meta["namespace"], name)
+            if secret is None:
+                return  # created and deleted since: the next pass looks again
+        if meta_current(manifest, secret) and not _peer_owned(secret):
+            return
+        self._disown_peers(manifest, api.apply(meta_only(manifest), TRUST_MANAGER))
+
+    def _disown_peers(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+        """The object without the per-BlazenPeer owner references earlier versions put on the namespace CA
+        (a merge patch replaces the whole list)."""
+        if not _peer_owned(live):
+            return live
+        meta = manifest["metadata"]
+        return self.api.request(
+            "PATCH",
+            path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]),
+            query={"fieldManager": TRUST_MANAGER},
+            body={"metadata": {"ownerReferences": meta["ownerReferences"]}},
+            content_type="application/merge-patch+json",
+            what=f"own {manifest['kind']} {meta['name']}",
+        )
 
     def _reissue(self, namespace: str, name: str) -> None:
         """What ``cmctl renew`` does: set the Certificate's Issuing condition; cert-manager issues a new
