@@ -94,6 +94,12 @@ def _peer_owned(obj: dict[str, Any]) -> bool:
     )
 
 
+def _stray_owners(manifest: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """A namespace CA object (they name their owner; the trust ConfigMap names none) that still carries the
+    per-BlazenPeer owner references earlier versions put on it."""
+    return "ownerReferences" in manifest["metadata"] and _peer_owned(obj)
+
+
 class Trust:
     """Thread-safe: one pass at a time per namespace; passes of different namespaces run side by side."""
 
@@ -357,7 +363,11 @@ class Trust:
         key = (meta["namespace"], manifest["apiVersion"], manifest["kind"], meta["name"])
         wanted = c.digest(manifest)
         done = self._applied.get(key)
-        if rec is not None and not _peer_owned(rec.obj) and unchanged(rec, wanted, TRUST_MANAGER, done):
+        if (
+            rec is not None
+            and not _stray_owners(manifest, rec.obj)
+            and unchanged(rec, wanted, TRUST_MANAGER, done)
+        ):
             return
         obj = self._disown_peers(manifest, self.api.apply(manifest, TRUST_MANAGER))
         self._applied[key] = applied(self.cache.observe(obj) or compact(obj), wanted, TRUST_MANAGER)
@@ -372,14 +382,14 @@ class Trust:
             secret = api.create(manifest, TRUST_MANAGER) or api.get("v1", "Secret", meta["namespace"], name)
             if secret is None:
                 return  # created and deleted since: the next pass looks again
-        if meta_current(manifest, secret) and not _peer_owned(secret):
+        if meta_current(manifest, secret) and not _stray_owners(manifest, secret):
             return
         self._disown_peers(manifest, api.apply(meta_only(manifest), TRUST_MANAGER))
 
     def _disown_peers(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
         """The object without the per-BlazenPeer owner references earlier versions put on the namespace CA
         (a merge patch replaces the whole list)."""
-        if not _peer_owned(live):
+        if not _stray_owners(manifest, live):
             return live
         meta = manifest["metadata"]
         return self.api.request(
