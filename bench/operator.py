@@ -290,7 +290,13 @@ class ScaleCluster:
 
     def _start(self, resync_seconds: float | None) -> None:
         paths, cp, wd = scale_paths(), self.cp, self.cp.workdir
-        install_crds(self.admin, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
+        # every CRD the operator watches: its resync loop lists BlazenFleets too
+        crds = [
+            controlplane.cert_manager_crds(),
+            ROOT / "crds" / "blazenpeers.yaml",
+            ROOT / "crds" / "blazenfleets.yaml",
+        ]
+        install_crds(self.admin, crds)
         eventually(
             lambda: self.admin.request("GET", "/apis/blazen.dev/v1alpha1"), what="blazen.dev discovery"
         )
