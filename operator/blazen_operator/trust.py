@@ -47,6 +47,9 @@ class Summary:
     reason: str
     progress: str
     waiting: dict[str, list[str]]
+    # Idle with the CA issued: nothing will change before the CA nears its expiry or a rotation is asked for
+    # (until then the passes come at the active interval, so the pods get the bundle soon after the issuance).
+    settled: bool = True
 
     def condition(self, peer: str) -> tuple[Any, str, str]:
         if self.phase == "Idle":
@@ -113,6 +116,7 @@ class Trust:
         settle: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], dt.datetime] = _utcnow,
+        on_change: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.api = api
         # The watches feed it the namespace CA Issuers and Certificates; without it they are read by name.
@@ -122,6 +126,10 @@ class Trust:
         self.settle = dt.timedelta(seconds=settle)
         self._clock = clock
         self._now = now
+        # Told (namespace, the BlazenPeers on its CA) after a pass that changed the outcome their CARotation
+        # condition shows: a pass run by the trust loop or by another BlazenPeer's reconcile is otherwise seen
+        # only at their next pass (the resync), which then writes a status that is long stale.
+        self._on_change = on_change
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._last: dict[str, float] = {}
@@ -137,7 +145,7 @@ class Trust:
 
     def _interval(self, namespace: str) -> float:
         summary = self._summary.get(namespace)
-        return self.idle_interval if summary is None or summary.phase == "Idle" else self.active_interval
+        return self.idle_interval if summary is None or summary.settled else self.active_interval
 
     def due(self) -> list[str]:
         """Namespaces whose next pass is due (the trust loop runs them)."""
@@ -212,7 +220,15 @@ class Trust:
         )
         plan = rotation.step(stored, world)
         new = plan.stored
-        self._summary[namespace] = Summary(new.phase, new.reason, plan.progress, plan.waiting)
+        summary = Summary(
+            new.phase,
+            new.reason,
+            plan.progress,
+            plan.waiting,
+            settled=new.phase == "Idle" and bool(new.roots),
+        )
+        changed = summary != self._summary.get(namespace)
+        self._summary[namespace] = summary
 
         progress = {"message": plan.progress, "waiting": plan.waiting}
         state = {
@@ -238,6 +254,8 @@ class Trust:
         for type_, reason, message in plan.events:
             log.info("%s: %s: %s", namespace, reason, message)
             api.post_event({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message)
+        if changed and self._on_change is not None:
+            self._on_change(namespace, [p.name for p in peers])
 
     def _peers(self, namespace: str) -> tuple[list[Peer], list[str]]:
         """The BlazenPeers on the namespace CA, and the names of those whose spec the models refuse but whose

@@ -143,17 +143,24 @@ class Cluster:
 
 def test_an_unchanged_namespace_ca_costs_no_write_and_drift_is_reverted():
     api = Cluster([peer("a"), peer("b")])
-    trust = Trust(api)  # type: ignore[arg-type]
-    trust.sync("ns")
+    told: list[tuple[str, list[str]]] = []
+    trust = Trust(api, on_change=lambda ns, names: told.append((ns, names)))  # type: ignore[arg-type]
+    waiting = trust.sync("ns")
     assert ("POST", "Secret", "blazen-ca") in api.writes, "the CA Secret stub is created"
+    assert waiting is not None
+    assert not waiting.settled, "until the CA is issued the passes come at the active interval"
     api.issue_ca(CA(name="blazen-ca.ns").cert_pem.decode())
     trust.sync("ns")  # the bundle gets the issued CA: the ConfigMap changes
+    # each change of what the BlazenPeers show gives them a pass, not only the next resync
+    assert told == [("ns", ["a", "b"]), ("ns", ["a", "b"])]
     api.writes.clear()
     first = trust.sync("ns")
+    assert first is not None
+    assert first.settled
+    assert len(told) == 2, "an unchanged outcome wakes nobody"
     assert api.writes == [], (
         "a pass over an unchanged namespace writes nothing (and creates nothing that 409s)"
     )
-    assert first is not None
     assert trust.sync("ns") == first
     assert api.writes == []
 
