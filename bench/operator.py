@@ -290,7 +290,13 @@ class ScaleCluster:
 
     def _start(self, resync_seconds: float | None) -> None:
         paths, cp, wd = scale_paths(), self.cp, self.cp.workdir
-        install_crds(self.admin, [controlplane.cert_manager_crds(), ROOT / "crds" / "blazenpeers.yaml"])
+        # every CRD the operator watches: its resync loop lists BlazenFleets too
+        crds = [
+            controlplane.cert_manager_crds(),
+            ROOT / "crds" / "blazenpeers.yaml",
+            ROOT / "crds" / "blazenfleets.yaml",
+        ]
+        install_crds(self.admin, crds)
         eventually(
             lambda: self.admin.request("GET", "/apis/blazen.dev/v1alpha1"), what="blazen.dev discovery"
         )
@@ -683,7 +689,16 @@ def run(n: int, workdir: Path, resync_seconds: float, ready_timeout: float) -> d
 
         # one resync of N unchanged BlazenPeers
         rv_kinds = [*kinds, (s.API_VERSION, s.KIND), ("v1", "Event")]
+        # the operator is quiet, but cert-manager may still be posting the Events of the last issuances (its
+        # client is rate limited): start from a namespace where nothing moves
         rv0 = sc.resource_versions(BENCH_NS, rv_kinds)
+        settle_deadline = time.monotonic() + 120
+        while time.monotonic() < settle_deadline:
+            time.sleep(3)
+            rv_now = sc.resource_versions(BENCH_NS, rv_kinds)
+            if rv_now == rv0:
+                break
+            rv0 = rv_now
         base = sc.operator_metrics().get("blazen_operator_last_resync_timestamp_seconds", 0.0)
         audit2, rec0 = sc.audit_offset(), sc.reconciles()
         t_resync = time.monotonic()

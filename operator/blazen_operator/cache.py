@@ -22,6 +22,9 @@ from .builders.common import digest
 from .kinds import MANAGED_BY, MANAGED_BY_LABEL
 
 ChildKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name)
+# What one apply left: the object's uid, the digest of the manifest applied, our manager's fields' digest
+# as the API server returned them.
+Applied = tuple[str, str, str]
 
 # The fields of each kind that a pass reads besides metadata (status.py: the Deployment's rollout, the
 # Certificate's issuance).
@@ -80,6 +83,42 @@ def compact(obj: dict[str, Any]) -> Live:
         and str(entry.get("manager", "")).startswith(FIELD_MANAGER)
     }
     return Live(small, ours)
+
+
+def applied(rec: Live, wanted: str, manager: str) -> Applied:
+    """What to remember of an apply of the manifest digested as ``wanted`` that returned ``rec``."""
+    return (rec.uid, wanted, rec.ours.get(manager, ""))
+
+
+def unchanged(rec: Live | None, wanted: str, manager: str, done: Applied | None) -> bool:
+    """The object exists as we last applied this very manifest, and nobody changed a field of ours since
+    (no field left our manager's set, and it is not a re-created object): applying again would be a no-op
+    write."""
+    return rec is not None and done == (rec.uid, wanted, rec.ours.get(manager))
+
+
+def meta_only(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A create-only object's manifest reduced to the metadata the operator keeps up to date on it."""
+    meta = manifest["metadata"]
+    return {
+        "apiVersion": manifest["apiVersion"],
+        "kind": manifest["kind"],
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences") if k in meta},
+    }
+
+
+def meta_current(manifest: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """The live object carries the manifest's labels and owner references (a stub's metadata is all the
+    operator keeps up to date on it)."""
+    want, have = manifest["metadata"], obj["metadata"]
+    labels = have.get("labels") or {}
+    if any(labels.get(k) != v for k, v in (want.get("labels") or {}).items()):
+        return False
+    refs = {ref.get("uid"): ref for ref in have.get("ownerReferences") or []}
+    return all(
+        (got := refs.get(ref["uid"])) is not None and all(got.get(k) == v for k, v in ref.items())
+        for ref in want.get("ownerReferences") or []
+    )
 
 
 class ChildCache:

@@ -138,8 +138,16 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     options = _options(memo)
     configure(settings, options)
     api = Api(load_client_configuration(options.kubeconfig))
-    trust = Trust(api, settle=options.ca_rotation_settle_seconds)
     cache = ChildCache((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN)
+    loop = asyncio.get_running_loop()
+
+    def trust_changed(namespace: str, names: list[str]) -> None:
+        # a pass whose outcome the BlazenPeers show changed: each gets a pass (trust passes run in worker
+        # threads; the queue lives on the event loop)
+        for name in names:
+            loop.call_soon_threadsafe(runtime.queue.request, (namespace, name))
+
+    trust = Trust(api, cache=cache, settle=options.ca_rotation_settle_seconds, on_change=trust_changed)
     # what no watch reports (pods, their /v1/info, the Secret stubs) is re-read at most once per resync
     # period, unless a watched object says it changed
     reconciler = Reconciler(api, options.operator, trust, cache, recheck_seconds=options.resync_seconds)

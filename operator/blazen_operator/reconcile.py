@@ -27,7 +27,17 @@ from . import status as st
 from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
 from .builders import Child, Peer, certs, desired, workload
 from .builders import common as c
-from .cache import CERT_NAME_ANNOTATION, ChildCache, Live, compact
+from .cache import (
+    CERT_NAME_ANNOTATION,
+    Applied,
+    ChildCache,
+    Live,
+    applied,
+    compact,
+    meta_current,
+    meta_only,
+    unchanged,
+)
 from .kinds import PRUNABLE
 from .trust import Trust
 
@@ -47,15 +57,6 @@ def _validation_message(exc: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"])
         parts.append(f"spec.{loc}: {err['msg']}")
     return "; ".join(parts)
-
-
-def _meta_only(manifest: dict[str, Any]) -> dict[str, Any]:
-    meta = manifest["metadata"]
-    return {
-        "apiVersion": manifest["apiVersion"],
-        "kind": manifest["kind"],
-        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences") if k in meta},
-    }
 
 
 ChildId = tuple[str, str, str]  # (apiVersion, kind, name) in the BlazenPeer's namespace
@@ -89,20 +90,6 @@ def _ours(peer: Peer, child: Child, live: dict[str, Any]) -> bool:
     return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
 
 
-def _meta_current(manifest: dict[str, Any], obj: dict[str, Any]) -> bool:
-    """The live object carries the manifest's labels and owner references (a stub's metadata is all the
-    operator keeps up to date on it)."""
-    want, have = manifest["metadata"], obj["metadata"]
-    labels = have.get("labels") or {}
-    if any(labels.get(k) != v for k, v in (want.get("labels") or {}).items()):
-        return False
-    refs = {ref.get("uid"): ref for ref in have.get("ownerReferences") or []}
-    return all(
-        (got := refs.get(ref["uid"])) is not None and all(got.get(k) == v for k, v in ref.items())
-        for ref in want.get("ownerReferences") or []
-    )
-
-
 def _rollout_signature(deployment: Live | None) -> tuple[Any, ...]:
     """What of the Deployment says its pods changed (created, ready, replaced)."""
     if deployment is None:
@@ -118,8 +105,7 @@ class PeerMemory:
     passes at once: the work queue runs one pass per BlazenPeer)."""
 
     uid: str
-    # child -> (its uid, the manifest digest we applied, our fields' digest the API server returned)
-    applied: dict[tuple[ChildId, str], tuple[str, str, str]] = field(default_factory=dict)
+    applied: dict[tuple[ChildId, str], Applied] = field(default_factory=dict)
     # stub -> (what it was checked against: its metadata digest and its Certificate's resourceVersion; when;
     # the stub as read or written then)
     stubs: dict[ChildId, tuple[tuple[str, int], float, Live]] = field(default_factory=dict)
@@ -142,9 +128,9 @@ class Reconciler:
     ) -> None:
         self.api = api
         self.operator = operator
-        self.trust = trust or Trust(api)
         # Without one fed by watches, every child is read by name each pass (still no write when unchanged).
         self.cache = cache if cache is not None else ChildCache()
+        self.trust = trust or Trust(api, cache=self.cache)
         self.recheck_seconds = recheck_seconds
         self._memory: dict[tuple[str, str], PeerMemory] = {}
 
@@ -253,7 +239,7 @@ class Reconciler:
             None,
         )
         cert = self.cache.get(peer.namespace, *filler.key) if filler is not None else None
-        return c.digest(_meta_only(child.manifest)), cert.resource_version if cert is not None else 0
+        return c.digest(meta_only(child.manifest)), cert.resource_version if cert is not None else 0
 
     # ------------------------------------------------------------------------------------------ writes
     def _apply_children(
@@ -267,12 +253,11 @@ class Reconciler:
                     continue
                 wanted = c.digest(child.manifest)
                 rec = live.get(child.key)
-                done = memory.applied.get((child.key, manager))
-                if rec is not None and done == (rec.uid, wanted, rec.ours.get(manager)):
+                if unchanged(rec, wanted, manager, memory.applied.get((child.key, manager))):
                     continue  # as we applied it, and nobody changed a field of ours since
                 obj = self._apply_or_replace(child, manager)
                 rec = live[child.key] = self.cache.observe(obj) or compact(obj)
-                memory.applied[(child.key, manager)] = (rec.uid, wanted, rec.ours.get(manager, ""))
+                memory.applied[(child.key, manager)] = applied(rec, wanted, manager)
                 metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
             except ApiError as exc:
                 if exc.transient or exc.namespace_terminating:
@@ -299,8 +284,8 @@ class Reconciler:
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)
             metrics.APPLIES.labels(kind="Secret").inc()
-        elif not _meta_current(child.manifest, rec.obj):
-            rec = compact(self.api.apply(_meta_only(child.manifest), manager))
+        elif not meta_current(child.manifest, rec.obj):
+            rec = compact(self.api.apply(meta_only(child.manifest), manager))
             metrics.APPLIES.labels(kind="Secret").inc()
         live[child.key] = rec
         memory.stubs[child.key] = (self._stub_signature(peer, child, children), time.monotonic(), rec)

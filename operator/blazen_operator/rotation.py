@@ -169,6 +169,12 @@ def _short(pem: str) -> str:
     return fingerprint(pem)[:16]
 
 
+def _in_use(pem: str) -> str:
+    # The Idle progress: the BlazenPeers' CARotation condition, so it must not change from one idle pass to
+    # the next (each change is a status write per BlazenPeer).
+    return f"CA {_short(pem)} in use"
+
+
 def _with(roots: tuple[str, ...], pem: str) -> tuple[str, ...]:
     return roots if pem in roots else (*roots, pem)
 
@@ -211,7 +217,9 @@ def step(stored: Stored, world: World) -> Plan:
         if cur_pem is None:
             return Plan(stored, delete_generations=stale, progress="waiting for cert-manager to issue the CA")
         if not stored.roots:
-            return Plan(replace(stored, roots=(cur_pem,)), delete_generations=stale, progress="CA issued")
+            return Plan(
+                replace(stored, roots=(cur_pem,)), delete_generations=stale, progress=_in_use(cur_pem)
+            )
         if cur_pem not in stored.roots:
             # The issuing CA changed under us (cert-manager renewed it in place): trust both, re-issue.
             new = _enter(stored, now, phase="Trusting", target=stored.generation, reason="CaChanged")
@@ -227,7 +235,7 @@ def step(stored: Stored, world: World) -> Plan:
             new = _enter(stored, now, phase="Issuing", target=target, reason=reason, handled=world.request)
             msg = f"{reason}: issuing CA generation {target}; generation {stored.generation} keeps signing"
             return Plan(new, events=(("Normal", "CaRotationStarted", msg),), progress=msg)
-        return Plan(stored, delete_generations=stale, progress=f"CA {_short(cur_pem)} in use")
+        return Plan(stored, delete_generations=stale, progress=_in_use(cur_pem))
 
     target = stored.target if stored.target is not None else stored.generation
     new_ca = world.cas.get(target)
@@ -287,4 +295,9 @@ def step(stored: Stored, world: World) -> Plan:
     new = _enter(stored, now, phase="Idle", target=None, roots=(new_pem,))
     old = tuple(g for g in sorted(world.cas) if g != target)
     msg = f"CA rotation complete: generation {target} ({_short(new_pem)}) is the only trusted root"
-    return Plan(new, delete_generations=old, events=(("Normal", "CaRotationComplete", msg),), progress=msg)
+    return Plan(
+        new,
+        delete_generations=old,
+        events=(("Normal", "CaRotationComplete", msg),),
+        progress=_in_use(new_pem),
+    )

@@ -31,6 +31,7 @@ from . import spec as s
 from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
 from .builders import Peer, certs
 from .builders import common as c
+from .cache import Applied, ChildCache, ChildKey, Live, applied, compact, meta_current, meta_only, unchanged
 from .kinds import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class Summary:
     reason: str
     progress: str
     waiting: dict[str, list[str]]
+    # Idle with the CA issued: nothing will change before the CA nears its expiry or a rotation is asked for
+    # (until then the passes come at the active interval, so the pods get the bundle soon after the issuance).
+    settled: bool = True
 
     def condition(self, peer: str) -> tuple[Any, str, str]:
         if self.phase == "Idle":
@@ -93,6 +97,12 @@ def _peer_owned(obj: dict[str, Any]) -> bool:
     )
 
 
+def _stray_owners(manifest: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """A namespace CA object (they name their owner; the trust ConfigMap names none) that still carries the
+    per-BlazenPeer owner references earlier versions put on it."""
+    return "ownerReferences" in manifest["metadata"] and _peer_owned(obj)
+
+
 class Trust:
     """Thread-safe: one pass at a time per namespace; passes of different namespaces run side by side."""
 
@@ -100,22 +110,33 @@ class Trust:
         self,
         api: Api,
         *,
+        cache: ChildCache | None = None,
         idle_interval: float = 30.0,
         active_interval: float = 5.0,
         settle: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], dt.datetime] = _utcnow,
+        on_change: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.api = api
+        # The watches feed it the namespace CA Issuers and Certificates; without it they are read by name.
+        self.cache = cache if cache is not None else ChildCache()
         self.idle_interval = idle_interval
         self.active_interval = active_interval
         self.settle = dt.timedelta(seconds=settle)
         self._clock = clock
         self._now = now
+        # Told (namespace, the BlazenPeers on its CA) after a pass that changed the outcome their CARotation
+        # condition shows: a pass run by the trust loop or by another BlazenPeer's reconcile is otherwise seen
+        # only at their next pass (the resync), which then writes a status that is long stale.
+        self._on_change = on_change
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._last: dict[str, float] = {}
         self._summary: dict[str, Summary] = {}
+        # What this process applied to each namespace CA object (and the trust ConfigMap): a pass writes only
+        # what is missing, changed or drifted, so an idle namespace costs reads only.
+        self._applied: dict[ChildKey, Applied] = {}
 
     # ------------------------------------------------------------------------------------------ scheduling
     def _lock(self, namespace: str) -> threading.Lock:
@@ -124,7 +145,7 @@ class Trust:
 
     def _interval(self, namespace: str) -> float:
         summary = self._summary.get(namespace)
-        return self.idle_interval if summary is None or summary.phase == "Idle" else self.active_interval
+        return self.idle_interval if summary is None or summary.settled else self.active_interval
 
     def due(self) -> list[str]:
         """Namespaces whose next pass is due (the trust loop runs them)."""
@@ -185,7 +206,8 @@ class Trust:
         stored = rotation.Stored.load(annotations.get(certs.STATE_ANNOTATION), data.get(c.TRUST_KEY))
 
         certificates = api.list("cert-manager.io/v1", "Certificate", namespace, MANAGED_SELECTOR)
-        cas = self._cas(namespace, certificates)
+        secrets: dict[str, dict[str, Any] | None] = {}  # the CA Secrets read by name in this pass
+        cas = self._cas(namespace, certificates, secrets)
         active = stored.phase != "Idle"
         world = rotation.World(
             now=self._now(),
@@ -198,7 +220,15 @@ class Trust:
         )
         plan = rotation.step(stored, world)
         new = plan.stored
-        self._summary[namespace] = Summary(new.phase, new.reason, plan.progress, plan.waiting)
+        summary = Summary(
+            new.phase,
+            new.reason,
+            plan.progress,
+            plan.waiting,
+            settled=new.phase == "Idle" and bool(new.roots),
+        )
+        changed = summary != self._summary.get(namespace)
+        self._summary[namespace] = summary
 
         progress = {"message": plan.progress, "waiting": plan.waiting}
         state = {
@@ -208,13 +238,14 @@ class Trust:
             f"from={settings.source}",
         }
         # The state first: it is the rotation's memory, so a crash after it repeats the actions below.
-        api.apply(certs.trust_bundle(namespace, rotation.join_pem(new.roots), state), TRUST_MANAGER)
+        bundle = certs.trust_bundle(namespace, rotation.join_pem(new.roots), state)
+        self._own(bundle, compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}))
         owner = certs.owner_reference(configmap)
         live = (new.generation,) + ((new.target,) if new.target is not None else ())
         for gen in live:
-            self._own(certs.ca_secret_stub(namespace, owner, gen), stub=True)
+            self._stub(certs.ca_secret_stub(namespace, owner, gen), secrets)
         for manifest in certs.namespace_ca(namespace, owner, settings, live, new.generation):
-            self._own(manifest)
+            self._own(manifest, self._live(manifest))
         for name in plan.reissue:
             self._reissue(namespace, name)
         for gen in plan.delete_generations:
@@ -223,6 +254,8 @@ class Trust:
         for type_, reason, message in plan.events:
             log.info("%s: %s: %s", namespace, reason, message)
             api.post_event({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message)
+        if changed and self._on_change is not None:
+            self._on_change(namespace, [p.name for p in peers])
 
     def _peers(self, namespace: str) -> tuple[list[Peer], list[str]]:
         """The BlazenPeers on the namespace CA, and the names of those whose spec the models refuse but whose
@@ -255,7 +288,10 @@ class Trust:
             log.info("%s: no BlazenPeer uses the namespace CA: deleting it", namespace)
             self.api.delete("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP, uid=meta.get("uid"))
 
-    def _cas(self, namespace: str, certificates: list[dict[str, Any]]) -> dict[int, rotation.CaCert]:
+    def _cas(
+        self, namespace: str, certificates: list[dict[str, Any]], secrets: dict[str, dict[str, Any] | None]
+    ) -> dict[int, rotation.CaCert]:
+        """The CA generations that exist; the CA Secrets read on the way are left in ``secrets``."""
         out: dict[int, rotation.CaCert] = {}
         for cert in certificates:
             meta = cert["metadata"]
@@ -268,9 +304,8 @@ class Trust:
             pem = None
             ready = _condition(cert, "Ready")
             if ready is not None and ready.get("status") == "True":
-                secret = self.api.get(
-                    "v1", "Secret", namespace, cert["spec"].get("secretName") or meta["name"]
-                )
+                name = cert["spec"].get("secretName") or meta["name"]
+                secret = secrets[name] = self.api.get("v1", "Secret", namespace, name)
                 pem = _b64((secret or {}).get("data"), "tls.crt")
                 roots = rotation.split_pem(pem or "")
                 pem = roots[0] if roots else None
@@ -323,29 +358,66 @@ class Trust:
         return tuple(out)
 
     # ------------------------------------------------------------------------------------------ actions
-    def _own(self, manifest: dict[str, Any], *, stub: bool = False) -> None:
-        """Apply (a stub: create, then its metadata only) and strip the per-BlazenPeer owner references
-        earlier versions put on the namespace CA: a merge patch replaces the whole list."""
-        api = self.api
-        if stub:
-            api.create_if_absent(manifest, TRUST_MANAGER)
-            meta = manifest["metadata"]
-            manifest = {
-                "apiVersion": manifest["apiVersion"],
-                "kind": manifest["kind"],
-                "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences")},
-            }
-        live = api.apply(manifest, TRUST_MANAGER)
-        if _peer_owned(live):
-            meta = manifest["metadata"]
-            api.request(
-                "PATCH",
-                path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]),
-                query={"fieldManager": TRUST_MANAGER},
-                body={"metadata": {"ownerReferences": meta["ownerReferences"]}},
-                content_type="application/merge-patch+json",
-                what=f"own {manifest['kind']} {meta['name']}",
-            )
+    def _live(self, manifest: dict[str, Any]) -> Live | None:
+        """The object as the watches last reported it; read by name when they do not know it."""
+        meta = manifest["metadata"]
+        api_version, kind, namespace, name = (
+            manifest["apiVersion"],
+            manifest["kind"],
+            meta["namespace"],
+            meta["name"],
+        )
+        rec = self.cache.get(namespace, api_version, kind, name)
+        if rec is None:
+            obj = self.api.get(api_version, kind, namespace, name)
+            rec = None if obj is None else (self.cache.observe(obj) or compact(obj))
+        return rec
+
+    def _own(self, manifest: dict[str, Any], rec: Live | None) -> None:
+        """Apply, unless the object is as this process last applied this manifest and nobody changed a
+        field of ours since; then strip the per-BlazenPeer owner references earlier versions put on the
+        namespace CA."""
+        meta = manifest["metadata"]
+        key = (meta["namespace"], manifest["apiVersion"], manifest["kind"], meta["name"])
+        wanted = c.digest(manifest)
+        done = self._applied.get(key)
+        if (
+            rec is not None
+            and not _stray_owners(manifest, rec.obj)
+            and unchanged(rec, wanted, TRUST_MANAGER, done)
+        ):
+            return
+        obj = self._disown_peers(manifest, self.api.apply(manifest, TRUST_MANAGER))
+        self._applied[key] = applied(self.cache.observe(obj) or compact(obj), wanted, TRUST_MANAGER)
+
+    def _stub(self, manifest: dict[str, Any], secrets: dict[str, dict[str, Any] | None]) -> None:
+        """A CA Secret: created when absent (cert-manager fills it), then only its metadata kept; never
+        watched, so read by name unless this pass read it already."""
+        api, meta = self.api, manifest["metadata"]
+        name = meta["name"]
+        secret = secrets[name] if name in secrets else api.get("v1", "Secret", meta["namespace"], name)
+        if secret is None:
+            secret = api.create(manifest, TRUST_MANAGER) or api.get("v1", "Secret", meta["namespace"], name)
+            if secret is None:
+                return  # created and deleted since: the next pass looks again
+        if meta_current(manifest, secret) and not _stray_owners(manifest, secret):
+            return
+        self._disown_peers(manifest, api.apply(meta_only(manifest), TRUST_MANAGER))
+
+    def _disown_peers(self, manifest: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+        """The object without the per-BlazenPeer owner references earlier versions put on the namespace CA
+        (a merge patch replaces the whole list)."""
+        if not _stray_owners(manifest, live):
+            return live
+        meta = manifest["metadata"]
+        return self.api.request(
+            "PATCH",
+            path_for(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"]),
+            query={"fieldManager": TRUST_MANAGER},
+            body={"metadata": {"ownerReferences": meta["ownerReferences"]}},
+            content_type="application/merge-patch+json",
+            what=f"own {manifest['kind']} {meta['name']}",
+        )
 
     def _reissue(self, namespace: str, name: str) -> None:
         """What ``cmctl renew`` does: set the Certificate's Issuing condition; cert-manager issues a new

@@ -24,7 +24,7 @@ from tests.support import controlplane
 from tests.support.controlplane import eventually
 from tests.support.ports import free_port
 
-from .test_operator_api import create, get, manifest, merge_patch
+from .test_operator_api import ROTATION_VERBS, create, get, manifest, merge_patch
 
 LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls")
 
@@ -92,7 +92,8 @@ def trust_events(api: Api, ns: str) -> list[str]:
     ]
 
 
-def test_forced_rotation_goes_through_every_phase(api, operator, cert_manager, namespace):
+def test_forced_rotation_goes_through_every_phase(api, operator, operator_calls, cert_manager, namespace):
+    operator_calls.calls.clear()
     for name in ("a", "b"):
         create(api, manifest(name, namespace, replicas=0))
 
@@ -177,6 +178,9 @@ def test_forced_rotation_goes_through_every_phase(api, operator, cert_manager, n
         return True
 
     eventually(all_events, what="an Event per step")
+    # the chart's grants only a rotation uses (test_the_operator_uses_every_verb_the_chart_grants leaves them)
+    used = {c for c in operator_calls.calls if c in ROTATION_VERBS}
+    assert used == ROTATION_VERBS, sorted(ROTATION_VERBS - used)
     assert conditions, "the BlazenPeers showed the rotation as their CARotation condition"
 
     def idle_condition() -> bool:

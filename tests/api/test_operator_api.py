@@ -90,6 +90,10 @@ FLEET_VERBS = {
     ("patch", "blazen.dev", "blazenfleets/status"),
 }
 
+# What only a namespace CA rotation makes the operator call: re-issuing the leaves as `cmctl renew` does
+# (tests/api/test_ca_rotation_api.py, with cert-manager's controller, checks each is used).
+ROTATION_VERBS = {("patch", "cert-manager.io", "certificates/status")}
+
 CHILDREN = [
     ("Deployment", "bp"),
     ("Service", "bp"),
@@ -1043,6 +1047,13 @@ def test_the_operator_uses_every_verb_the_chart_grants(
     eventually(pruned, timeout=60, what="children no longer desired are pruned")
     assert get(api, "Deployment", namespace, "bp") is not None
     assert get(api, "Secret", namespace, "tok") is not None, "the user's token Secret is never touched"
+    # the last BlazenPeer on the namespace CA goes: the trust ConfigMap is deleted (the CA objects with it)
+    api.delete(BP, "BlazenPeer", namespace, "bp")
+    eventually(
+        lambda: get(api, "ConfigMap", namespace, "blazen-trust") is None,
+        timeout=60,
+        what="the trust ConfigMap deleted with the last BlazenPeer",
+    )
 
     # pruning reads the watch cache: kopf's watches are what lists the child kinds
     kopf_only = {(v, k.group, k.plural) for k in kinds.KINDS if k.watched for v in ("list", "watch")}
@@ -1058,6 +1069,7 @@ def test_the_operator_uses_every_verb_the_chart_grants(
     kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.grant_only for v in k.verbs}
     # a BlazenFleet's calls: tests/api/test_fleet_api.py drives a fleet through them
     kopf_only |= FLEET_VERBS
+    kopf_only |= ROTATION_VERBS
     granted = {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=False) for v in verbs}
     granted |= {(v, g, r) for g, r, verbs in kinds.rbac_rules(cluster_scoped=True) for v in verbs}
     assert operator_calls.calls <= granted, sorted(operator_calls.calls - granted)

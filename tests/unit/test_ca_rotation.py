@@ -64,6 +64,9 @@ def test_idle_bootstraps_the_bundle_and_stays(old):
     assert first.stored.phase == "Idle"
     again = r.step(first.stored, world({1: far(old)}))
     assert again.stored == first.stored
+    # the progress is every BlazenPeer's CARotation condition: the same from the first idle pass on, or each
+    # idle namespace costs a status write per BlazenPeer
+    assert first.progress == again.progress == f"CA {fp(old)[:16]} in use"
     assert not again.events
     assert not again.reissue
 
@@ -126,6 +129,7 @@ def test_a_forced_rotation_goes_through_every_phase(old, new):
     assert (s.phase, s.generation, s.target, s.roots) == ("Idle", 2, None, (pem(new),))
     assert p.delete_generations == (1,)
     assert [e[1] for e in p.events] == ["CaRotationComplete"]
+    assert p.progress == r.step(s, world({2: far(new)})).progress, "the idle condition stays as it is"
     # the same request value does not rotate again; a new one does
     assert r.step(s, world({2: far(new)}, request="2026-12-01")).stored.phase == "Idle"
     assert r.step(s, world({2: far(new)}, request="again")).stored.target == 3
