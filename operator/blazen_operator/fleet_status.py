@@ -173,29 +173,8 @@ def _finish(
     stamp: str,
     generation: int,
 ) -> dict[str, Any]:
-    before = {x.get("type"): x for x in previous.get("conditions") or []}
-    result = []
-    for type_ in CONDITION_TYPES:
-        if type_ not in conds:
-            continue
-        status, reason, message = conds[type_]
-        old = before.get(type_)
-        since = (
-            old.get("lastTransitionTime", stamp) if old is not None and old.get("status") == status else stamp
-        )
-        result.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": since,
-                "observedGeneration": generation,
-            }
-        )
-    data = out.dump()
-    data["conditions"] = result
-    return fs.BlazenFleetStatus.model_validate(data).dump()
+    out.conditions = st.conditions(CONDITION_TYPES, conds, previous, stamp, generation)
+    return out.dump()
 
 
 def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[st.Transition]:

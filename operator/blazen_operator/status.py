@@ -328,16 +328,14 @@ def compute(
     return _finish(out, conds, previous, stamp, observed.generation)
 
 
-def _finish(
-    out: BlazenPeerStatus,
-    conds: dict[str, Cond],
-    previous: dict[str, Any],
-    stamp: str,
-    generation: int,
-) -> dict[str, Any]:
+def conditions(
+    types: tuple[str, ...], conds: dict[str, Cond], previous: dict[str, Any], stamp: str, generation: int
+) -> list[Condition]:
+    """``conds`` as status conditions in ``types`` order; a condition whose status did not move keeps its
+    lastTransitionTime. Shared by every kind's status."""
     before = {x.get("type"): x for x in previous.get("conditions") or []}
     result = []
-    for type_ in CONDITION_TYPES:
+    for type_ in types:
         if type_ not in conds:
             continue
         status, reason, message = conds[type_]
@@ -354,7 +352,17 @@ def _finish(
                 observed_generation=generation,
             )
         )
-    out.conditions = result
+    return result
+
+
+def _finish(
+    out: BlazenPeerStatus,
+    conds: dict[str, Cond],
+    previous: dict[str, Any],
+    stamp: str,
+    generation: int,
+) -> dict[str, Any]:
+    out.conditions = conditions(CONDITION_TYPES, conds, previous, stamp, generation)
     return out.dump()
 
 
