@@ -213,6 +213,34 @@ async def test_start_waits_for_tls_files_that_are_not_there_yet(make_peer, pki: 
     assert (await grpc_call(peer.grpc_port, creds, req(["echo"])))[0] == grpc.StatusCode.OK
 
 
+async def test_start_waits_for_tls_files_there_but_empty(make_peer, pki: Pki, tmp_path: Path) -> None:
+    # A kubernetes.io/tls Secret stub (the operator creates it before cert-manager fills it): the kubelet
+    # projects its keys as empty files, and the peer must wait for them as for missing ones, not exit.
+    late = tmp_path / "stub-tls"
+    late.mkdir()
+    paths = {name: late / name for name in ("tls.crt", "tls.key", "ca.crt")}
+    for path in paths.values():
+        path.write_bytes(b"")
+
+    def publish() -> None:
+        time.sleep(1.5)
+        for name, src in (("tls.crt", pki.cert), ("tls.key", pki.key), ("ca.crt", pki.ca_file)):
+            tmp = paths[name].with_suffix(".tmp")
+            tmp.write_bytes(Path(src).read_bytes())
+            tmp.replace(paths[name])
+
+    publisher = asyncio.get_running_loop().run_in_executor(None, publish)
+    peer = await make_peer(
+        tls_cert=str(paths["tls.crt"]),
+        tls_key=str(paths["tls.key"]),
+        tls_ca=str(paths["ca.crt"]),
+        tls_wait_secs=30,
+    )
+    await publisher
+    creds = grpc_creds(pki, pki.client_files)
+    assert (await grpc_call(peer.grpc_port, creds, req(["echo"])))[0] == grpc.StatusCode.OK
+
+
 async def test_start_gives_up_on_missing_tls_files_after_the_wait(make_peer, tmp_path: Path) -> None:
     missing = tmp_path / "never"
     with pytest.raises(PeerTlsError):

@@ -154,7 +154,9 @@ def _wait_for_tls(
         try:
             return ReloadingTlsSource(cert, key, ca, role=role, ca_optional=ca_optional)
         except PeerTlsError:
-            missing = [p for p in awaited if p and not os.path.exists(p)]
+            # Empty counts as not there yet: the kubelet projects a kubernetes.io/tls Secret whose keys
+            # cert-manager has not filled with empty files.
+            missing = [p for p in awaited if p and (not os.path.exists(p) or os.path.getsize(p) == 0)]
             now = time.monotonic()
             if not missing or now >= deadline:
                 raise
