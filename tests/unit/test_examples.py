@@ -324,19 +324,26 @@ async def mtls_peer(examples: Any, tmp_path: Path) -> Any:
         await server.stop(0)
 
 
-async def test_client_runs_the_chain_over_mtls(mtls_peer: dict[str, Any]) -> None:
+async def run_client_script(mtls_peer: dict[str, Any], *args: str) -> bytes:
+    """examples/client.py as a user runs it against the peer; its stdout (exit status 0 asserted)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLES / "client.py"),
         mtls_peer["endpoint"],
         *mtls_peer["files"],
-        *("--server-name", "localhost", "--workflow", "word-count"),
-        *("--input", json.dumps({"text": "a rose is a rose"})),
+        *("--server-name", "localhost", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
+    return stdout
+
+
+async def test_client_runs_the_chain_over_mtls(mtls_peer: dict[str, Any]) -> None:
+    stdout = await run_client_script(
+        mtls_peer, "--workflow", "word-count", "--input", json.dumps({"text": "a rose is a rose"})
+    )
     assert json.loads(stdout) == {
         "result": {"words": 5, "counts": {"a": 2, "is": 1, "rose": 2}},
         "state": {"tokens": 5, "distinct": 3},
@@ -376,17 +383,7 @@ async def test_client_reports_a_failed_workflow(mtls_peer: dict[str, Any]) -> No
 
 
 async def test_client_repeats_calls_on_one_connection(mtls_peer: dict[str, Any]) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / "client.py"),
-        mtls_peer["endpoint"],
-        *mtls_peer["files"],
-        *("--server-name", "localhost", "--workflow", "where", "--repeat", "3"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, stderr.decode()
+    stdout = await run_client_script(mtls_peer, "--workflow", "where", "--repeat", "3")
     lines = stdout.decode().splitlines()
     assert len(lines) == 3
     assert len({json.loads(line)["result"]["pod"] for line in lines}) == 1  # one peer served them all

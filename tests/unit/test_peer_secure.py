@@ -192,9 +192,18 @@ async def test_start_waits_for_tls_files_that_are_not_there_yet(make_peer, pki: 
     late = tmp_path / "late-tls"
     paths = {name: late / name for name in ("tls.crt", "tls.key", "ca.crt")}
 
+    await _starts_once_tls_files_are_published(make_peer, pki, late, paths)
+
+
+async def _starts_once_tls_files_are_published(
+    make_peer, pki: Pki, folder: Path, paths: dict[str, Path]
+) -> None:
+    """Starts a peer on ``paths`` while a thread publishes the PEM files 1.5 s later (creating ``folder``
+    if it is not there), then calls it over mutual TLS."""
+
     def publish() -> None:  # in a thread: start() blocks the loop while it waits
         time.sleep(1.5)
-        late.mkdir()
+        folder.mkdir(exist_ok=True)
         for name, src in (("tls.crt", pki.cert), ("tls.key", pki.key), ("ca.crt", pki.ca_file)):
             # each file appears whole, as the kubelet's rename makes it (a file seen empty is invalid)
             tmp = paths[name].with_suffix(".tmp")
@@ -221,24 +230,7 @@ async def test_start_waits_for_tls_files_there_but_empty(make_peer, pki: Pki, tm
     paths = {name: late / name for name in ("tls.crt", "tls.key", "ca.crt")}
     for path in paths.values():
         path.write_bytes(b"")
-
-    def publish() -> None:
-        time.sleep(1.5)
-        for name, src in (("tls.crt", pki.cert), ("tls.key", pki.key), ("ca.crt", pki.ca_file)):
-            tmp = paths[name].with_suffix(".tmp")
-            tmp.write_bytes(Path(src).read_bytes())
-            tmp.replace(paths[name])
-
-    publisher = asyncio.get_running_loop().run_in_executor(None, publish)
-    peer = await make_peer(
-        tls_cert=str(paths["tls.crt"]),
-        tls_key=str(paths["tls.key"]),
-        tls_ca=str(paths["ca.crt"]),
-        tls_wait_secs=30,
-    )
-    await publisher
-    creds = grpc_creds(pki, pki.client_files)
-    assert (await grpc_call(peer.grpc_port, creds, req(["echo"])))[0] == grpc.StatusCode.OK
+    await _starts_once_tls_files_are_published(make_peer, pki, late, paths)
 
 
 async def test_start_gives_up_on_missing_tls_files_after_the_wait(make_peer, tmp_path: Path) -> None:
