@@ -23,12 +23,16 @@ from typing import Any
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.client.errors import PeerError
 
+from tests.support.blazen_wheel import raced_a_goaway
+
 from .clients import in_cluster, joined, load_spec, start_load
 from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, port_forward, secret_files, wait_until
 from .test_peers import peer, pods, status, wait_ready
 
 RATE = 220  # calls/s our client offers on its one channel
 WHEEL_RATE = 60  # calls/s the real blazen wheel offers on its one channel (plaintext opt-in)
+CONNECTION_AGE = 5  # s between GOAWAYs on one connection: the default pod.drainAdmitSeconds (10) / 2
+MAX_PODS_STOPPED = 3  # under load in any test here
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 #: the plaintext listener Blazen's own clients need, open to the e2e client pods only
 PLAINTEXT = {
@@ -50,11 +54,17 @@ def loads(ns: str, name: str, seconds: int, token: str = "") -> list[Any]:
 
 
 def assert_no_failed_call(results: list[dict[str, Any]], seconds: int) -> None:
-    """Every call of every client answered right, and >= 200 calls/s between them."""
+    """Every call of every client answered right, and >= 200 calls/s between them - except, for the wheel
+    only, calls its transport failed before sending because they raced a graceful GOAWAY (tonic does not
+    retry them as grpcio does; the peer never saw them: tests/interop, ``raced_a_goaway``), at most a few per
+    GOAWAY its one connection can receive: one per connection age, one more per pod that stopped."""
     for r in results:
         print(f"{r['client']}: {r['sent']} sent, {r['ok']} ok, {r['errors']} in {r['elapsed']:.1f}s")
-        assert r["errors"] == {}, r
-        assert r["ok"] == r["sent"] == r["rate"] * seconds, r
+        wheel = r["client"] == "wheel"
+        raced = {k: n for k, n in r["errors"].items() if wheel and raced_a_goaway(k.partition(":")[2])}
+        assert {k: n for k, n in r["errors"].items() if k not in raced} == {}, r
+        assert sum(raced.values()) <= seconds // CONNECTION_AGE + MAX_PODS_STOPPED, r
+        assert r["ok"] + sum(raced.values()) == r["sent"] == r["rate"] * seconds, r
     assert sum(r["sent"] / r["elapsed"] for r in results) >= 200, results
 
 

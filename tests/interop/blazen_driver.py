@@ -8,6 +8,8 @@ stdout: one JSON list, one result per op. An op names its "transport" ("grpc" or
   {"op": "deref", "uuid": str | "$ref0"/"$ref1"...}   -> {"payload_hex"}
   {"op": "release", "uuid": ...}                       -> {"released"}
   {"op": "sleep", "secs": float}                       -> {} (time passes on the open client)
+  {"op": "burst", "n": int, "concurrency": int, "steps": [..]} -> {"ok", "wrong", "errors": {str(exc): count}}
+      (n calls with input {"i": i}, ``concurrency`` at a time on the one client; ok: answered {"i": i})
 Any exception -> {"exc": class name, "msg": str(e)}. "$refN" is the N-th key (sorted) of the last invoke's
 refs.
 """
@@ -20,6 +22,25 @@ import sys
 import time
 
 import blazen
+
+
+async def burst(client, op: dict) -> dict:
+    counts = {"ok": 0, "wrong": 0, "errors": {}}
+    pending = iter(range(op["n"]))
+
+    async def worker() -> None:
+        for i in pending:
+            req = blazen.SubWorkflowRequest("wf", op["steps"], {"i": i}, 10)
+            try:
+                resp = await client.invoke_sub_workflow(req)
+            except Exception as exc:
+                counts["errors"][str(exc)] = counts["errors"].get(str(exc), 0) + 1
+                continue
+            right = resp.error is None and resp.result_value() == {"i": i}
+            counts["ok" if right else "wrong"] += 1
+
+    await asyncio.gather(*(worker() for _ in range(op["concurrency"])))
+    return counts
 
 
 async def main() -> None:
@@ -40,6 +61,8 @@ async def main() -> None:
             if op["op"] == "sleep":
                 await asyncio.sleep(op["secs"])
                 out = {}
+            elif op["op"] == "burst":
+                out = await burst(client, op)
             elif op["op"] == "invoke":
                 req = blazen.SubWorkflowRequest(
                     op["workflow"], op.get("steps"), op.get("input"), op.get("timeout")

@@ -167,11 +167,17 @@ async def test_http_node_id_header_reaches_the_step(peer, run_blazen) -> None:
     assert res_grpc["result"] == {"caller": None, "node": NODE_ID}  # Blazen's gRPC client sends no node id
 
 
-async def test_graceful_goaway_every_few_hundred_ms_fails_no_call(run_blazen) -> None:
+async def test_under_graceful_goaways_a_call_either_runs_once_or_never_reached_the_peer(run_blazen) -> None:
     """The operator gives gRPC connections a maximum age (pod.drainAdmitSeconds / 2) so a draining pod's
-    open channels move elsewhere: the real client, on one channel, must ride through many graceful GOAWAYs."""
+    open channels move elsewhere. Under a GOAWAY every 0.2 s at full speed, on one channel: our client
+    (grpcio, which retries a stream the GOAWAY refused) fails no call; the real wheel (tonic, which does
+    not) fails only calls its transport reports as never sent, and the peer ran exactly the calls it
+    answered - none twice, none of the failed ones."""
     from blazen_peer import BlazenPeerServer, PeerConfig
+    from blazen_peer.client import BlazenPeerClient
 
+    from tests.support.blazen_wheel import raced_a_goaway
+    from tests.support.peers import http_get, metric
     from tests.unit.test_hitless_drain import Balancer
 
     from .conftest import Peer, build_registry
@@ -182,7 +188,7 @@ async def test_graceful_goaway_every_few_hundred_ms_fails_no_call(run_blazen) ->
         http_addr="127.0.0.1:0",
         insecure=True,
         admin_addr="127.0.0.1:0",
-        grpc_max_connection_age_secs=0.3,
+        grpc_max_connection_age_secs=0.2,
     )
     server = BlazenPeerServer(config=config, registry=build_registry([]))
     await server.start()
@@ -195,16 +201,45 @@ async def test_graceful_goaway_every_few_hundred_ms_fails_no_call(run_blazen) ->
         def grpc_url(self) -> str:
             return f"http://127.0.0.1:{relay.port}"
 
+    async def invoked() -> float:
+        _, text = await http_get(f"http://127.0.0.1:{server.admin_port}/metrics")
+        return sum(
+            metric(text, "blazen_peer_calls_total", transport="grpc", method="InvokeSubWorkflow", code=code)
+            or 0
+            for code in ("OK", "CANCELLED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED")
+        )
+
     try:
-        ops = []
-        for i in range(60):
-            ops += [invoke("grpc", ["echo"], {"i": i}), {"op": "sleep", "secs": 0.05}]
-        results = await run_blazen(ThroughRelay(server, []), ops)
+        ours_failed = 0
+        ours = await BlazenPeerClient.connect(f"http://127.0.0.1:{relay.port}", "ours")
+
+        async def one(first: int) -> None:
+            nonlocal ours_failed
+            for i in range(first, 4000, 4):
+                resp = await ours.invoke_sub_workflow("wf", ["echo"], {"i": i}, timeout_secs=10)
+                ours_failed += resp.result_value() != {"i": i}
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(4)))
+        finally:
+            await ours.close()
+        ours_connections, ours_runs = relay.connections["peer"], await invoked()
+        (wheel,) = await run_blazen(
+            ThroughRelay(server, []), [{"op": "burst", "n": 3000, "concurrency": 4, "steps": ["echo"]}]
+        )
+        wheel_runs = await invoked() - ours_runs
     finally:
         await relay.close()
         await server.stop(grace=0)
-    answers = results[::2]
-    print(f"blazen wheel under GOAWAYs: 60 calls, {relay.connections['peer']} connections")
-    assert [r.get("exc") for r in answers] == [None] * 60, [r for r in answers if "exc" in r][:3]
-    assert [r["result"] for r in answers] == [{"i": i} for i in range(60)]
-    assert relay.connections["peer"] >= 5, relay.connections  # ~3 s of calls, a GOAWAY every ~0.3 s
+    raced = sum(n for msg, n in wheel["errors"].items() if raced_a_goaway(msg))
+    print(
+        f"ours: 4000 calls, 0 failed, {ours_connections} connections; wheel: {wheel['ok']} ok, {raced} never "
+        f"sent (raced a GOAWAY), {relay.connections['peer'] - ours_connections} connections"
+    )
+    assert ours_failed == 0
+    assert ours_runs == 4000
+    assert ours_connections >= 5, relay.connections  # a GOAWAY every 0.2 s moved the channel each time
+    assert {msg: n for msg, n in wheel["errors"].items() if not raced_a_goaway(msg)} == {}
+    assert wheel["wrong"] == 0, wheel
+    assert wheel["ok"] + raced == 3000, wheel
+    assert wheel_runs == wheel["ok"]  # the failed calls never ran, and no call ran twice

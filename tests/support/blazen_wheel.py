@@ -65,3 +65,18 @@ async def run_driver(shim: Path, grpc_url: str, http_url: str, node_id: str, ops
     assert proc.returncode == 0, err.decode()
     result: list[Any] = json.loads(out)
     return result
+
+
+#: How the wheel's gRPC transport (tonic over hyper and h2) reports a call it failed because the connection
+#: received a graceful GOAWAY while the call was queued to it: hyper cancels what it had not yet written when
+#: the connection closes, and h2 refuses a new stream once a GOAWAY arrived (or one above the GOAWAY's last
+#: stream id, which the server promises it did not process). The server never ran such a call. grpc C-core
+#: retries these transparently; tonic 0.x does not, so a Blazen caller sees a CANCELLED or INTERNAL error -
+#: rarely, only in the microseconds around a GOAWAY (docs/operator.md, "What a rollout guarantees").
+_GOAWAY_RACE_MARKS = ('hyper::Error(Canceled, "connection closed")', "kind: GoAway(")
+
+
+def raced_a_goaway(message: str) -> bool:
+    """Whether a ``blazen.PeerException`` message is the wheel's transport failing a call that never reached
+    the server because it raced a graceful GOAWAY."""
+    return message.startswith("tonic transport error") and any(m in message for m in _GOAWAY_RACE_MARKS)
