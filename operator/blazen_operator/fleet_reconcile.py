@@ -114,7 +114,7 @@ class FleetReconciler:
                 fleet, children, live, memory
             )
         if conflict is None and apply_error is None:
-            self._prune(fleet, children)
+            self._prune(fleet, children, memory)
 
         deployment = live.get(("apps/v1", "Deployment", bf.router_name(fleet)))
         certificate = live.get(("cert-manager.io/v1", "Certificate", router.cert_name(fleet)))
@@ -164,7 +164,7 @@ class FleetReconciler:
                 peers[pool.name] = written
         return None
 
-    def _prune(self, f: Fleet, children: list[Child]) -> None:
+    def _prune(self, f: Fleet, children: list[Child], memory: ChildMemory) -> None:
         wanted = {c.key for c in children}
         wanted |= {(s.API_VERSION, s.KIND, bf.pool_peer_name(f, p.name)) for p in f.spec.pools}
         selector = f"{fs.FLEET_LABEL}={f.name}"
@@ -177,6 +177,7 @@ class FleetReconciler:
         # Secrets are never listed: the router certificate's stub goes by name.
         name = router.cert_name(f)
         if ("v1", "Secret", name) not in wanted:
+            memory.stubs.pop(("v1", "Secret", name), None)
             secret = self.api.get("v1", "Secret", f.namespace, name)
             if secret is not None and controlled_by(f, secret):
                 self.api.delete("v1", "Secret", f.namespace, name, uid=secret["metadata"].get("uid"))
