@@ -228,10 +228,13 @@ class Api:
             if exc.status not in (404, 409):
                 raise
 
-    def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    def apply_status(
+        self, namespace: str, name: str, status: dict[str, Any], kind: str = s.KIND
+    ) -> dict[str, Any] | None:
+        """None: the object is gone."""
         body = {
             "apiVersion": s.API_VERSION,
-            "kind": s.KIND,
+            "kind": kind,
             "metadata": {"name": name, "namespace": namespace},
         }
         body["status"] = status

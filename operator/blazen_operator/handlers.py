@@ -156,7 +156,7 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
         outcome = await asyncio.to_thread(reconciler.reconcile, *key)
         return outcome.error is None
 
-    fleets = FleetReconciler(api, options.operator)
+    fleets = FleetReconciler(api, options.operator, cache, recheck_seconds=options.resync_seconds)
 
     async def fleet_work(key: Key) -> bool:
         outcome = await asyncio.to_thread(fleets.reconcile, *key)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -51,7 +52,7 @@ class Outcome:
     gone: bool = False
 
 
-def _validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
@@ -59,32 +60,45 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-ChildId = tuple[str, str, str]  # (apiVersion, kind, name) in the BlazenPeer's namespace
+ChildId = tuple[str, str, str]  # (apiVersion, kind, name) in the owner's namespace
 
 
-def _foreign_child(peer: Peer, children: list[Child], live: dict[ChildId, Live | None]) -> str | None:
-    """The first desired child that exists but is not this BlazenPeer's: the operator never adopts (and so
-    never overwrites) an object it did not create; the status names it instead."""
+class Owner(Protocol):
+    """What owns children: a BlazenPeer (builders.Peer) or a BlazenFleet (builders.Fleet)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def uid(self) -> str: ...
+
+
+def foreign_child(
+    owner: Owner, children: list[Child], live: dict[ChildId, Live | None], kind: str = s.KIND
+) -> str | None:
+    """The first desired child that exists but is not the owner's: the operator never adopts (and so never
+    overwrites) an object it did not create; the status names it instead."""
     for child in children:
         rec = live.get(child.key)
-        if rec is not None and not _ours(peer, child, rec.obj):
-            _, kind, name = child.key
+        if rec is not None and not _ours(owner, child, rec.obj):
+            _, child_kind, name = child.key
             return (
-                f"{kind} {peer.namespace}/{name} exists and is not owned by this BlazenPeer; "
+                f"{child_kind} {owner.namespace}/{name} exists and is not owned by this {kind}; "
                 "the operator does not adopt it: delete or rename it"
             )
     return None
 
 
-def _controlled_by(peer: Peer, obj: dict[str, Any]) -> bool:
+def controlled_by(owner: Owner, obj: dict[str, Any]) -> bool:
     refs = obj["metadata"].get("ownerReferences") or []
-    return any(ref.get("uid") == peer.uid and ref.get("controller") for ref in refs)
+    return any(ref.get("uid") == owner.uid and ref.get("controller") for ref in refs)
 
 
-def _ours(peer: Peer, child: Child, live: dict[str, Any]) -> bool:
+def _ours(owner: Owner, child: Child, live: dict[str, Any]) -> bool:
     meta = live["metadata"]
     refs = meta.get("ownerReferences") or []
-    if any(ref.get("uid") == peer.uid for ref in refs):
+    if any(ref.get("uid") == owner.uid for ref in refs):
         return True
     # A TLS Secret that cert-manager (re)wrote for our Certificate of the same name before our stub existed.
     return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
@@ -100,9 +114,9 @@ def _rollout_signature(deployment: Live | None) -> tuple[Any, ...]:
 
 
 @dataclass
-class PeerMemory:
-    """What this process knows of one BlazenPeer's children between its passes (never shared between two
-    passes at once: the work queue runs one pass per BlazenPeer)."""
+class ChildMemory:
+    """What this process knows of one owner's children between its passes (never shared between two passes
+    at once: a work queue runs one pass per object)."""
 
     uid: str
     applied: dict[tuple[ChildId, str], Applied] = field(default_factory=dict)
@@ -110,8 +124,141 @@ class PeerMemory:
     # the stub as read or written then)
     stubs: dict[ChildId, tuple[tuple[str, int], float, Live]] = field(default_factory=dict)
     stubs_gone: set[ChildId] = field(default_factory=set)  # pruned stubs, known absent
+
+
+@dataclass
+class PeerMemory(ChildMemory):
     pods_seen: tuple[tuple[Any, ...], float] | None = None  # (rollout signature, monotonic time)
     pods: tuple[st.PodReport, ...] = ()
+
+
+class ChildApplier:
+    """Reads and applies one owner's children: a BlazenPeer's, and a BlazenFleet's router children and pools
+    (fleet_reconcile), by the one rule of this module's docstring: a child is written only when missing,
+    when what the builders want differs from what this process last applied, or when a field of ours
+    drifted; a Secret stub only when missing or when its labels or owner references are not current."""
+
+    def __init__(self, api: Api, cache: ChildCache, recheck_seconds: float) -> None:
+        self.api = api
+        self.cache = cache
+        self.recheck_seconds = recheck_seconds
+
+    def read(self, namespace: str, child_id: ChildId) -> Live | None:
+        obj = self.api.get(child_id[0], child_id[1], namespace, child_id[2])
+        return None if obj is None else (self.cache.observe(obj) or compact(obj))
+
+    def live(self, owner: Owner, child: Child, children: list[Child], memory: ChildMemory) -> Live | None:
+        """The child as the watches last reported it; read by name when they do not know it (absent, not
+        yet seen, or someone else's object without our label). A stub is read only when it was not checked
+        against its Certificate's current state yet (it is never watched)."""
+        if child.create_only:
+            known = memory.stubs.get(child.key)
+            if (
+                known is not None
+                and known[0] == self._stub_signature(owner, child, children)
+                and time.monotonic() - known[1] < self.recheck_seconds
+            ):
+                return known[2]
+            return self.read(owner.namespace, child.key)
+        return self.cache.get(owner.namespace, *child.key) or self.read(owner.namespace, child.key)
+
+    def _stub_signature(self, owner: Owner, child: Child, children: list[Child]) -> tuple[str, int]:
+        """A stub needs a look again when its metadata should change or when the Certificate that fills it
+        changed (cert-manager re-creates a deleted Secret and reports it on the Certificate)."""
+        name = child.key[2]
+        filler = next(
+            (
+                x
+                for x in children
+                if x.manifest["kind"] == "Certificate" and x.manifest["spec"]["secretName"] == name
+            ),
+            None,
+        )
+        cert = self.cache.get(owner.namespace, *filler.key) if filler is not None else None
+        return c.digest(meta_only(child.manifest)), cert.resource_version if cert is not None else 0
+
+    # ------------------------------------------------------------------------------------------ writes
+    def apply_all(
+        self, owner: Owner, children: list[Child], live: dict[ChildId, Live | None], memory: ChildMemory
+    ) -> str | None:
+        """Apply the children in order; the first refused one stops and is what the status reports."""
+        for child in children:
+            try:
+                self.apply(owner, child, children, live, memory)
+            except ApiError as exc:
+                if exc.transient or exc.namespace_terminating:
+                    raise
+                kind, cname = child.manifest["kind"], child.manifest["metadata"]["name"]
+                log.warning("%s/%s: applying %s %s failed: %s", owner.namespace, owner.name, kind, cname, exc)
+                return f"{kind} {cname}: {exc.message or exc}"
+        return None
+
+    def apply(
+        self,
+        owner: Owner,
+        child: Child,
+        children: list[Child],
+        live: dict[ChildId, Live | None],
+        memory: ChildMemory,
+        manager: str = FIELD_MANAGER,
+    ) -> dict[str, Any] | None:
+        """Apply one child unless it is as this manager last applied it: the object as the API server
+        stored it, None when nothing was written (``live`` and ``memory`` follow)."""
+        if child.create_only:
+            return self._ensure_stub(
+                child, live, memory, manager, self._stub_signature(owner, child, children)
+            )
+        wanted = c.digest(child.manifest)
+        rec = live.get(child.key)
+        if unchanged(rec, wanted, manager, memory.applied.get((child.key, manager))):
+            return None  # as we applied it, and nobody changed a field of ours since
+        obj = self._apply_or_replace(child, manager)
+        rec = live[child.key] = self.cache.observe(obj) or compact(obj)
+        memory.applied[(child.key, manager)] = applied(rec, wanted, manager)
+        metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
+        return obj
+
+    def _ensure_stub(
+        self,
+        child: Child,
+        live: dict[ChildId, Live | None],
+        memory: ChildMemory,
+        manager: str,
+        signature: tuple[str, int],
+    ) -> dict[str, Any] | None:
+        """Create the stub when absent; keep its labels and owner references; never touch its data.
+        ``signature``: what its state is checked against (_stub_signature), remembered with it."""
+        rec = live.get(child.key)
+        obj = None
+        if rec is None:
+            obj = self.api.create(child.manifest)
+            if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
+                raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
+            rec = compact(obj)
+            metrics.APPLIES.labels(kind="Secret").inc()
+        elif not meta_current(child.manifest, rec.obj):
+            obj = self.api.apply(meta_only(child.manifest), manager)
+            rec = compact(obj)
+            metrics.APPLIES.labels(kind="Secret").inc()
+        live[child.key] = rec
+        memory.stubs[child.key] = (signature, time.monotonic(), rec)
+        memory.stubs_gone.discard(child.key)
+        return obj
+
+    def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
+        """The object as the API server stored it."""
+        try:
+            return self.api.apply(child.manifest, manager)
+        except ApiError as exc:
+            # A 422 on an object whose content is entirely ours (not a Deployment's pod template nor a
+            # fleet pool's BlazenPeer spec: they carry user input) means someone else's list items clash with
+            # ours: overwrite them, then own the fields again by apply.
+            if exc.status != 422 or child.manifest["kind"] in ("Deployment", s.KIND):
+                raise
+            log.info("apply of %s refused (%s); overwriting it", child.key, exc.message)
+            if self.api.merge_replace(child.manifest) is None:
+                raise
+            return self.api.apply(child.manifest, manager)
 
 
 class Reconciler:
@@ -132,6 +279,7 @@ class Reconciler:
         self.cache = cache if cache is not None else ChildCache()
         self.trust = trust or Trust(api, cache=self.cache)
         self.recheck_seconds = recheck_seconds
+        self.children = ChildApplier(api, self.cache, recheck_seconds)
         self._memory: dict[tuple[str, str], PeerMemory] = {}
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
@@ -167,7 +315,7 @@ class Reconciler:
         try:
             peer = Peer.from_body(body, operator=self.operator)
         except ValidationError as exc:
-            observed = st.Observed(generation=generation, peer=None, invalid=_validation_message(exc))
+            observed = st.Observed(generation=generation, peer=None, invalid=validation_message(exc))
             return self._write_status(body, observed, previous)
 
         token_missing = None
@@ -184,9 +332,9 @@ class Reconciler:
         if memory is None or memory.uid != peer.uid:
             memory = self._memory[(namespace, name)] = PeerMemory(peer.uid)
         children = desired(peer)
-        live = {child.key: self._live(peer, child, children, memory) for child in children}
-        conflict = _foreign_child(peer, children, live)
-        apply_error = None if conflict else self._apply_children(peer, children, live, memory)
+        live = {child.key: self.children.live(peer, child, children, memory) for child in children}
+        conflict = foreign_child(peer, children, live)
+        apply_error = None if conflict else self.children.apply_all(peer, children, live, memory)
         if conflict is None and apply_error is None:
             self._prune(peer, children, memory)
 
@@ -206,106 +354,6 @@ class Reconciler:
         )
         return self._write_status(body, observed, previous)
 
-    # ------------------------------------------------------------------------------------------ reads
-    def _read(self, namespace: str, child_id: ChildId) -> Live | None:
-        obj = self.api.get(child_id[0], child_id[1], namespace, child_id[2])
-        return None if obj is None else (self.cache.observe(obj) or compact(obj))
-
-    def _live(self, peer: Peer, child: Child, children: list[Child], memory: PeerMemory) -> Live | None:
-        """The child as the watches last reported it; read by name when they do not know it (absent, not
-        yet seen, or someone else's object without our label). A stub is read only when it was not checked
-        against its Certificate's current state yet (it is never watched)."""
-        if child.create_only:
-            known = memory.stubs.get(child.key)
-            if (
-                known is not None
-                and known[0] == self._stub_signature(peer, child, children)
-                and time.monotonic() - known[1] < self.recheck_seconds
-            ):
-                return known[2]
-            return self._read(peer.namespace, child.key)
-        return self.cache.get(peer.namespace, *child.key) or self._read(peer.namespace, child.key)
-
-    def _stub_signature(self, peer: Peer, child: Child, children: list[Child]) -> tuple[str, int]:
-        """A stub needs a look again when its metadata should change or when the Certificate that fills it
-        changed (cert-manager re-creates a deleted Secret and reports it on the Certificate)."""
-        name = child.key[2]
-        filler = next(
-            (
-                x
-                for x in children
-                if x.manifest["kind"] == "Certificate" and x.manifest["spec"]["secretName"] == name
-            ),
-            None,
-        )
-        cert = self.cache.get(peer.namespace, *filler.key) if filler is not None else None
-        return c.digest(meta_only(child.manifest)), cert.resource_version if cert is not None else 0
-
-    # ------------------------------------------------------------------------------------------ writes
-    def _apply_children(
-        self, peer: Peer, children: list[Child], live: dict[ChildId, Live | None], memory: PeerMemory
-    ) -> str | None:
-        for child in children:
-            manager = FIELD_MANAGER
-            try:
-                if child.create_only:
-                    self._ensure_stub(peer, child, children, live, memory, manager)
-                    continue
-                wanted = c.digest(child.manifest)
-                rec = live.get(child.key)
-                if unchanged(rec, wanted, manager, memory.applied.get((child.key, manager))):
-                    continue  # as we applied it, and nobody changed a field of ours since
-                obj = self._apply_or_replace(child, manager)
-                rec = live[child.key] = self.cache.observe(obj) or compact(obj)
-                memory.applied[(child.key, manager)] = applied(rec, wanted, manager)
-                metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
-            except ApiError as exc:
-                if exc.transient or exc.namespace_terminating:
-                    raise
-                kind, cname = child.manifest["kind"], child.manifest["metadata"]["name"]
-                log.warning("%s/%s: applying %s %s failed: %s", peer.namespace, peer.name, kind, cname, exc)
-                return f"{kind} {cname}: {exc.message or exc}"
-        return None
-
-    def _ensure_stub(
-        self,
-        peer: Peer,
-        child: Child,
-        children: list[Child],
-        live: dict[ChildId, Live | None],
-        memory: PeerMemory,
-        manager: str,
-    ) -> None:
-        """Create the stub when absent; keep its labels and owner references; never touch its data."""
-        rec = live.get(child.key)
-        if rec is None:
-            obj = self.api.create(child.manifest)
-            if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
-                raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
-            rec = compact(obj)
-            metrics.APPLIES.labels(kind="Secret").inc()
-        elif not meta_current(child.manifest, rec.obj):
-            rec = compact(self.api.apply(meta_only(child.manifest), manager))
-            metrics.APPLIES.labels(kind="Secret").inc()
-        live[child.key] = rec
-        memory.stubs[child.key] = (self._stub_signature(peer, child, children), time.monotonic(), rec)
-        memory.stubs_gone.discard(child.key)
-
-    def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
-        """The object as the API server stored it."""
-        try:
-            return self.api.apply(child.manifest, manager)
-        except ApiError as exc:
-            # A 422 on an object whose content is entirely ours (not the Deployment: its pod template
-            # carries user input) means someone else's list items clash with ours: overwrite them, then own
-            # the fields again by apply.
-            if exc.status != 422 or child.manifest["kind"] == "Deployment":
-                raise
-            log.info("apply of %s refused (%s); overwriting it", child.key, exc.message)
-            if self.api.merge_replace(child.manifest) is None:
-                raise
-            return self.api.apply(child.manifest, manager)
-
     def _prune(self, peer: Peer, children: list[Child], memory: PeerMemory) -> None:
         wanted = {child.key for child in children}
         selector = f"{c.PEER_LABEL}={peer.name}"
@@ -320,7 +368,7 @@ class Reconciler:
                 found = self.api.list(api_version, kind, peer.namespace, selector)
             for item in found:
                 meta = item["metadata"]
-                if _controlled_by(peer, item) and (api_version, kind, meta["name"]) not in wanted:
+                if controlled_by(peer, item) and (api_version, kind, meta["name"]) not in wanted:
                     log.info("%s/%s: pruning %s %s", peer.namespace, peer.name, kind, meta["name"])
                     self.api.delete(api_version, kind, peer.namespace, meta["name"], uid=meta.get("uid"))
         # Secrets are never listed (the operator may not enumerate them): the stubs go by name, once.
@@ -329,7 +377,7 @@ class Reconciler:
             if key in wanted or key in memory.stubs_gone:
                 continue
             secret = self.api.get("v1", "Secret", peer.namespace, name)
-            if secret is not None and _controlled_by(peer, secret):
+            if secret is not None and controlled_by(peer, secret):
                 log.info("%s/%s: pruning Secret %s", peer.namespace, peer.name, name)
                 self.api.delete("v1", "Secret", peer.namespace, name, uid=secret["metadata"].get("uid"))
             memory.stubs.pop(key, None)
@@ -391,13 +439,28 @@ class Reconciler:
             log.info("pod %s/%s: deletion cost not updated: %s", meta["namespace"], meta["name"], exc)
 
     def _write_status(self, body: dict[str, Any], observed: st.Observed, previous: dict[str, Any]) -> Outcome:
-        meta = body["metadata"]
-        new = st.compute(observed, previous)
-        current = {k: v for k, v in previous.items() if k in STATUS_KEYS}
-        if new == current:
-            return Outcome()
-        self.api.apply_status(meta["namespace"], meta["name"], new)
-        metrics.STATUS_WRITES.inc()
-        for event in st.transitions(previous, new):
-            self.api.post_event(body, event.type, event.reason, event.message)
+        return write_status(
+            self.api, body, st.compute(observed, previous), previous, STATUS_KEYS, st.transitions
+        )
+
+
+def write_status(
+    api: Api,
+    body: dict[str, Any],
+    new: dict[str, Any],
+    previous: dict[str, Any],
+    keys: set[str],
+    transitions: Callable[[dict[str, Any], dict[str, Any]], list[st.Transition]],
+) -> Outcome:
+    """Patch the object's status to ``new`` only when it differs from the ``previous`` one (of which only
+    the schema's ``keys`` count: the API server prunes the rest), then post the Events of its transitions."""
+    current = {k: v for k, v in previous.items() if k in keys}
+    if new == current:
         return Outcome()
+    meta = body["metadata"]
+    if api.apply_status(meta["namespace"], meta["name"], new, kind=body["kind"]) is None:
+        return Outcome(gone=True)
+    metrics.STATUS_WRITES.inc()
+    for event in transitions(previous, new):
+        api.post_event(body, event.type, event.reason, event.message)
+    return Outcome()

@@ -171,6 +171,46 @@ def operator_calls(control_plane: controlplane.ControlPlane, api: Api) -> Iterat
         Api.request = original  # type: ignore[method-assign]
 
 
+class NamespaceRequests:
+    """The requests the operator's own client (not kopf's watches) sends about one namespace's objects, timed:
+    what a pass over unchanged objects must not write."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, str]] = []  # (monotonic time, method, path)
+
+    def assert_passes_write_nothing(self, pass_path: str, window: float, timeout: float = 60) -> None:
+        """Wait for a ``window`` of seconds holding at least 3 passes (a GET of the object at ``pass_path``,
+        which each pass reads fresh) and not one write request (no server-side apply of an unchanged object,
+        no create of one that exists, no status patch of an unchanged status, no Event)."""
+
+        def quiet_window() -> bool:
+            since = time.monotonic() - window
+            recent = [(m, p) for t, m, p in self.calls if t >= since]
+            passes = [p for m, p in recent if m == "GET" and p.endswith(pass_path)]
+            writes = [f"{m} {p}" for m, p in recent if m != "GET"]
+            assert len(passes) >= 3, passes
+            assert not writes, (f"{len(writes)} writes in {len(passes)} passes", writes[:10])
+            return True
+
+        eventually(quiet_window, timeout=timeout, interval=1, what="passes that write nothing")
+
+
+@pytest.fixture
+def namespace_requests(
+    control_plane: controlplane.ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> NamespaceRequests:
+    log = NamespaceRequests()
+    original = Api.request
+
+    def request(self: Api, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        if bearer_token(self.configuration) == control_plane.operator_token and f"/{namespace}/" in path:
+            log.calls.append((time.monotonic(), method, path.split("?")[0]))
+        return original(self, method, path, **kw)
+
+    monkeypatch.setattr(Api, "request", request)
+    return log
+
+
 class ErrorLog(logging.Handler):
     """Every log record with a traceback, from any logger (kopf's and ours)."""
 

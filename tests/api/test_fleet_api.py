@@ -332,6 +332,40 @@ def test_removed_pool_is_pruned_and_deletion_cascades(api, operator, operator_ca
     eventually(all_gone, timeout=90, what="garbage collection of the fleet's objects")
 
 
+def test_a_pass_over_an_unchanged_fleet_writes_nothing_and_drift_is_reverted(
+    api, operator, namespace, namespace_requests
+):
+    """A BlazenFleet's passes (the resync every 3 s, its pools' and children's events) write nothing once it
+    has settled, as a BlazenPeer's do: not its pools, not the router's children or certificate stub, not its
+    status. What someone edits by hand is still put back."""
+    create_fleet(api, fleet_manifest("demo", namespace))
+    for kind, name, version in ROUTER_CHILDREN:
+        eventually(lambda k=kind, n=name, v=version: api.get(v, k, namespace, n), what=f"{kind} {name}")
+    eventually(lambda: cond(fleet(api, namespace), "Ready") is not None, what="fleet status")
+    window = 3 * operator.resync_seconds + 1
+    namespace_requests.assert_passes_write_nothing("/blazenfleets/demo", window=window)
+
+    # drift: the router's Service port, the stub's labels and a pool's spec, each edited by hand, come back
+    svc = get(api, "Service", namespace, "demo")
+    ports = copy.deepcopy(svc["spec"]["ports"])
+    ports[0]["port"] = 1234
+    merge_patch(api, "Service", namespace, "demo", {"spec": {"ports": ports}}, api_version="v1")
+    unlabel = {"metadata": {"labels": {"blazen.dev/fleet": None}}}
+    merge_patch(api, "Secret", namespace, "demo-router-tls", unlabel, api_version="v1")
+    merge_patch(api, "BlazenPeer", namespace, "demo-gpu", {"spec": {"image": "other:2"}})
+    eventually(lambda: get(api, "Service", namespace, "demo")["spec"]["ports"] == svc["spec"]["ports"])
+    eventually(
+        lambda: (
+            get(api, "Secret", namespace, "demo-router-tls")["metadata"]["labels"]["blazen.dev/fleet"]
+            == "demo"
+        ),
+        what="stub label back",
+    )
+    eventually(lambda: get(api, "BlazenPeer", namespace, "demo-gpu")["spec"]["image"] == SPEC["image"])
+    # ... and the passes are quiet again
+    namespace_requests.assert_passes_write_nothing("/blazenfleets/demo", window=window)
+
+
 def test_a_foreign_blazenpeer_with_a_pool_name_is_not_adopted(api, operator, namespace):
     foreign = {
         "apiVersion": BP,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from blazen_operator import kinds
-from blazen_operator.apply import Api, ApiError, bearer_token, path_for
+from blazen_operator.apply import Api, ApiError, path_for
 from blazen_operator.handlers import list_peers
 
 from tests.support.controlplane import eventually
@@ -672,37 +672,13 @@ def test_drift_is_reverted(api, operator, namespace):
     )
 
 
-def test_a_pass_over_an_unchanged_blazenpeer_writes_nothing(
-    api, operator, control_plane, namespace, monkeypatch
-):
+def test_a_pass_over_an_unchanged_blazenpeer_writes_nothing(api, operator, namespace, namespace_requests):
     """Passes keep running (child events, the resync every 3 s) but, once the BlazenPeer and its children
-    have settled, none of them sends a write request: no server-side apply of an unchanged child, no create
-    of a stub that exists, no status patch of an unchanged status."""
+    have settled, none of them sends a write request."""
     create(api, manifest("bp", namespace, replicas=2))
     eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
     eventually(lambda: get(api, "BlazenPeer", namespace, "bp").get("status", {}).get("replicas") == 2)
-
-    calls: list[tuple[float, str, str]] = []
-    original = Api.request
-
-    def request(self: Api, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        if bearer_token(self.configuration) == control_plane.operator_token and f"/{namespace}/" in path:
-            calls.append((time.monotonic(), method, path.split("?")[0]))
-        return original(self, method, path, **kw)
-
-    monkeypatch.setattr(Api, "request", request)
-    window = 3 * operator.resync_seconds + 1
-
-    def quiet_window() -> bool:
-        since = time.monotonic() - window
-        recent = [(m, p) for t, m, p in calls if t >= since]
-        passes = [p for m, p in recent if m == "GET" and p.endswith("/blazenpeers/bp")]
-        writes = [f"{m} {p}" for m, p in recent if m != "GET"]
-        assert len(passes) >= 3, passes
-        assert not writes, writes[:10]
-        return True
-
-    eventually(quiet_window, timeout=60, interval=1, what="passes that write nothing")
+    namespace_requests.assert_passes_write_nothing("/blazenpeers/bp", window=3 * operator.resync_seconds + 1)
 
 
 def test_rejected_child_is_reported_not_crash_looped(api, operator, namespace):
