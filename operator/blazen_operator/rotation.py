@@ -1,4 +1,8 @@
-"""Rotation of the namespace CA as a small state machine over what is stored in the API. Pure: no I/O.
+"""Rotation of a trust bundle's CA as a small state machine over what is stored in the API. Pure: no I/O.
+
+The same machine serves the namespace CA the operator issues and a user issuer's CA (``tls.issuerRef``),
+whose change is only observed: for a user issuer ``World.cas`` holds one generation, the CA of its newest
+leaf, and ``World.leaves`` is given in Idle too, so a new CA shows as CaChanged; Issuing never happens.
 
 The trust bundle (the ConfigMap ``blazen-trust``, key ``ca.crt``, which every pod mounts as its CA file) and
 the state below (an annotation of the same ConfigMap) are the whole memory of a rotation, so an operator
@@ -7,8 +11,9 @@ returns what to store, what to ask of cert-manager and which Events to post. Pha
 
 ``Idle``       the bundle holds the issuing CA. A rotation starts when ``blazen.dev/rotate-ca`` carries a
                value not acted on yet (Forced), when the issuing CA is within ``tls.ca.renewBefore`` of its
-               expiry (Renewal), or when the issuing CA's certificate changed under us (CaChanged: renewed in
-               place; the bundle gets the new one next to the old one and the rotation goes on at Trusting).
+               expiry (Renewal), or when the issuing CA's certificate changed under us or a leaf is signed by
+               a CA the bundle lacks (CaChanged: the namespace CA renewed in place, a user issuer's new CA;
+               the bundle gets the new one next to the old ones and the rotation goes on at Trusting).
 ``Issuing``    cert-manager issues the next CA under a new name (``blazen-ca-<n>``); the CA Issuer keeps
                signing with the old one.
 ``Trusting``   the bundle holds old + new; waits until every pod reports trusting every root of the bundle.
@@ -216,15 +221,25 @@ def step(stored: Stored, world: World) -> Plan:
         stale = tuple(g for g in sorted(world.cas) if g != stored.generation)
         if cur_pem is None:
             return Plan(stored, delete_generations=stale, progress="waiting for cert-manager to issue the CA")
-        if not stored.roots:
+        # Leaves signed by a CA the bundle lacks (a user issuer's leaves are observed in Idle too: their
+        # ca.crt is how its CA change shows) join the bundle next to the issuing CA.
+        behind = tuple(
+            dict.fromkeys(
+                leaf.ca_pem
+                for leaf in world.leaves
+                if leaf.ca_pem and leaf.ca_pem not in (cur_pem, *stored.roots)
+            )
+        )
+        if not stored.roots and not behind:
             return Plan(
                 replace(stored, roots=(cur_pem,)), delete_generations=stale, progress=_in_use(cur_pem)
             )
-        if cur_pem not in stored.roots:
-            # The issuing CA changed under us (cert-manager renewed it in place): trust both, re-issue.
+        if cur_pem not in stored.roots or behind:
+            # The issuing CA changed under us (cert-manager renewed it in place, a user issuer got a new
+            # CA): trust old and new, re-issue.
             new = _enter(stored, now, phase="Trusting", target=stored.generation, reason="CaChanged")
-            new = replace(new, roots=_with(stored.roots, cur_pem))
-            msg = f"the CA changed in place (now {_short(cur_pem)}): trusting old and new roots"
+            new = replace(new, roots=_with((*stored.roots, *behind), cur_pem))
+            msg = f"the CA changed (now {_short(cur_pem)}): trusting old and new roots"
             return Plan(new, events=(("Warning", "CaChanged", msg),), progress=msg)
         forced = world.request is not None and world.request != stored.handled
         expiry = current.not_after if current is not None else None
@@ -250,6 +265,12 @@ def step(stored: Stored, world: World) -> Plan:
 
     if new_pem is None:  # the new CA vanished mid-rotation (deleted by hand): issue it again
         return Plan(_enter(stored, now, phase="Issuing"), progress=f"CA generation {target} is missing")
+    if new_pem not in stored.roots:
+        # The CA being rolled in changed again (renewed in place, a user issuer's CA replaced once more): no
+        # leaf can move to a root the bundle lacks, so trust it too and start over from Trusting.
+        new = _enter(stored, now, phase="Trusting", reason="CaChanged", roots=_with(stored.roots, new_pem))
+        msg = f"the CA changed again during the rotation (now {_short(new_pem)}): trusting it too"
+        return Plan(new, events=(("Warning", "CaChanged", msg),), progress=msg)
 
     pods = world.pods
     if stored.phase == "Trusting":
