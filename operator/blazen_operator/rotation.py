@@ -154,6 +154,8 @@ class World:
     # Callers outside the peers' pods (a client mounting the bundle and its client Secret) cannot be asked
     # what they trust: Trusting and Reissuing last at least this long, so their kubelet syncs their volumes.
     settle: dt.timedelta = dt.timedelta(0)
+    # False for a user issuer: one observed CA, no generations of ours; messages name the CA by fingerprint.
+    generations: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,10 @@ def _in_use(pem: str) -> str:
     # The Idle progress: the BlazenPeers' CARotation condition, so it must not change from one idle pass to
     # the next (each change is a status write per BlazenPeer).
     return f"CA {_short(pem)} in use"
+
+
+def _ca(world: World, target: int, pem: str) -> str:
+    return f"CA generation {target} ({_short(pem)})" if world.generations else f"CA {_short(pem)}"
 
 
 def _with(roots: tuple[str, ...], pem: str) -> tuple[str, ...]:
@@ -285,8 +291,8 @@ def step(stored: Stored, world: World) -> Plan:
         new = _enter(stored, now, phase="Reissuing", generation=target)
         reissue = tuple(leaf.name for leaf in world.leaves if leaf.ca_pem != new_pem and not leaf.issuing)
         msg = (
-            f"every pod trusts both roots; re-issuing {len(reissue)} leaf certificates with CA generation "
-            f"{target}"
+            f"every pod trusts both roots; re-issuing {len(reissue)} leaf certificates with "
+            f"{_ca(world, target, new_pem)}"
         )
         return Plan(new, reissue=reissue, events=(("Normal", "ReissuingLeaves", msg),), progress=msg)
 
@@ -298,14 +304,14 @@ def step(stored: Stored, world: World) -> Plan:
         if stale_leaves or not all(done):
             msg = (
                 f"{len(world.leaves) - len(stale_leaves)}/{len(world.leaves)} leaf certificates and "
-                f"{sum(done)}/{len(pods)} pods on CA generation {target}"
+                f"{sum(done)}/{len(pods)} pods on {_ca(world, target, new_pem)}"
             )
             return Plan(stored, reissue=retry, progress=msg, waiting=_waiting(pods, done))
         if (left := _settling(stored, world)) > 0:
             msg = f"every leaf and pod on the new CA; {left:.0f}s more for callers to reload their leaves"
             return Plan(stored, progress=msg)
         new = _enter(stored, now, phase="Dropping", roots=(new_pem,))
-        msg = f"every leaf is issued by CA generation {target}; dropping the old roots from the bundle"
+        msg = f"every leaf is issued by {_ca(world, target, new_pem)}; dropping the old roots from the bundle"
         return Plan(new, events=(("Normal", "LeavesReissued", msg),), progress=msg)
 
     # Dropping
@@ -315,7 +321,7 @@ def step(stored: Stored, world: World) -> Plan:
         return Plan(stored, progress=msg, waiting=_waiting(pods, done))
     new = _enter(stored, now, phase="Idle", target=None, roots=(new_pem,))
     old = tuple(g for g in sorted(world.cas) if g != target)
-    msg = f"CA rotation complete: generation {target} ({_short(new_pem)}) is the only trusted root"
+    msg = f"CA rotation complete: {_ca(world, target, new_pem)} is the only trusted root"
     return Plan(
         new,
         delete_generations=old,

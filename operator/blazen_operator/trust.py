@@ -401,6 +401,7 @@ class Trust:
             now=self._now(),
             renew_before=dt.timedelta(0),
             request=None,  # nothing to force: the issuer, not the operator, decides its CA
+            generations=False,
             cas={1: rotation.CaCert(newest.leaf.ca_pem)},
             pods=self._pods(ctx, name) if stored.phase != "Idle" else (),
             leaves=tuple(x.leaf for x in observed),
