@@ -102,15 +102,15 @@ class _Pass:
     def __init__(self, api: Api, namespace: str) -> None:
         self.api = api
         self.namespace = namespace
-        self._certificates: list[dict[str, Any]] | None = None
+        self.listed_certificates: list[dict[str, Any]] | None = None
         self._pods: list[dict[str, Any]] | None = None
 
     def certificates(self) -> list[dict[str, Any]]:
-        if self._certificates is None:
-            self._certificates = self.api.list(
+        if self.listed_certificates is None:
+            self.listed_certificates = self.api.list(
                 "cert-manager.io/v1", "Certificate", self.namespace, MANAGED_SELECTOR
             )
-        return self._certificates
+        return self.listed_certificates
 
     def pods(self) -> list[dict[str, Any]]:
         if self._pods is None:
@@ -267,6 +267,12 @@ class Trust:
         for name, ref in sorted(issuers.items()):
             bundles[name] = self._user_issuer(ctx, name, ref)
         self._retire_issuers(namespace, set(issuers))
+        if ctx.listed_certificates is not None:  # forget the leaves that are gone
+            live = {
+                (namespace, (x.get("spec") or {}).get("secretName") or "") for x in ctx.listed_certificates
+            }
+            for key in [k for k in self._leaf_cas if k[0] == namespace and k not in live]:
+                del self._leaf_cas[key]
         if USER_TRUST_BUNDLE in readers.values():
             bundles[USER_TRUST_BUNDLE] = Summary(
                 "Idle", "", USER_TRUST_BUNDLE_LIMIT, {}, limit="UserTrustBundle"
