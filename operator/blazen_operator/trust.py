@@ -15,6 +15,7 @@ deleting one BlazenPeer of many changes nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -234,7 +235,7 @@ class Trust:
 
     # ------------------------------------------------------------------------------------------ the pass
     def _sync_locked(self, namespace: str) -> None:
-        peers, unparsed = self._peers(namespace)
+        peers, unparsed, unparsed_bundles = self._peers(namespace)
         readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
         for p in peers:
             if (bundle := c.trust_configmap(p)) is not None:
@@ -254,7 +255,7 @@ class Trust:
             settings = certs.CaSettings(default.duration, default.renew_before, unparsed[0])
         if settings is None:
             self._retire(namespace, c.TRUST_CONFIGMAP)
-        if not readers and settings is None:
+        if not readers and settings is None and not unparsed_bundles:
             self._retire_issuers(namespace, set())
             self._last.pop(namespace, None)
             self._view.pop(namespace, None)
@@ -266,7 +267,7 @@ class Trust:
             bundles[c.TRUST_CONFIGMAP] = self._namespace_ca(ctx, settings)
         for name, ref in sorted(issuers.items()):
             bundles[name] = self._user_issuer(ctx, name, ref)
-        self._retire_issuers(namespace, set(issuers))
+        self._retire_issuers(namespace, set(issuers) | unparsed_bundles)
         if ctx.listed_certificates is not None:  # forget the leaves that are gone
             live = {
                 (namespace, (x.get("spec") or {}).get("secretName") or "") for x in ctx.listed_certificates
@@ -415,10 +416,13 @@ class Trust:
         )
         return self._rotate(ctx, configmap, world, note)[1]
 
-    def _peers(self, namespace: str) -> tuple[list[Peer], list[str]]:
-        """The BlazenPeers (not being deleted), and the names of those whose spec the models refuse but whose
-        raw tls still names the namespace CA (their status reports the error)."""
-        out, unparsed = [], []
+    def _peers(self, namespace: str) -> tuple[list[Peer], list[str], set[str]]:
+        """The BlazenPeers (not being deleted); for those whose spec the models refuse (their status reports
+        the error), the names of those whose raw tls still names the namespace CA, and the user issuers'
+        trust bundles the others still read: kept rather than taken from their pods."""
+        out: list[Peer] = []
+        unparsed: list[str] = []
+        bundles: set[str] = set()
         for body in self.api.list(s.API_VERSION, s.KIND, namespace):
             if body["metadata"].get("deletionTimestamp"):
                 continue
@@ -429,9 +433,13 @@ class Trust:
                 on = isinstance(tls, dict) and tls.get("enabled", True) is not False
                 if on and not tls.get("issuerRef"):
                     unparsed.append(body["metadata"]["name"])
+                elif on and not tls.get("trustBundle"):
+                    # an issuerRef the models refuse too names no bundle the operator could have made
+                    with contextlib.suppress(ValidationError):
+                        bundles.add(c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"])))
                 continue
             out.append(peer)
-        return out, unparsed
+        return out, unparsed, bundles
 
     def _retire(self, namespace: str, name: str) -> None:
         """No BlazenPeer reads this trust ConfigMap any more: delete it (the namespace CA's takes the CA

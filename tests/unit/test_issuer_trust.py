@@ -359,3 +359,18 @@ def test_an_issuer_bundle_no_peer_reads_any_more_is_deleted(tmp_path: Path) -> N
     api.delete = lambda av, kind, ns, name, uid=None: deleted.append(name)  # type: ignore[method-assign]
     trust.sync("ns")
     assert deleted == [BUNDLE], "the bundle of the issuer nobody names any more goes; the new one stays"
+
+
+def test_a_peer_the_models_refuse_keeps_its_issuers_bundle(tmp_path: Path) -> None:
+    """An upgrade that makes a field stricter must not empty the trust of pods that still run."""
+    api = Cluster([blazen_peer("a", issuerRef={"name": "corp"})])
+    Fleet(api, tmp_path).issue("a-tls", "corp", CA("corp"))
+    trust = Trust(api)  # type: ignore[arg-type]
+    trust.sync("ns")
+    refused = blazen_peer("a", issuerRef={"name": "corp"})
+    refused["spec"]["tls"]["duration"] = "1h"  # renewBefore (360h) is no longer shorter
+    api.peers[:] = [refused]
+    deleted: list[str] = []
+    api.delete = lambda av, kind, ns, name, uid=None: deleted.append(name)  # type: ignore[method-assign]
+    trust.sync("ns")
+    assert deleted == []
