@@ -368,7 +368,7 @@ def test_a_peer_the_models_refuse_keeps_its_issuers_bundle(tmp_path: Path) -> No
     trust = Trust(api)  # type: ignore[arg-type]
     trust.sync("ns")
     refused = blazen_peer("a", issuerRef={"name": "corp"})
-    refused["spec"]["tls"]["duration"] = "1h"  # renewBefore (360h) is no longer shorter
+    refused["spec"]["tls"]["duration"] = "90 days"  # as a stricter pattern would refuse
     api.peers[:] = [refused]
     deleted: list[str] = []
     api.delete = lambda av, kind, ns, name, uid=None: deleted.append(name)  # type: ignore[method-assign]
