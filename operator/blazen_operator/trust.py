@@ -1,15 +1,21 @@
-"""The namespace trust: the namespace CA objects, the trust bundle the pods read, and CA rotations.
+"""The namespace trust: the trust bundles the pods read, the namespace CA objects, and CA rotations.
 
-One pass per namespace (``Trust.sync``): read the BlazenPeers that use the namespace CA, the trust ConfigMap
-(bundle + rotation state), the CA Certificates and, during a rotation, the leaf Certificates and what every
-ready pod reports on /v1/info; let :func:`rotation.step` decide; store the new state first (it is the
-rotation's memory), then apply the CA objects, trigger leaf re-issues, delete retired CAs and post Events on
-the ConfigMap. Passes run from BlazenPeer reconciles (``sync_if_due``) and from the operator's trust loop
-(every few seconds during a rotation), one at a time per namespace.
+One pass per namespace (``Trust.sync``), one step per trust bundle:
+- the namespace CA's (ConfigMap ``blazen-trust``, for the BlazenPeers without ``tls.issuerRef``): read the
+  trust ConfigMap (bundle + rotation state), the CA Certificates and, during a rotation, the leaf Certificates
+  and what every ready pod that mounts the bundle reports on /v1/info; let :func:`rotation.step` decide;
+  store the new state first (it is the rotation's memory), then apply the CA objects, trigger leaf re-issues,
+  delete retired CAs and post Events on the ConfigMap;
+- a user issuer's (``blazen-trust-<kind>-<issuer>``, for its BlazenPeers without ``tls.trustBundle``): the
+  same step over what can be observed, the ca.crt of the issuer's leaf Secrets (the newest leaf's CA is the
+  issuer's current CA); no CA objects, nothing to force.
+BlazenPeers with ``tls.trustBundle`` read the user's bundle, which the operator never writes: their status
+says so. Passes run from BlazenPeer reconciles (``sync_if_due``) and from the operator's trust loop (every few
+seconds during a rotation), one at a time per namespace.
 
-Ownership: every namespace CA object is owned by the trust ConfigMap alone, which has no owner. The pass that
-finds no BlazenPeer using the namespace CA any more deletes the ConfigMap, and the garbage collector the rest;
-deleting one BlazenPeer of many changes nothing.
+Ownership: every namespace CA object is owned by ``blazen-trust`` alone, which has no owner; nor has a user
+issuer's bundle. The pass that finds no BlazenPeer reading a bundle any more deletes its ConfigMap (and the
+garbage collector the namespace CA objects); deleting one BlazenPeer of many changes nothing.
 """
 
 from __future__ import annotations
