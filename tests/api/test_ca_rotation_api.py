@@ -1,10 +1,12 @@
 """A forced namespace CA rotation on the real API server with cert-manager's real controller (issue #15):
-the new CA under a new name, the trust bundle old + new, the CA Issuer switched, every leaf (servers and
-callers) re-issued by cert-manager through the Issuing condition, the old root dropped and the old CA deleted,
-Events at each step and the CARotation condition on the BlazenPeers.
+the new CA under a new name, the trust bundle old + new, the CA Issuer switched, every leaf (servers,
+callers, a fleet's pool and router) re-issued by cert-manager through the Issuing condition, the old root
+dropped and the old CA deleted, Events at each step and the CARotation condition on the BlazenPeers. And a
+user CA Issuer whose CA is replaced: the overlap the operator keeps in that issuer's trust bundle.
 
 The control plane has no kubelet: pods never run, so no pod reports its trust and the pod gates are empty
-(tests/unit/test_ca_rotation.py covers them; tests/e2e/test_ca_rotation.py runs it all on kind)."""
+(tests/unit/test_ca_rotation.py and tests/unit/test_issuer_trust.py cover them; tests/e2e/test_ca_rotation.py
+runs it all on kind)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from tests.support.ports import free_port
 
 from .test_operator_api import ROTATION_VERBS, create, get, manifest, merge_patch
 
-LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls")
+LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls", "f-router-tls", "f-cpu-tls", "f-cpu-client-tls")
 USER_BUNDLE = "blazen-trust-issuer-corp"
 
 
@@ -98,6 +100,19 @@ def test_forced_rotation_goes_through_every_phase(api, operator, operator_calls,
     operator_calls.calls.clear()
     for name in ("a", "b"):
         create(api, manifest(name, namespace, replicas=0))
+    # a fleet: its router's leaf (<fleet>-router-tls) is signed by the namespace CA too
+    fleet = {
+        "apiVersion": "blazen.dev/v1alpha1",
+        "kind": "BlazenFleet",
+        "metadata": {"name": "f", "namespace": namespace},
+        "spec": {
+            "image": "reg.local/peer:1",
+            "entrypoint": "blazen_examples.steps",
+            "router": {"replicas": 0},
+            "pools": [{"name": "cpu", "replicas": 0, "steps": ["examples::echo"]}],
+        },
+    }
+    api.request("POST", path_for("blazen.dev/v1alpha1", "BlazenFleet", namespace), body=fleet)
 
     def bootstrapped() -> bytes:
         _, roots = state(api, namespace)
