@@ -312,9 +312,9 @@ class Trust:
         world: rotation.World,
         extra: dict[str, str],
     ) -> tuple[rotation.Plan, Summary]:
-        """One step of the bundle's rotation: decide, then store the new state and bundle first (the
-        rotation's memory, so a crash after it repeats the actions), trigger the re-issues and post the
-        Events. What the namespace CA adds (its CA objects) the caller does after."""
+        """One step of the bundle's rotation: decide, and store the new state and bundle first (the
+        rotation's memory, so a crash after it repeats the actions); the caller then does the actions (the
+        namespace CA's objects first, so re-issued leaves are signed by the switched Issuer) and ``_act``."""
         meta = configmap["metadata"]
         stored = rotation.Stored.load(
             (meta.get("annotations") or {}).get(certs.STATE_ANNOTATION),
@@ -330,13 +330,6 @@ class Trust:
         }
         bundle = certs.trust_bundle(ctx.namespace, rotation.join_pem(new.roots), state, meta["name"])
         self._own(bundle, compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}))
-        for name in plan.reissue:
-            self._reissue(ctx.namespace, name, meta["name"])
-        for type_, reason, message in plan.events:
-            log.info("%s: %s: %s: %s", ctx.namespace, meta["name"], reason, message)
-            self.api.post_event(
-                {**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message
-            )
         summary = Summary(
             new.phase,
             new.reason,
@@ -345,6 +338,17 @@ class Trust:
             settled=new.phase == "Idle" and bool(new.roots),
         )
         return plan, summary
+
+    def _act(self, ctx: _Pass, configmap: dict[str, Any], plan: rotation.Plan) -> None:
+        """Trigger the leaf re-issues and post the Events (on the trust ConfigMap)."""
+        name = configmap["metadata"]["name"]
+        for leaf in plan.reissue:
+            self._reissue(ctx.namespace, leaf, name)
+        for type_, reason, message in plan.events:
+            log.info("%s: %s: %s: %s", ctx.namespace, name, reason, message)
+            self.api.post_event(
+                {**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message
+            )
 
     def _namespace_ca(self, ctx: _Pass, settings: certs.CaSettings) -> Summary:
         namespace = ctx.namespace
@@ -380,6 +384,7 @@ class Trust:
         for gen in plan.delete_generations:
             if gen not in live:
                 self._delete_generation(namespace, gen)
+        self._act(ctx, configmap, plan)
         return summary
 
     def _user_issuer(self, ctx: _Pass, name: str, ref: s.IssuerRef) -> Summary:
@@ -420,7 +425,9 @@ class Trust:
             leaves=tuple(x.leaf for x in observed),
             settle=self.settle,
         )
-        return self._rotate(ctx, configmap, world, note)[1]
+        plan, summary = self._rotate(ctx, configmap, world, note)
+        self._act(ctx, configmap, plan)
+        return summary
 
     def _peers(self, namespace: str) -> tuple[list[Peer], list[str], set[str]]:
         """The BlazenPeers (not being deleted); for those whose spec the models refuse (their status reports

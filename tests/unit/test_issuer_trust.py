@@ -237,14 +237,11 @@ async def test_a_user_issuers_new_ca_is_overlapped_until_every_leaf_moved_then_d
     assert view.condition("a")[:2] == ("False", "Idle")
 
 
-async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable[[Cluster], Fleet]) -> None:
-    """A router mounts the namespace bundle and serves <fleet>-router-tls: the old root is dropped only when
-    its pods serve a leaf of the new CA, and the rotation ends only when they trust the new root alone."""
-    old, new = CA("blazen-ca.ns"), CA("blazen-ca-2.ns")
-    api = Cluster([blazen_peer("p")])
-    f = fleet(api)
-    for gen, ca in ((1, old), (2, new)):
-        name = "blazen-ca" if gen == 1 else "blazen-ca-2"
+def namespace_ca_in(api: Cluster, phase: rotation.Phase, gen: int, old: CA, new: CA) -> None:
+    """The namespace CA mid-rotation: both CA generations issued, the bundle old + new, the state ``phase``
+    with the Issuer on generation ``gen``."""
+    for g, ca in ((1, old), (2, new)):
+        name = "blazen-ca" if g == 1 else "blazen-ca-2"
         api.objects[("Certificate", name)] = {
             "apiVersion": "cert-manager.io/v1",
             "kind": "Certificate",
@@ -252,7 +249,7 @@ async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable
                 "name": name,
                 "namespace": "ns",
                 "uid": f"{name}-uid",
-                "labels": {**MANAGED, "blazen.dev/ca-generation": str(gen)},
+                "labels": {**MANAGED, "blazen.dev/ca-generation": str(g)},
             },
             "spec": {"isCA": True, "secretName": name},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]},
@@ -263,7 +260,7 @@ async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable
             "metadata": {"name": name, "namespace": "ns", "uid": f"{name}-s"},
             "data": {"tls.crt": b64(ca.cert_pem)},
         }
-    stored = rotation.Stored(generation=2, phase="Reissuing", target=2, since="2026-12-01T00:00:00Z")
+    stored = rotation.Stored(generation=gen, phase=phase, target=2, since="2026-12-01T00:00:00Z")
     api.objects[("ConfigMap", "blazen-trust")] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -276,6 +273,15 @@ async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable
         },
         "data": {"ca.crt": (old.cert_pem + new.cert_pem).decode()},
     }
+
+
+async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable[[Cluster], Fleet]) -> None:
+    """A router mounts the namespace bundle and serves <fleet>-router-tls: the old root is dropped only when
+    its pods serve a leaf of the new CA, and the rotation ends only when they trust the new root alone."""
+    old, new = CA("blazen-ca.ns"), CA("blazen-ca-2.ns")
+    api = Cluster([blazen_peer("p")])
+    f = fleet(api)
+    namespace_ca_in(api, "Reissuing", 2, old, new)
     f.issue("p-tls", "blazen-ca", new)
     f.issue("f-router-tls", "blazen-ca", old)
     router_labels = {
@@ -374,3 +380,20 @@ def test_a_peer_the_models_refuse_keeps_its_issuers_bundle(tmp_path: Path) -> No
     api.delete = lambda av, kind, ns, name, uid=None: deleted.append(name)  # type: ignore[method-assign]
     trust.sync("ns")
     assert deleted == []
+
+
+def test_the_issuer_switches_to_the_new_ca_before_the_leaves_are_re_issued(tmp_path: Path) -> None:
+    """Leaves re-issued before the CA Issuer points at the new CA would be signed by the old one again."""
+    old, new = CA("blazen-ca.ns"), CA("blazen-ca-2.ns")
+    api = Cluster([blazen_peer("p")])
+    namespace_ca_in(api, "Trusting", 1, old, new)
+    Fleet(api, tmp_path).issue("p-tls", "blazen-ca", old)
+    api.writes.clear()
+    Trust(api, settle=0).sync("ns")  # type: ignore[arg-type]
+    assert state(api, "blazen-trust")[0]["phase"] == "Reissuing"
+    kinds = [(method, kind) for method, kind, _ in api.writes if method in ("APPLY", "PATCH")]
+    switch = kinds.index(("APPLY", "Issuer"))
+    reissue = next(i for i, (method, _) in enumerate(kinds) if method == "PATCH")
+    assert switch < reissue, api.writes
+    issuer = api.objects[("Issuer", "blazen-ca")]
+    assert issuer["spec"] == {"ca": {"secretName": "blazen-ca-2"}}
