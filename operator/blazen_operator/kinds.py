@@ -125,9 +125,10 @@ KINDS: tuple[ManagedKind, ...] = (
         "ConfigMap",
         "configmaps",
         owned=True,
-        extra_verbs=frozenset({"delete"}),
-        why="the namespace trust bundle blazen-trust (read by name, never listed or watched), which owns "
-        "the namespace CA objects and is deleted when no BlazenPeer uses the namespace CA",
+        extra_verbs=frozenset({"delete", "list"}),
+        why="the trust bundles: blazen-trust, which owns the namespace CA objects and is deleted when no "
+        "BlazenPeer uses the namespace CA, and blazen-trust-<kind>-<issuer> per user issuer (listed by "
+        "label, never watched, to delete those no BlazenPeer reads any more)",
     ),
     # Both Services and the Deployment exist for as long as the BlazenPeer: never pruned, never deleted.
     _child("v1", "Service", "services", pruned=False),

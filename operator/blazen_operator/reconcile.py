@@ -306,7 +306,7 @@ class Reconciler:
         # Always read the object fresh: the status we compare against must be the latest.
         body = api.get(s.API_VERSION, s.KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            self.trust.sync(namespace)  # the last BlazenPeer on the namespace CA takes it along
+            self.trust.sync(namespace)  # the last BlazenPeer reading a trust bundle takes it along
             return Outcome(gone=True)
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
@@ -327,7 +327,7 @@ class Reconciler:
             elif ref.key not in (secret.get("data") or {}):
                 token_missing = f"token Secret {ref.name} has no key {ref.key!r}"
 
-        rotation = self.trust.sync_if_due(namespace) if c.uses_namespace_ca(peer) else None
+        rotation = self.trust.sync_if_due(namespace) if peer.spec.tls.enabled else None
         memory = self._memory.get((namespace, name))
         if memory is None or memory.uid != peer.uid:
             memory = self._memory[(namespace, name)] = PeerMemory(peer.uid)

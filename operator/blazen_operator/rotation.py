@@ -1,4 +1,8 @@
-"""Rotation of the namespace CA as a small state machine over what is stored in the API. Pure: no I/O.
+"""Rotation of a trust bundle's CA as a small state machine over what is stored in the API. Pure: no I/O.
+
+The same machine serves the namespace CA the operator issues and a user issuer's CA (``tls.issuerRef``),
+whose change is only observed: for a user issuer ``World.cas`` holds one generation, the CA of its newest
+leaf, and ``World.leaves`` is given in Idle too, so a new CA shows as CaChanged; Issuing never happens.
 
 The trust bundle (the ConfigMap ``blazen-trust``, key ``ca.crt``, which every pod mounts as its CA file) and
 the state below (an annotation of the same ConfigMap) are the whole memory of a rotation, so an operator
@@ -7,8 +11,9 @@ returns what to store, what to ask of cert-manager and which Events to post. Pha
 
 ``Idle``       the bundle holds the issuing CA. A rotation starts when ``blazen.dev/rotate-ca`` carries a
                value not acted on yet (Forced), when the issuing CA is within ``tls.ca.renewBefore`` of its
-               expiry (Renewal), or when the issuing CA's certificate changed under us (CaChanged: renewed in
-               place; the bundle gets the new one next to the old one and the rotation goes on at Trusting).
+               expiry (Renewal), or when the issuing CA's certificate changed under us or a leaf is signed by
+               a CA the bundle lacks (CaChanged: the namespace CA renewed in place, a user issuer's new CA;
+               the bundle gets the new one next to the old ones and the rotation goes on at Trusting).
 ``Issuing``    cert-manager issues the next CA under a new name (``blazen-ca-<n>``); the CA Issuer keeps
                signing with the old one.
 ``Trusting``   the bundle holds old + new; waits until every pod reports trusting every root of the bundle.
@@ -149,6 +154,8 @@ class World:
     # Callers outside the peers' pods (a client mounting the bundle and its client Secret) cannot be asked
     # what they trust: Trusting and Reissuing last at least this long, so their kubelet syncs their volumes.
     settle: dt.timedelta = dt.timedelta(0)
+    # False for a user issuer: one observed CA, no generations of ours; messages name the CA by fingerprint.
+    generations: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,10 @@ def _in_use(pem: str) -> str:
     # The Idle progress: the BlazenPeers' CARotation condition, so it must not change from one idle pass to
     # the next (each change is a status write per BlazenPeer).
     return f"CA {_short(pem)} in use"
+
+
+def _ca(world: World, target: int, pem: str) -> str:
+    return f"CA generation {target} ({_short(pem)})" if world.generations else f"CA {_short(pem)}"
 
 
 def _with(roots: tuple[str, ...], pem: str) -> tuple[str, ...]:
@@ -216,15 +227,25 @@ def step(stored: Stored, world: World) -> Plan:
         stale = tuple(g for g in sorted(world.cas) if g != stored.generation)
         if cur_pem is None:
             return Plan(stored, delete_generations=stale, progress="waiting for cert-manager to issue the CA")
-        if not stored.roots:
+        # Leaves signed by a CA the bundle lacks (a user issuer's leaves are observed in Idle too: their
+        # ca.crt is how its CA change shows) join the bundle next to the issuing CA.
+        behind = tuple(
+            dict.fromkeys(
+                leaf.ca_pem
+                for leaf in world.leaves
+                if leaf.ca_pem and leaf.ca_pem not in (cur_pem, *stored.roots)
+            )
+        )
+        if not stored.roots and not behind:
             return Plan(
                 replace(stored, roots=(cur_pem,)), delete_generations=stale, progress=_in_use(cur_pem)
             )
-        if cur_pem not in stored.roots:
-            # The issuing CA changed under us (cert-manager renewed it in place): trust both, re-issue.
+        if cur_pem not in stored.roots or behind:
+            # The issuing CA changed under us (cert-manager renewed it in place, a user issuer got a new
+            # CA): trust old and new, re-issue.
             new = _enter(stored, now, phase="Trusting", target=stored.generation, reason="CaChanged")
-            new = replace(new, roots=_with(stored.roots, cur_pem))
-            msg = f"the CA changed in place (now {_short(cur_pem)}): trusting old and new roots"
+            new = replace(new, roots=_with((*stored.roots, *behind), cur_pem))
+            msg = f"the CA changed (now {_short(cur_pem)}): trusting old and new roots"
             return Plan(new, events=(("Warning", "CaChanged", msg),), progress=msg)
         forced = world.request is not None and world.request != stored.handled
         expiry = current.not_after if current is not None else None
@@ -250,6 +271,12 @@ def step(stored: Stored, world: World) -> Plan:
 
     if new_pem is None:  # the new CA vanished mid-rotation (deleted by hand): issue it again
         return Plan(_enter(stored, now, phase="Issuing"), progress=f"CA generation {target} is missing")
+    if new_pem not in stored.roots:
+        # The CA being rolled in changed again (renewed in place, a user issuer's CA replaced once more): no
+        # leaf can move to a root the bundle lacks, so trust it too and start over from Trusting.
+        new = _enter(stored, now, phase="Trusting", reason="CaChanged", roots=_with(stored.roots, new_pem))
+        msg = f"the CA changed again during the rotation (now {_short(new_pem)}): trusting it too"
+        return Plan(new, events=(("Warning", "CaChanged", msg),), progress=msg)
 
     pods = world.pods
     if stored.phase == "Trusting":
@@ -264,8 +291,8 @@ def step(stored: Stored, world: World) -> Plan:
         new = _enter(stored, now, phase="Reissuing", generation=target)
         reissue = tuple(leaf.name for leaf in world.leaves if leaf.ca_pem != new_pem and not leaf.issuing)
         msg = (
-            f"every pod trusts both roots; re-issuing {len(reissue)} leaf certificates with CA generation "
-            f"{target}"
+            f"every pod trusts both roots; re-issuing {len(reissue)} leaf certificates with "
+            f"{_ca(world, target, new_pem)}"
         )
         return Plan(new, reissue=reissue, events=(("Normal", "ReissuingLeaves", msg),), progress=msg)
 
@@ -277,14 +304,14 @@ def step(stored: Stored, world: World) -> Plan:
         if stale_leaves or not all(done):
             msg = (
                 f"{len(world.leaves) - len(stale_leaves)}/{len(world.leaves)} leaf certificates and "
-                f"{sum(done)}/{len(pods)} pods on CA generation {target}"
+                f"{sum(done)}/{len(pods)} pods on {_ca(world, target, new_pem)}"
             )
             return Plan(stored, reissue=retry, progress=msg, waiting=_waiting(pods, done))
         if (left := _settling(stored, world)) > 0:
             msg = f"every leaf and pod on the new CA; {left:.0f}s more for callers to reload their leaves"
             return Plan(stored, progress=msg)
         new = _enter(stored, now, phase="Dropping", roots=(new_pem,))
-        msg = f"every leaf is issued by CA generation {target}; dropping the old roots from the bundle"
+        msg = f"every leaf is issued by {_ca(world, target, new_pem)}; dropping the old roots from the bundle"
         return Plan(new, events=(("Normal", "LeavesReissued", msg),), progress=msg)
 
     # Dropping
@@ -294,7 +321,7 @@ def step(stored: Stored, world: World) -> Plan:
         return Plan(stored, progress=msg, waiting=_waiting(pods, done))
     new = _enter(stored, now, phase="Idle", target=None, roots=(new_pem,))
     old = tuple(g for g in sorted(world.cas) if g != target)
-    msg = f"CA rotation complete: generation {target} ({_short(new_pem)}) is the only trusted root"
+    msg = f"CA rotation complete: {_ca(world, target, new_pem)} is the only trusted root"
     return Plan(
         new,
         delete_generations=old,

@@ -234,13 +234,18 @@ class TLS(Model):
         None,
         description="Issuer of the peer certificates. Unset: the operator bootstraps a namespace CA "
         "(self-signed Issuer 'blazen-selfsigned' -> CA Certificate 'blazen-ca' -> CA Issuer 'blazen-ca') "
-        "and the trust bundle ConfigMap 'blazen-trust' the pods trust, and rotates the CA (tls.ca).",
+        "and the trust bundle ConfigMap 'blazen-trust' the pods trust, and rotates the CA (tls.ca). Set "
+        "without trustBundle: the pods trust the ConfigMap 'blazen-trust-<kind>-<issuer>' the operator "
+        "fills from the ca.crt of the issuer's leaves, old and new CA while the issuer's CA changes "
+        "(docs/security.md, User issuers).",
     )
     trust_bundle: TrustBundle | None = Field(
         None,
         description="CA bundle that verifies callers' client certificates and siblings' certificates "
-        "(--tls-ca). Unset: the issuer's ca.crt. Needed for issuers that write no ca.crt (ACME and "
-        "other public CAs); mounted as a directory, so updates reach the running pods.",
+        "(--tls-ca). Unset: the issuer's ca.crt (through the operator's trust ConfigMap). Needed for "
+        "mutual TLS with issuers that write no ca.crt (ACME and other public CAs); mounted as a directory, "
+        "so updates reach the running pods. The operator never writes it: when the issuer's CA changes, "
+        "keep old and new roots in it until every leaf is re-issued.",
     )
     duration: str = Field(
         "2160h",

@@ -40,7 +40,7 @@ class Observed:
     deployment: dict[str, Any] | None = None
     certificate: dict[str, Any] | None = None
     pods: tuple[PodReport, ...] = ()
-    ca_rotation: Cond | None = None  # the namespace CA rotation as this peer sees it (trust.Summary)
+    ca_rotation: Cond | None = None  # its trust bundle's CA rotation as this peer sees it (trust.View)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,27 @@
-"""The namespace trust: the namespace CA objects, the trust bundle the pods read, and CA rotations.
+"""The namespace trust: the trust bundles the pods read, the namespace CA objects, and CA rotations.
 
-One pass per namespace (``Trust.sync``): read the BlazenPeers that use the namespace CA, the trust ConfigMap
-(bundle + rotation state), the CA Certificates and, during a rotation, the leaf Certificates and what every
-ready pod reports on /v1/info; let :func:`rotation.step` decide; store the new state first (it is the
-rotation's memory), then apply the CA objects, trigger leaf re-issues, delete retired CAs and post Events on
-the ConfigMap. Passes run from BlazenPeer reconciles (``sync_if_due``) and from the operator's trust loop
-(every few seconds during a rotation), one at a time per namespace.
+One pass per namespace (``Trust.sync``), one step per trust bundle:
+- the namespace CA's (ConfigMap ``blazen-trust``, for the BlazenPeers without ``tls.issuerRef``): read the
+  trust ConfigMap (bundle + rotation state), the CA Certificates and, during a rotation, the leaf Certificates
+  and what every ready pod that mounts the bundle reports on /v1/info; let :func:`rotation.step` decide;
+  store the new state first (it is the rotation's memory), then apply the CA objects, trigger leaf re-issues,
+  delete retired CAs and post Events on the ConfigMap;
+- a user issuer's (``blazen-trust-<kind>-<issuer>``, for its BlazenPeers without ``tls.trustBundle``): the
+  same step over what can be observed, the ca.crt of the issuer's leaf Secrets (the newest leaf's CA is the
+  issuer's current CA); no CA objects, nothing to force.
+BlazenPeers with ``tls.trustBundle`` read the user's bundle, which the operator never writes: their status
+says so. Passes run from BlazenPeer reconciles (``sync_if_due``) and from the operator's trust loop (every few
+seconds during a rotation), one at a time per namespace.
 
-Ownership: every namespace CA object is owned by the trust ConfigMap alone, which has no owner. The pass that
-finds no BlazenPeer using the namespace CA any more deletes the ConfigMap, and the garbage collector the rest;
-deleting one BlazenPeer of many changes nothing.
+Ownership: every namespace CA object is owned by ``blazen-trust`` alone, which has no owner; nor has a user
+issuer's bundle. The pass that finds no BlazenPeer reading a bundle any more deletes its ConfigMap (and the
+garbage collector the namespace CA objects); deleting one BlazenPeer of many changes nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import fleet_spec as fs
 from . import rotation
 from . import spec as s
 from .apply import FIELD_MANAGER, Api, ApiError, path_for, read_peer_infos
@@ -36,7 +44,15 @@ from .kinds import MANAGED_BY, MANAGED_BY_LABEL, MANAGED_SELECTOR
 
 log = logging.getLogger(__name__)
 TRUST_MANAGER = f"{FIELD_MANAGER}-trust"
-POD_SELECTOR = "app.kubernetes.io/name=blazen-peer"
+# The pods that read a trust bundle: the peers' and the fleet routers'.
+POD_SELECTOR = "app.kubernetes.io/name in (blazen-peer,blazen-router)"
+# The bundle of the BlazenPeers with tls.trustBundle: the user's, which the operator never writes.
+USER_TRUST_BUNDLE = "tls.trustBundle"
+USER_TRUST_BUNDLE_LIMIT = (
+    "tls.trustBundle is the user's: the operator does not write it, so it cannot overlap a change of the "
+    "issuer's CA; keep the old and the new root in it until every leaf is re-issued, then remove the old "
+    "(docs/security.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,14 +66,63 @@ class Summary:
     # Idle with the CA issued: nothing will change before the CA nears its expiry or a rotation is asked for
     # (until then the passes come at the active interval, so the pods get the bundle soon after the issuance).
     settled: bool = True
+    # Idle for a reason the operator cannot act on (NoIssuerCA, UserTrustBundle, TrustBundleNotOwned): the
+    # condition's reason instead of Idle.
+    limit: str = ""
 
     def condition(self, peer: str) -> tuple[Any, str, str]:
         if self.phase == "Idle":
-            return "False", "Idle", self.progress
+            return "False", self.limit or "Idle", self.progress
         msg = f"{self.reason}: {self.progress}" if self.reason else self.progress
         if pods := self.waiting.get(peer):
             msg += f"; this peer's pods not there yet: {', '.join(sorted(pods))}"
         return "True", self.phase, msg
+
+
+@dataclass(frozen=True)
+class View:
+    """The last pass's outcome for one namespace: one Summary per trust bundle (by ConfigMap name, or
+    ``tls.trustBundle``), and the bundle each BlazenPeer reads."""
+
+    bundles: dict[str, Summary]
+    readers: dict[str, str]
+
+    @property
+    def settled(self) -> bool:
+        return all(x.settled for x in self.bundles.values())
+
+    def condition(self, peer: str) -> tuple[Any, str, str] | None:
+        summary = self.bundles.get(self.readers.get(peer, ""))
+        return summary.condition(peer) if summary is not None else None
+
+
+@dataclass(frozen=True)
+class _Observed:
+    leaf: rotation.Leaf
+    issued: bool  # the Secret holds a certificate
+    issued_at: str  # the Certificate's status.notBefore (RFC 3339: sorts as time)
+
+
+class _Pass:
+    """What one pass reads at most once: the namespace's managed Certificates and the pods."""
+
+    def __init__(self, api: Api, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.listed_certificates: list[dict[str, Any]] | None = None
+        self._pods: list[dict[str, Any]] | None = None
+
+    def certificates(self) -> list[dict[str, Any]]:
+        if self.listed_certificates is None:
+            self.listed_certificates = self.api.list(
+                "cert-manager.io/v1", "Certificate", self.namespace, MANAGED_SELECTOR
+            )
+        return self.listed_certificates
+
+    def pods(self) -> list[dict[str, Any]]:
+        if self._pods is None:
+            self._pods = self.api.list("v1", "Pod", self.namespace, POD_SELECTOR)
+        return self._pods
 
 
 def _utcnow() -> dt.datetime:
@@ -133,7 +198,9 @@ class Trust:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._last: dict[str, float] = {}
-        self._summary: dict[str, Summary] = {}
+        self._view: dict[str, View] = {}
+        # A leaf Secret's CA as last read, by its Certificate's issuance (revision, notBefore, uid).
+        self._leaf_cas: dict[tuple[str, str], tuple[Any, str | None, bool]] = {}
         # What this process applied to each namespace CA object (and the trust ConfigMap): a pass writes only
         # what is missing, changed or drifted, so an idle namespace costs reads only.
         self._applied: dict[ChildKey, Applied] = {}
@@ -144,8 +211,8 @@ class Trust:
             return self._locks.setdefault(namespace, threading.Lock())
 
     def _interval(self, namespace: str) -> float:
-        summary = self._summary.get(namespace)
-        return self.idle_interval if summary is None or summary.settled else self.active_interval
+        view = self._view.get(namespace)
+        return self.idle_interval if view is None or view.settled else self.active_interval
 
     def due(self) -> list[str]:
         """Namespaces whose next pass is due (the trust loop runs them)."""
@@ -154,7 +221,7 @@ class Trust:
             known = list(self._last)
         return [ns for ns in known if now - self._last.get(ns, 0.0) >= self._interval(ns)]
 
-    def sync_if_due(self, namespace: str) -> Summary | None:
+    def sync_if_due(self, namespace: str) -> View | None:
         """From a BlazenPeer's reconcile: a pass when none ran recently (and none is running), else the last
         outcome."""
         last = self._last.get(namespace)
@@ -165,61 +232,104 @@ class Trust:
                     self._sync_locked(namespace)
                 finally:
                     lock.release()
-        return self._summary.get(namespace)
+        return self._view.get(namespace)
 
-    def sync(self, namespace: str) -> Summary | None:
+    def sync(self, namespace: str) -> View | None:
         with self._lock(namespace):
             self._sync_locked(namespace)
-        return self._summary.get(namespace)
+        return self._view.get(namespace)
 
     # ------------------------------------------------------------------------------------------ the pass
     def _sync_locked(self, namespace: str) -> None:
-        api = self.api
-        peers, unparsed = self._peers(namespace)
-        configmap = api.get("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP)
+        peers, unparsed, unparsed_bundles = self._peers(namespace)
+        readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
+        for p in peers:
+            if (bundle := c.trust_configmap(p)) is not None:
+                readers[p.name] = bundle
+            elif p.spec.tls.enabled and p.spec.tls.trust_bundle is not None:
+                readers[p.name] = USER_TRUST_BUNDLE
+        issuers = {
+            c.issuer_trust_configmap(p.spec.tls.issuer_ref): p.spec.tls.issuer_ref
+            for p in peers
+            if p.spec.tls.issuer_ref is not None and readers.get(p.name) not in (None, USER_TRUST_BUNDLE)
+        }
         settings = certs.ca_settings(peers)
-        if settings is None:
-            if not unparsed:
-                self._retire(namespace, configmap)
-                return
+        if settings is None and unparsed:
             # Only BlazenPeers the models refuse (an upgrade made a field stricter) still name the namespace
             # CA: keep it, with the default lifetime, rather than take their certificates away.
             default = s.CA()
             settings = certs.CaSettings(default.duration, default.renew_before, unparsed[0])
+        if settings is None:
+            self._retire(namespace, c.TRUST_CONFIGMAP)
+        if not readers and settings is None and not unparsed_bundles:
+            self._retire_issuers(namespace, set())
+            self._last.pop(namespace, None)
+            self._view.pop(namespace, None)
+            return
         self._last[namespace] = self._clock()
+        ctx = _Pass(self.api, namespace)
+        bundles: dict[str, Summary] = {}
+        if settings is not None:
+            bundles[c.TRUST_CONFIGMAP] = self._namespace_ca(ctx, settings)
+        for name, ref in sorted(issuers.items()):
+            bundles[name] = self._user_issuer(ctx, name, ref)
+        self._retire_issuers(namespace, set(issuers) | unparsed_bundles)
+        if ctx.listed_certificates is not None:  # forget the leaves that are gone
+            live = {
+                (namespace, (x.get("spec") or {}).get("secretName") or "") for x in ctx.listed_certificates
+            }
+            for key in [k for k in self._leaf_cas if k[0] == namespace and k not in live]:
+                del self._leaf_cas[key]
+        if USER_TRUST_BUNDLE in readers.values():
+            bundles[USER_TRUST_BUNDLE] = Summary(
+                "Idle", "", USER_TRUST_BUNDLE_LIMIT, {}, limit="UserTrustBundle"
+            )
+        view = View(bundles, readers)
+        changed = view != self._view.get(namespace)
+        self._view[namespace] = view
+        if changed and self._on_change is not None:
+            self._on_change(namespace, list(readers))
+
+    def _open(self, namespace: str, name: str) -> dict[str, Any] | Summary:
+        """The trust ConfigMap, created when absent; a Summary saying so when it is not the operator's."""
+        configmap = self.api.get("v1", "ConfigMap", namespace, name)
         if configmap is None:
-            api.create_if_absent(certs.trust_configmap(namespace), TRUST_MANAGER)
-            configmap = api.get("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP)
+            self.api.create_if_absent(certs.trust_configmap(namespace, name), TRUST_MANAGER)
+            configmap = self.api.get("v1", "ConfigMap", namespace, name)
             if configmap is None:
-                raise ApiError(0, "NotFound", f"ConfigMap {c.TRUST_CONFIGMAP} vanished after its creation")
+                raise ApiError(0, "NotFound", f"ConfigMap {name} vanished after its creation")
         labels = configmap["metadata"].get("labels") or {}
         if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
-            msg = (
-                f"ConfigMap {namespace}/{c.TRUST_CONFIGMAP} exists and is not the operator's: "
-                "delete or rename it"
-            )
-            self._summary[namespace] = Summary("Idle", "TrustBundleNotOwned", msg, {})
+            msg = f"ConfigMap {namespace}/{name} exists and is not the operator's: delete or rename it"
             log.warning("%s", msg)
-            return
-        annotations = configmap["metadata"].get("annotations") or {}
-        data = configmap.get("data") or {}
-        stored = rotation.Stored.load(annotations.get(certs.STATE_ANNOTATION), data.get(c.TRUST_KEY))
+            return Summary("Idle", "", msg, {}, limit="TrustBundleNotOwned")
+        return configmap
 
-        certificates = api.list("cert-manager.io/v1", "Certificate", namespace, MANAGED_SELECTOR)
-        secrets: dict[str, dict[str, Any] | None] = {}  # the CA Secrets read by name in this pass
-        cas = self._cas(namespace, certificates, secrets)
-        active = stored.phase != "Idle"
-        world = rotation.World(
-            now=self._now(),
-            renew_before=dt.timedelta(seconds=settings.renew_before_seconds),
-            request=annotations.get(certs.ROTATE_ANNOTATION),
-            cas=cas,
-            pods=self._pods(namespace, peers) if active else (),
-            leaves=self._leaves(namespace, certificates) if active else (),
-            settle=self.settle,
+    def _rotate(
+        self,
+        ctx: _Pass,
+        configmap: dict[str, Any],
+        world: rotation.World,
+        extra: dict[str, str],
+    ) -> tuple[rotation.Plan, Summary]:
+        """One step of the bundle's rotation: decide, and store the new state and bundle first (the
+        rotation's memory, so a crash after it repeats the actions); the caller then does the actions (the
+        namespace CA's objects first, so re-issued leaves are signed by the switched Issuer) and ``_act``."""
+        meta = configmap["metadata"]
+        stored = rotation.Stored.load(
+            (meta.get("annotations") or {}).get(certs.STATE_ANNOTATION),
+            (configmap.get("data") or {}).get(c.TRUST_KEY),
         )
         plan = rotation.step(stored, world)
         new = plan.stored
+        progress = {"message": plan.progress, "waiting": plan.waiting}
+        state = {
+            certs.STATE_ANNOTATION: new.annotation(),
+            certs.PROGRESS_ANNOTATION: json.dumps(progress, sort_keys=True, separators=(",", ":")),
+            **extra,
+        }
+        bundle = certs.trust_bundle(ctx.namespace, rotation.join_pem(new.roots), state, meta["name"])
+        self._own(bundle, compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}))
         summary = Summary(
             new.phase,
             new.reason,
@@ -227,40 +337,105 @@ class Trust:
             plan.waiting,
             settled=new.phase == "Idle" and bool(new.roots),
         )
-        changed = summary != self._summary.get(namespace)
-        self._summary[namespace] = summary
+        return plan, summary
 
-        progress = {"message": plan.progress, "waiting": plan.waiting}
-        state = {
-            certs.STATE_ANNOTATION: new.annotation(),
-            certs.PROGRESS_ANNOTATION: json.dumps(progress, sort_keys=True, separators=(",", ":")),
-            certs.SETTINGS_ANNOTATION: f"duration={settings.duration},renewBefore={settings.renew_before},"
-            f"from={settings.source}",
-        }
-        # The state first: it is the rotation's memory, so a crash after it repeats the actions below.
-        bundle = certs.trust_bundle(namespace, rotation.join_pem(new.roots), state)
-        self._own(bundle, compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}))
+    def _act(self, ctx: _Pass, configmap: dict[str, Any], plan: rotation.Plan) -> None:
+        """Trigger the leaf re-issues and post the Events (on the trust ConfigMap)."""
+        name = configmap["metadata"]["name"]
+        for leaf in plan.reissue:
+            self._reissue(ctx.namespace, leaf, name)
+        for type_, reason, message in plan.events:
+            log.info("%s: %s: %s: %s", ctx.namespace, name, reason, message)
+            self.api.post_event(
+                {**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message
+            )
+
+    def _namespace_ca(self, ctx: _Pass, settings: certs.CaSettings) -> Summary:
+        namespace = ctx.namespace
+        configmap = self._open(namespace, c.TRUST_CONFIGMAP)
+        if isinstance(configmap, Summary):
+            return configmap
+        annotations = configmap["metadata"].get("annotations") or {}
+        stored = rotation.Stored.load(annotations.get(certs.STATE_ANNOTATION), None)
+        secrets: dict[str, dict[str, Any] | None] = {}  # the CA Secrets read by name in this pass
+        cas = self._cas(namespace, ctx.certificates(), secrets)
+        active = stored.phase != "Idle"
+        issuer = certs.namespace_issuer_ref()
+        world = rotation.World(
+            now=self._now(),
+            renew_before=dt.timedelta(seconds=settings.renew_before_seconds),
+            request=annotations.get(certs.ROTATE_ANNOTATION),
+            cas=cas,
+            pods=self._pods(ctx, c.TRUST_CONFIGMAP) if active else (),
+            leaves=tuple(x.leaf for x in self._leaves(ctx, issuer, cached=False)) if active else (),
+            settle=self.settle,
+        )
+        settings_note = (
+            f"duration={settings.duration},renewBefore={settings.renew_before},from={settings.source}"
+        )
+        plan, summary = self._rotate(ctx, configmap, world, {certs.SETTINGS_ANNOTATION: settings_note})
+        new = plan.stored
         owner = certs.owner_reference(configmap)
         live = (new.generation,) + ((new.target,) if new.target is not None else ())
         for gen in live:
             self._stub(certs.ca_secret_stub(namespace, owner, gen), secrets)
         for manifest in certs.namespace_ca(namespace, owner, settings, live, new.generation):
             self._own(manifest, self._live(manifest))
-        for name in plan.reissue:
-            self._reissue(namespace, name)
         for gen in plan.delete_generations:
             if gen not in live:
                 self._delete_generation(namespace, gen)
-        for type_, reason, message in plan.events:
-            log.info("%s: %s: %s", namespace, reason, message)
-            api.post_event({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}, type_, reason, message)
-        if changed and self._on_change is not None:
-            self._on_change(namespace, [p.name for p in peers])
+        self._act(ctx, configmap, plan)
+        return summary
 
-    def _peers(self, namespace: str) -> tuple[list[Peer], list[str]]:
-        """The BlazenPeers on the namespace CA, and the names of those whose spec the models refuse but whose
-        raw tls still names the namespace CA (their status reports the error)."""
-        out, unparsed = [], []
+    def _user_issuer(self, ctx: _Pass, name: str, ref: s.IssuerRef) -> Summary:
+        """A user issuer's CA is not ours to rotate, only to observe: the CA of its newest leaf (the ca.crt
+        cert-manager writes into the leaf Secret) is its current CA; a leaf on a CA the bundle lacks starts
+        the same overlap as the namespace CA's (trust old + new, re-issue the rest, drop the old)."""
+        configmap = self._open(ctx.namespace, name)
+        if isinstance(configmap, Summary):
+            return configmap
+        stored = rotation.Stored.load(
+            (configmap["metadata"].get("annotations") or {}).get(certs.STATE_ANNOTATION), None
+        )
+        issuer = {"name": ref.name, "kind": ref.kind, "group": ref.group}
+        observed = self._leaves(ctx, issuer, cached=stored.phase == "Idle")
+        dated = [x for x in observed if x.leaf.ca_pem]
+        note = {certs.ISSUER_ANNOTATION: f"{ref.kind}/{ref.name} ({ref.group})"}
+        if not dated:
+            issued = bool(observed) and all(x.issued for x in observed)
+            msg = (
+                f"{ref.kind} {ref.name} writes no ca.crt into its leaf Secrets (ACME and other public CAs): "
+                "nothing to overlap; the pods verify siblings against the system roots"
+                if issued
+                else f"waiting for {ref.kind} {ref.name} to issue the leaf certificates"
+            )
+            self._own(
+                certs.trust_bundle(ctx.namespace, "", {**note, certs.PROGRESS_ANNOTATION: msg}, name),
+                compact({**configmap, "apiVersion": "v1", "kind": "ConfigMap"}),
+            )
+            return Summary("Idle", "", msg, {}, settled=issued, limit="NoIssuerCA" if issued else "")
+        newest = max(dated, key=lambda x: x.issued_at)
+        world = rotation.World(
+            now=self._now(),
+            renew_before=dt.timedelta(0),
+            request=None,  # nothing to force: the issuer, not the operator, decides its CA
+            generations=False,
+            cas={1: rotation.CaCert(newest.leaf.ca_pem)},
+            pods=self._pods(ctx, name) if stored.phase != "Idle" else (),
+            leaves=tuple(x.leaf for x in observed),
+            settle=self.settle,
+        )
+        plan, summary = self._rotate(ctx, configmap, world, note)
+        self._act(ctx, configmap, plan)
+        return summary
+
+    def _peers(self, namespace: str) -> tuple[list[Peer], list[str], set[str]]:
+        """The BlazenPeers (not being deleted); for those whose spec the models refuse (their status reports
+        the error), the names of those whose raw tls still names the namespace CA, and the user issuers'
+        trust bundles the others still read: kept rather than taken from their pods."""
+        out: list[Peer] = []
+        unparsed: list[str] = []
+        bundles: set[str] = set()
         for body in self.api.list(s.API_VERSION, s.KIND, namespace):
             if body["metadata"].get("deletionTimestamp"):
                 continue
@@ -271,22 +446,39 @@ class Trust:
                 on = isinstance(tls, dict) and tls.get("enabled", True) is not False
                 if on and not tls.get("issuerRef"):
                     unparsed.append(body["metadata"]["name"])
+                elif on and not tls.get("trustBundle"):
+                    # an issuerRef the models refuse too names no bundle the operator could have made
+                    with contextlib.suppress(ValidationError):
+                        bundles.add(c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"])))
                 continue
-            if c.uses_namespace_ca(peer):
-                out.append(peer)
-        return out, unparsed
+            out.append(peer)
+        return out, unparsed, bundles
 
-    def _retire(self, namespace: str, configmap: dict[str, Any] | None) -> None:
-        """No BlazenPeer uses the namespace CA any more: delete the trust ConfigMap; the garbage collector
-        deletes the CA Issuers, Certificates and Secrets it owns."""
-        self._last.pop(namespace, None)
-        self._summary.pop(namespace, None)
+    def _retire(self, namespace: str, name: str) -> None:
+        """No BlazenPeer reads this trust ConfigMap any more: delete it (the namespace CA's takes the CA
+        Issuers, Certificates and Secrets it owns along, by the garbage collector)."""
+        configmap = self.api.get("v1", "ConfigMap", namespace, name)
         if configmap is None:
             return
         meta = configmap["metadata"]
         if (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY:
-            log.info("%s: no BlazenPeer uses the namespace CA: deleting it", namespace)
-            self.api.delete("v1", "ConfigMap", namespace, c.TRUST_CONFIGMAP, uid=meta.get("uid"))
+            log.info("%s: no BlazenPeer reads the trust bundle %s any more: deleting it", namespace, name)
+            self.api.delete("v1", "ConfigMap", namespace, name, uid=meta.get("uid"))
+
+    def _retire_issuers(self, namespace: str, keep: set[str]) -> None:
+        selector = f"{MANAGED_SELECTOR},{certs.ISSUER_BUNDLE_LABEL}=issuer"
+        for configmap in self.api.list("v1", "ConfigMap", namespace, selector):
+            meta = configmap["metadata"]
+            labels = meta.get("labels") or {}
+            if meta["name"] in keep or labels.get(certs.ISSUER_BUNDLE_LABEL) != "issuer":
+                continue
+            if labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+                log.info(
+                    "%s: no BlazenPeer reads the trust bundle %s any more: deleting it",
+                    namespace,
+                    meta["name"],
+                )
+                self.api.delete("v1", "ConfigMap", namespace, meta["name"], uid=meta.get("uid"))
 
     def _cas(
         self, namespace: str, certificates: list[dict[str, Any]], secrets: dict[str, dict[str, Any] | None]
@@ -312,49 +504,83 @@ class Trust:
             out[gen] = rotation.CaCert(pem, _time((cert.get("status") or {}).get("notAfter")))
         return out
 
-    def _leaves(self, namespace: str, certificates: list[dict[str, Any]]) -> tuple[rotation.Leaf, ...]:
+    def _leaves(self, ctx: _Pass, issuer: dict[str, str], *, cached: bool) -> list[_Observed]:
+        """The leaf Certificates of our BlazenPeers and routers that name ``issuer``, with the CA of each
+        Secret. ``cached``: a Secret is read again only when its Certificate's issuance changed (an idle user
+        issuer is observed every pass; a rotation reads every Secret every pass)."""
         out = []
-        for cert in certificates:
+        for cert in ctx.certificates():
             spec = cert.get("spec") or {}
             ref = spec.get("issuerRef") or {}
-            if spec.get("isCA") or ref.get("name") != c.CA_NAME or ref.get("kind", "Issuer") != "Issuer":
+            if (
+                spec.get("isCA")
+                or ref.get("name") != issuer["name"]
+                or ref.get("kind", "Issuer") != issuer["kind"]
+                or ref.get("group", "cert-manager.io") != issuer["group"]
+            ):
                 continue
-            secret = self.api.get("v1", "Secret", namespace, spec.get("secretName") or "")
-            roots = rotation.split_pem(_b64((secret or {}).get("data"), "ca.crt") or "")
+            status = cert.get("status") or {}
+            secret_name = spec.get("secretName") or ""
+            key = (ctx.namespace, secret_name)
+            stamp = (status.get("revision"), status.get("notBefore"), cert["metadata"].get("uid"))
+            seen = self._leaf_cas.get(key)
+            if not cached or seen is None or seen[0] != stamp:
+                secret = self.api.get("v1", "Secret", ctx.namespace, secret_name)
+                data = (secret or {}).get("data")
+                roots = rotation.split_pem(_b64(data, "ca.crt") or "")
+                seen = self._leaf_cas[key] = (stamp, roots[0] if roots else None, bool(_b64(data, "tls.crt")))
             issuing = _condition(cert, "Issuing")
             out.append(
-                rotation.Leaf(
-                    cert["metadata"]["name"],
-                    roots[0] if roots else None,
-                    issuing is not None and issuing.get("status") == "True",
+                _Observed(
+                    rotation.Leaf(
+                        cert["metadata"]["name"],
+                        seen[1],
+                        issuing is not None and issuing.get("status") == "True",
+                    ),
+                    issued=seen[2],
+                    issued_at=str(status.get("notBefore") or ""),
                 )
             )
-        return tuple(out)
+        return out
 
-    def _pods(self, namespace: str, peers: list[Peer]) -> tuple[rotation.PodTrust, ...]:
-        """Every ready pod of the namespace-CA peers and what it reports. A pod that does not answer (or runs
-        a runtime too old to report its trust) holds the rotation; the status names it."""
-        admin = {p.name: p.spec.ports.admin for p in peers}
+    def _pods(self, ctx: _Pass, bundle: str) -> tuple[rotation.PodTrust, ...]:
+        """Every ready pod that reads ``bundle`` (peers' and fleet routers': its trust volume names the
+        ConfigMap) and what it reports. A pod that does not answer (or runs a runtime too old to report its
+        trust) holds the rotation; the status names it."""
         targets = []
-        for pod in self.api.list("v1", "Pod", namespace, POD_SELECTOR):
-            meta = pod["metadata"]
-            peer = (meta.get("labels") or {}).get("app.kubernetes.io/instance", "")
+        for pod in ctx.pods():
+            meta, spec = pod["metadata"], pod.get("spec") or {}
+            if not any((v.get("configMap") or {}).get("name") == bundle for v in spec.get("volumes") or []):
+                continue
+            labels = meta.get("labels") or {}
+            owner = labels.get("app.kubernetes.io/instance", "")
+            if labels.get(fs.COMPONENT_LABEL) == "router":
+                owner = f"{owner}-router"  # the fleet's router Deployment
             status = pod.get("status") or {}
             ready = any(
                 x.get("type") == "Ready" and x.get("status") == "True" for x in status.get("conditions") or []
             )
-            if peer not in admin or meta.get("deletionTimestamp") or not ready or not status.get("podIP"):
+            admin = next(
+                (
+                    port.get("containerPort")
+                    for container in spec.get("containers") or []
+                    for port in container.get("ports") or []
+                    if port.get("name") == "admin"
+                ),
+                None,
+            )
+            if meta.get("deletionTimestamp") or not ready or not status.get("podIP") or admin is None:
                 continue
-            targets.append((peer, meta["name"], f"http://{status['podIP']}:{admin[peer]}/v1/info"))
+            targets.append((owner, meta["name"], f"http://{status['podIP']}:{admin}/v1/info"))
         infos = read_peer_infos([url for _, _, url in targets])
         out = []
-        for (peer, name, _), info in zip(targets, infos, strict=True):
+        for (owner, name, _), info in zip(targets, infos, strict=True):
             tls = (info or {}).get("tls")
             if not isinstance(tls, dict) or not isinstance(tls.get("trusted_sha256"), list):
-                out.append(rotation.PodTrust(peer, name, None))
+                out.append(rotation.PodTrust(owner, name, None))
                 continue
             trusted = frozenset(str(x) for x in tls["trusted_sha256"])
-            out.append(rotation.PodTrust(peer, name, trusted, tls.get("leaf_root_sha256")))
+            out.append(rotation.PodTrust(owner, name, trusted, tls.get("leaf_root_sha256")))
         return tuple(out)
 
     # ------------------------------------------------------------------------------------------ actions
@@ -419,7 +645,7 @@ class Trust:
             what=f"own {manifest['kind']} {meta['name']}",
         )
 
-    def _reissue(self, namespace: str, name: str) -> None:
+    def _reissue(self, namespace: str, name: str, bundle: str) -> None:
         """What ``cmctl renew`` does: set the Certificate's Issuing condition; cert-manager issues a new
         certificate from the (now switched) CA Issuer."""
         cert = self.api.get("cert-manager.io/v1", "Certificate", namespace, name)
@@ -434,7 +660,7 @@ class Trust:
                 "type": "Issuing",
                 "status": "True",
                 "reason": "ManuallyTriggered",
-                "message": "Certificate re-issuance triggered by blazen-operator: namespace CA rotation",
+                "message": f"Certificate re-issuance triggered by blazen-operator: CA rotation of {bundle}",
                 "lastTransitionTime": now,
                 "observedGeneration": cert["metadata"].get("generation"),
             }

@@ -1,10 +1,12 @@
 """A forced namespace CA rotation on the real API server with cert-manager's real controller (issue #15):
-the new CA under a new name, the trust bundle old + new, the CA Issuer switched, every leaf (servers and
-callers) re-issued by cert-manager through the Issuing condition, the old root dropped and the old CA deleted,
-Events at each step and the CARotation condition on the BlazenPeers.
+the new CA under a new name, the trust bundle old + new, the CA Issuer switched, every leaf (servers,
+callers, a fleet's pool and router) re-issued by cert-manager through the Issuing condition, the old root
+dropped and the old CA deleted, Events at each step and the CARotation condition on the BlazenPeers. And a
+user CA Issuer whose CA is replaced: the overlap the operator keeps in that issuer's trust bundle.
 
 The control plane has no kubelet: pods never run, so no pod reports its trust and the pod gates are empty
-(tests/unit/test_ca_rotation.py covers them; tests/e2e/test_ca_rotation.py runs it all on kind)."""
+(tests/unit/test_ca_rotation.py and tests/unit/test_issuer_trust.py cover them; tests/e2e/test_ca_rotation.py
+runs it all on kind)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from blazen_operator.apply import Api
+from blazen_operator.apply import Api, path_for
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.support import controlplane
 from tests.support.controlplane import eventually
+from tests.support.pki import CA
 from tests.support.ports import free_port
 
 from .test_operator_api import ROTATION_VERBS, create, get, manifest, merge_patch
 
-LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls")
+LEAVES = ("a-tls", "a-client-tls", "b-tls", "b-client-tls", "f-router-tls", "f-cpu-tls", "f-cpu-client-tls")
+USER_BUNDLE = "blazen-trust-issuer-corp"
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,8 @@ def issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
     return True
 
 
-def state(api: Api, ns: str) -> tuple[dict[str, Any], list[bytes]]:
-    cm = get(api, "ConfigMap", ns, "blazen-trust") or {"metadata": {}}
+def state(api: Api, ns: str, name: str = "blazen-trust") -> tuple[dict[str, Any], list[bytes]]:
+    cm = get(api, "ConfigMap", ns, name) or {"metadata": {}}
     annotations = cm["metadata"].get("annotations") or {}
     bundle = (cm.get("data") or {}).get("ca.crt", "")
     roots = (
@@ -96,6 +100,19 @@ def test_forced_rotation_goes_through_every_phase(api, operator, operator_calls,
     operator_calls.calls.clear()
     for name in ("a", "b"):
         create(api, manifest(name, namespace, replicas=0))
+    # a fleet: its router's leaf (<fleet>-router-tls) is signed by the namespace CA too
+    fleet = {
+        "apiVersion": "blazen.dev/v1alpha1",
+        "kind": "BlazenFleet",
+        "metadata": {"name": "f", "namespace": namespace},
+        "spec": {
+            "image": "reg.local/peer:1",
+            "entrypoint": "blazen_examples.steps",
+            "router": {"replicas": 0},
+            "pools": [{"name": "cpu", "replicas": 0, "steps": ["examples::echo"]}],
+        },
+    }
+    api.request("POST", path_for("blazen.dev/v1alpha1", "BlazenFleet", namespace), body=fleet)
 
     def bootstrapped() -> bytes:
         _, roots = state(api, namespace)
@@ -196,3 +213,128 @@ def test_forced_rotation_goes_through_every_phase(api, operator, operator_calls,
     time.sleep(1)
     assert state(api, namespace)[0]["generation"] == 2
     assert get(api, "Certificate", namespace, "blazen-ca-3") is None
+
+
+def _tls_secret(namespace: str, name: str, ca: CA) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {
+            "tls.crt": base64.b64encode(ca.cert_pem).decode(),
+            "tls.key": base64.b64encode(ca.issued.key_pem).decode(),
+        },
+    }
+
+
+def test_a_user_issuers_new_ca_is_overlapped_and_the_old_dropped(
+    api, operator, operator_calls, cert_manager, namespace
+):
+    """tls.issuerRef names the user's CA Issuer; its CA is replaced and one leaf renews on it (what
+    cert-manager does at each leaf's own renewal): the operator sees the new ca.crt, puts old + new into the
+    issuer's trust bundle, re-issues the other leaves, then drops the old root."""
+    old, new = CA("corp-old"), CA("corp-new")
+    api.request("POST", path_for("v1", "Secret", namespace), body=_tls_secret(namespace, "corp-ca", old))
+    issuer = {
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Issuer",
+        "metadata": {"name": "corp", "namespace": namespace},
+        "spec": {"ca": {"secretName": "corp-ca"}},
+    }
+    api.request("POST", path_for("cert-manager.io/v1", "Issuer", namespace), body=issuer)
+    tls = {"issuerRef": {"name": "corp"}}
+    create(api, manifest("u", namespace, replicas=0, tls=tls, auth={"tokenSecretRef": {"name": "t"}}))
+    leaves = ("u-tls", "u-client-tls")
+
+    def bundle() -> tuple[dict[str, Any], list[bytes]]:
+        return state(api, namespace, USER_BUNDLE)
+
+    def bootstrapped() -> bool:
+        assert bundle()[1] == [old.cert_pem], bundle()
+        for leaf in leaves:
+            assert issued_by(secret_pem(api, namespace, leaf, "tls.crt") or b"", old.cert_pem), leaf
+        return True
+
+    eventually(bootstrapped, timeout=120, what="the issuer's leaves issued and its CA in the bundle")
+    # the pods read that bundle, not their leaf Secret's ca.crt
+    deployment = get(api, "Deployment", namespace, "u")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["trust"]["configMap"]["name"] == USER_BUNDLE
+    before = secret_pem(api, namespace, "u-client-tls", "tls.crt")
+
+    # the user replaces the issuer's CA; cert-manager re-issues nothing by itself, so renew one leaf as its
+    # own renewBefore would (the Issuing condition, what `cmctl renew` sets)
+    merge_patch(
+        api,
+        "Secret",
+        namespace,
+        "corp-ca",
+        {"data": _tls_secret(namespace, "corp-ca", new)["data"]},
+        api_version="v1",
+    )
+    cert = get(api, "Certificate", namespace, "u-tls")
+    merge_patch(
+        api,
+        "Certificate",
+        namespace,
+        "u-tls",
+        {
+            "status": {
+                "conditions": [
+                    *[x for x in cert["status"]["conditions"] if x["type"] != "Issuing"],
+                    {
+                        "type": "Issuing",
+                        "status": "True",
+                        "reason": "ManuallyTriggered",
+                        "message": "test: the leaf's own renewal",
+                        "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                ]
+            }
+        },
+        sub="status",
+        api_version="cert-manager.io/v1",
+    )
+    started = time.monotonic()
+    seen: list[tuple[str, int]] = []
+    conditions: set[str] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        st, roots = bundle()
+        if not seen or seen[-1] != (st.get("phase"), len(roots)):
+            seen.append((st.get("phase"), len(roots)))
+        for c in (get(api, "BlazenPeer", namespace, "u") or {}).get("status", {}).get("conditions") or []:
+            if c["type"] == "CARotation" and c["status"] == "True":
+                conditions.add(c["reason"])
+        if len(seen) > 1 and st.get("phase") == "Idle":
+            break
+        time.sleep(0.3)
+    print(f"\nuser issuer overlap took {time.monotonic() - started:.1f}s through {seen}")
+    st, roots = bundle()
+    assert (st.get("phase"), st.get("reason")) == ("Idle", "CaChanged"), seen
+    assert roots == [new.cert_pem], "only the new root at the end"
+    assert ("Trusting", 2) in seen or ("Reissuing", 2) in seen, seen
+    for phase, n in seen:
+        if phase in ("Trusting", "Reissuing"):
+            assert n == 2, seen
+    for leaf in leaves:
+        assert issued_by(secret_pem(api, namespace, leaf, "tls.crt") or b"", new.cert_pem), leaf
+    assert secret_pem(api, namespace, "u-client-tls", "tls.crt") != before, "re-issued by the operator"
+    assert conditions, "the BlazenPeer showed the overlap as its CARotation condition"
+
+    def all_events() -> bool:
+        reasons = trust_events(api, namespace)
+        expected = ["CaChanged", "ReissuingLeaves", "LeavesReissued", "CaRotationComplete"]
+        assert [r for r in reasons if r in expected] == expected, reasons
+        return True
+
+    eventually(all_events, what="an Event per step on the issuer's trust bundle")
+
+    # the BlazenPeer moves to another issuer: the bundle nobody reads any more is deleted
+    merge_patch(api, "BlazenPeer", namespace, "u", {"spec": {"tls": {"issuerRef": {"name": "other"}}}})
+    eventually(
+        lambda: get(api, "ConfigMap", namespace, USER_BUNDLE) is None,
+        timeout=90,
+        what="the retired issuer's trust bundle deleted",
+    )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from blazen_operator import kinds
+from blazen_operator import cli, kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "blazen-operator"
@@ -222,6 +222,7 @@ def test_default_values_watch_all_namespaces_with_a_cluster_role(helm: Path) -> 
         "--liveness-port=8081",
         "--metrics-port=8000",
         "--resync-seconds=60",
+        "--ca-rotation-settle-seconds=120",
     ]
 
 
@@ -316,6 +317,8 @@ def test_ports_and_flags_follow_the_values(helm: Path) -> None:
             "--set",
             "operator.resyncSeconds=15",
             "--set",
+            "operator.caRotationSettleSeconds=45",
+            "--set",
             "operator.verbose=true",
         ),
     )
@@ -333,8 +336,12 @@ def test_ports_and_flags_follow_the_values(helm: Path) -> None:
         "--liveness-port=9101",
         "--metrics-port=9100",
         "--resync-seconds=15",
+        "--ca-rotation-settle-seconds=45",
         "--verbose",
     ]
+    # what the chart renders is what the operator's own parser takes
+    (settle,) = [a for a in container["args"] if a.startswith("--ca-rotation-settle-seconds=")]
+    assert cli.build_parser().parse_args(["run", settle]).ca_rotation_settle_seconds == 45
 
     # The selector labels the operator passes for its own pods select exactly its pods, in its namespace.
     (labels_arg,) = [a for a in container["args"] if a.startswith("--operator-pod-labels=")]
@@ -354,6 +361,7 @@ def test_ports_and_flags_follow_the_values(helm: Path) -> None:
         (["--set", "replicas=3"], "replicas"),
         (["--set", "metrics.port=70000"], "port"),
         (["--set", "rbac.create=maybe"], "create"),
+        (["--set", "operator.caRotationSettleSeconds=-1"], "caRotationSettleSeconds"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(helm: Path, args: list[str], field: str) -> None:

@@ -232,3 +232,30 @@ def test_callers_get_a_settle_time_in_trusting_and_reissuing(old, new):
     )
     after = r.World(NOW + dt.timedelta(seconds=301), WINDOW, None, cas, moved, leaves, settle)
     assert r.step(s, after).stored.phase == "Dropping"
+
+
+def test_a_leaf_on_a_ca_the_bundle_lacks_starts_the_overlap(old, new):
+    """A user issuer's CA change shows in its leaves: the newest leaf's CA is the issuing one, and leaves
+    still on another CA keep it in the bundle (also on the first pass, before any bundle existed)."""
+    first = r.step(r.Stored(), world({1: r.CaCert(pem(new))}, leaves=[r.Leaf("a-tls", pem(old))]))
+    s = first.stored
+    assert (s.phase, s.reason, s.roots) == ("Trusting", "CaChanged", (pem(old), pem(new)))
+    idle = r.Stored(roots=(pem(old),))
+    p = r.step(idle, world({1: r.CaCert(pem(new))}, leaves=[r.Leaf("a-tls", pem(new))]))
+    assert (p.stored.phase, p.stored.roots) == ("Trusting", (pem(old), pem(new)))
+    assert [e[1] for e in p.events] == ["CaChanged"]
+    settled = r.Stored(roots=(pem(new),))
+    assert (
+        r.step(settled, world({1: r.CaCert(pem(new))}, leaves=[r.Leaf("a-tls", pem(new))])).stored == settled
+    )
+
+
+def test_a_ca_that_changes_again_mid_rotation_joins_the_bundle(old, new):
+    """No leaf can move to a root the bundle lacks: a third CA seen during Reissuing or Dropping goes into the
+    bundle and the rotation goes back to Trusting, instead of waiting forever for pods to serve it."""
+    third = CA(name="corp-third")
+    for phase, roots in (("Reissuing", (pem(old), pem(new))), ("Dropping", (pem(new),))):
+        s = r.Stored(phase=phase, target=1, roots=roots, reason="CaChanged", since="2026-12-01T00:00:00Z")
+        p = r.step(s, world({1: r.CaCert(pem(third))}))
+        assert (p.stored.phase, p.stored.roots) == ("Trusting", (*roots, pem(third)))
+        assert [e[1] for e in p.events] == ["CaChanged"]

@@ -720,10 +720,27 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
         "mountPath": "/etc/blazen/trust",
         "readOnly": True,
     }
-    # a user issuer without a bundle: the ca.crt the issuer writes into the leaf Secret
+
+
+def test_user_issuer_peers_trust_the_bundle_the_operator_keeps_for_that_issuer():
+    """Without tls.trustBundle, a user issuer's pods read the ConfigMap the operator fills from its leaves'
+    ca.crt (old + new CA while the issuer's CA changes), optional: an ACME issuer writes no ca.crt and the
+    pods start without one."""
     corp = peer(tls={"issuerRef": {"name": "corp"}})
-    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/tls/ca.crt"
-    assert "trust" not in volumes(corp)
+    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert volumes(corp)["trust"] == {
+        "name": "trust",
+        "configMap": {
+            "name": "blazen-trust-issuer-corp",
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+            "optional": True,
+        },
+    }
+    acme = peer(tls={"issuerRef": {"name": "le", "kind": "ClusterIssuer", "group": "acme.example.com"}})
+    name = volumes(acme)["trust"]["configMap"]["name"]
+    assert name.startswith("blazen-trust-clusterissuer-le-"), "another group: the name says so"
+    long = peer(tls={"issuerRef": {"name": "x" * 253}})
+    assert len(volumes(long)["trust"]["configMap"]["name"]) <= 253
 
 
 def test_namespace_ca_peers_trust_the_namespace_bundle():
@@ -751,7 +768,7 @@ def test_namespace_ca_peers_trust_the_namespace_bundle():
             "/etc/blazen/trust/ca.crt",
         ),
         # Any other issuer may write no ca.crt (ACME): no client certificates, the token the CRD requires.
-        ({"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}, "none", "/etc/blazen/tls/ca.crt"),
+        ({"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}, "none", "/etc/blazen/trust/ca.crt"),
     ],
 )
 def test_tls_client_auth_follows_whether_a_ca_bundle_is_sure_to_exist(tls, mode, ca):

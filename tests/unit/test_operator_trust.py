@@ -4,13 +4,12 @@ namespace names the namespace CA any more."""
 
 from __future__ import annotations
 
-import base64
-import copy
 from typing import Any
 
 import pytest
 from blazen_operator.trust import Trust
 
+from tests.support.kube_fake import Cluster
 from tests.support.pki import CA
 
 CM = {
@@ -36,6 +35,8 @@ class FakeApi:
         self.deleted: list[tuple[str, str, str | None]] = []
 
     def list(self, api_version: str, kind: str, namespace: str | None, selector: str | None = None) -> list:
+        if kind == "ConfigMap":  # the user issuers' trust bundles: none
+            return []
         if kind != "BlazenPeer":
             raise Proceeded(kind)
         return self.peers
@@ -77,68 +78,6 @@ def test_a_peer_the_models_refuse_still_keeps_the_namespace_ca():
     with pytest.raises(Proceeded):
         Trust(api).sync("ns")  # type: ignore[arg-type]
     assert api.deleted == []
-
-
-class Cluster:
-    """A small API server: objects by (kind, name), server-side apply recording our fields as managedFields
-    (the key paths of the manifest), creates that refuse an existing name, and every write request logged."""
-
-    def __init__(self, peers: list[dict[str, Any]]) -> None:
-        self.peers = peers
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str, str]] = []
-        self.rv = 0
-
-    def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.rv += 1
-        meta = obj["metadata"]
-        meta.setdefault("uid", f"{obj['kind']}-{meta['name']}-uid")
-        meta["resourceVersion"] = str(self.rv)
-        self.objects[(obj["kind"], meta["name"])] = obj
-        return copy.deepcopy(obj)
-
-    def list(self, api_version: str, kind: str, namespace: str | None, selector: str | None = None) -> list:
-        if kind == "BlazenPeer":
-            return self.peers
-        return [copy.deepcopy(o) for (k, _), o in self.objects.items() if k == kind]
-
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self.objects.get((kind, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def create(self, manifest: dict[str, Any], manager: str) -> dict[str, Any] | None:
-        self.writes.append(("POST", manifest["kind"], manifest["metadata"]["name"]))
-        if (manifest["kind"], manifest["metadata"]["name"]) in self.objects:
-            return None
-        return self._store(copy.deepcopy(manifest))
-
-    def create_if_absent(self, manifest: dict[str, Any], manager: str) -> bool:
-        return self.create(manifest, manager) is not None
-
-    def apply(self, manifest: dict[str, Any], manager: str) -> dict[str, Any]:
-        self.writes.append(("APPLY", manifest["kind"], manifest["metadata"]["name"]))
-        old = self.objects.get((manifest["kind"], manifest["metadata"]["name"])) or {"metadata": {}}
-        obj = {**old, **copy.deepcopy(manifest)}
-        obj["metadata"] = {**old["metadata"], **copy.deepcopy(manifest["metadata"])}
-        fields = {k: sorted(v) if isinstance(v, dict) else 1 for k, v in manifest.items()}
-        others = [e for e in old["metadata"].get("managedFields") or [] if e["manager"] != manager]
-        entry = {"manager": manager, "operation": "Apply", "fieldsV1": fields}
-        obj["metadata"]["managedFields"] = [*others, entry]
-        return self._store(obj)
-
-    def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
-        self.writes.append((method, path, ""))
-        return {}
-
-    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        self.writes.append(("EVENT", reason, message))
-
-    def issue_ca(self, pem: str) -> None:
-        """What cert-manager does: the CA Certificate Ready, its Secret filled."""
-        cert = self.objects[("Certificate", "blazen-ca")]
-        cert["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
-        secret = self.objects[("Secret", "blazen-ca")]
-        secret["data"] = {"tls.crt": base64.b64encode(pem.encode()).decode()}
 
 
 def test_an_unchanged_namespace_ca_costs_no_write_and_drift_is_reverted():

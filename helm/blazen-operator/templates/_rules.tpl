@@ -45,7 +45,7 @@ children are server-side applied (patch, never update).
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "delete", "get", "patch"]
+  verbs: ["create", "delete", "get", "list", "patch"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "get", "list", "patch", "watch"]

@@ -17,12 +17,18 @@ ROTATE_ANNOTATION = "blazen.dev/rotate-ca"  # set to any new value on the trust 
 STATE_ANNOTATION = "blazen.dev/ca-rotation"  # the rotation state (rotation.Stored)
 PROGRESS_ANNOTATION = "blazen.dev/ca-rotation-progress"
 SETTINGS_ANNOTATION = "blazen.dev/ca-settings"  # the tls.ca in force and the BlazenPeer it came from
+ISSUER_ANNOTATION = "blazen.dev/issuer"  # on a user issuer's trust ConfigMap: the issuer it follows
+ISSUER_BUNDLE_LABEL = "blazen.dev/trust-bundle"  # "issuer": a user issuer's trust ConfigMap
 
 
 def issuer_ref(p: Peer) -> dict[str, str]:
     ref = p.spec.tls.issuer_ref
     if ref is not None:
         return {"name": ref.name, "kind": ref.kind, "group": ref.group}
+    return namespace_issuer_ref()
+
+
+def namespace_issuer_ref() -> dict[str, str]:
     return {"name": c.CA_NAME, "kind": "Issuer", "group": "cert-manager.io"}
 
 
@@ -63,20 +69,27 @@ def ca_name(generation: int) -> str:
     return c.CA_NAME if generation <= 1 else f"{c.CA_NAME}-{generation}"
 
 
-def trust_configmap(namespace: str) -> dict[str, Any]:
-    """The trust ConfigMap as first created: the root every namespace CA object is owned by. It has no
-    owner itself; the operator deletes it when no BlazenPeer of the namespace uses the namespace CA."""
+def trust_configmap(namespace: str, name: str = c.TRUST_CONFIGMAP) -> dict[str, Any]:
+    """A trust ConfigMap as first created. The namespace CA's (``blazen-trust``) is the root every namespace
+    CA object is owned by; a user issuer's (``blazen-trust-<kind>-<issuer>``) carries the label
+    ``blazen.dev/trust-bundle: issuer``. They have no owner; the operator deletes each when no BlazenPeer of
+    the namespace reads it any more."""
+    labels = dict(SHARED_LABELS)
+    if name != c.TRUST_CONFIGMAP:
+        labels[ISSUER_BUNDLE_LABEL] = "issuer"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": c.TRUST_CONFIGMAP, "namespace": namespace, "labels": dict(SHARED_LABELS)},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
     }
 
 
-def trust_bundle(namespace: str, bundle: str, annotations: dict[str, str]) -> dict[str, Any]:
-    """What the operator applies to the trust ConfigMap: the bundle (absent until the first CA is issued,
-    so pods wait for it instead of starting with no root) and the rotation state."""
-    out = trust_configmap(namespace)
+def trust_bundle(
+    namespace: str, bundle: str, annotations: dict[str, str], name: str = c.TRUST_CONFIGMAP
+) -> dict[str, Any]:
+    """What the operator applies to a trust ConfigMap: the bundle (absent until the first CA is known, so
+    the namespace CA's pods wait for it instead of starting with no root) and the rotation state."""
+    out = trust_configmap(namespace, name)
     out["metadata"]["annotations"] = dict(annotations)
     if bundle:
         out["data"] = {c.TRUST_KEY: bundle}

@@ -81,6 +81,27 @@ def uses_namespace_ca(p: Peer) -> bool:
     return p.spec.tls.enabled and p.spec.tls.issuer_ref is None
 
 
+def issuer_trust_configmap(ref: s.IssuerRef) -> str:
+    """The trust bundle the operator keeps for a user issuer's peers (tls.issuerRef, no tls.trustBundle): the
+    CAs its leaves' ca.crt name, old and new while the issuer's CA changes."""
+    name = f"{TRUST_CONFIGMAP}-{ref.kind.lower()}-{ref.name}"
+    if ref.group != "cert-manager.io":
+        name += "-" + hashlib.sha256(ref.group.encode()).hexdigest()[:8]
+    if len(name) > 253:  # a ConfigMap name is a DNS subdomain, as an issuer's name is
+        key = f"{ref.group}/{ref.kind}/{ref.name}".encode()
+        name = f"{TRUST_CONFIGMAP}-{ref.kind.lower()}-{hashlib.sha256(key).hexdigest()[:16]}"
+    return name
+
+
+def trust_configmap(p: Peer) -> str | None:
+    """The trust bundle ConfigMap the operator keeps and this peer's pods read; None: the pods read
+    tls.trustBundle (the user's) or no TLS."""
+    tls = p.spec.tls
+    if not tls.enabled or tls.trust_bundle is not None:
+        return None
+    return TRUST_CONFIGMAP if tls.issuer_ref is None else issuer_trust_configmap(tls.issuer_ref)
+
+
 def deployment_name(p: Peer) -> str:
     return p.name
 

@@ -128,9 +128,9 @@ def tls_client_auth(sp: s.BlazenPeerSpec) -> str:
 
 
 def _own_trust(p: Peer) -> bool:
-    """The CA file comes from a bundle of its own (spec.tls.trustBundle or the namespace trust ConfigMap),
-    not from the leaf Secret's ca.crt."""
-    return p.spec.tls.trust_bundle is not None or c.uses_namespace_ca(p)
+    """The CA file comes from a bundle of its own (spec.tls.trustBundle or a trust ConfigMap the operator
+    keeps), not from the leaf Secret's ca.crt."""
+    return p.spec.tls.trust_bundle is not None or c.trust_configmap(p) is not None
 
 
 def shutdown_args(p: Peer) -> list[str]:
@@ -245,11 +245,14 @@ def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             items = [{"key": bundle.secret.key, "path": "ca.crt"}]
             volumes.append({"name": "trust", "secret": {"secretName": bundle.secret.name, "items": items}})
         mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
-    elif c.uses_namespace_ca(p):
-        # The namespace trust bundle the operator maintains: old + new roots during a CA rotation (the
-        # leaf Secret's ca.crt holds only the CA that signed that leaf).
-        items = [{"key": c.TRUST_KEY, "path": "ca.crt"}]
-        volumes.append({"name": "trust", "configMap": {"name": c.TRUST_CONFIGMAP, "items": items}})
+    elif (trust := c.trust_configmap(p)) is not None:
+        # The trust bundle the operator maintains: old + new roots during a CA rotation (the leaf Secret's
+        # ca.crt holds only the CA that signed that leaf). A user issuer's bundle may never get a CA (ACME
+        # writes no ca.crt): optional, so those pods start without one (--tls-client-auth none).
+        volume: dict[str, Any] = {"name": trust, "items": [{"key": c.TRUST_KEY, "path": "ca.crt"}]}
+        if trust != c.TRUST_CONFIGMAP:
+            volume["optional"] = True
+        volumes.append({"name": "trust", "configMap": volume})
         mounts.append({"name": "trust", "mountPath": c.TRUST_DIR, "readOnly": True})
     if sp.auth.token_secret_ref is not None:
         # A directory mount too: a rotated token reaches the running pods, which re-read the file.
