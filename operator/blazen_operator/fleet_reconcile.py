@@ -174,13 +174,17 @@ class FleetReconciler:
                 if controlled_by(f, item) and (api_version, kind, meta["name"]) not in wanted:
                     log.info("%s/%s: pruning %s %s", f.namespace, f.name, kind, meta["name"])
                     self.api.delete(api_version, kind, f.namespace, meta["name"], uid=meta.get("uid"))
-        # Secrets are never listed: the router certificate's stub goes by name.
-        name = router.cert_name(f)
-        if ("v1", "Secret", name) not in wanted:
-            memory.stubs.pop(("v1", "Secret", name), None)
+        # Secrets are never listed: the router certificate's stub and the router token go by name, once (as
+        # a BlazenPeer's stubs).
+        for name in router.secret_names(f):
+            key = ("v1", "Secret", name)
+            if key in wanted or key in memory.stubs_gone:
+                continue
             secret = self.api.get("v1", "Secret", f.namespace, name)
             if secret is not None and controlled_by(f, secret):
                 self.api.delete("v1", "Secret", f.namespace, name, uid=secret["metadata"].get("uid"))
+            memory.stubs.pop(key, None)
+            memory.stubs_gone.add(key)
 
     def _write_status(
         self, body: dict[str, Any], observed: fst.ObservedFleet, previous: dict[str, Any]

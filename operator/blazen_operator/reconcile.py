@@ -231,7 +231,7 @@ class ChildApplier:
         rec = live.get(child.key)
         obj = None
         if rec is None:
-            obj = self.api.create(child.manifest)
+            obj = self.api.create(child.creation())
             if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)

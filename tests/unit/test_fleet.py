@@ -517,6 +517,81 @@ def test_pools_trust_their_router_to_run_split_steps_with_mutual_tls_only() -> N
     assert "--fleet-router-identity" not in workload.peer_args(Peer.from_body(bp))
     alone = Peer(name="p", namespace="ns", spec=s.parse_spec({"image": "i", "entrypoint": "m"}))
     assert "--fleet-router-identity" not in workload.peer_args(alone)
+    assert "--fleet-router-token-file" not in workload.peer_args(alone)
+
+
+def _container(deployment: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the container, its volumes by name) of a Deployment."""
+    pod = deployment["spec"]["template"]["spec"]
+    return pod["containers"][0], {v["name"]: v for v in pod["volumes"]}
+
+
+def _mounted_file(container: dict[str, Any], volumes: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the Secret file the container sees at ``path``."""
+    for m in container["volumeMounts"]:
+        if path.startswith(m["mountPath"] + "/"):
+            secret = volumes[m["name"]]["secret"]
+            rel = path[len(m["mountPath"]) + 1 :]
+            key = next(i["key"] for i in secret["items"] if i["path"] == rel)
+            return secret["secretName"], key
+    raise AssertionError(f"nothing mounted at {path}")
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        {"tls": {"enabled": False}, "auth": {"tokenSecretRef": {"name": "tok"}}},
+        # an issuer without a CA bundle: the pools ask for no client certificate, the token is required
+        {
+            "tls": {"issuerRef": {"name": "acme", "kind": "ClusterIssuer"}},
+            "auth": {"tokenSecretRef": {"name": "tok"}},
+        },
+    ],
+    ids=["token-only", "issuer-without-ca"],
+)
+def test_pools_without_client_certificates_know_their_router_by_a_token_of_its_own(
+    security: dict[str, Any],
+) -> None:
+    """The shared bearer token is every caller's: the router gets a second token, generated once by the
+    operator into a Secret of the fleet, which the router sends and every pool requires on RunStep."""
+    spec = {**copy.deepcopy(BASE), **security}
+    f = fleet(spec)
+    token = ("Secret", "demo-router-token")
+    objs = objects(f)
+    assert objs[token]["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert not {"data", "stringData"} & set(objs[token]), "render shows no token"
+    child = next(
+        c for c in router_desired(f) if (c.manifest["kind"], c.manifest["metadata"]["name"]) == token
+    )
+    assert child.create_only, "generated once, never rewritten by a later pass"
+    first, second = child.creation()["stringData"]["token"], child.creation()["stringData"]["token"]
+    assert first != second, "a fresh random value at creation"
+    assert len(first) >= 32
+    assert token[1] in br.secret_names(f)
+
+    router, rvols = _container(objs[("Deployment", "demo-router")])
+    rpath = router["args"][router["args"].index("--fleet-router-token-file") + 1]
+    assert _mounted_file(router, rvols, rpath) == ("demo-router-token", "token")
+    for name in ("cpu", "gpu"):
+        bp = bf.pool_peer(f, pool(f, name))
+        bp["spec"]["replicas"] = 1
+        peer = Peer.from_body(bp)
+        container, vols = _container(workload.deployment(peer))
+        args = container["args"]
+        assert "--fleet-router-identity" not in args
+        path = args[args.index("--fleet-router-token-file") + 1]
+        assert _mounted_file(container, vols, path) == ("demo-router-token", "token")
+        # ...and not the shared token's file
+        assert path != args[args.index("--token-file") + 1]
+
+    # mutual TLS: the certificate names the router, no token Secret, no flag on either side
+    m = fleet()
+    assert ("Secret", "demo-router-token") not in objects(m)
+    router, _ = _container(objects(m)[("Deployment", "demo-router")])
+    assert "--fleet-router-token-file" not in router["args"]
+    bp = bf.pool_peer(m, pool(m, "cpu"))
+    bp["spec"]["replicas"] = 1
+    assert "--fleet-router-token-file" not in workload.peer_args(Peer.from_body(bp))
 
 
 def test_no_routes_is_no_routes_field() -> None:
