@@ -100,6 +100,10 @@ def role(f: Fleet, rp: c.Peer) -> workload.PodRole:
     )
 
 
+def selector_string(f: Fleet) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(router_selector(f).items()))
+
+
 def service_name(f: Fleet) -> str:
     return f.name
 
