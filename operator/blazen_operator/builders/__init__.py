@@ -31,8 +31,8 @@ __all__ = [
 class Child:
     """One child object and how to apply it.
 
-    ``create_only``: created when absent and never overwritten (Secret stubs that cert-manager fills in); the
-    operator then applies only their metadata. The namespace CA is not a child of any BlazenPeer: the
+    ``create_only``: created when absent and never overwritten (Secret stubs that cert-manager fills in, a
+    fleet's generated router token); the operator then applies only their metadata. The namespace CA is not a child of any BlazenPeer: the
     ``trust`` module keeps it, owned by the trust ConfigMap.
     """
 
