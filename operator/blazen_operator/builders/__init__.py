@@ -32,8 +32,8 @@ class Child:
     """One child object and how to apply it.
 
     ``create_only``: created when absent and never overwritten (Secret stubs that cert-manager fills in, a
-    fleet's generated router token); the operator then applies only their metadata. The namespace CA is not a child of any BlazenPeer: the
-    ``trust`` module keeps it, owned by the trust ConfigMap.
+    fleet's generated router token); the operator then applies only their metadata. The namespace CA is not
+    a child of any BlazenPeer: the ``trust`` module keeps it, owned by the trust ConfigMap.
     """
 
     manifest: dict[str, Any]
