@@ -1,8 +1,9 @@
 """The cost of a split run (docs/router.md, "Split runs"): ``python -m bench.split [--calls N] [--rounds R]``
 (``make bench`` runs it after the main benchmark).
 
-The same two-step chain (``bench::hop1`` -> ``bench::hop2``, a 64-byte payload carried along), measured with
-ghz over one connection at concurrency 1 and 32:
+The same two-step chain (``bench::hop1`` -> ``bench::hop2``, a 64-byte payload carried along; with
+``--state-bytes N`` hop1 also puts N bytes into ``ctx.state``), measured with ghz over one connection at
+concurrency 1 and 32:
   (s1) sent straight to one peer that serves both steps;
   (s2) through ``blazen-peer route`` to that peer (one pool serves both: one forwarded call);
   (s3) through ``blazen-peer route`` over two pools, one step each: the router runs the events itself, two
@@ -53,6 +54,7 @@ def main() -> None:
         "--calls", type=int, default=1000, help="ghz calls per measurement at concurrency 1 (x4 at 32)"
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--state-bytes", type=int, default=0, help="bytes hop1 puts into the run's state")
     parser.add_argument("--out", default=str(ROOT / ".work/bench-split.json"))
     args = parser.parse_args()
     binary = ghz_path()
@@ -61,7 +63,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="blazen-bench-split-"))
     body = tmp / "chain.bin"
     body.write_bytes(
-        wrap(SubWorkflowRequest.new("bench", ["bench::hop1", "bench::hop2"], {"payload": "x" * 64}).encode())
+        wrap(
+            SubWorkflowRequest.new(
+                "bench",
+                ["bench::hop1", "bench::hop2"],
+                {"payload": "x" * 64, "state_bytes": args.state_bytes},
+            ).encode()
+        )
     )
     procs: list[subprocess.Popen] = []
     try:

@@ -31,8 +31,10 @@ from .reconcile import (
     ChildId,
     ChildMemory,
     Outcome,
+    PodsSeen,
     controlled_by,
     foreign_child,
+    observe_pods,
     validation_message,
     write_status,
 )
@@ -64,7 +66,9 @@ class FleetReconciler:
         self.operator = operator
         # the BlazenPeer reconciler's, fed by the same watches (the router's children carry our label)
         self.children = ChildApplier(api, cache if cache is not None else ChildCache(), recheck_seconds)
+        self.recheck_seconds = recheck_seconds
         self._memory: dict[tuple[str, str], ChildMemory] = {}
+        self._router_pods: dict[tuple[str, str], PodsSeen] = {}  # per fleet: its router pods as last read
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         try:
@@ -78,6 +82,7 @@ class FleetReconciler:
                 raise
         if outcome.gone:
             self._memory.pop((namespace, name), None)
+            self._router_pods.pop((namespace, name), None)
         result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
         metrics.RECONCILES.labels(result=result).inc()
         return outcome
@@ -118,6 +123,16 @@ class FleetReconciler:
 
         deployment = live.get(("apps/v1", "Deployment", bf.router_name(fleet)))
         certificate = live.get(("cert-manager.io/v1", "Certificate", router.cert_name(fleet)))
+        # the router's /v1/info (split runs) as a BlazenPeer's pods are read: bounded per Deployment
+        router_pods = self._router_pods[(namespace, name)] = observe_pods(
+            api,
+            self._router_pods.get((namespace, name)),
+            deployment.obj if deployment else None,
+            namespace,
+            router.selector_string(fleet),
+            fleet.spec.router.ports.admin,
+            self.recheck_seconds,
+        )
         observed = fst.ObservedFleet(
             generation=generation,
             fleet=fleet,
@@ -126,6 +141,7 @@ class FleetReconciler:
             peers=tuple(peers.items()),
             deployment=deployment.obj if deployment else None,
             certificate=certificate.obj if certificate else None,
+            router_pods=router_pods.reports,
         )
         return self._write_status(body, observed, previous)
 
@@ -174,13 +190,17 @@ class FleetReconciler:
                 if controlled_by(f, item) and (api_version, kind, meta["name"]) not in wanted:
                     log.info("%s/%s: pruning %s %s", f.namespace, f.name, kind, meta["name"])
                     self.api.delete(api_version, kind, f.namespace, meta["name"], uid=meta.get("uid"))
-        # Secrets are never listed: the router certificate's stub goes by name.
-        name = router.cert_name(f)
-        if ("v1", "Secret", name) not in wanted:
-            memory.stubs.pop(("v1", "Secret", name), None)
+        # Secrets are never listed: the router certificate's stub and the router token go by name, once (as
+        # a BlazenPeer's stubs).
+        for name in router.secret_names(f):
+            key = ("v1", "Secret", name)
+            if key in wanted or key in memory.stubs_gone:
+                continue
             secret = self.api.get("v1", "Secret", f.namespace, name)
             if secret is not None and controlled_by(f, secret):
                 self.api.delete("v1", "Secret", f.namespace, name, uid=secret["metadata"].get("uid"))
+            memory.stubs.pop(key, None)
+            memory.stubs_gone.add(key)
 
     def _write_status(
         self, body: dict[str, Any], observed: fst.ObservedFleet, previous: dict[str, Any]

@@ -243,6 +243,17 @@ class RouterStatus(s.Model):
 
     replicas: int | None = Field(None, description="Desired router pods.")
     ready_replicas: int | None = Field(None, description="Ready router pods.")
+    split_runs: dict[str, int] | None = Field(
+        None,
+        description="Runs split over pools (step ids no single pool serves), by outcome (ok, error, timeout, "
+        "failed), summed over the ready router pods since each started, as their /v1/info reports (read at "
+        "most once per resync period). Absent when no router pod answered.",
+    )
+    split_steps: dict[str, int] | None = Field(
+        None,
+        description="Steps of split runs run on each pool (one hop each: router -> replica -> router), "
+        "summed as splitRuns.",
+    )
 
 
 class BlazenFleetStatus(s.Model):

@@ -25,6 +25,7 @@ class ObservedFleet:
     peers: tuple[tuple[str, dict[str, Any] | None], ...] = ()  # (pool name, its BlazenPeer as read)
     deployment: dict[str, Any] | None = None  # the router's
     certificate: dict[str, Any] | None = None  # the router's
+    router_pods: tuple[st.PodReport, ...] = ()  # the router's pods and their /v1/info
 
 
 def _ready(obj: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -57,6 +58,23 @@ def routes(pools: list[fs.PoolStatus]) -> dict[str, list[str]]:
             for step in p.served_steps or []:
                 out.setdefault(step, []).append(p.name)
     return {step: sorted(names) for step, names in sorted(out.items())}
+
+
+def split_counts(pods: tuple[st.PodReport, ...], key: str) -> dict[str, int] | None:
+    """``router.split.<key>`` (runs by outcome, steps by pool) of the ready router pods' /v1/info, summed;
+    None when none reported it. Each pod counts since it started, as its /metrics."""
+    out: dict[str, int] = {}
+    reported = False
+    for pod in pods:
+        split = ((pod.info or {}).get("router") or {}).get("split") if pod.ready else None
+        counts = split.get(key) if isinstance(split, dict) else None
+        if not isinstance(counts, dict):
+            continue
+        reported = True
+        for name, n in counts.items():
+            if isinstance(name, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                out[name] = out.get(name, 0) + n
+    return dict(sorted(out.items())) if reported else None
 
 
 def routable(r: st.Rollout, pools: list[fs.PoolStatus]) -> st.Cond:
@@ -146,7 +164,12 @@ def compute(
         # absent, never {}: a server-side apply that empties a map it owned leaves it null, which the schema
         # refuses
         routes=routes(pools) or None,
-        router=fs.RouterStatus(replicas=f.spec.router.replicas, ready_replicas=r.ready),
+        router=fs.RouterStatus(
+            replicas=f.spec.router.replicas,
+            ready_replicas=r.ready,
+            split_runs=split_counts(o.router_pods, "runs"),
+            split_steps=split_counts(o.router_pods, "steps"),
+        ),
         endpoints=router.endpoints(f),
         certificate=_certificate(f, o.certificate, cert[0] == "True"),
     )

@@ -141,8 +141,9 @@ KINDS: tuple[ManagedKind, ...] = (
         "secrets",
         owned=True,
         extra_verbs=frozenset({"delete"}),
-        why="the TLS Secret stubs (owned; read, and deleted when TLS is turned off, by name) and the "
-        "referenced token Secret (read by name); never listed or watched",
+        why="the TLS Secret stubs and a token-only fleet's router token (owned; created once, read, and "
+        "deleted when no longer wanted, by name) and the referenced token Secret (read by name); never "
+        "listed or watched",
     ),
     ManagedKind(
         "v1",

@@ -104,13 +104,58 @@ def _ours(owner: Owner, child: Child, live: dict[str, Any]) -> bool:
     return child.create_only and (meta.get("annotations") or {}).get(CERT_NAME_ANNOTATION) == meta["name"]
 
 
-def _rollout_signature(deployment: Live | None) -> tuple[Any, ...]:
+def _rollout_signature(deployment: dict[str, Any] | None) -> tuple[Any, ...]:
     """What of the Deployment says its pods changed (created, ready, replaced)."""
     if deployment is None:
         return ()
-    st_ = deployment.obj.get("status") or {}
+    st_ = deployment.get("status") or {}
     keys = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "availableReplicas")
-    return (deployment.uid, *(st_.get(k) for k in keys))
+    return (str(deployment["metadata"].get("uid") or ""), *(st_.get(k) for k in keys))
+
+
+@dataclass(frozen=True)
+class PodsSeen:
+    """A Deployment's pods and what their ``/v1/info`` said, as last read: when, and the rollout then."""
+
+    signature: tuple[Any, ...]
+    at: float  # monotonic
+    pods: tuple[tuple[dict[str, Any], st.PodReport], ...]  # (the pod as listed, its report)
+
+    @property
+    def reports(self) -> tuple[st.PodReport, ...]:
+        return tuple(report for _, report in self.pods)
+
+
+def observe_pods(
+    api: Api,
+    seen: PodsSeen | None,
+    deployment: dict[str, Any] | None,
+    namespace: str,
+    selector: str,
+    admin_port: int,
+    recheck_seconds: float,
+) -> PodsSeen:
+    """The pods of ``deployment`` (``selector`` in ``namespace``) and the ``/v1/info`` of the ready ones,
+    read again only when its rollout moved or the last read is ``recheck_seconds`` old: the reads per
+    Deployment are bounded whatever the number of passes. A BlazenPeer's pods and a fleet's router pods."""
+    signature, now = _rollout_signature(deployment), time.monotonic()
+    if seen is not None and seen.signature == signature and now - seen.at < recheck_seconds:
+        return seen
+    listed: list[tuple[dict[str, Any], bool, str | None]] = []
+    for pod in api.list("v1", "Pod", namespace, selector):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        conds = (pod.get("status") or {}).get("conditions") or []
+        ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
+        ip = (pod.get("status") or {}).get("podIP")
+        listed.append((pod, ready, f"http://{ip}:{admin_port}/v1/info" if ready and ip else None))
+    urls = [u for _, _, u in listed if u]
+    infos = dict(zip(urls, read_peer_infos(urls), strict=True))
+    reports = tuple(
+        (pod, st.PodReport(pod["metadata"]["name"], ready, infos.get(url) if url else None))
+        for pod, ready, url in listed
+    )
+    return PodsSeen(signature, now, reports)
 
 
 @dataclass
@@ -128,8 +173,7 @@ class ChildMemory:
 
 @dataclass
 class PeerMemory(ChildMemory):
-    pods_seen: tuple[tuple[Any, ...], float] | None = None  # (rollout signature, monotonic time)
-    pods: tuple[st.PodReport, ...] = ()
+    pods: PodsSeen | None = None
 
 
 class ChildApplier:
@@ -231,7 +275,7 @@ class ChildApplier:
         rec = live.get(child.key)
         obj = None
         if rec is None:
-            obj = self.api.create(child.manifest)
+            obj = self.api.create(child.creation())
             if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)
@@ -386,35 +430,20 @@ class Reconciler:
     def _observe_pods(
         self, peer: Peer, deployment: Live | None, memory: PeerMemory
     ) -> tuple[st.PodReport, ...]:
-        """The pods' reports, read again when the rollout moved or the last read is ``recheck_seconds``
-        old: the ``/v1/info`` reads per BlazenPeer are bounded whatever the number of passes."""
-        signature, now = _rollout_signature(deployment), time.monotonic()
-        seen = memory.pods_seen
-        if seen is not None and seen[0] == signature and now - seen[1] < self.recheck_seconds:
-            return memory.pods
-        memory.pods = self._read_pods(peer)
-        memory.pods_seen = (signature, now)
-        return memory.pods
-
-    def _read_pods(self, peer: Peer) -> tuple[st.PodReport, ...]:
-        pods = self.api.list("v1", "Pod", peer.namespace, c.selector_string(peer))
-        reports: list[tuple[dict[str, Any], bool, str | None]] = []
-        for pod in pods:
-            if pod["metadata"].get("deletionTimestamp"):
-                continue
-            conds = (pod.get("status") or {}).get("conditions") or []
-            ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
-            ip = (pod.get("status") or {}).get("podIP")
-            url = f"http://{ip}:{peer.spec.ports.admin}/v1/info" if ready and ip else None
-            reports.append((pod, ready, url))
-        urls = [u for _, _, u in reports if u]
-        infos = dict(zip(urls, read_peer_infos(urls), strict=True))
-        out = []
-        for pod, ready, url in reports:
-            info = infos.get(url) if url else None
-            self._keep_deletion_cost(pod, st.session_refs(info))
-            out.append(st.PodReport(pod["metadata"]["name"], ready, info))
-        return tuple(out)
+        seen = observe_pods(
+            self.api,
+            memory.pods,
+            deployment.obj if deployment else None,
+            peer.namespace,
+            c.selector_string(peer),
+            peer.spec.ports.admin,
+            self.recheck_seconds,
+        )
+        if seen is not memory.pods:
+            memory.pods = seen
+            for pod, report in seen.pods:
+                self._keep_deletion_cost(pod, st.session_refs(report.info))
+        return seen.reports
 
     def _keep_deletion_cost(self, pod: dict[str, Any], refs: int | None) -> None:
         """Keep the pod's deletion cost at what it reported: a scale-down then removes pods without session

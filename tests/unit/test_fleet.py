@@ -12,6 +12,7 @@ from blazen_operator import crdgen, kinds
 from blazen_operator import fleet_spec as fs
 from blazen_operator import fleet_status as fst
 from blazen_operator import spec as s
+from blazen_operator import status as st
 from blazen_operator.builders import Fleet, Peer, certs, desired, router_desired, workload
 from blazen_operator.builders import fleet as bf
 from blazen_operator.builders import router as br
@@ -517,6 +518,81 @@ def test_pools_trust_their_router_to_run_split_steps_with_mutual_tls_only() -> N
     assert "--fleet-router-identity" not in workload.peer_args(Peer.from_body(bp))
     alone = Peer(name="p", namespace="ns", spec=s.parse_spec({"image": "i", "entrypoint": "m"}))
     assert "--fleet-router-identity" not in workload.peer_args(alone)
+    assert "--fleet-router-token-file" not in workload.peer_args(alone)
+
+
+def _container(deployment: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the container, its volumes by name) of a Deployment."""
+    pod = deployment["spec"]["template"]["spec"]
+    return pod["containers"][0], {v["name"]: v for v in pod["volumes"]}
+
+
+def _mounted_file(container: dict[str, Any], volumes: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the Secret file the container sees at ``path``."""
+    for m in container["volumeMounts"]:
+        if path.startswith(m["mountPath"] + "/"):
+            secret = volumes[m["name"]]["secret"]
+            rel = path[len(m["mountPath"]) + 1 :]
+            key = next(i["key"] for i in secret["items"] if i["path"] == rel)
+            return secret["secretName"], key
+    raise AssertionError(f"nothing mounted at {path}")
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        {"tls": {"enabled": False}, "auth": {"tokenSecretRef": {"name": "tok"}}},
+        # an issuer without a CA bundle: the pools ask for no client certificate, the token is required
+        {
+            "tls": {"issuerRef": {"name": "acme", "kind": "ClusterIssuer"}},
+            "auth": {"tokenSecretRef": {"name": "tok"}},
+        },
+    ],
+    ids=["token-only", "issuer-without-ca"],
+)
+def test_pools_without_client_certificates_know_their_router_by_a_token_of_its_own(
+    security: dict[str, Any],
+) -> None:
+    """The shared bearer token is every caller's: the router gets a second token, generated once by the
+    operator into a Secret of the fleet, which the router sends and every pool requires on RunStep."""
+    spec = {**copy.deepcopy(BASE), **security}
+    f = fleet(spec)
+    token = ("Secret", "demo-router-token")
+    objs = objects(f)
+    assert objs[token]["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert not {"data", "stringData"} & set(objs[token]), "render shows no token"
+    child = next(
+        c for c in router_desired(f) if (c.manifest["kind"], c.manifest["metadata"]["name"]) == token
+    )
+    assert child.create_only, "generated once, never rewritten by a later pass"
+    first, second = child.creation()["stringData"]["token"], child.creation()["stringData"]["token"]
+    assert first != second, "a fresh random value at creation"
+    assert len(first) >= 32
+    assert token[1] in br.secret_names(f)
+
+    router, rvols = _container(objs[("Deployment", "demo-router")])
+    rpath = router["args"][router["args"].index("--fleet-router-token-file") + 1]
+    assert _mounted_file(router, rvols, rpath) == ("demo-router-token", "token")
+    for name in ("cpu", "gpu"):
+        bp = bf.pool_peer(f, pool(f, name))
+        bp["spec"]["replicas"] = 1
+        peer = Peer.from_body(bp)
+        container, vols = _container(workload.deployment(peer))
+        args = container["args"]
+        assert "--fleet-router-identity" not in args
+        path = args[args.index("--fleet-router-token-file") + 1]
+        assert _mounted_file(container, vols, path) == ("demo-router-token", "token")
+        # ...and not the shared token's file
+        assert path != args[args.index("--token-file") + 1]
+
+    # mutual TLS: the certificate names the router, no token Secret, no flag on either side
+    m = fleet()
+    assert ("Secret", "demo-router-token") not in objects(m)
+    router, _ = _container(objects(m)[("Deployment", "demo-router")])
+    assert "--fleet-router-token-file" not in router["args"]
+    bp = bf.pool_peer(m, pool(m, "cpu"))
+    bp["spec"]["replicas"] = 1
+    assert "--fleet-router-token-file" not in workload.peer_args(Peer.from_body(bp))
 
 
 def test_no_routes_is_no_routes_field() -> None:
@@ -524,3 +600,99 @@ def test_no_routes_is_no_routes_field() -> None:
     f = fleet()
     out = fst.compute(fst.ObservedFleet(generation=1, fleet=f, peers=(("cpu", None), ("gpu", None))))
     assert "routes" not in out
+
+
+def _router_pod(name: str, info: Any, ready: bool = True) -> st.PodReport:
+    return st.PodReport(name, ready, info)
+
+
+def _split_info(runs: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
+    return {"router": {"pools": {}, "split": {"runs": runs, "steps": steps}}}
+
+
+def test_status_shows_the_routers_split_runs_summed_over_its_ready_pods() -> None:
+    f = fleet()
+    pods = (
+        _router_pod("r-0", _split_info({"ok": 3, "error": 1}, {"cpu": 6, "gpu": 3})),
+        _router_pod("r-1", _split_info({"ok": 2, "timeout": 1}, {"cpu": 2})),
+        _router_pod("r-2", _split_info({"ok": 100}, {"cpu": 100}), ready=False),  # not counted: not ready
+        _router_pod("r-3", None),  # did not answer
+        # a router of another version, or garbage: ignored, never a failed pass
+        _router_pod("r-4", {"router": {"split": {"runs": {"ok": "many", "x": -1, "y": True}, "steps": []}}}),
+    )
+    out = fst.compute(
+        fst.ObservedFleet(generation=1, fleet=f, peers=(("cpu", None), ("gpu", None)), router_pods=pods)
+    )
+    assert out["router"]["splitRuns"] == {"error": 1, "ok": 5, "timeout": 1}
+    assert out["router"]["splitSteps"] == {"cpu": 8, "gpu": 3}
+    # the status model (and so the CRD) carries them
+    fs.BlazenFleetStatus.model_validate(out)
+
+    # no router pod reported split counters (none ready, an older router): absent, not zero
+    for reports in ((), (_router_pod("r-0", {"router": {"pools": {}}}),), pods[2:4]):
+        out = fst.compute(fst.ObservedFleet(generation=1, fleet=f, router_pods=reports))
+        assert "splitRuns" not in out["router"]
+        assert "splitSteps" not in out["router"]
+    # a router that reported and has split nothing yet: zero runs, said as such
+    out = fst.compute(
+        fst.ObservedFleet(generation=1, fleet=f, router_pods=(_router_pod("r", _split_info({}, {})),))
+    )
+    assert out["router"]["splitRuns"] == {}
+
+
+class _Pods:
+    """The Pod list of a fake API: counts the lists."""
+
+    def __init__(self, pods: list[dict[str, Any]]) -> None:
+        self.pods = pods
+        self.lists: list[tuple[str, str]] = []
+
+    def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        assert (api_version, kind) == ("v1", "Pod")
+        self.lists.append((namespace, selector))
+        return self.pods
+
+
+def test_router_pods_are_read_as_a_peers_at_the_bounded_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One mechanism (reconcile.observe_pods) for a BlazenPeer's pods and a fleet's router pods: /v1/info
+    read again only when the rollout moved or after recheck_seconds, however many passes."""
+    from blazen_operator import reconcile
+
+    reads: list[list[str]] = []
+
+    def infos(urls: Any) -> list[Any]:
+        reads.append(list(urls))
+        return [_split_info({"ok": 1}, {"cpu": 1}) for _ in urls]
+
+    monkeypatch.setattr(reconcile, "read_peer_infos", infos)
+    f = fleet()
+    pod = {
+        "metadata": {"name": "demo-router-x"},
+        "status": {"podIP": "10.0.0.7", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    api = _Pods([pod])
+    deployment = {"metadata": {"uid": "d-1"}, "status": {"readyReplicas": 1}}
+
+    def observe(seen: Any, recheck: float = 60.0) -> Any:
+        return reconcile.observe_pods(
+            api,
+            seen,
+            deployment,
+            "ns",
+            br.selector_string(f),
+            f.spec.router.ports.admin,
+            recheck,
+        )
+
+    seen = observe(None)
+    assert api.lists == [("ns", "app.kubernetes.io/instance=demo,app.kubernetes.io/name=blazen-router")]
+    assert reads == [[f"http://10.0.0.7:{f.spec.router.ports.admin}/v1/info"]]
+    assert fst.split_counts(seen.reports, "runs") == {"ok": 1}
+    for _ in range(5):
+        assert observe(seen) is seen
+    assert len(reads) == 1
+    deployment["status"] = {"readyReplicas": 2}  # the rollout moved: read again
+    seen = observe(seen)
+    assert len(reads) == 2
+    assert observe(seen, recheck=0.0) is not seen  # the period passed
+    assert len(reads) == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import spec as s
+from ..fleet_spec import FLEET_LABEL
 from . import certs, workload
 from . import common as c
 from .fleet import Fleet, metadata, router_labels, router_name, router_selector
@@ -52,8 +53,10 @@ def router_peer(f: Fleet) -> c.Peer:
         probes=r.probes,
         topology_spread_constraints=r.topology_spread_constraints,
     )
+    # the fleet label: the pod builders give the router its fleet's router token where the pools need one
+    labels = {FLEET_LABEL: f.name}
     return c.Peer(
-        name=router_name(f), namespace=f.namespace, spec=spec, uid=f.uid, labels={}, operator=f.operator
+        name=router_name(f), namespace=f.namespace, spec=spec, uid=f.uid, labels=labels, operator=f.operator
     )
 
 
@@ -81,6 +84,7 @@ def router_args(f: Fleet, rp: c.Peer) -> list[str]:
         *workload.shutdown_args(rp),
         *workload.face_args(rp),
         *workload.security_args(rp),
+        *workload.fleet_router_token_args(rp),
         # no --pool-server-name: with --fleet the router checks each pool's certificate for <peer>.<ns>.svc
     ]
 
@@ -94,6 +98,10 @@ def role(f: Fleet, rp: c.Peer) -> workload.PodRole:
         service_account=router_name(f),
         automount_token=True,
     )
+
+
+def selector_string(f: Fleet) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(router_selector(f).items()))
 
 
 def service_name(f: Fleet) -> str:
@@ -204,6 +212,28 @@ def secret_stub(f: Fleet) -> dict[str, Any]:
     stub = certs.secret_stub(router_peer(f), cert_name(f))
     stub["metadata"] = metadata(f, cert_name(f), router_labels(f))
     return stub
+
+
+def token_secret_name(f: Fleet) -> str:
+    return c.fleet_router_token_secret(f.name)
+
+
+def token_secret(f: Fleet) -> dict[str, Any] | None:
+    """The router's own token, where the pools cannot know it by its certificate: created once with a
+    random value (``Child.random_key``), owned by the fleet, never rewritten. None with mutual TLS."""
+    if workload.fleet_router_token_fleet(router_peer(f)) is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata(f, token_secret_name(f), router_labels(f)),
+    }
+
+
+def secret_names(f: Fleet) -> tuple[str, ...]:
+    """The Secrets a fleet owns by name, whether or not it wants them now (pruned by name, never listed)."""
+    return (cert_name(f), token_secret_name(f))
 
 
 def pod_disruption_budget(f: Fleet) -> dict[str, Any] | None:

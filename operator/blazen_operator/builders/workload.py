@@ -80,10 +80,30 @@ def peer_args(p: Peer) -> list[str]:
         args += ["--steps", ",".join(sp.steps)]
     args += security_args(p)
     fleet = p.labels.get(FLEET_LABEL)
-    if fleet and sp.tls.enabled and tls_client_auth(sp) == "require":
+    if fleet and router_known_by_certificate(sp):
         # a fleet's pool: its router may run single steps here (split runs), known by its certificate
         args += ["--fleet-router-identity", c.fleet_router_host(fleet, p.namespace)]
-    return args
+    return args + fleet_router_token_args(p)
+
+
+def router_known_by_certificate(sp: s.BlazenPeerSpec) -> bool:
+    """A fleet's pools verify client certificates, so they know their router by its certificate's name."""
+    return sp.tls.enabled and tls_client_auth(sp) == "require"
+
+
+def fleet_router_token_fleet(p: Peer) -> str | None:
+    """The fleet whose router token this pod holds: a fleet's pool or router (label ``blazen.dev/fleet``)
+    whose pools verify no client certificate (token-only or unauthenticated fleets, an issuer without a CA
+    bundle). The shared bearer token cannot tell the router from any other caller: it gets one of its own."""
+    fleet = p.labels.get(FLEET_LABEL)
+    return fleet if fleet and not router_known_by_certificate(p.spec) else None
+
+
+def fleet_router_token_args(p: Peer) -> list[str]:
+    """A pool requires the router token on RunStep/EndRun; the router sends it (the same flag)."""
+    if fleet_router_token_fleet(p) is None:
+        return []
+    return ["--fleet-router-token-file", f"{c.FLEET_ROUTER_TOKEN_DIR}/{c.TOKEN_KEY_PATH}"]
 
 
 def face_args(p: Peer) -> list[str]:
@@ -268,6 +288,11 @@ def storage(p: Peer) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             }
         )
         mounts.append({"name": "token", "mountPath": c.TOKEN_DIR, "readOnly": True})
+    if (fleet := fleet_router_token_fleet(p)) is not None:
+        items = [{"key": c.TOKEN_KEY_PATH, "path": c.TOKEN_KEY_PATH}]
+        secret = {"secretName": c.fleet_router_token_secret(fleet), "items": items, "defaultMode": 0o440}
+        volumes.append({"name": "fleet-router-token", "secret": secret})
+        mounts.append({"name": "fleet-router-token", "mountPath": c.FLEET_ROUTER_TOKEN_DIR, "readOnly": True})
     volumes += [v.dump() for v in sp.volumes or []]
     for m in sp.volume_mounts or []:
         mount: dict[str, Any] = {"name": m.name, "mountPath": m.mount_path, "readOnly": m.read_only}

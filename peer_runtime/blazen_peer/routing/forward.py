@@ -194,7 +194,7 @@ class Router:
         except PeerStatusError as exc:
             if self.split is None or not self.split.applies(req, exc):
                 raise
-            return wrap((await self.split.invoke(req, metadata, time_left)).encode())
+            return wrap((await self.split.invoke(req, metadata, time_left)).encode_within_limit())
         deadline = None if time_left is None else time.monotonic() + time_left
         raw, replica = await self.unary(cands, PATH_INVOKE, request, metadata, deadline)
         ids = response_ref_ids(_view(raw))

@@ -115,14 +115,7 @@ class BlazenPeerServicer:
         except _Abort as exc:
             self._fail(context, exc.status, exc.message)
             return None
-        out = resp.encode()
-        if len(out) > MAX_MESSAGE_BYTES - 8:
-            out = SubWorkflowResponse(
-                remote_refs=resp.remote_refs,
-                error=f"response too large: {len(out)} bytes of postcard exceed the {MAX_MESSAGE_BYTES}-byte "
-                "message limit",
-            ).encode()
-        return wrap(out)
+        return wrap(resp.encode_within_limit())
 
     async def stream(self, request: bytes, context: grpc.aio.ServicerContext):
         try:

@@ -11,10 +11,12 @@ import json
 from typing import Any, Self
 
 from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str, varint
-from .protocol import ENVELOPE_VERSION
+from .protocol import ENVELOPE_VERSION, MAX_MESSAGE_BYTES
 
 STREAM_FRAME_EVENT = 0
 STREAM_FRAME_FINAL = 1
+# What the envelope adds around a payload (tag byte + length varint), rounded up.
+ENVELOPE_HEADER_BYTES = 8
 
 
 def _repr(obj: Any) -> str:
@@ -229,6 +231,19 @@ class SubWorkflowResponse(_Message):
         else:
             w.option_tag(True).str(self.error)
         return w.getvalue()
+
+    def encode_within_limit(self) -> bytes:
+        """``encode()``, unless that (in its envelope) exceeds the message limit: then the same run's refs
+        with an error that says so, an OK answer the caller can act on instead of a failed transport. Every
+        InvokeSubWorkflow answer (a peer's, a router's split run) goes through here."""
+        out = self.encode()
+        if len(out) <= MAX_MESSAGE_BYTES - ENVELOPE_HEADER_BYTES:
+            return out
+        return SubWorkflowResponse(
+            remote_refs=self.remote_refs,
+            error=f"response too large: {len(out)} bytes of postcard exceed the {MAX_MESSAGE_BYTES}-byte "
+            "message limit",
+        ).encode()
 
     @classmethod
     def decode(cls, buf: bytes) -> SubWorkflowResponse:
