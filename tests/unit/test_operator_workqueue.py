@@ -239,6 +239,7 @@ async def test_first_passes_are_not_starved_by_a_stream_of_follow_ups() -> None:
     for key in queued:
         queue.request(key)
     await settle(queue)
+    del order[0]  # busy-0 took the free slot before anything waited
     firsts = [i for i, (_, follow_up) in enumerate(order) if not follow_up]
     assert [order[i][0] for i in firsts] == queued, "first passes keep their order"
     gaps = [b - a - 1 for a, b in itertools.pairwise([-1, *firsts])]
