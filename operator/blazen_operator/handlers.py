@@ -2,11 +2,11 @@
 
 Every trigger is a request to one :class:`~.workqueue.WorkQueue`, which owns the one retry policy:
 
-* BlazenPeer create/update/resume;
+* BlazenPeer create/update/resume (a first pass);
 * events on owned children (Deployments, Services, Certificates, ...; kopf watches only objects labelled
   ``app.kubernetes.io/managed-by=blazen-operator``, asked of the API server): they keep the child cache
   (cache.py) the reconciler reads instead of the API; drift is reverted, deleted children come back, status
-  follows the Deployment;
+  follows the Deployment. Their passes are follow-ups, which go before first passes (workqueue.py);
 * a resync loop (a plain asyncio task, not a kopf timer: timers would add finalizers) that re-requests every
   BlazenPeer periodically, refreshes the served step ids and the referenced token Secrets (which are read by
   name, never watched), and feeds the liveness probe;
@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import kopf
@@ -142,10 +143,10 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     loop = asyncio.get_running_loop()
 
     def trust_changed(namespace: str, names: list[str]) -> None:
-        # a pass whose outcome the BlazenPeers show changed: each gets a pass (trust passes run in worker
-        # threads; the queue lives on the event loop)
+        # a pass whose outcome the BlazenPeers show changed: each gets a follow-up pass (trust passes run in
+        # worker threads; the queue lives on the event loop)
         for name in names:
-            loop.call_soon_threadsafe(runtime.queue.request, (namespace, name))
+            loop.call_soon_threadsafe(partial(runtime.queue.request, (namespace, name), follow_up=True))
 
     trust = Trust(api, cache=cache, settle=options.ca_rotation_settle_seconds, on_change=trust_changed)
     # what no watch reports (pods, their /v1/info, the Secret stubs) is re-read at most once per resync
@@ -303,15 +304,15 @@ async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     namespace = obj.get("metadata", {}).get("namespace")
     if not namespace:  # every child we label is namespaced
         return
-    for owner in _owner_names(obj):
-        runtime.queue.request((namespace, owner))
+    for owner in _owner_names(obj):  # a follow-up: it has children, so it has been reconciled
+        runtime.queue.request((namespace, owner), follow_up=True)
     _wake_fleets(runtime, namespace, obj)
 
 
 def _wake_fleets(runtime: Runtime, namespace: str, obj: dict[str, Any]) -> None:
     if runtime.fleets is not None:
         for owner in _owner_names(obj, fs.KIND):
-            runtime.fleets.request((namespace, owner))
+            runtime.fleets.request((namespace, owner), follow_up=True)
 
 
 for _child in kinds.WATCHED_CHILDREN:

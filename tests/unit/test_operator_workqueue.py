@@ -158,3 +158,113 @@ async def test_a_key_is_forgotten_once_done(outcome: bool) -> None:
     await settle(queue)
     assert queue.busy == set()
     assert calls == (1 if outcome else 2)
+
+
+def new_keys(count: int) -> list[Key]:
+    return [("ns", f"new-{i:03d}") for i in range(count)]
+
+
+@pytest.mark.parametrize("when", ["during its pass", "after its pass"])
+async def test_a_follow_up_pass_goes_before_queued_first_passes(when: str) -> None:
+    """1,000 BlazenPeers created at once: the pass that sees a peer's children Ready (and sets Ready) must not
+    wait behind the first passes of every peer created after it."""
+    order: list[Key] = []
+    gate = asyncio.Event()
+    queued = new_keys(50)
+
+    async def work(key: Key) -> bool:
+        order.append(key)
+        if len(order) == (1 if when == "during its pass" else 2):
+            await gate.wait()  # the slot is busy while 50 new keys arrive
+        return True
+
+    queue = WorkQueue(work, concurrency=1)
+    queue.request(A)
+    if when == "after its pass":
+        await settle(queue)
+        queue.request(B)  # another key's first pass holds the one slot
+    await asyncio.sleep(0.01)
+    for key in queued:
+        queue.request(key)
+    queue.request(A, follow_up=True)  # A's children changed
+    gate.set()
+    await settle(queue)
+    first = [A] if when == "during its pass" else [A, B]
+    assert order == [*first, A, *queued]
+
+
+async def test_a_follow_up_request_moves_a_waiting_first_pass_ahead() -> None:
+    order: list[Key] = []
+    gate = asyncio.Event()
+    queued = new_keys(20)
+
+    async def work(key: Key) -> bool:
+        order.append(key)
+        if len(order) == 1:
+            await gate.wait()
+        return True
+
+    queue = WorkQueue(work, concurrency=1)
+    queue.request(A)
+    await asyncio.sleep(0.01)
+    for key in queued:
+        queue.request(key)
+    queue.request(queued[-1], follow_up=True)  # e.g. the operator restarted: the children already exist
+    gate.set()
+    await settle(queue)
+    assert order == [A, queued[-1], *queued[:-1]]
+
+
+async def test_first_passes_are_not_starved_by_a_stream_of_follow_ups() -> None:
+    """A follow-up pass that always brings another (children that never stop changing) still lets first
+    passes through: at most ``follow_up_burst`` follow-ups in a row while a first pass waits."""
+    order: list[tuple[Key, bool]] = []
+    burst = 3
+    queued = new_keys(10)
+    stop = asyncio.Event()
+
+    async def work(key: Key) -> bool:
+        follow_up = key[1].startswith("busy")
+        order.append((key, follow_up))
+        await asyncio.sleep(0)
+        if follow_up and not stop.is_set():
+            queue.request(("ns", f"busy-{len(order)}"), follow_up=True)
+        if all(k in {o[0] for o in order} for k in queued):
+            stop.set()
+        return True
+
+    queue = WorkQueue(work, concurrency=1, follow_up_burst=burst)
+    queue.request(("ns", "busy-0"), follow_up=True)
+    queue.request(("ns", "busy-x"), follow_up=True)  # two in flight: the follow-up level is never empty
+    for key in queued:
+        queue.request(key)
+    await settle(queue)
+    del order[0]  # busy-0 took the free slot before anything waited
+    firsts = [i for i, (_, follow_up) in enumerate(order) if not follow_up]
+    assert [order[i][0] for i in firsts] == queued, "first passes keep their order"
+    gaps = [b - a - 1 for a, b in itertools.pairwise([-1, *firsts])]
+    assert max(gaps) <= burst, gaps
+    assert gaps[1:] == [burst] * (len(queued) - 1), "follow-ups still go first, up to the burst"
+
+
+async def test_a_pass_cancelled_while_waiting_for_a_slot_gives_nothing_away() -> None:
+    gate = asyncio.Event()
+    passes: list[Key] = []
+
+    async def work(key: Key) -> bool:
+        passes.append(key)
+        await gate.wait()
+        return True
+
+    queue = WorkQueue(work, concurrency=1)
+    queue.request(A)
+    queue.request(B, follow_up=True)
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(queue.close(), timeout=5)
+    assert queue.busy == set()
+    # the queue still works and its one slot is free again
+    gate.set()
+    queue.request(A)
+    queue.request(B)
+    await settle(queue)
+    assert passes == [A, A, B]
