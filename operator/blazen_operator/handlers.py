@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -134,10 +135,19 @@ def configure(settings: kopf.OperatorSettings, options: Options) -> None:
         settings.watching.label_selectors[child.group, child.plural] = kinds.MANAGED_SELECTOR
 
 
+def use_pass_threads(loop: asyncio.AbstractEventLoop, options: Options) -> None:
+    """Passes run in worker threads (``asyncio.to_thread``): enough of them for both queues' passes at once,
+    the trust pass and a list, so ``--concurrency`` holds (the default pool has min(32, CPUs + 4) threads:
+    6 on 2 cores, fewer than 8 passes)."""
+    workers = 2 * options.concurrency + 2
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blazen-pass"))
+
+
 @kopf.on.startup()
 async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     options = _options(memo)
     configure(settings, options)
+    use_pass_threads(asyncio.get_running_loop(), options)
     api = Api(load_client_configuration(options.kubeconfig))
     cache = ChildCache((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN)
     loop = asyncio.get_running_loop()

@@ -268,3 +268,18 @@ async def test_a_pass_cancelled_while_waiting_for_a_slot_gives_nothing_away() ->
     queue.request(B)
     await settle(queue)
     assert passes == [A, A, B]
+
+
+async def test_concurrency_passes_really_run_at_once() -> None:
+    """``--concurrency 8`` on 2 cores: asyncio's default pool (min(32, CPUs + 4) threads) would hold 6 of the
+    8 passes the queue lets run, so the operator gives passes a pool of their own at startup."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blazen_operator.handlers import Options, use_pass_threads
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=6))  # what 2 cores get by default
+    use_pass_threads(loop, Options(concurrency=8))
+    together = threading.Barrier(2 * 8, timeout=10)  # both queues' passes at once
+    await asyncio.gather(*(asyncio.to_thread(together.wait) for _ in range(2 * 8)))
