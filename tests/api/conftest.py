@@ -5,6 +5,7 @@ a fresh namespace per test."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +298,27 @@ def namespace(api: Api) -> Iterator[str]:
     yield name
     with contextlib.suppress(ApiError):
         api.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@contextlib.contextmanager
+def json_http_server(body: dict[str, Any]) -> Iterator[int]:
+    """A real HTTP server on loopback answering every GET with ``body`` as JSON: its port."""
+    data = json.dumps(body).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import base64
 import copy
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from blazen_operator.apply import Api
 
+from tests.api.conftest import json_http_server
 from tests.api.test_fleet_api import SPEC, create_fleet, fleet, fleet_manifest
 from tests.api.test_operator_api import _mark_pods_ready, get, merge_patch
 from tests.support.controlplane import eventually
@@ -77,31 +75,10 @@ def test_a_token_only_fleet_gets_a_router_token_of_its_own(api, operator, namesp
 
 @pytest.fixture
 def router_info() -> Iterator[int]:
-    """A real HTTP server answering /v1/info as a router pod that ran split runs would."""
-    body = json.dumps(
-        {
-            "steps": [],
-            "router": {"pools": {}, "split": {"runs": {"ok": 4, "error": 1}, "steps": {"cpu": 8, "gpu": 5}}},
-        }
-    ).encode()
-
-    class Info(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    """/v1/info as a router pod that ran split runs would answer it; its port."""
+    split = {"runs": {"ok": 4, "error": 1}, "steps": {"cpu": 8, "gpu": 5}}
+    with json_http_server({"steps": [], "router": {"pools": {}, "split": split}}) as port:
+        yield port
 
 
 def test_status_shows_the_routers_split_runs(api, operator, namespace, router_info):

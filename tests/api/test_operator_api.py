@@ -6,11 +6,9 @@ import base64
 import copy
 import json
 import secrets
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from blazen_operator import kinds
 from blazen_operator.apply import Api, ApiError, path_for
 from blazen_operator.handlers import list_peers
 
+from tests.api.conftest import json_http_server
 from tests.support.controlplane import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -915,26 +914,9 @@ def test_resync_namespace_patterns_select_as_kopf_does(api):
 
 @pytest.fixture
 def peer_info_server() -> Iterator[int]:
-    """A real HTTP server on loopback answering /v1/info as a peer with one session ref would; its port."""
-    info = json.dumps({"steps": ["examples::echo"], "session_refs": 1}).encode()
-
-    class Info(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(info)))
-            self.end_headers()
-            self.wfile.write(info)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Info)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    """/v1/info as a peer with one session ref would answer it; its port."""
+    with json_http_server({"steps": ["examples::echo"], "session_refs": 1}) as port:
+        yield port
 
 
 def test_the_operator_uses_every_verb_the_chart_grants(
