@@ -186,7 +186,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("steps", "allow-list of served step ids", _csv, metavar="ID[,ID...]"),
     Flag("tls_cert", "PEM certificate", metavar="PATH"),
     Flag("tls_key", "PEM private key", metavar="PATH"),
-    Flag("tls_ca", "PEM CA bundle", metavar="PATH"),
+    Flag(
+        "tls_ca",
+        "PEM CA bundle; with several (comma-separated) the first that holds a certificate, the others "
+        "standing in while it is absent or empty",
+        metavar="PATH[,PATH...]",
+    ),
     Flag(
         "tls_client_auth",
         "how TLS callers are authenticated: require (a client certificate chained to --tls-ca), none (no "

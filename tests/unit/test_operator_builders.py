@@ -725,9 +725,10 @@ def test_trust_bundle_replaces_the_issuer_ca(bundle, volume):
 def test_user_issuer_peers_trust_the_bundle_the_operator_keeps_for_that_issuer():
     """Without tls.trustBundle, a user issuer's pods read the ConfigMap the operator fills from its leaves'
     ca.crt (old + new CA while the issuer's CA changes), optional: an ACME issuer writes no ca.crt and the
-    pods start without one."""
+    pods start without one. Until that bundle holds a CA, the leaf's own ca.crt stands in (the runtime takes
+    the first CA file that holds one), so a new peer's first pods never start without their issuer's CA."""
     corp = peer(tls={"issuerRef": {"name": "corp"}})
-    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt"
+    assert flag(container(corp)["args"], "--tls-ca") == "/etc/blazen/trust/ca.crt,/etc/blazen/tls/ca.crt"
     assert volumes(corp)["trust"] == {
         "name": "trust",
         "configMap": {
@@ -768,7 +769,11 @@ def test_namespace_ca_peers_trust_the_namespace_bundle():
             "/etc/blazen/trust/ca.crt",
         ),
         # Any other issuer may write no ca.crt (ACME): no client certificates, the token the CRD requires.
-        ({"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}}, "none", "/etc/blazen/trust/ca.crt"),
+        (
+            {"issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
+            "none",
+            "/etc/blazen/trust/ca.crt,/etc/blazen/tls/ca.crt",
+        ),
     ],
 )
 def test_tls_client_auth_follows_whether_a_ca_bundle_is_sure_to_exist(tls, mode, ca):

@@ -187,6 +187,30 @@ def test_a_bundle_without_the_leafs_root_is_refused(secret, ca):
     assert src.material.ca_pem == ca.cert_pem
 
 
+def test_the_first_ca_file_that_holds_one_is_the_trust_the_next_stands_in(tmp_path, secret, ca):
+    """``--tls-ca BUNDLE,LEAF_CA`` (a user issuer's bundle, filled one operator pass after the first leaf):
+    the leaf's ca.crt while the bundle is absent or empty, then the bundle alone - never both, so in a
+    rotation a new leaf is not trusted before the bundle vouches for it."""
+    bundle = KubeletSecretDir(tmp_path / "trust")
+    cas = f"{bundle.path('ca.crt')},{secret.path('ca.crt')}"
+    src = ReloadingTlsSource(
+        secret.path("tls.crt"), secret.path("tls.key"), cas, ca_optional=True, poll_interval=0.05
+    )
+    assert src.material.ca_pem == ca.cert_pem  # no bundle yet: the leaf's own CA, not the system roots
+    bundle.write({"ca.crt": b""})  # an optional ConfigMap projected before the operator filled it
+    assert src.check_now() is False
+    assert src.material.ca_pem == ca.cert_pem
+    new_ca = CA("reload-root-4")
+    bundle.write({"ca.crt": ca.cert_pem + new_ca.cert_pem})
+    assert src.check_now() is True
+    assert src.material.ca_pem == ca.cert_pem + new_ca.cert_pem
+    # a leaf of a CA the bundle does not hold is refused although its own ca.crt vouches for it
+    other = CA("reload-root-5")
+    secret.write(secret_files(other.issue("peer", serial=3003), other))
+    assert src.check_now() is False
+    assert "does not chain" in (src.last_error or "")
+
+
 # -- grpcio -----------------------------------------------------------------------------------------
 
 _LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]

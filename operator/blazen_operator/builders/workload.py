@@ -130,7 +130,7 @@ def security_args(p: Peer) -> list[str]:
             "--tls-key",
             f"{c.TLS_DIR}/tls.key",
             "--tls-ca",
-            f"{c.TRUST_DIR if _own_trust(p) else c.TLS_DIR}/ca.crt",
+            _ca_files(p),
             "--tls-client-auth",
             tls_client_auth(sp),
         ]
@@ -145,6 +145,16 @@ def tls_client_auth(sp: s.BlazenPeerSpec) -> str:
     the token the CRD requires then; their ca.crt, when the issuer writes one, is what they trust their
     siblings with (else the system roots)."""
     return "require" if sp.tls.issuer_ref is None or sp.tls.trust_bundle is not None else "none"
+
+
+def _ca_files(p: Peer) -> str:
+    """What the pods trust. A user issuer's bundle gets a new peer's first CA one trust pass after its first
+    leaf, which the kubelet may project before it: until the bundle holds a CA the leaf's own ca.crt stands
+    in, so no pod starts without its issuer's CA; from then on the bundle alone (rotations go by it)."""
+    trust = c.trust_configmap(p)
+    if trust is not None and trust != c.TRUST_CONFIGMAP:
+        return f"{c.TRUST_DIR}/ca.crt,{c.TLS_DIR}/ca.crt"
+    return f"{c.TRUST_DIR if _own_trust(p) else c.TLS_DIR}/ca.crt"
 
 
 def _own_trust(p: Peer) -> bool:

@@ -49,7 +49,7 @@ from ..wire.errors import PeerTlsError
 from .tls import TlsMaterial, system_roots_pem, validate_tls_material
 from .tls_policy import TLS12_CIPHERS
 
-__all__ = ["ReloadingTlsSource", "build_server_ssl_context", "grpc_certificate_configuration"]
+__all__ = ["ReloadingTlsSource", "build_server_ssl_context", "ca_files", "grpc_certificate_configuration"]
 
 log = logging.getLogger("blazen_peer.pki.reload")
 
@@ -107,6 +107,16 @@ def build_server_ssl_context(material: TlsMaterial, client_auth: ClientAuth = "o
     return ctx
 
 
+def ca_files(ca: str | os.PathLike[str] | None) -> tuple[str, ...]:
+    """The CA files of a ``--tls-ca`` value, ``PATH[,PATH...]``: the first that holds a certificate is the
+    trust, the others stand in while it is absent or empty (a trust bundle the operator fills one pass after
+    the first leaf, then the ca.crt that arrives with that leaf). Never a union: during a CA rotation a pod
+    must not trust, and so serve, a new leaf before the bundle every caller reads vouches for it."""
+    if ca is None:
+        return ()
+    return tuple(p for p in os.fspath(ca).split(",") if p)
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     material: TlsMaterial
@@ -141,10 +151,10 @@ class ReloadingTlsSource:
         poll_interval: float = 1.0,
         ca_optional: bool = False,
     ) -> None:
-        self._paths = tuple(os.fspath(p) for p in (cert, key) + ((ca,) if ca is not None else ()))
+        self._paths = (os.fspath(cert), os.fspath(key), *ca_files(ca))
         self._role = role
         # An issuer that writes no ca.crt (ACME) leaves the file absent or empty: with ca_optional that set
-        # has no CA (outbound hops then verify against the system roots) until the file holds one.
+        # has no CA (outbound hops then verify against the system roots) until a CA file holds one.
         self._ca_optional = ca_optional
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
@@ -290,9 +300,9 @@ class ReloadingTlsSource:
         return tuple(_file_signature(p) for p in self._paths)
 
     def _read(self) -> tuple[bytes, ...]:
-        names = ("certificate", "private key", "CA cert")
         out = []
-        for name, path in zip(names, self._paths, strict=False):
+        for i, path in enumerate(self._paths):
+            name = ("certificate", "private key")[i] if i < 2 else "CA cert"
             try:
                 with open(path, "rb") as f:
                     out.append(f.read())
@@ -312,9 +322,9 @@ class ReloadingTlsSource:
         return h.hexdigest()
 
     def _validate(self, blobs: tuple[bytes, ...]) -> TlsMaterial:
-        ca_pem = blobs[2] if len(blobs) == 3 else None
-        if self._ca_optional and ca_pem is not None and not ca_pem.strip():
-            ca_pem = None
+        # The first CA file that holds something is the trust; the rest are fallbacks for while it is empty.
+        cas = [b for b in blobs[2:] if b.strip()] or ([] if self._ca_optional else list(blobs[2:3]))
+        ca_pem = cas[0] if cas else None
         return validate_tls_material(
             cert_pem=blobs[0],
             key_pem=blobs[1],
@@ -322,7 +332,7 @@ class ReloadingTlsSource:
             role=self._role,
             cert_label=f"{self._role} cert {self._paths[0]}",
             key_label=f"{self._role} key {self._paths[1]}",
-            ca_label=f"CA cert {self._paths[2]}" if len(self._paths) == 3 else "CA cert",
+            ca_label=f"CA cert {','.join(self._paths[2:])}" if len(self._paths) > 2 else "CA cert",
         )
 
     # -- consumers ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 from typing import Literal
 
 from ..config import PeerConfig
-from ..pki.reload import ReloadingTlsSource
+from ..pki.reload import ReloadingTlsSource, ca_files
 from ..pki.tls import system_roots_pem
 from ..wire.errors import PeerInsecureConfigError, PeerTlsError
 from .auth import TokenSource
@@ -149,7 +149,7 @@ def _wait_for_tls(
 ) -> ReloadingTlsSource:
     deadline = time.monotonic() + cfg.tls_wait_secs
     next_note = 0.0
-    awaited = (cert, key) if ca_optional else (cert, key, ca)
+    awaited = (cert, key) if ca_optional else (cert, key, *ca_files(ca))
     while True:
         try:
             return ReloadingTlsSource(cert, key, ca, role=role, ca_optional=ca_optional)
