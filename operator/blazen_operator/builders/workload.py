@@ -148,19 +148,16 @@ def tls_client_auth(sp: s.BlazenPeerSpec) -> str:
 
 
 def _ca_files(p: Peer) -> str:
-    """What the pods trust. A user issuer's bundle gets a new peer's first CA one trust pass after its first
-    leaf, which the kubelet may project before it: until the bundle holds a CA the leaf's own ca.crt stands
-    in, so no pod starts without its issuer's CA; from then on the bundle alone (rotations go by it)."""
+    """What the pods trust: a bundle of their own (spec.tls.trustBundle or a trust ConfigMap the operator
+    keeps), else the leaf Secret's ca.crt. A user issuer's bundle gets a new peer's first CA one trust pass
+    after its first leaf, which the kubelet may project before it: until the bundle holds a CA the leaf's own
+    ca.crt stands in, so no pod starts without its issuer's CA; from then on the bundle alone (rotations go
+    by it)."""
     trust = c.trust_configmap(p)
     if trust is not None and trust != c.TRUST_CONFIGMAP:
         return f"{c.TRUST_DIR}/ca.crt,{c.TLS_DIR}/ca.crt"
-    return f"{c.TRUST_DIR if _own_trust(p) else c.TLS_DIR}/ca.crt"
-
-
-def _own_trust(p: Peer) -> bool:
-    """The CA file comes from a bundle of its own (spec.tls.trustBundle or a trust ConfigMap the operator
-    keeps), not from the leaf Secret's ca.crt."""
-    return p.spec.tls.trust_bundle is not None or c.trust_configmap(p) is not None
+    own = p.spec.tls.trust_bundle is not None or trust is not None
+    return f"{c.TRUST_DIR if own else c.TLS_DIR}/ca.crt"
 
 
 def shutdown_args(p: Peer) -> list[str]:
