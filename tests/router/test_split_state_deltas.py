@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blazen_peer.client import BlazenPeerClient
 
 from tests.router.test_split_processes import ROUTER_TOKEN, Proc, _spawn
-from tests.support.peers import TOKEN, http_get, metric, wait_ready
+from tests.support.peers import TOKEN, http_get, metric, start_peer, start_router, wait_ready
 
 MODULE = "split_delta_steps"
 SOURCE = textwrap.dedent(
@@ -191,3 +192,33 @@ async def test_a_state_beyond_the_budget_travels_whole(small_budget: Fleet) -> N
     info = await _split_info(small_budget.router)
     assert info["state_sends"] == {"whole": 3}
     assert info["state_bytes"]["whole"] > 2 * SIZE
+
+
+async def test_the_next_step_goes_to_the_replica_holding_the_state(tmp_path: Path) -> None:
+    """Two cpu replicas: the third step of every run goes to the one that ran the first (and kept the
+    state), not to a random one - no delta is refused, no state resent. In-process peers: the same steps."""
+    token = tmp_path / "router-token"
+    token.write_text(f"{ROUTER_TOKEN}\n")
+    ns: dict[str, Any] = {}
+    exec(compile(SOURCE, MODULE, "exec"), ns)  # the steps of the processes above, in this process
+    cfg = {"insecure": True, "fleet_router_token_file": str(token)}
+    cpu = [
+        await start_peer(ns["REG"], node_id=f"cpu-{i}", steps=["sd.first", "sd.third"], **cfg) for i in (0, 1)
+    ]
+    gpu = await start_peer(ns["REG"], node_id="gpu-0", steps=["sd.second"], **cfg)
+    pools = {"cpu": [f"127.0.0.1:{p.grpc_port}" for p in cpu], "gpu": [f"127.0.0.1:{gpu.grpc_port}"]}
+    router = await start_router(pools, node_id="router-0", **cfg)
+    try:
+        client = await BlazenPeerClient.connect(f"http://127.0.0.1:{router.grpc_port}", "caller")
+        try:
+            for _ in range(8):
+                resp = await client.invoke_sub_workflow("wf", STEPS, {"size": SIZE, "wait": None})
+                assert resp.result_value() == [SIZE, "aaa", 3, ["big", "gpu", "n"]]
+        finally:
+            await client.close()
+        assert router.split is not None
+        assert router.split.info()["state_sends"] == {"whole": 16, "delta": 8}
+    finally:
+        await router.stop(grace=0)
+        for p in [*cpu, gpu]:
+            await p.stop(grace=0)

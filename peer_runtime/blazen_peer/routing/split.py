@@ -126,10 +126,14 @@ class _Run:
         self._last = replica
 
     def _request(
-        self, step: RemoteStep, raw_event: bytes, seq: int | None, held: tuple[int, dict[str, bytes]] | None
+        self,
+        step: RemoteStep,
+        raw_event: bytes,
+        state: dict[str, bytes],
+        seq: int | None,
+        held: tuple[int, dict[str, bytes]] | None,
     ) -> bytes:
-        """The RunStep bytes: whole state, or (``held``) the change from the state a replica keeps."""
-        state = self.state
+        """The RunStep bytes: ``state`` whole, or (``held``) its change from the state a replica keeps."""
         if held is None:
             req = RunStepRequest(self.run_id, self.req.workflow_name, step.step_id, raw_event, state, seq=seq)
             kind = "whole"
@@ -158,18 +162,21 @@ class _Run:
         seq = self.seq if deltas else None
         sent = self.state
         unary = runner.router.unary
-        request = self._request(step, raw_event, seq, None if prefer is None else self.held[prefer.addr])
+        request = self._request(
+            step, raw_event, sent, seq, None if prefer is None else self.held[prefer.addr]
+        )
         try:
             raw, replica = await unary(
                 cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach, prefer
             )
         except UpstreamError as exc:
-            if not (prefer is not None and exc.details.startswith(STATE_NOT_HELD) and self._last is not None):
+            if not (prefer is not None and _not_held(exc) and self._last is not None):
                 raise
-            # restarted, evicted, or another replica than the one holding it: nothing ran; whole state
+            # restarted, evicted, or another replica than the one holding it: nothing ran; whole state (as
+            # the step started: another step of its wave may have changed the run's state meanwhile)
             self.held.pop(self._last.addr, None)
             self._answered[self._last.addr] += 1  # it answered, and holds nothing more of the run
-            request = self._request(step, raw_event, seq, None)
+            request = self._request(step, raw_event, sent, seq, None)
             raw, replica = await unary(
                 cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach
             )
@@ -432,6 +439,10 @@ class SplitRunner:
             sends.add_metric([kind], self.state_sends[kind])
             size.add_metric([kind], self.state_bytes[kind])
         yield from (runs, steps, sends, size)
+
+
+def _not_held(exc: UpstreamError) -> bool:
+    return exc.code == grpc.StatusCode.FAILED_PRECONDITION and exc.details.startswith(STATE_NOT_HELD)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
