@@ -100,13 +100,14 @@ def _split_token() -> str:
     return path
 
 
-def chain_peer(port: int, steps: str) -> None:
-    """A peer serving only ``steps`` of bench/steps.py (``hop1``, ``hop2`` or both: ``hop1,hop2``) that
-    runs single steps for the split benchmark's router."""
+def chain_peer(port: int, steps: str, *extra: str) -> None:
+    """A peer serving only ``steps`` of bench/steps.py (e.g. ``hop1``, ``hop2`` or both: ``hop1,hop2``)
+    that runs single steps for the split benchmark's router; ``extra``: more ``serve`` flags."""
     ours(
         port,
         f"--steps={','.join('bench::' + s for s in steps.split(','))}",
         f"--fleet-router-token-file={_split_token()}",
+        *extra,
     )
 
 

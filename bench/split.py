@@ -8,6 +8,10 @@ concurrency 1 and 32:
   (s2) through ``blazen-peer route`` to that peer (one pool serves both: one forwarded call);
   (s3) through ``blazen-peer route`` over two pools, one step each: the router runs the events itself, two
        RunStep hops (no EndRun: the steps keep no session refs).
+With ``--hops 3`` the chain comes back (``hop1`` -> ``back`` -> ``hop3``; pool a serves hop1 and hop3, pool b
+back): the third hop carries only what ``back`` changed in the state when the peers keep it (state deltas,
+docs/router.md); ``--no-deltas`` makes the peers keep nothing (``--split-state-cache-bytes=0``), so whole
+state travels on every hop, as before deltas.
 Also the CPU time per call of the router and of the peers (from /proc). Rounds interleave the targets.
 """
 
@@ -29,7 +33,7 @@ from .__main__ import ROOT, cpu_seconds, free_port, ghz, ghz_path, pinned_to, wa
 TARGETS = {
     "s1": "the chain in one peer, direct",
     "s2": "router -> one pool serving both steps",
-    "s3": "router -> split over two pools (2 hops)",
+    "s3": "router -> split over two pools (one hop per step)",
 }
 
 
@@ -55,6 +59,8 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--state-bytes", type=int, default=0, help="bytes hop1 puts into the run's state")
+    parser.add_argument("--hops", type=int, choices=(2, 3), default=2, help="steps of the chain")
+    parser.add_argument("--no-deltas", action="store_true", help="the peers keep no run state: whole state")
     parser.add_argument("--out", default=str(ROOT / ".work/bench-split.json"))
     args = parser.parse_args()
     binary = ghz_path()
@@ -62,20 +68,25 @@ def main() -> None:
     server_cpu, load_cpu = (0, 1) if pin else (None, None)
     tmp = Path(tempfile.mkdtemp(prefix="blazen-bench-split-"))
     body = tmp / "chain.bin"
+    # pools a and b of (s3), and the peer serving the whole chain
+    a_steps, b_steps = ("hop1", "hop2") if args.hops == 2 else ("hop1,hop3", "back")
+    all_steps = f"{a_steps},{b_steps}"
+    chain = ["bench::" + s for s in (("hop1", "hop2") if args.hops == 2 else ("hop1", "back", "hop3"))]
+    peer_flags = ["--split-state-cache-bytes=0"] if args.no_deltas else []
     body.write_bytes(
         wrap(
             SubWorkflowRequest.new(
                 "bench",
-                ["bench::hop1", "bench::hop2"],
+                chain,
                 {"payload": "x" * 64, "state_bytes": args.state_bytes},
             ).encode()
         )
     )
     procs: list[subprocess.Popen] = []
     try:
-        both, both_port = spawn(tmp, server_cpu, "chain-peer", "hop1,hop2")
-        one, one_port = spawn(tmp, server_cpu, "chain-peer", "hop1")
-        two, two_port = spawn(tmp, server_cpu, "chain-peer", "hop2")
+        both, both_port = spawn(tmp, server_cpu, "chain-peer", all_steps, *peer_flags)
+        one, one_port = spawn(tmp, server_cpu, "chain-peer", a_steps, *peer_flags)
+        two, two_port = spawn(tmp, server_cpu, "chain-peer", b_steps, *peer_flags)
         procs += [both, one, two]
         r_one, r_one_port = spawn(tmp, server_cpu, "pools-router", f"all=127.0.0.1:{both_port}")
         r_split, r_split_port = spawn(

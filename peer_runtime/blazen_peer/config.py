@@ -59,6 +59,8 @@ class PeerConfig:
     # who may run single steps of split runs here (security/fleet_router.py); the router sends the token
     fleet_router_identity: tuple[str, ...] = ()
     fleet_router_token_file: str | None = None
+    # bound of the run states kept between a split run's steps (engine/remote.py; 0: none kept)
+    split_state_cache_bytes: int = 256 * 1024 * 1024
     # blazen-peer route (docs/router.md)
     pool: tuple[str, ...] = ()
     pool_refresh_secs: float = 10.0
@@ -289,6 +291,13 @@ FLAGS: tuple[Flag, ...] = (
         metavar="PATH",
     ),
     Flag(
+        "split_state_cache_bytes",
+        "bytes of split runs' states kept between their steps here, so that the router sends only what "
+        "changed (0: none kept; beyond it, whole state travels)",
+        int,
+        metavar="BYTES",
+    ),
+    Flag(
         "max_concurrent_workflows",
         "calls run at once (Invoke, Stream, Deref, Release); more are refused RESOURCE_EXHAUSTED / 429 "
         "(0: no cap)",
@@ -355,7 +364,7 @@ ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
 #: ``blazen-peer serve``'s flags a router has no use for (it runs no steps and holds no refs).
 _SERVE_ONLY = frozenset(
     {"entrypoint", "steps", "forward_dns", "forward_peers", "ref_max_count", "ref_max_bytes", "ref_ttl_secs"}
-    | {"sync_step_workers", "fleet_router_identity"}
+    | {"sync_step_workers", "fleet_router_identity", "split_state_cache_bytes"}
 )
 #: the flags of ``blazen-peer route``: serve's listeners, security, limits, drain and logging, and the pools.
 ROUTER_FLAGS: tuple[Flag, ...] = tuple(f for f in FLAGS if f.attr not in _SERVE_ONLY) + ROUTER_ONLY_FLAGS

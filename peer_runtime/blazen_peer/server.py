@@ -62,7 +62,7 @@ class BlazenPeerServer:
         )
         self.service = PeerService(cfg.node_id, self.registry, served_steps=cfg.steps, refs=self.refs)
         #: the steps this peer runs for a router's split runs (``blazen.fleet.v1`` RunStep / EndRun).
-        self.remote_runs = RemoteRuns(self.service)
+        self.remote_runs = RemoteRuns(self.service, state_budget=cfg.split_state_cache_bytes)
         self.grpc_port: int | None = None
         self.plaintext_grpc_port: int | None = None
         self.http_port: int | None = None
@@ -268,7 +268,8 @@ class BlazenPeerServer:
         workflows = {w: tuple(ids) for w, ids in reg.workflows().items() if all(i in steps for i in ids)}
         in_flight = self.runtime.limiter.in_use if self.runtime is not None else 0
         run_steps = self.runtime is not None and self.runtime.fleet_guard.configured
-        return Description(self.node_id, steps, workflows, in_flight, self._ready, run_steps)
+        deltas = run_steps and self.remote_runs.state_budget > 0
+        return Description(self.node_id, steps, workflows, in_flight, self._ready, run_steps, deltas)
 
     async def _start_app(self, app: web.Application, addr: str, ssl_ctx: Any, name: str) -> int:
         cfg = self.config

@@ -65,8 +65,11 @@ class TokenFleet:
     router: Proc
 
 
-async def _spawn(work: Path, command: str, *args: str, log: str) -> Proc:
-    grpc_port, admin = free_port(), free_port()
+async def _spawn(
+    work: Path, command: str, *args: str, log: str, ports: tuple[int, int] | None = None
+) -> Proc:
+    """``blazen-peer COMMAND`` of the token-only fleet, on ``ports`` (gRPC, admin; default: free ones)."""
+    grpc_port, admin = ports if ports is not None else (free_port(), free_port())
     common = [
         "--insecure",
         "--token-file",

@@ -223,3 +223,13 @@ def test_route_without_a_pool_is_a_usage_error(capsys: pytest.CaptureFixture[str
         main(["route", "--insecure"])
     assert exit_.value.code == 2
     assert "one of --pool NAME=HOST:PORT[,HOST:PORT...] or --fleet NAME" in capsys.readouterr().err
+
+
+def test_pick_prefers_the_replica_holding_the_run_unless_much_busier() -> None:
+    a, b, c = Replica("p", "a:1"), Replica("p", "b:1"), Replica("p", "c:1")
+    a.in_flight = 2  # AFFINITY_SLACK more than the others
+    assert all(pick([a, b, c], rng=random.Random(i), prefer=a) is a for i in range(50))
+    a.in_flight = 3
+    assert all(pick([a, b, c], rng=random.Random(i), prefer=a) is not a for i in range(50))
+    a.in_flight = 0
+    assert pick([a, b, c], exclude=[a], prefer=a) is not a  # it refused this call already

@@ -9,7 +9,11 @@ from collections.abc import Collection, Sequence
 
 from ..wire.fleet import Description
 
-__all__ = ["Replica", "pick"]
+__all__ = ["AFFINITY_SLACK", "Replica", "pick"]
+
+#: calls in flight by which a preferred replica (it holds the run's state) may exceed the usual choice and
+#: still be chosen: a few queued calls cost less than resending the state, a hot spot more.
+AFFINITY_SLACK = 2
 
 
 class Replica:
@@ -48,10 +52,14 @@ class Replica:
 
 
 def pick(
-    replicas: Sequence[Replica], exclude: Collection[Replica] = (), rng: random.Random | None = None
+    replicas: Sequence[Replica],
+    exclude: Collection[Replica] = (),
+    rng: random.Random | None = None,
+    prefer: Replica | None = None,
 ) -> Replica | None:
     """Two replicas at random among those up and not in ``exclude``, the one with fewer calls in flight;
     when none is up, among the rest not excluded (better to try than to refuse); None when all are excluded.
+    ``prefer``, when among those and not busier than that choice by more than ``AFFINITY_SLACK``, instead.
     """
     now = time.monotonic()
     cands = [r for r in replicas if r not in exclude and r.down_until <= now]
@@ -60,4 +68,7 @@ def pick(
     if len(cands) <= 1:
         return cands[0] if cands else None
     a, b = (rng or random).sample(cands, 2)
-    return a if a.in_flight <= b.in_flight else b
+    choice = a if a.in_flight <= b.in_flight else b
+    if prefer is not None and prefer in cands and prefer.in_flight <= choice.in_flight + AFFINITY_SLACK:
+        return prefer
+    return choice

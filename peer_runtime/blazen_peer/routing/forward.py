@@ -153,14 +153,15 @@ class Router:
         metadata: list[tuple[str, str]],
         deadline: float | None,
         on_pick: Callable[[Replica], None] | None = None,
+        prefer: Replica | None = None,
     ) -> tuple[bytes, Replica]:
-        """``path`` on one replica of ``cands`` (power of two choices), another one when it refused before
-        running anything; the reply and the replica that answered it. ``on_pick`` sees each replica before
-        the call goes out."""
+        """``path`` on one replica of ``cands`` (power of two choices, or ``prefer`` unless much busier),
+        another one when it refused before running anything; the reply and the replica that answered it.
+        ``on_pick`` sees each replica before the call goes out."""
         tried: list[Replica] = []
         last: grpc.aio.AioRpcError | None = None
         while True:
-            replica = pick(cands, tried)
+            replica = pick(cands, tried, prefer=prefer)
             if replica is None:
                 raise self._none_left(cands, last)
             if on_pick is not None:

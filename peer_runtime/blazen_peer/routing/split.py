@@ -14,6 +14,13 @@ with ``error``; ``timeout_secs`` bounds the whole run (``run_within``) and cance
 have started) one of its steps gets ``EndRun``, which drops its ``UntilContextDrop`` refs and returns the
 refs that survive: they are the response's ``remote_refs``, with their real origins, remembered in the
 router's ref-owner map so that deref/release through the router go straight to them.
+
+State deltas: a replica that says ``state_deltas`` may keep the run's state after a step (it answers
+``state_kept``; large states only, within its budget). The run's next step that a replica keeping its
+state serves goes there unless it is much busier (``balance.AFFINITY_SLACK``), with only the keys changed
+since (``base``); a replica that no longer holds that state (restarted, evicted) refuses ``STATE_NOT_HELD``
+before running anything, and the step goes again with whole state. A replica keeping only state gets its
+``EndRun`` after the answer, off the caller's path.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from ..wire.messages import (
     encode_stream_final,
 )
 from ..wire.postcard import parse_uuid
-from ..wire.protocol import FLEET_ROUTER_TOKEN_METADATA, PATH_END_RUN, PATH_RUN_STEP
+from ..wire.protocol import FLEET_ROUTER_TOKEN_METADATA, PATH_END_RUN, PATH_RUN_STEP, STATE_NOT_HELD
 from .balance import Replica
 from .forward import Router, UpstreamError
 
@@ -105,23 +112,74 @@ class _Run:
         self._sent: Counter[str] = Counter()
         self._answered: Counter[str] = Counter()
         self._keeping: set[str] = set()
+        #: replicas keeping the run's state (``state_kept``), which get ``EndRun`` off the caller's path
+        self._state_kept: set[str] = set()
+        #: replica -> the step (``seq``) after which it keeps the run's state, and that state
+        self.held: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self.seq = 0
         self.deadline: float | None = None
+        self._last: Replica | None = None
 
     def _reach(self, replica: Replica) -> None:
         self.reached[replica.addr] = replica
         self._sent[replica.addr] += 1
+        self._last = replica
+
+    def _request(
+        self,
+        step: RemoteStep,
+        raw_event: bytes,
+        state: dict[str, bytes],
+        seq: int | None,
+        held: tuple[int, dict[str, bytes]] | None,
+    ) -> bytes:
+        """The RunStep bytes: ``state`` whole, or (``held``) its change from the state a replica keeps."""
+        if held is None:
+            req = RunStepRequest(self.run_id, self.req.workflow_name, step.step_id, raw_event, state, seq=seq)
+            kind = "whole"
+        else:
+            base, before = held
+            # a key the run did not change since holds the very bytes object: no comparison of contents
+            changed = {k: v for k, v in state.items() if before.get(k) is not v}
+            deleted = [k for k in before if k not in state]
+            req = RunStepRequest(
+                self.run_id, self.req.workflow_name, step.step_id, raw_event, changed,
+                seq=seq, base=base, state_deleted=deleted,
+            )  # fmt: skip
+            kind = "delta"
+        self.runner.count_state(kind, req.state_json, req.state_deleted)
+        return wrap(req.encode())
 
     async def call(self, step: RemoteStep, event: dict[str, Any]) -> list[dict[str, Any]]:
         runner = self.runner
         raw_event = event.raw if isinstance(event, Event) else dumps_json(event)
-        request = wrap(
-            RunStepRequest(self.run_id, self.req.workflow_name, step.step_id, raw_event, self.state).encode()
-        )
         pools = runner.router.pools.pools  # (a discovered pool may have gone since the run began)
         cands = [r for p in step.pools for r in pools.get(p, ())]
-        raw, replica = await runner.router.unary(
-            cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach
+        # deltas only when every candidate takes them: an older peer must get whole state
+        deltas = bool(cands) and all(r.description is not None and r.description.state_deltas for r in cands)
+        prefer = next((r for r in cands if r.addr in self.held), None) if deltas else None
+        self.seq += 1
+        seq = self.seq if deltas else None
+        sent = self.state
+        unary = runner.router.unary
+        request = self._request(
+            step, raw_event, sent, seq, None if prefer is None else self.held[prefer.addr]
         )
+        try:
+            raw, replica = await unary(
+                cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach, prefer
+            )
+        except UpstreamError as exc:
+            if not (prefer is not None and _not_held(exc) and self._last is not None):
+                raise
+            # restarted, evicted, or another replica than the one holding it: nothing ran; whole state (as
+            # the step started: another step of its wave may have changed the run's state meanwhile)
+            self.held.pop(self._last.addr, None)
+            self._answered[self._last.addr] += 1  # it answered, and holds nothing more of the run
+            request = self._request(step, raw_event, sent, seq, None)
+            raw, replica = await unary(
+                cands, PATH_RUN_STEP, request, self.metadata, self.deadline, self._reach
+            )
         runner.steps[replica.pool] += 1
         try:
             resp = RunStepResponse.decode(unwrap(raw))
@@ -132,14 +190,23 @@ class _Run:
         self._answered[replica.addr] += 1
         if resp.keeps_run:
             self._keeping.add(replica.addr)
+        if resp.state_kept:
+            self._state_kept.add(replica.addr)
         if resp.error is not None:
             raise WorkflowFailed(resp.error)
         state = self.state
+        # the replica keeps (its state before the step) + (the step's change): the run's state once that
+        # change is applied, unless another step of the wave changed the state meanwhile
+        same = state is sent
         if resp.state_set or resp.state_deleted:
             state = self.state = dict(state)  # a step of the same wave still holds the previous one
             state.update(resp.state_set)
             for key in resp.state_deleted:
                 state.pop(key, None)
+        if resp.state_kept and same and seq is not None:
+            self.held[replica.addr] = (seq, state)
+        else:
+            self.held.pop(replica.addr, None)
         return [Event.of(b) for b in resp.events_json]
 
     async def end(self) -> dict[str, RemoteRefDescriptor]:
@@ -150,10 +217,16 @@ class _Run:
             for addr, r in self.reached.items()
             if addr in self._keeping or self._sent[addr] > self._answered[addr]
         ]
-        if not replicas:
-            return {}
         router = self.runner.router
         request = wrap(EndRunRequest(self.run_id).encode())
+        for addr in self._state_kept:  # it frees memory, returns no refs: the caller need not wait for it
+            replica = self.reached[addr]
+            if replica not in replicas:
+                self.runner.background(
+                    router._one(replica, PATH_END_RUN, request, self.metadata, END_RUN_TIMEOUT)
+                )
+        if not replicas:
+            return {}
         answers = await asyncio.gather(
             *(router._one(r, PATH_END_RUN, request, self.metadata, END_RUN_TIMEOUT) for r in replicas),
             return_exceptions=True,
@@ -191,6 +264,26 @@ class SplitRunner:
         self._token = router_token
         self.runs: Counter[str] = Counter()  # by outcome
         self.steps: Counter[str] = Counter()  # by pool
+        #: RunStep requests and their state bytes (keys and JSON values), by kind: whole state or a delta
+        self.state_sends: Counter[str] = Counter()
+        self.state_bytes: Counter[str] = Counter()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def count_state(self, kind: str, state: dict[str, bytes], deleted: list[str]) -> None:
+        self.state_sends[kind] += 1
+        self.state_bytes[kind] += sum(len(k) + len(v) for k, v in state.items()) + sum(map(len, deleted))
+
+    def background(self, work: Any) -> None:
+        """Run ``work`` (an EndRun nobody waits for) to its end, failures logged."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+            log.info("split run: EndRun of a kept state failed (the peer drops it when idle): %s", detail)
 
     def _step_pools(self, step_id: str) -> tuple[str, ...]:
         """The pools that serve ``step_id`` and run single steps for this router (their replicas said
@@ -309,7 +402,12 @@ class SplitRunner:
 
     # -- observability ----------
     def info(self) -> dict[str, Any]:
-        return {"runs": dict(self.runs), "steps": dict(self.steps)}
+        return {
+            "runs": dict(self.runs),
+            "steps": dict(self.steps),
+            "state_sends": dict(self.state_sends),
+            "state_bytes": dict(self.state_bytes),
+        }
 
     def collect(self) -> Iterator[Metric]:
         runs = CounterMetricFamily(
@@ -326,7 +424,25 @@ class SplitRunner:
         )
         for pool, n in sorted(self.steps.items()):
             steps.add_metric([pool], n)
-        yield from (runs, steps)
+        sends = CounterMetricFamily(
+            "blazen_router_split_state_sends",
+            "RunStep requests of split runs, by how they carried the run's state: whole, or a delta from "
+            "the state the replica kept after the run's previous step there.",
+            labels=["kind"],
+        )
+        size = CounterMetricFamily(
+            "blazen_router_split_state_bytes",
+            "Bytes of run state (keys and JSON values) sent in RunStep requests, by kind (whole, delta).",
+            labels=["kind"],
+        )
+        for kind in sorted(self.state_sends):
+            sends.add_metric([kind], self.state_sends[kind])
+            size.add_metric([kind], self.state_bytes[kind])
+        yield from (runs, steps, sends, size)
+
+
+def _not_held(exc: UpstreamError) -> bool:
+    return exc.code == grpc.StatusCode.FAILED_PRECONDITION and exc.details.startswith(STATE_NOT_HELD)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -46,6 +46,8 @@ class Description:
     ready: bool = True
     #: the peer runs single steps for a fleet router (``RunStep``; it was told who the router is).
     run_steps: bool = False
+    #: the peer keeps a run's state between its steps and takes ``RunStep`` state as a delta from it.
+    state_deltas: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -56,6 +58,7 @@ class Description:
                 "in_flight": self.in_flight,
                 "ready": self.ready,
                 "run_steps": self.run_steps,
+                "state_deltas": self.state_deltas,
             },
             separators=(",", ":"),
         ).encode()
@@ -73,6 +76,7 @@ class Description:
                 in_flight=int(obj.get("in_flight", 0)),
                 ready=bool(obj.get("ready", True)),
                 run_steps=bool(obj.get("run_steps", False)),
+                state_deltas=bool(obj.get("state_deltas", False)),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise DescriptionError(f"malformed Describe reply: {exc}") from None
@@ -108,9 +112,25 @@ def _read_state(r: Reader, buf: bytes) -> dict[str, bytes]:
 class RunStepRequest(_Message):
     """Run ``step_id`` once on ``event_json`` (an event object) with the run's current state (key -> JSON
     value, as ``state_json``). ``run_id`` names the router's run: the steps a peer runs for one run share its
-    session refs (``ctx.session_refs``) until ``EndRun``."""
+    session refs (``ctx.session_refs``) until ``EndRun``.
 
-    __slots__ = ("envelope_version", "event_json", "run_id", "state_json", "step_id", "workflow_name")
+    ``seq`` (a router that takes state deltas; None from an older one, and then nothing follows the state
+    on the wire): the request's number within the run; a peer that ``state_deltas`` may keep the state after
+    this step under it. ``base``: ``state_json`` / ``state_deleted`` are then the change from the state the
+    peer keeps after the run's step ``base`` - refused ``STATE_NOT_HELD`` before anything runs when the peer
+    does not hold exactly that."""
+
+    __slots__ = (
+        "base",
+        "envelope_version",
+        "event_json",
+        "run_id",
+        "seq",
+        "state_deleted",
+        "state_json",
+        "step_id",
+        "workflow_name",
+    )
 
     def __init__(
         self,
@@ -120,6 +140,10 @@ class RunStepRequest(_Message):
         event_json: bytes,
         state_json: dict[str, bytes] | None = None,
         envelope_version: int = ENVELOPE_VERSION,
+        *,
+        seq: int | None = None,
+        base: int | None = None,
+        state_deleted: list[str] | None = None,
     ) -> None:
         self.envelope_version = envelope_version
         self.run_id = run_id
@@ -127,11 +151,23 @@ class RunStepRequest(_Message):
         self.step_id = step_id
         self.event_json = event_json
         self.state_json = state_json if state_json is not None else {}
+        self.seq = seq
+        self.base = base
+        self.state_deleted = state_deleted if state_deleted is not None else []
 
     def encode(self) -> bytes:
         w = Writer().u32(self.envelope_version).uuid(parse_uuid(self.run_id)).str(self.workflow_name)
         w.str(self.step_id).bytes(self.event_json)
         _write_state(w, self.state_json)
+        if self.seq is not None:  # an older peer stops reading after the state
+            w.u64(self.seq)
+            if self.base is None:
+                w.option_tag(False)
+            else:
+                w.option_tag(True).u64(self.base)
+            w.usize(len(self.state_deleted))
+            for k in self.state_deleted:
+                w.str(k)
         return w.getvalue()
 
     @classmethod
@@ -142,7 +178,13 @@ class RunStepRequest(_Message):
         name = r.take_str()
         step_id = r.take_str()
         event = r.take_bytes()
-        return cls(run_id, name, step_id, event, _read_state(r, buf), version)
+        state = _read_state(r, buf)
+        req = cls(run_id, name, step_id, event, state, version)
+        if r.pos < len(buf):
+            req.seq = r.take_u64()
+            req.base = r.take_option_u64()
+            req.state_deleted = [r.take_str() for _ in range(_count(r, buf))]
+        return req
 
 
 class RunStepResponse(_Message):
@@ -150,9 +192,19 @@ class RunStepResponse(_Message):
     (``state_set``) and removed (``state_deleted``) - a delta, not the whole state - or ``error`` (the text
     after ``workflow error: ``, as one peer would report the run failing in this step). ``keeps_run``: the
     peer holds something of the run (session refs, a step still running) until ``EndRun``; False lets the
-    router skip that call when no other step of the run ran there."""
+    router skip that call when no other step of the run ran there. ``state_kept``: the peer keeps the state
+    after this step (under the request's ``seq``) until ``EndRun``, for the run's next step here to send a
+    delta; written only when True (an older router never asks for it)."""
 
-    __slots__ = ("envelope_version", "error", "events_json", "keeps_run", "state_deleted", "state_set")
+    __slots__ = (
+        "envelope_version",
+        "error",
+        "events_json",
+        "keeps_run",
+        "state_deleted",
+        "state_kept",
+        "state_set",
+    )
 
     def __init__(
         self,
@@ -162,9 +214,11 @@ class RunStepResponse(_Message):
         error: str | None = None,
         keeps_run: bool = True,
         envelope_version: int = ENVELOPE_VERSION,
+        state_kept: bool = False,
     ) -> None:
         self.envelope_version = envelope_version
         self.keeps_run = keeps_run
+        self.state_kept = state_kept
         self.events_json = events_json if events_json is not None else []
         self.state_set = state_set if state_set is not None else {}
         self.state_deleted = state_deleted if state_deleted is not None else []
@@ -182,7 +236,10 @@ class RunStepResponse(_Message):
             w.option_tag(False)
         else:
             w.option_tag(True).str(self.error)
-        return w.bool(self.keeps_run).getvalue()
+        w.bool(self.keeps_run)
+        if self.state_kept:
+            w.bool(True)
+        return w.getvalue()
 
     @classmethod
     def decode(cls, buf: bytes) -> RunStepResponse:
@@ -192,7 +249,9 @@ class RunStepResponse(_Message):
         state = _read_state(r, buf)
         deleted = [r.take_str() for _ in range(_count(r, buf))]
         error = r.take_option_str()
-        return cls(events, state, deleted, error, r.take_bool(), version)
+        keeps = r.take_bool()
+        kept = r.take_bool() if r.pos < len(buf) else False
+        return cls(events, state, deleted, error, keeps, version, kept)
 
 
 class EndRunRequest(_Message):

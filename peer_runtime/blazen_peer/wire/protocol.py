@@ -35,6 +35,9 @@ METHOD_END_RUN = "EndRun"
 PATH_END_RUN = f"/{FLEET_SERVICE}/{METHOD_END_RUN}"
 #: the metadata key carrying the router token (``--fleet-router-token-file``) on RunStep / EndRun.
 FLEET_ROUTER_TOKEN_METADATA = "x-blazen-fleet-router-token"
+#: how a peer's refusal of a RunStep whose state is a delta from a state it does not hold begins
+#: (FAILED_PRECONDITION; restarted, evicted, another replica): nothing ran, the router resends whole state.
+STATE_NOT_HELD = "run state not held"
 
 #: how the admission's refusal over ``--max-concurrent-workflows`` begins (a router retries such a call on
 #: another replica: nothing ran).
