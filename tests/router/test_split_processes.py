@@ -91,13 +91,19 @@ async def _spawn(
     return Proc(proc, grpc_port, admin)
 
 
-@pytest.fixture
-async def token_fleet(tmp_path: Path) -> AsyncIterator[TokenFleet]:
+def fleet_workdir(tmp_path: Path, module: str, source: str) -> Path:
+    """The working directory of a process-level fleet: the step module, the shared token and the router's."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / f"{MODULE}.py").write_text(SOURCE)
+    (work / f"{module}.py").write_text(source)
     (work / "token").write_text(f"{TOKEN}\n")
     (work / "router-token").write_text(f"{ROUTER_TOKEN}\n")
+    return work
+
+
+@pytest.fixture
+async def token_fleet(tmp_path: Path) -> AsyncIterator[TokenFleet]:
+    work = fleet_workdir(tmp_path, MODULE, SOURCE)
     entry = ["--entrypoint", f"{MODULE}:REG"]
     procs: list[Proc] = []
     try:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from blazen_peer.client import BlazenPeerClient
 
-from tests.router.test_split_processes import ROUTER_TOKEN, Proc, _spawn
-from tests.support.peers import TOKEN, http_get, metric, start_peer, start_router, wait_ready
+from tests.router.test_split_processes import ROUTER_TOKEN, Proc, _spawn, fleet_workdir
+from tests.support.peers import http_get, metric, start_peer, start_router, wait_ready
 
 MODULE = "split_delta_steps"
 SOURCE = textwrap.dedent(
@@ -70,11 +70,7 @@ class Fleet:
 
 
 async def _fleet(tmp_path: Path, *cpu_extra: str) -> AsyncIterator[Fleet]:
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / f"{MODULE}.py").write_text(SOURCE)
-    (work / "token").write_text(f"{TOKEN}\n")
-    (work / "router-token").write_text(f"{ROUTER_TOKEN}\n")
+    work = fleet_workdir(tmp_path, MODULE, SOURCE)
     entry = ["--entrypoint", f"{MODULE}:REG"]
     cpu_args = [*entry, "--node-id", "cpu-0", "--steps", "sd.first,sd.third", *cpu_extra]
     procs: list[Proc] = []
