@@ -3,8 +3,9 @@ never collide in the global registry).
 
 * ``blazen_peer_calls_total{transport,method,code}`` and ``blazen_peer_call_duration_seconds{transport,
   method}``: ``method`` is the RPC name (``InvokeSubWorkflow``, ``DerefSessionRef``,
-  ``ReleaseSessionRef``, ``StreamSubWorkflowEvents``) for both transports, ``Describe`` for the router's
-  ``blazen.fleet.v1.Fleet/Describe``, ``other`` for anything else (bounded cardinality); ``code`` is the
+  ``ReleaseSessionRef``, ``StreamSubWorkflowEvents``) for both transports, ``Describe``, ``RunStep`` and
+  ``EndRun`` for the fleet router's ``blazen.fleet.v1.Fleet`` calls, ``other`` for anything else (bounded
+  cardinality); ``code`` is the
   gRPC status name, or the HTTP status for the shim.
 * ``blazen_peer_in_flight_calls{transport,method}``.
 * ``blazen_peer_session_refs`` / ``blazen_peer_session_ref_bytes``: read from a callback at scrape time.
