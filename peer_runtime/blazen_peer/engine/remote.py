@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..wire.errors import PeerStatusError, Status
-from ..wire.fleet import RunStepRequest, RunStepResponse
+from ..wire.fleet import RunStepRequest, RunStepResponse, state_size
 from ..wire.messages import RemoteRefDescriptor
 from ..wire.protocol import STATE_NOT_HELD
 from .context import Context
@@ -44,10 +44,6 @@ ENDED_MEMORY = 10_000
 STATE_KEEP_MIN_BYTES = 64 * 1024
 #: default bound of all kept run states together (``--split-state-cache-bytes``).
 STATE_BUDGET = 256 * 1024 * 1024
-
-
-def _size(state: dict[str, bytes]) -> int:
-    return sum(len(k) + len(v) for k, v in state.items())
 
 
 class _Run:
@@ -144,7 +140,7 @@ class RemoteRuns:
         run.state, run.state_bytes = None, 0
         if state is None:
             return False
-        size = _size(state)
+        size = state_size(state)
         if size < STATE_KEEP_MIN_BYTES or self.state_bytes + size > self.state_budget:
             return False
         run.state, run.state_seq, run.state_bytes = state, seq, size

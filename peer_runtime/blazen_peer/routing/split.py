@@ -42,7 +42,7 @@ from ..engine.runner import WorkflowFailed, route_events
 from ..engine.service import run_within, start_event
 from ..wire.envelope import unwrap, wrap
 from ..wire.errors import PeerStatusError, Status, exception_text
-from ..wire.fleet import EndRunRequest, EndRunResponse, RunStepRequest, RunStepResponse
+from ..wire.fleet import EndRunRequest, EndRunResponse, RunStepRequest, RunStepResponse, state_size
 from ..wire.messages import (
     RemoteRefDescriptor,
     SubWorkflowEvent,
@@ -271,7 +271,7 @@ class SplitRunner:
 
     def count_state(self, kind: str, state: dict[str, bytes], deleted: list[str]) -> None:
         self.state_sends[kind] += 1
-        self.state_bytes[kind] += sum(len(k) + len(v) for k, v in state.items()) + sum(map(len, deleted))
+        self.state_bytes[kind] += state_size(state) + sum(map(len, deleted))
 
     def background(self, work: Any) -> None:
         """Run ``work`` (an EndRun nobody waits for) to its end, failures logged."""

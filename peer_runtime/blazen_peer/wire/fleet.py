@@ -27,6 +27,7 @@ __all__ = [
     "EndRunResponse",
     "RunStepRequest",
     "RunStepResponse",
+    "state_size",
 ]
 
 
@@ -93,6 +94,12 @@ def _count(r: Reader, buf: bytes) -> int:
     if n > len(buf):  # each element needs at least one byte: fail before allocating
         raise PostcardDecodeError("Hit the end of buffer, expected more data")
     return n
+
+
+def state_size(state: dict[str, bytes]) -> int:
+    """The bytes of a run's state as RunStep carries it (keys and JSON values): what keeping or sending it
+    costs."""
+    return sum(len(k) + len(v) for k, v in state.items())
 
 
 def _write_state(w: Writer, state: dict[str, bytes]) -> None:
