@@ -92,6 +92,22 @@ def write_steps(directory: Path) -> Path:
     return directory
 
 
+async def tls_client(
+    port: int, pki: Pki, node_id: str = "caller", token: str | None = TOKEN
+) -> BlazenPeerClient:
+    """Our gRPC client on ``port`` over mutual TLS (``pki``'s client identity, its CA, the server name
+    ``localhost``), with ``token`` as its bearer token."""
+    return await BlazenPeerClient.connect(
+        f"https://127.0.0.1:{port}",
+        node_id,
+        root_certificates=pki.ca_pem,
+        certificate_chain=pki.client.cert_pem,
+        private_key=pki.client.key_pem,
+        token=token,
+        server_name="localhost",
+    )
+
+
 def client_ssl(pki: Pki, files: tuple[Path, Path, Path] | None = None, *, h2: bool = False) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
     if files is not None:
@@ -265,12 +281,4 @@ class PeerProcess:
 
     async def client(self, node_id: str = "load") -> BlazenPeerClient:
         assert self.pki is not None
-        return await BlazenPeerClient.connect(
-            f"https://127.0.0.1:{self.grpc}",
-            node_id,
-            root_certificates=self.pki.ca_pem,
-            certificate_chain=self.pki.client.cert_pem,
-            private_key=self.pki.client.key_pem,
-            token=TOKEN,
-            server_name="localhost",
-        )
+        return await tls_client(self.grpc, self.pki, node_id)
