@@ -8,7 +8,7 @@ exactly the bytes Blazen 0.6.74 writes. UUIDs are carried as lowercase hyphenate
 from __future__ import annotations
 
 import json
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str, varint
 from .protocol import ENVELOPE_VERSION, MAX_MESSAGE_BYTES
@@ -19,23 +19,26 @@ STREAM_FRAME_FINAL = 1
 ENVELOPE_HEADER_BYTES = 8
 
 
-def _repr(obj: Any) -> str:
-    fields = ", ".join(f"{name}={getattr(obj, name)!r}" for name in obj.__slots__)
-    return f"{type(obj).__name__}({fields})"
-
-
 class _Message:
     __slots__: tuple[str, ...] = ()
+    # Every slot of the class and its bases: a subclass's own ``__slots__`` names only the slots it adds
+    # (``DerefRequest`` adds none to ``_RefRequest``'s).
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = cls._fields + tuple(cls.__dict__.get("__slots__", ()))
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return _repr(self)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
 
 
 class SubWorkflowRequest(_Message):
