@@ -97,10 +97,7 @@ class SubWorkflowRequest(_Message):
         r = Reader(buf)
         version = r.take_u32()
         name = r.take_str()
-        n = r.take_usize()
-        if n > len(buf):  # each element needs at least one byte: fail before allocating
-            raise PostcardDecodeError("Hit the end of buffer, expected more data")
-        step_ids = [r.take_str() for _ in range(n)]
+        step_ids = [r.take_str() for _ in range(r.take_count())]
         input_json = r.take_bytes()
         timeout = r.take_option_u64()
         return cls(name, step_ids, input_json, timeout, version)
@@ -253,23 +250,16 @@ class SubWorkflowResponse(_Message):
         r = Reader(buf)
         version = r.take_u32()
         state: dict[str, bytes] = {}
-        for _ in range(_count(r, buf)):
+        for _ in range(r.take_count()):
             k = r.take_str()
             state[k] = r.take_bytes()
         result = r.take_option_bytes()
         refs: dict[str, RemoteRefDescriptor] = {}
-        for _ in range(_count(r, buf)):
+        for _ in range(r.take_count()):
             key = uuid_str(r.take_uuid())
             refs[key] = RemoteRefDescriptor.read(r)
         error = r.take_option_str()
         return cls(state, result, refs, error, version)
-
-
-def _count(r: Reader, buf: bytes) -> int:
-    n = r.take_usize()
-    if n > len(buf):
-        raise PostcardDecodeError("Hit the end of buffer, expected more data")
-    return n
 
 
 class _RefRequest(_Message):
