@@ -84,6 +84,23 @@ def in_cluster(
     return json.loads(logs.strip().splitlines()[-1])
 
 
+def wait_clients_running(ns: str, clients: int = 1) -> None:
+    """Waits until ``clients`` client pods (label ``e2e=client``) of ``ns`` are running, so what the test
+    does next happens under their calls."""
+    wait_until(
+        f"{clients} client pod(s) running",
+        lambda: (
+            sum(
+                p["status"].get("phase") == "Running"
+                for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
+            )
+            >= clients
+        ),
+        timeout=120,
+        interval=1,
+    )
+
+
 def in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     """Runs fn() in a thread; the dict gets "result" or "exc"."""
     out: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from .clients import TRUST_CONFIGMAP, joined, load_spec, start_load
+from .clients import TRUST_CONFIGMAP, joined, load_spec, start_load, wait_clients_running
 from .conftest import apply, kubectl, kubectl_json, wait_until
 from .test_peers import peer, pods, status, wait_ready
 
@@ -82,15 +82,7 @@ def test_forced_ca_rotation_under_load_fails_no_call(operator: str, namespace: s
     t, out = start_load(
         namespace, "rot", load_spec(namespace, "rot", rate=RATE, seconds=SECONDS, client="files")
     )
-    wait_until(
-        "client running",
-        lambda: any(
-            p["status"].get("phase") == "Running"
-            for p in kubectl_json("-n", namespace, "get", "pods", "-l", "e2e=client")["items"]
-        ),
-        timeout=120,
-        interval=1,
-    )
+    wait_clients_running(namespace)
     time.sleep(10)
     started = time.monotonic()
     kubectl(
