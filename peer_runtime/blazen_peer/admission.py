@@ -178,7 +178,9 @@ class Admission:
         stats = self.metrics.stats(self.transport, method_label(method))
         admit, release = self.gate(method)
 
-        def enter(context: Any) -> tuple[Status, str] | None:
+        def enter(context: Any, start: float) -> bool:
+            """Admits the call (True), or answers it with the refusal and counts it (False)."""
+            stats.start()
             # One pass over the metadata: log context and token. No unbind: grpc.aio serves every call in a
             # task of its own, whose context ends with the call.
             caller = rid = authorization = None
@@ -191,34 +193,34 @@ class Admission:
                 elif key == AUTHORIZATION_METADATA and authorization is None:
                     authorization = item[1]
             bind_log_context(caller, rid or new_request_id())
-            return admit(authorization)
+            refused = admit(authorization)
+            if refused is None:
+                return True
+            code = GRPC_CODES[refused[0]]
+            context.set_code(code)
+            context.set_details(refused[1])
+            stats.finish(_CODE_NAMES[code], time.perf_counter() - start)
+            return False
+
+        def leave(context: Any, start: float, exc: BaseException | None) -> None:
+            """An admitted call's end: its slot released, its status counted."""
+            release()
+            stats.finish(_CODE_NAMES[_aio_code(context, exc)], time.perf_counter() - start)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
                 start = time.perf_counter()
-                stats.start()
-                code: grpc.StatusCode = _OK
+                if not enter(context, start):
+                    return
                 try:
-                    refused = enter(context)
-                    if refused is not None:
-                        code = GRPC_CODES[refused[0]]
-                        context.set_code(code)
-                        context.set_details(refused[1])
-                        return
-                    exc_seen: BaseException | None = None
-                    try:
-                        async for item in inner_stream(request, context):
-                            yield item
-                    except BaseException as exc:
-                        exc_seen = exc
-                        raise
-                    finally:
-                        release()
-                        code = _aio_code(context, exc_seen)
-                finally:
-                    stats.finish(_CODE_NAMES[code], time.perf_counter() - start)
+                    async for item in inner_stream(request, context):
+                        yield item
+                except BaseException as exc:
+                    leave(context, start, exc)
+                    raise
+                leave(context, start, None)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -230,27 +232,15 @@ class Admission:
 
         async def unary_unary(request: bytes, context: Any) -> bytes | None:
             start = time.perf_counter()
-            stats.start()
-            code: grpc.StatusCode = _OK
+            if not enter(context, start):
+                return None
             try:
-                refused = enter(context)
-                if refused is not None:
-                    code = GRPC_CODES[refused[0]]
-                    context.set_code(code)
-                    context.set_details(refused[1])
-                    return None
-                exc_seen: BaseException | None = None
-                try:
-                    result: bytes | None = await inner(request, context)
-                    return result
-                except BaseException as exc:
-                    exc_seen = exc
-                    raise
-                finally:
-                    release()
-                    code = _aio_code(context, exc_seen)
-            finally:
-                stats.finish(_CODE_NAMES[code], time.perf_counter() - start)
+                result: bytes | None = await inner(request, context)
+            except BaseException as exc:
+                leave(context, start, exc)
+                raise
+            leave(context, start, None)
+            return result
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,

@@ -15,6 +15,8 @@ from typing import Any
 from .conftest import CPU_NODE, WHEEL_HOST_DIR, apply, kubectl, kubectl_json, wait_until
 
 IMAGE = "blazen-fleet/example-steps:dev"
+# The namespace trust bundle the operator keeps (docs/security.md); the ``files`` load client follows it.
+TRUST_CONFIGMAP = "blazen-trust"
 LOAD_CLIENT = (Path(__file__).parent / "load_client.py").read_text()
 
 
@@ -26,10 +28,12 @@ def in_cluster(
     env: dict[str, str] | None = None,
     wheel: bool = False,
     secret: str | None = None,
+    trust: str | None = None,
 ) -> Any:
     """Runs a Python script in a client pod on CPU_NODE (label ``e2e=client``; ``SVC`` is the Service's DNS
     name, ``env`` adds to it) and returns the JSON object its last stdout line holds. ``wheel``: the pod
-    mounts the ``blazen`` wheel the ``wheel_on_node`` fixture put on the node and can import it."""
+    mounts the ``blazen`` wheel the ``wheel_on_node`` fixture put on the node and can import it. ``trust``:
+    a ConfigMap mounted at /trust (the namespace trust bundle, followed as it changes)."""
     pod = f"client-{uuid.uuid4().hex[:6]}"
     if secret is None:
         secret = (kubectl_json("-n", ns, "get", "blazenpeer", name).get("status") or {})["certificate"][
@@ -42,6 +46,9 @@ def in_cluster(
         variables |= {"PYTHONPATH": "/wheel", "LD_PRELOAD": "/wheel/libisoc23_shim.so"}
         mounts.append({"name": "wheel", "mountPath": "/wheel", "readOnly": True})
         volumes.append({"name": "wheel", "hostPath": {"path": WHEEL_HOST_DIR, "type": "Directory"}})
+    if trust is not None:
+        mounts.append({"name": "trust", "mountPath": "/trust", "readOnly": True})
+        volumes.append({"name": "trust", "configMap": {"name": trust}})
     apply(
         {
             "apiVersion": "v1",
@@ -75,6 +82,23 @@ def in_cluster(
     phase = kubectl_json("-n", ns, "get", "pod", pod)["status"]["phase"]
     assert phase == "Succeeded", logs[-4000:]
     return json.loads(logs.strip().splitlines()[-1])
+
+
+def wait_clients_running(ns: str, clients: int = 1) -> None:
+    """Waits until ``clients`` client pods (label ``e2e=client``) of ``ns`` are running, so what the test
+    does next happens under their calls."""
+    wait_until(
+        f"{clients} client pod(s) running",
+        lambda: (
+            sum(
+                p["status"].get("phase") == "Running"
+                for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
+            )
+            >= clients
+        ),
+        timeout=120,
+        interval=1,
+    )
 
 
 def in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
@@ -111,7 +135,8 @@ def load_spec(
     token: str = "",
     wait_for_ready: bool = False,
 ) -> dict[str, Any]:
-    """What load_client.py runs: ``ours`` on the gRPC port (mutual TLS), ``wheel`` on the plaintext one."""
+    """What load_client.py runs: ``ours`` and ``files`` on the gRPC port (mutual TLS), ``wheel`` on the
+    plaintext one."""
     port = 50052 if client == "wheel" else 50051
     return {
         "client": client,
@@ -134,6 +159,7 @@ def run_load(ns: str, name: str, spec: dict[str, Any], secret: str | None = None
         env={"LOAD_SPEC": json.dumps(spec)},
         wheel=spec["client"] == "wheel",
         secret=secret,
+        trust=TRUST_CONFIGMAP if spec["client"] == "files" else None,
     )
     return {**result, "rate": spec["rate"]}
 

@@ -1,18 +1,22 @@
 """The e2e load client: runs INSIDE a client pod (tests/e2e/clients.py starts it), never under pytest.
 
 It offers ``rate`` calls/s of ``examples::echo`` for ``seconds`` through the Service, on ``channels`` channels
-opened once and kept for the whole run, with one of two clients:
+opened once and kept for the whole run, with one of three clients:
 
 * ``ours``: grpcio with our wire codec, over mutual TLS (the client certificate mounted at /tls) on the gRPC
   port, the bearer token when given; ``wait_for_ready`` makes a call wait for a ready connection instead of
   failing fast while its channel reconnects.
+* ``files``: our ``BlazenPeerClient`` on the gRPC port, ONE client for the whole run built with ``tls_files``:
+  its identity from the client Secret mounted at /tls, its trust from the namespace trust ConfigMap mounted at
+  /trust. It follows those files as they change (a CA rotation), where ``ours`` reads its PEM once; the
+  result adds ``tls_generation``, how many certificate sets it used.
 * ``wheel``: the real ``blazen`` 0.6.74 wheel's ``BlazenPeerClient`` (mounted from the node, see
   ``wheel_on_node`` in tests/e2e/conftest.py) through the plaintext opt-in: Blazen's own clients do neither
   TLS nor tokens.
 
 The spec comes as JSON in ``LOAD_SPEC``. The last stdout line is one JSON object: ``sent``, ``ok``,
 ``errors`` ({kind: count}), ``failed`` (up to 200 ``[start, end, kind]``, wall clock), ``elapsed``,
-``started`` (wall clock), ``p50``, ``p99`` (seconds).
+``started`` (wall clock), ``p50``, ``p99`` (seconds), and what the client adds.
 """
 
 import asyncio
@@ -35,7 +39,7 @@ TLS = (
 
 
 async def ours():
-    """(call(i) -> result value or raises, close())"""
+    """(call(i) -> result value or raises, close() -> what the client adds to the result)"""
     import grpc
     from blazen_peer.wire.envelope import unwrap, wrap
     from blazen_peer.wire.messages import SubWorkflowRequest, SubWorkflowResponse
@@ -63,6 +67,27 @@ async def ours():
     async def close():
         for ch in channels:
             await ch.close()
+        return {}
+
+    return call, close
+
+
+async def files():
+    from blazen_peer.client import BlazenPeerClient
+
+    paths = ("/tls/tls.crt", "/tls/tls.key", "/trust/ca.crt")
+    client = await BlazenPeerClient.connect(f"https://{TARGET}", "e2e-files", tls_files=paths)
+
+    async def call(i):
+        resp = await client.invoke_sub_workflow("examples", ["examples::echo"], {"i": i}, 10, deadline=15)
+        if resp.error is not None:
+            raise RuntimeError("workflow: " + str(resp.error))
+        return resp.result_value()
+
+    async def close():
+        generation = client.tls_generation
+        await client.close()
+        return {"tls_generation": generation}
 
     return call, close
 
@@ -82,7 +107,7 @@ async def wheel():
         return resp.result_value()
 
     async def close():
-        pass  # the wheel's clients close with the process
+        return {}  # the wheel's clients close with the process
 
     return call, close
 
@@ -96,7 +121,7 @@ def kind_of(exc):
 
 
 async def main():
-    call, close = await (ours() if SPEC["client"] == "ours" else wheel())
+    call, close = await {"ours": ours, "files": files, "wheel": wheel}[SPEC["client"]]()
     ok, errors, failed, latencies, tasks = 0, collections.Counter(), [], [], set()
     start = time.monotonic()
 
@@ -126,7 +151,7 @@ async def main():
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
-    await close()
+    added = await close()
     latencies.sort()
     result = {
         "client": SPEC["client"],
@@ -138,6 +163,7 @@ async def main():
         "started": time.time() - elapsed,
         "p50": latencies[len(latencies) // 2],
         "p99": latencies[int(len(latencies) * 0.99)],
+        **added,
     }
     print(json.dumps(result), flush=True)
 

@@ -6,8 +6,7 @@ namespace trust ConfigMap (old + new roots during the rotation). The test forces
 ``blazen.dev/rotate-ca`` annotation and asserts: 0 failed calls, every leaf (server and client Secrets)
 re-issued by the new CA, every pod serving a new-CA leaf and trusting only the new root at the end (its
 /v1/info), no pod restarted or replaced, and the caller's own certificate renewed under load (its files
-reloaded, no reconnect by hand). Its own client script, not tests/e2e/load_client.py: that one reads its
-PEM once, and this caller must follow its files.
+reloaded, no reconnect by hand): tests/e2e/load_client.py's ``files`` client.
 """
 
 from __future__ import annotations
@@ -20,103 +19,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from .clients import IMAGE, in_background, joined
-from .conftest import CPU_NODE, apply, kubectl, kubectl_json, wait_until
+from .clients import TRUST_CONFIGMAP, joined, load_spec, start_load, wait_clients_running
+from .conftest import apply, kubectl, kubectl_json, wait_until
 from .test_peers import peer, pods, status, wait_ready
 
 RATE = 220  # calls/s offered; >= 200/s must be answered
 SECONDS = 420  # longer than a rotation (three kubelet volume syncs, each up to about a minute)
-
-LOAD = """
-import asyncio, collections, json, os, time
-from blazen_peer.client import BlazenPeerClient
-
-RATE, SECONDS = {rate}, {seconds}
-SVC = os.environ["SVC"]
-
-async def main():
-    files = ("/tls/tls.crt", "/tls/tls.key", "/trust/ca.crt")
-    client = await BlazenPeerClient.connect(f"https://{{SVC}}:50051", "e2e-rotation", tls_files=files)
-    ok, errors, failed, tasks = 0, collections.Counter(), [], set()
-    start = time.monotonic()
-
-    async def one(i):
-        nonlocal ok
-        t0 = time.time()
-        try:
-            resp = await client.invoke_sub_workflow(
-                "examples", ["examples::echo"], {{"i": i}}, 10, deadline=15
-            )
-            if resp.error is None and resp.result_value() == {{"i": i}}:
-                ok += 1
-                return
-            kind = "workflow:" + str(resp.error)[:80]
-        except Exception as e:
-            kind = type(e).__name__ + ":" + str(e)[:80]
-        errors[kind] += 1
-        failed.append([t0, time.time(), kind])
-
-    n = int(RATE * SECONDS)
-    for i in range(n):
-        delay = start + i / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = asyncio.ensure_future(one(i))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - start
-    generation = client.tls_generation
-    await client.close()
-    print(json.dumps({{"sent": n, "ok": ok, "errors": dict(errors), "failed": failed[:200],
-                      "elapsed": elapsed, "tls_generation": generation}}))
-
-asyncio.run(main())
-"""
-
-
-def client_pod(ns: str, name: str) -> dict[str, Any]:
-    """The caller, with its client Secret and the namespace trust ConfigMap mounted as directories."""
-    secret = status(ns, name)["certificate"]["clientSecretName"]
-    script = LOAD.format(rate=RATE, seconds=SECONDS)
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "rotation-client", "labels": {"e2e": "client"}},
-        "spec": {
-            "restartPolicy": "Never",
-            "nodeName": CPU_NODE,
-            "containers": [
-                {
-                    "name": "c",
-                    "image": IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["python", "-c", script],
-                    "env": [{"name": "SVC", "value": f"{name}.{ns}.svc"}],
-                    "volumeMounts": [
-                        {"name": "tls", "mountPath": "/tls", "readOnly": True},
-                        {"name": "trust", "mountPath": "/trust", "readOnly": True},
-                    ],
-                }
-            ],
-            "volumes": [
-                {"name": "tls", "secret": {"secretName": secret}},
-                {"name": "trust", "configMap": {"name": "blazen-trust"}},
-            ],
-        },
-    }
-
-
-def run_client(ns: str, name: str) -> dict[str, Any]:
-    apply(client_pod(ns, name), ns)
-
-    def finished() -> bool:
-        phase = kubectl_json("-n", ns, "get", "pod", "rotation-client")["status"].get("phase")
-        return phase in ("Succeeded", "Failed")
-
-    wait_until("rotation client finished", finished, timeout=SECONDS + 300, interval=5)
-    logs = kubectl("-n", ns, "logs", "rotation-client").strip().splitlines()
-    return json.loads(logs[-1])
 
 
 def secret_pem(ns: str, name: str, key: str) -> bytes:
@@ -139,7 +47,7 @@ def issued_by(leaf: bytes, ca: bytes) -> bool:
 
 
 def trust_state(ns: str) -> dict[str, Any]:
-    cm = kubectl_json("-n", ns, "get", "configmap", "blazen-trust")
+    cm = kubectl_json("-n", ns, "get", "configmap", TRUST_CONFIGMAP)
     return json.loads((cm["metadata"].get("annotations") or {}).get("blazen.dev/ca-rotation") or "{}")
 
 
@@ -171,15 +79,10 @@ def test_forced_ca_rotation_under_load_fails_no_call(operator: str, namespace: s
     leaves = ["rot-tls", "rot-client-tls"]
     old_leaves = {leaf: secret_pem(namespace, leaf, "tls.crt") for leaf in leaves}
 
-    t, out = in_background(lambda: run_client(namespace, "rot"))
-    wait_until(
-        "client running",
-        lambda: (
-            kubectl_json("-n", namespace, "get", "pod", "rotation-client")["status"].get("phase") == "Running"
-        ),
-        timeout=120,
-        interval=1,
+    t, out = start_load(
+        namespace, "rot", load_spec(namespace, "rot", rate=RATE, seconds=SECONDS, client="files")
     )
+    wait_clients_running(namespace)
     time.sleep(10)
     started = time.monotonic()
     kubectl(
@@ -187,7 +90,7 @@ def test_forced_ca_rotation_under_load_fails_no_call(operator: str, namespace: s
         namespace,
         "annotate",
         "configmap",
-        "blazen-trust",
+        TRUST_CONFIGMAP,
         f"blazen.dev/rotate-ca=e2e-{int(time.time())}",
         "--overwrite",
     )
@@ -216,7 +119,7 @@ def test_forced_ca_rotation_under_load_fails_no_call(operator: str, namespace: s
         pem = secret_pem(namespace, leaf, "tls.crt")
         assert pem != old_leaves[leaf], leaf
         assert issued_by(pem, new_ca), leaf
-    bundle = kubectl_json("-n", namespace, "get", "configmap", "blazen-trust")["data"]["ca.crt"]
+    bundle = kubectl_json("-n", namespace, "get", "configmap", TRUST_CONFIGMAP)["data"]["ca.crt"]
     assert fingerprint(bundle.encode()) == fingerprint(new_ca)
     assert len(x509.load_pem_x509_certificates(bundle.encode())) == 1, "the old root left the bundle"
 

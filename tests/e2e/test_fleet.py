@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .clients import in_background, in_cluster, joined, load_spec, start_load
+from .clients import in_background, in_cluster, joined, load_spec, start_load, wait_clients_running
 from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, wait_until
 from .test_peers import pods, wait_ready
 
@@ -145,15 +145,7 @@ def test_rolling_the_cpu_pool_under_load_fails_no_call(fleet: str) -> None:
     before = {p["metadata"]["name"] for p in pods(fleet, CPU_POOL)}
     spec = load_spec(fleet, FLEET, rate=RATE, seconds=90)
     t, out = start_load(fleet, FLEET, spec, secret=client_secret(fleet))
-    wait_until(
-        "load client running",
-        lambda: any(
-            p["status"].get("phase") == "Running"
-            for p in kubectl_json("-n", fleet, "get", "pods", "-l", "e2e=client")["items"]
-        ),
-        timeout=120,
-        interval=1,
-    )
+    wait_clients_running(fleet)
     patch = [{"op": "add", "path": "/spec/pools/0/env/-", "value": {"name": "E2E_ROLL", "value": "1"}}]
     kubectl("-n", fleet, "patch", "blazenfleet", FLEET, "--type=json", "-p", json.dumps(patch))
 
@@ -181,15 +173,7 @@ def test_a_replica_added_to_a_pool_gets_calls_within_10_s(fleet: str) -> None:
     t, out = in_background(
         lambda: calls(fleet, ["examples::where"], {}, 0, SECONDS="90", PAUSE="0.1"),
     )
-    wait_until(
-        "the client pod running",
-        lambda: any(
-            p["status"].get("phase") == "Running"
-            for p in kubectl_json("-n", fleet, "get", "pods", "-l", "e2e=client")["items"]
-        ),
-        timeout=120,
-        interval=1,
-    )
+    wait_clients_running(fleet)
     kubectl("-n", fleet, "scale", f"blazenpeer/{CPU_POOL}", "--replicas=3")
     try:
         wait_ready(fleet, CPU_POOL, replicas=3, timeout=120)

@@ -25,7 +25,7 @@ from blazen_peer.client.errors import PeerError
 
 from tests.support.blazen_wheel import raced_a_goaway
 
-from .clients import in_cluster, joined, load_spec, start_load
+from .clients import in_cluster, joined, load_spec, start_load, wait_clients_running
 from .conftest import CPU_NODE, GPU_NODE, apply, kubectl, kubectl_json, port_forward, secret_files, wait_until
 from .test_peers import peer, pods, status, wait_ready
 
@@ -70,18 +70,7 @@ def assert_no_failed_call(results: list[dict[str, Any]], seconds: int) -> None:
 
 def started_load(ns: str, clients: int = 2) -> None:
     """Waits until the client pods are running, so what follows happens under load."""
-    wait_until(
-        "load clients running",
-        lambda: (
-            sum(
-                p["status"].get("phase") == "Running"
-                for p in kubectl_json("-n", ns, "get", "pods", "-l", "e2e=client")["items"]
-            )
-            >= clients
-        ),
-        timeout=120,
-        interval=1,
-    )
+    wait_clients_running(ns, clients)
     time.sleep(5)
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blazen_peer.client import BlazenPeerClient, PeerTransportError, PeerUnknownStepError
+from blazen_peer.client import PeerTransportError, PeerUnknownStepError
 from blazen_peer.router import BlazenRouterServer
 
-from tests.support.peers import TOKEN, http_get, metric, start_router
+from tests.support.peers import TOKEN, http_get, metric, start_router, tls_client
 from tests.support.pki import KubeletSecretDir, Pki, secret_files
 
-from .conftest import start_fleet, stop_fleet
+from .conftest import Fleet, start_fleet, stop_fleet
 
 ROUTER_TOKEN = "router-callers-token-6b1d0e"
 
@@ -27,19 +27,27 @@ def serving(pki: Pki) -> dict[str, Any]:
 
 
 async def routed_node(router: BlazenRouterServer, pki: Pki) -> str:
-    client = await BlazenPeerClient.connect(
-        f"https://127.0.0.1:{router.grpc_port}",
-        "hop-caller",
-        root_certificates=pki.ca_pem,
-        certificate_chain=pki.client.cert_pem,
-        private_key=pki.client.key_pem,
-        token=ROUTER_TOKEN,
-        server_name="localhost",
-    )
+    client = await tls_client(router.grpc_port, pki, "hop-caller", token=ROUTER_TOKEN)
     try:
         return (await client.invoke_sub_workflow("wf", ["gpu.infer"])).result_value()["node"]
     finally:
         await client.close()
+
+
+async def start_hop_router(
+    fleet: Fleet, router_pki: Pki, hop: KubeletSecretDir, hop_token: Path
+) -> BlazenRouterServer:
+    """A router for ``fleet``'s pools with the serving identity of ``serving``, whose hop to the pools uses
+    the client Secret ``hop`` and the token file ``hop_token``."""
+    return await start_router(
+        fleet.pools,
+        **serving(router_pki),
+        pool_tls_cert=str(hop.path("tls.crt")),
+        pool_tls_key=str(hop.path("tls.key")),
+        pool_tls_ca=str(hop.path("ca.crt")),
+        pool_token_file=str(hop_token),
+        pool_refresh_secs=0.2,
+    )
 
 
 async def ready_within(router: BlazenRouterServer, ready: bool, limit: float = 15.0) -> bool:
@@ -84,15 +92,7 @@ async def test_the_hop_identity_reaches_pools_that_refuse_the_serving_one(pools,
     hop_client = pool_pki.ca.issue("router-hop", server=False)
     hop = KubeletSecretDir(tmp_path / "hop")
     hop.write(secret_files(hop_client, pool_pki.ca))
-    router = await start_router(
-        fleet.pools,
-        **serving(router_pki),
-        pool_tls_cert=str(hop.path("tls.crt")),
-        pool_tls_key=str(hop.path("tls.key")),
-        pool_tls_ca=str(hop.path("ca.crt")),
-        pool_token_file=str(hop_token),
-        pool_refresh_secs=0.2,
-    )
+    router = await start_hop_router(fleet, router_pki, hop, hop_token)
     try:
         assert all(r.description is not None for r in router.pools.replicas)
         assert await ready_within(router, ready=True)
@@ -119,15 +119,7 @@ async def test_the_hop_follows_its_certificate_and_token_files(pools, tmp_path: 
     both = pool_pki.ca.cert_pem + router_pki.ca.cert_pem
     hop = KubeletSecretDir(tmp_path / "hop")
     hop.write(secret_files(good, both))
-    router = await start_router(
-        fleet.pools,
-        **serving(router_pki),
-        pool_tls_cert=str(hop.path("tls.crt")),
-        pool_tls_key=str(hop.path("tls.key")),
-        pool_tls_ca=str(hop.path("ca.crt")),
-        pool_token_file=str(hop_token),
-        pool_refresh_secs=0.2,
-    )
+    router = await start_hop_router(fleet, router_pki, hop, hop_token)
     try:
         # a token the pools refuse: nothing described, not ready
         assert all(r.description is None for r in router.pools.replicas)

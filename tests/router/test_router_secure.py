@@ -13,10 +13,10 @@ from blazen_peer.wire.envelope import unwrap
 from blazen_peer.wire.fleet import Description
 from blazen_peer.wire.protocol import PATH_DESCRIBE
 
-from tests.support.peers import TOKEN, start_router
+from tests.support.peers import TOKEN, start_router, tls_client
 from tests.support.pki import Pki, write_pem_files
 
-from .conftest import Fleet, start_fleet, stop_fleet
+from .conftest import start_fleet, stop_fleet
 
 
 def tls_config(pki: Pki) -> dict:
@@ -40,21 +40,9 @@ async def secure_fleet(tmp_path: Path):
         await stop_fleet(fleet)
 
 
-async def tls_client(fleet: Fleet, pki: Pki, token: str | None = TOKEN) -> BlazenPeerClient:
-    return await BlazenPeerClient.connect(
-        f"https://127.0.0.1:{fleet.router.grpc_port}",
-        "secure-caller",
-        root_certificates=pki.ca_pem,
-        certificate_chain=pki.client.cert_pem,
-        private_key=pki.client.key_pem,
-        token=token,
-        server_name="localhost",
-    )
-
-
 async def test_calls_through_a_tls_router_to_tls_pools(secure_fleet) -> None:
     fleet, pki = secure_fleet
-    client = await tls_client(fleet, pki)
+    client = await tls_client(fleet.router.grpc_port, pki, "secure-caller")
     try:
         assert (await client.invoke_sub_workflow("wf", ["gpu.infer"])).result_value()["node"] == "gpu-0"
         ref = (await client.invoke_sub_workflow("wf", ["cpu.keep"], {"data": "s"})).result_value()["ref"]
@@ -64,7 +52,7 @@ async def test_calls_through_a_tls_router_to_tls_pools(secure_fleet) -> None:
     # the router described every replica over the authenticated port
     assert all(r.description is not None for r in fleet.router.pools.replicas)
     # no token: refused by the router's own admission, as by a peer's
-    anonymous = await tls_client(fleet, pki, token=None)
+    anonymous = await tls_client(fleet.router.grpc_port, pki, "secure-caller", token=None)
     try:
         with pytest.raises(PeerTransportError) as err:
             await anonymous.invoke_sub_workflow("wf", ["gpu.infer"])
@@ -125,22 +113,14 @@ async def test_pools_with_their_own_certificate_name_need_pool_server_name(tmp_p
     try:
         # the default router could not describe a single replica: nothing is routable through it
         assert all(r.description is None for r in fleet.router.pools.replicas)
-        client = await tls_client(fleet, pki)
+        client = await tls_client(fleet.router.grpc_port, pki, "secure-caller")
         try:
             with pytest.raises(PeerUnknownStepError):
                 await client.invoke_sub_workflow("wf", ["gpu.infer"])
         finally:
             await client.close()
         assert all(r.description is not None for r in strict.pools.replicas)
-        named = await BlazenPeerClient.connect(
-            f"https://127.0.0.1:{strict.grpc_port}",
-            "secure-caller",
-            root_certificates=pki.ca_pem,
-            certificate_chain=pki.client.cert_pem,
-            private_key=pki.client.key_pem,
-            token=TOKEN,
-            server_name="localhost",
-        )
+        named = await tls_client(strict.grpc_port, pki, "secure-caller")
         try:
             assert (await named.invoke_sub_workflow("wf", ["gpu.infer"])).result_value()["node"] == "gpu-0"
         finally:

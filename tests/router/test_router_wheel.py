@@ -4,58 +4,26 @@ the router is started as for its plaintext opt-in."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.blazen_wheel import run_driver
-from tests.support.peers import blazen_peer_command, wait_ready
-from tests.support.ports import free_port
+from tests.support.peers import RouterProcess, route_process
 
 from .conftest import Fleet, start_fleet, stop_fleet
 
 pytestmark = pytest.mark.interop
 
 
-class RouterProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, grpc: int, http: int, admin: int, log: Path) -> None:
-        self.proc, self.grpc, self.http, self.admin, self.log = proc, grpc, http, admin, log
-
-
 @pytest.fixture
 async def routed(tmp_path: Path) -> AsyncIterator[tuple[Fleet, RouterProcess]]:
     fleet = await start_fleet()
-    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
-    args = [
-        "route",
-        "--node-id",
-        "router-proc",
-        "--insecure",
-        "--grpc-addr",
-        f"127.0.0.1:{grpc_port}",
-        "--http-addr",
-        f"127.0.0.1:{http_port}",
-        "--admin-addr",
-        f"127.0.0.1:{admin_port}",
-        *(arg for name, addrs in fleet.pools.items() for arg in ("--pool", f"{name}={','.join(addrs)}")),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZEN_PEER_")}
-    log = tmp_path / "router.log"
-    with open(log, "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
-        proc = await asyncio.create_subprocess_exec(
-            *blazen_peer_command(), *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
-        )
-    router = RouterProcess(proc, grpc_port, http_port, admin_port, log)
     try:
-        await wait_ready(admin_port, proc)
-        yield fleet, router
+        async with route_process(tmp_path, fleet.pools, "--node-id", "router-proc") as router:
+            yield fleet, router
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
         await stop_fleet(fleet)
 
 

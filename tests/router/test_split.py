@@ -6,7 +6,6 @@ that trust the router (the fleet router token: ``--fleet-router-token-file`` on 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,8 +22,7 @@ from blazen_peer.wire.messages import SubWorkflowEvent, SubWorkflowRequest, SubW
 from blazen_peer.wire.protocol import PATH_INVOKE, PATH_STREAM
 
 from tests.support.blazen_wheel import run_driver
-from tests.support.peers import blazen_peer_command, http_get, metric, start_peer, start_router, wait_ready
-from tests.support.ports import free_port
+from tests.support.peers import http_get, metric, route_process, start_peer, start_router
 
 A, B, C = "split.extract", "split.embed", "split.index"
 STEPS = [A, B, C]
@@ -332,40 +330,16 @@ async def test_a_split_run_without_the_router_token_is_refused_by_the_pools(tmp_
 @pytest.mark.interop
 async def test_the_blazen_wheel_gets_a_split_run(fleets: Fleets, isoc23_shim: Path, tmp_path: Path) -> None:
     """The real ``blazen`` client sends one request to a ``blazen-peer route`` process over the two pools."""
-    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
-    args = [
-        "route",
-        "--insecure",
-        "--node-id",
-        "router-proc",
-        "--grpc-addr",
-        f"127.0.0.1:{grpc_port}",
-        "--http-addr",
-        f"127.0.0.1:{http_port}",
-        "--admin-addr",
-        f"127.0.0.1:{admin_port}",
-        "--fleet-router-token-file",
-        fleets.token_file,
-        *(a for name, addrs in fleets.split_pools.items() for a in ("--pool", f"{name}={','.join(addrs)}")),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZEN_PEER_")}
-    with open(tmp_path / "router.log", "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
-        proc = await asyncio.create_subprocess_exec(
-            *blazen_peer_command(), *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
-        )
-    try:
-        await wait_ready(admin_port, proc)
+    route = ("--node-id", "router-proc", "--fleet-router-token-file", fleets.token_file)
+    async with route_process(tmp_path, fleets.split_pools, *route) as router:
         ops = [
             {"op": "invoke", "transport": t, "workflow": "ingest", "steps": STEPS, "input": {"text": "w1 w2"}}
             for t in ("grpc", "http")
         ]
         ops.append({"op": "deref", "transport": "grpc", "uuid": "$ref1"})
         via_grpc, via_http, deref = await run_driver(
-            isoc23_shim, f"http://127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", "wheel", ops
+            isoc23_shim, f"http://127.0.0.1:{router.grpc}", f"http://127.0.0.1:{router.http}", "wheel", ops
         )
-    finally:
-        proc.terminate()
-        await proc.wait()
     expected_state = {"doc": {"text": "w1 w2", "seen": [A, B, C]}, "indexed": 2}
     for resp in (via_grpc, via_http):
         assert resp["error"] is None, resp

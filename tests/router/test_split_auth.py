@@ -18,7 +18,7 @@ from blazen_peer.wire.errors import PeerAuthConfigError, PeerError
 from blazen_peer.wire.fleet import EndRunRequest, RunStepRequest, RunStepResponse
 from blazen_peer.wire.protocol import FLEET_ROUTER_TOKEN_METADATA, PATH_END_RUN, PATH_RUN_STEP
 
-from tests.support.peers import TOKEN, running_peer, start_router
+from tests.support.peers import TOKEN, running_peer, start_router, tls_client
 from tests.support.pki import Issued, Pki
 
 ROUTER_NAME = "router.fleet.example"
@@ -208,15 +208,7 @@ async def test_a_tls_router_splits_a_run_with_its_certificate(tmp_path: Path) ->
             pool_server_name="localhost",
         )
         try:
-            client = await BlazenPeerClient.connect(
-                f"https://127.0.0.1:{router.grpc_port}",
-                "secure-caller",
-                root_certificates=pki.ca_pem,
-                certificate_chain=pki.client.cert_pem,
-                private_key=pki.client.key_pem,
-                token=TOKEN,
-                server_name="localhost",
-            )
+            client = await tls_client(router.grpc_port, pki, "secure-caller")
             try:
                 resp = await client.invoke_sub_workflow("wf", ["a", "b"])
             finally:

@@ -20,7 +20,7 @@ from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.fleet import RunStepRequest
 from blazen_peer.wire.protocol import FLEET_ROUTER_TOKEN_METADATA, MAX_MESSAGE_BYTES, PATH_RUN_STEP
 
-from tests.support.peers import TOKEN, blazen_peer_command, spawn_peer, wait_ready
+from tests.support.peers import TOKEN, spawn_peer, wait_ready
 from tests.support.ports import free_port
 
 MODULE = "split_proc_steps"
@@ -81,13 +81,7 @@ async def _spawn(
         "--admin-addr",
         f"127.0.0.1:{admin}",
     ]
-    if command == "serve":
-        proc = await spawn_peer(work, [*common, *args], log_name=log)
-    else:
-        with open(work / log, "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
-            proc = await asyncio.create_subprocess_exec(
-                *blazen_peer_command(), command, *common, *args, stdout=out, stderr=asyncio.subprocess.STDOUT
-            )
+    proc = await spawn_peer(work, [*common, *args], log_name=log, command=command)
     return Proc(proc, grpc_port, admin)
 
 

@@ -7,6 +7,8 @@ import copy
 import re
 from typing import Any
 
+from blazen_operator.builders.certs import STATE_ANNOTATION, trust_bundle
+
 
 def matches(selector: str | None, labels: dict[str, str]) -> bool:
     """A label selector of ``k=v`` and ``k in (a,b)`` terms, as the API server reads it."""
@@ -15,6 +17,16 @@ def matches(selector: str | None, labels: dict[str, str]) -> bool:
         labels.get(key) == value if value else labels.get(key) in {v.strip() for v in choices.split(",")}
         for key, value, choices in terms
     )
+
+
+def stored_trust_configmap(bundle: str = "", rotation_state: str | None = None) -> dict[str, Any]:
+    """The namespace trust ConfigMap of namespace ``ns`` as the operator applies it (``trust_bundle``), as the
+    API server stores it (uid ``cm-uid``): ``bundle`` as its ``ca.crt``, ``rotation_state`` (a
+    ``rotation.Stored.annotation()``) as its rotation state."""
+    annotations = {} if rotation_state is None else {STATE_ANNOTATION: rotation_state}
+    configmap = trust_bundle("ns", bundle, annotations)
+    configmap["metadata"]["uid"] = "cm-uid"
+    return configmap
 
 
 class Cluster:

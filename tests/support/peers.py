@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,22 @@ def write_steps(directory: Path) -> Path:
     return directory
 
 
+async def tls_client(
+    port: int, pki: Pki, node_id: str = "caller", token: str | None = TOKEN
+) -> BlazenPeerClient:
+    """Our gRPC client on ``port`` over mutual TLS (``pki``'s client identity, its CA, the server name
+    ``localhost``), with ``token`` as its bearer token."""
+    return await BlazenPeerClient.connect(
+        f"https://127.0.0.1:{port}",
+        node_id,
+        root_certificates=pki.ca_pem,
+        certificate_chain=pki.client.cert_pem,
+        private_key=pki.client.key_pem,
+        token=token,
+        server_name="localhost",
+    )
+
+
 def client_ssl(pki: Pki, files: tuple[Path, Path, Path] | None = None, *, h2: bool = False) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cadata=pki.ca_pem.decode())
     if files is not None:
@@ -150,22 +167,59 @@ def blazen_peer_command() -> list[str]:
 
 
 async def spawn_peer(
-    workdir: Path, args: list[str], env: dict[str, str] | None = None, log_name: str = "peer.log"
+    workdir: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    log_name: str = "peer.log",
+    command: str = "serve",
 ) -> asyncio.subprocess.Process:
-    """``blazen-peer serve ARGS`` with ``workdir`` on PYTHONPATH; its output goes to ``workdir/log_name``
-    (a file, so a chatty peer never blocks on a full pipe)."""
+    """``blazen-peer COMMAND ARGS`` (``serve`` or ``route``) with ``workdir`` on PYTHONPATH; its output goes
+    to ``workdir/log_name`` (a file, so a chatty peer never blocks on a full pipe)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZEN_PEER_")}
     full_env.update({"PYTHONPATH": str(workdir), **(env or {})})
     with open(workdir / log_name, "wb") as out:  # noqa: ASYNC230 (a local file, opened once)
         return await asyncio.create_subprocess_exec(
             *blazen_peer_command(),
-            "serve",
+            command,
             *args,
             env=full_env,
             cwd=str(workdir),
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
         )
+
+
+@dataclass
+class RouterProcess:
+    """A ``blazen-peer route`` subprocess and its loopback ports."""
+
+    proc: asyncio.subprocess.Process
+    grpc: int
+    http: int
+    admin: int
+
+
+@contextlib.asynccontextmanager
+async def route_process(
+    workdir: Path, pools: dict[str, list[str]], *args: str
+) -> AsyncIterator[RouterProcess]:
+    """``blazen-peer route --insecure`` over ``pools`` (``ARGS`` added) on free ports, ready when entered,
+    terminated at exit; its output in ``workdir/router.log``. The plaintext opt-in is what the real
+    ``blazen`` wheel's clients speak."""
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    addrs = ["--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}"]
+    addrs += ["--admin-addr", f"127.0.0.1:{admin_port}"]
+    pool_args = [a for name, members in pools.items() for a in ("--pool", f"{name}={','.join(members)}")]
+    proc = await spawn_peer(
+        workdir, ["--insecure", *addrs, *pool_args, *args], log_name="router.log", command="route"
+    )
+    try:
+        await wait_ready(admin_port, proc)
+        yield RouterProcess(proc, grpc_port, http_port, admin_port)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -265,12 +319,4 @@ class PeerProcess:
 
     async def client(self, node_id: str = "load") -> BlazenPeerClient:
         assert self.pki is not None
-        return await BlazenPeerClient.connect(
-            f"https://127.0.0.1:{self.grpc}",
-            node_id,
-            root_certificates=self.pki.ca_pem,
-            certificate_chain=self.pki.client.cert_pem,
-            private_key=self.pki.client.key_pem,
-            token=TOKEN,
-            server_name="localhost",
-        )
+        return await tls_client(self.grpc, self.pki, node_id)

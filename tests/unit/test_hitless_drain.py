@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.peers import TOKEN, PeerProcess, client_ssl, http_get, metric, wait_ready
+from tests.support.peers import TOKEN, PeerProcess, client_ssl, http_get, metric, tls_client, wait_ready
 from tests.support.pki import Pki
 
 GRPC_RATE = 220  # calls/s on one open channel
@@ -108,7 +108,7 @@ async def test_sigterm_under_load_loses_no_call(tmp_path: Path) -> None:
         for lb in (grpc_lb, http_lb):
             await lb.start()
             follow.append(asyncio.ensure_future(lb.follow_readiness()))
-        held = await _client(pki, grpc_lb.port)  # one channel for the whole test
+        held = await tls_client(grpc_lb.port, pki, "load")  # one channel for the whole test
         direct = await a.client("slow-caller")
         session = aiohttp.ClientSession()  # one keep-alive session
         loop = asyncio.get_running_loop()
@@ -205,17 +205,3 @@ async def test_sigterm_under_load_loses_no_call(tmp_path: Path) -> None:
             await lb.close()
         await a.close()
         await b.close()
-
-
-async def _client(pki: Pki, port: int):
-    from blazen_peer.client import BlazenPeerClient
-
-    return await BlazenPeerClient.connect(
-        f"https://127.0.0.1:{port}",
-        "load",
-        root_certificates=pki.ca_pem,
-        certificate_chain=pki.client.cert_pem,
-        private_key=pki.client.key_pem,
-        token=TOKEN,
-        server_name="localhost",
-    )

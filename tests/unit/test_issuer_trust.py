@@ -22,7 +22,7 @@ from blazen_operator.apply import read_peer_info
 from blazen_operator.trust import Trust
 from blazen_peer import BlazenPeerServer
 
-from tests.support.kube_fake import Cluster
+from tests.support.kube_fake import Cluster, stored_trust_configmap
 from tests.support.peers import STEP_MODULE, TOKEN, start_peer, write_steps
 from tests.support.pki import CA, Issued, KubeletSecretDir
 
@@ -261,18 +261,8 @@ def namespace_ca_in(api: Cluster, phase: rotation.Phase, gen: int, old: CA, new:
             "data": {"tls.crt": b64(ca.cert_pem)},
         }
     stored = rotation.Stored(generation=gen, phase=phase, target=2, since="2026-12-01T00:00:00Z")
-    api.objects[("ConfigMap", "blazen-trust")] = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": "blazen-trust",
-            "namespace": "ns",
-            "uid": "cm-uid",
-            "labels": {**MANAGED, "app.kubernetes.io/part-of": "blazen-fleet"},
-            "annotations": {"blazen.dev/ca-rotation": stored.annotation()},
-        },
-        "data": {"ca.crt": (old.cert_pem + new.cert_pem).decode()},
-    }
+    bundle = (old.cert_pem + new.cert_pem).decode()
+    api.objects[("ConfigMap", "blazen-trust")] = stored_trust_configmap(bundle, stored.annotation())
 
 
 async def test_fleet_routers_pods_gate_the_namespace_ca_rotation(fleet: Callable[[Cluster], Fleet]) -> None:

@@ -9,19 +9,10 @@ from typing import Any
 import pytest
 from blazen_operator.trust import Trust
 
-from tests.support.kube_fake import Cluster
+from tests.support.kube_fake import Cluster, stored_trust_configmap
 from tests.support.pki import CA
 
-CM = {
-    "apiVersion": "v1",
-    "kind": "ConfigMap",
-    "metadata": {
-        "name": "blazen-trust",
-        "namespace": "ns",
-        "uid": "cm-uid",
-        "labels": {"app.kubernetes.io/managed-by": "blazen-operator"},
-    },
-}
+CM = stored_trust_configmap()
 
 
 class Proceeded(Exception):

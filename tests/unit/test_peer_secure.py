@@ -19,7 +19,6 @@ import grpc
 import pytest
 from blazen_peer import BlazenPeerServer
 from blazen_peer.admin.logs import configure_json_logging
-from blazen_peer.client import BlazenPeerClient
 from blazen_peer.pki.tls import cert_fingerprint
 from blazen_peer.security.policy import INSECURE_MESSAGE
 from blazen_peer.wire.envelope import unwrap, wrap
@@ -50,6 +49,7 @@ from tests.support.peers import (
     http_get,
     metric,
     start_peer,
+    tls_client,
     write_steps,
 )
 from tests.support.pki import Pki
@@ -269,15 +269,7 @@ async def test_grpc_auth_matrix(make_peer, pki: Pki) -> None:
         if code == grpc.StatusCode.OK:
             assert SubWorkflowResponse.decode(body).result_value() == {"x": 1, "caller": "caller-1"}
     # Our own client, as a step-calling peer would use it.
-    client = await BlazenPeerClient.connect(
-        f"https://127.0.0.1:{port}",
-        "peer-b",
-        root_certificates=pki.ca_pem,
-        certificate_chain=pki.client.cert_pem,
-        private_key=pki.client.key_pem,
-        token=TOKEN,
-        server_name="localhost",
-    )
+    client = await tls_client(port, pki, "peer-b")
     async with client:
         resp = await client.invoke_sub_workflow("wf", ["echo"], {"x": 2})
         assert resp.result_value() == {"x": 2, "caller": "peer-b"}

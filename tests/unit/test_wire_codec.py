@@ -85,6 +85,16 @@ def test_vector_e_deref_release() -> None:
     assert wrap(ReleaseResponse(False).encode()) == bytes.fromhex("0a020100")
 
 
+@pytest.mark.parametrize("cls", [DerefRequest, ReleaseRequest])
+def test_ref_requests_compare_and_show_their_fields(cls: type[DerefRequest] | type[ReleaseRequest]) -> None:
+    # The two share their fields through a base class: equality and repr must still see them.
+    other = "00000000-0000-4000-8000-000000000001"
+    assert cls(REF) == cls(REF)
+    assert cls(REF) != cls(other)
+    assert cls(REF) != cls(REF, envelope_version=2)
+    assert repr(cls(REF)) == f"{cls.__name__}(envelope_version=1, ref_uuid='{REF}')"
+
+
 @pytest.mark.parametrize(
     ("value", "hexed"),
     [(1, "01"), (30, "1e"), (127, "7f"), (128, "8001"), (300, "ac02"), (1_700_000_000_000, "80d095ffbc31")],

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import PeerError
 from .messages import RemoteRefDescriptor, _Message
-from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str
+from .postcard import Reader, Writer, parse_uuid, uuid_str
 from .protocol import ENVELOPE_VERSION
 
 __all__ = [
@@ -89,13 +89,6 @@ class Description:
 # run's ``state_json`` and events are the very bytes one peer would have written.
 
 
-def _count(r: Reader, buf: bytes) -> int:
-    n = r.take_usize()
-    if n > len(buf):  # each element needs at least one byte: fail before allocating
-        raise PostcardDecodeError("Hit the end of buffer, expected more data")
-    return n
-
-
 def state_size(state: dict[str, bytes]) -> int:
     """The bytes of a run's state as RunStep carries it (keys and JSON values): what keeping or sending it
     costs."""
@@ -108,9 +101,9 @@ def _write_state(w: Writer, state: dict[str, bytes]) -> None:
         w.str(k).bytes(v)
 
 
-def _read_state(r: Reader, buf: bytes) -> dict[str, bytes]:
+def _read_state(r: Reader) -> dict[str, bytes]:
     state: dict[str, bytes] = {}
-    for _ in range(_count(r, buf)):
+    for _ in range(r.take_count()):
         k = r.take_str()
         state[k] = r.take_bytes()
     return state
@@ -185,12 +178,12 @@ class RunStepRequest(_Message):
         name = r.take_str()
         step_id = r.take_str()
         event = r.take_bytes()
-        state = _read_state(r, buf)
+        state = _read_state(r)
         req = cls(run_id, name, step_id, event, state, version)
         if r.pos < len(buf):
             req.seq = r.take_u64()
             req.base = r.take_option_u64()
-            req.state_deleted = [r.take_str() for _ in range(_count(r, buf))]
+            req.state_deleted = [r.take_str() for _ in range(r.take_count())]
         return req
 
 
@@ -252,9 +245,9 @@ class RunStepResponse(_Message):
     def decode(cls, buf: bytes) -> RunStepResponse:
         r = Reader(buf)
         version = r.take_u32()
-        events = [r.take_bytes() for _ in range(_count(r, buf))]
-        state = _read_state(r, buf)
-        deleted = [r.take_str() for _ in range(_count(r, buf))]
+        events = [r.take_bytes() for _ in range(r.take_count())]
+        state = _read_state(r)
+        deleted = [r.take_str() for _ in range(r.take_count())]
         error = r.take_option_str()
         keeps = r.take_bool()
         kept = r.take_bool() if r.pos < len(buf) else False
@@ -305,7 +298,7 @@ class EndRunResponse(_Message):
         r = Reader(buf)
         version = r.take_u32()
         refs: dict[str, RemoteRefDescriptor] = {}
-        for _ in range(_count(r, buf)):
+        for _ in range(r.take_count()):
             key = uuid_str(r.take_uuid())
             refs[key] = RemoteRefDescriptor.read(r)
         return cls(refs, version)

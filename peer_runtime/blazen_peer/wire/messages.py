@@ -8,7 +8,7 @@ exactly the bytes Blazen 0.6.74 writes. UUIDs are carried as lowercase hyphenate
 from __future__ import annotations
 
 import json
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from .postcard import PostcardDecodeError, Reader, Writer, parse_uuid, uuid_str, varint
 from .protocol import ENVELOPE_VERSION, MAX_MESSAGE_BYTES
@@ -19,23 +19,26 @@ STREAM_FRAME_FINAL = 1
 ENVELOPE_HEADER_BYTES = 8
 
 
-def _repr(obj: Any) -> str:
-    fields = ", ".join(f"{name}={getattr(obj, name)!r}" for name in obj.__slots__)
-    return f"{type(obj).__name__}({fields})"
-
-
 class _Message:
     __slots__: tuple[str, ...] = ()
+    # Every slot of the class and its bases: a subclass's own ``__slots__`` names only the slots it adds
+    # (``DerefRequest`` adds none to ``_RefRequest``'s).
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = cls._fields + tuple(cls.__dict__.get("__slots__", ()))
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return _repr(self)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
 
 
 class SubWorkflowRequest(_Message):
@@ -94,10 +97,7 @@ class SubWorkflowRequest(_Message):
         r = Reader(buf)
         version = r.take_u32()
         name = r.take_str()
-        n = r.take_usize()
-        if n > len(buf):  # each element needs at least one byte: fail before allocating
-            raise PostcardDecodeError("Hit the end of buffer, expected more data")
-        step_ids = [r.take_str() for _ in range(n)]
+        step_ids = [r.take_str() for _ in range(r.take_count())]
         input_json = r.take_bytes()
         timeout = r.take_option_u64()
         return cls(name, step_ids, input_json, timeout, version)
@@ -250,23 +250,16 @@ class SubWorkflowResponse(_Message):
         r = Reader(buf)
         version = r.take_u32()
         state: dict[str, bytes] = {}
-        for _ in range(_count(r, buf)):
+        for _ in range(r.take_count()):
             k = r.take_str()
             state[k] = r.take_bytes()
         result = r.take_option_bytes()
         refs: dict[str, RemoteRefDescriptor] = {}
-        for _ in range(_count(r, buf)):
+        for _ in range(r.take_count()):
             key = uuid_str(r.take_uuid())
             refs[key] = RemoteRefDescriptor.read(r)
         error = r.take_option_str()
         return cls(state, result, refs, error, version)
-
-
-def _count(r: Reader, buf: bytes) -> int:
-    n = r.take_usize()
-    if n > len(buf):
-        raise PostcardDecodeError("Hit the end of buffer, expected more data")
-    return n
 
 
 class _RefRequest(_Message):

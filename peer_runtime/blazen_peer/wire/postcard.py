@@ -63,6 +63,14 @@ class Reader:
 
     take_usize = take_u64
 
+    def take_count(self) -> int:
+        """The length of a sequence or map. Each element takes at least one byte, so a length beyond the
+        buffer fails here, before anything is allocated for it."""
+        n = self.take_u64()
+        if n > len(self.buf):
+            raise PostcardDecodeError(UNEXPECTED_END)
+        return n
+
     def take_u8(self) -> int:
         pos = self.pos
         if pos >= len(self.buf):
