@@ -180,7 +180,6 @@ class Admission:
 
         def enter(context: Any, start: float) -> bool:
             """Admits the call (True), or answers it with the refusal and counts it (False)."""
-            stats.start()
             # One pass over the metadata: log context and token. No unbind: grpc.aio serves every call in a
             # task of its own, whose context ends with the call.
             caller = rid = authorization = None
@@ -194,6 +193,8 @@ class Admission:
                     authorization = item[1]
             bind_log_context(caller, rid or new_request_id())
             refused = admit(authorization)
+            # counted from here, so that whatever raised above leaves no call in flight in the metrics
+            stats.start()
             if refused is None:
                 return True
             code = GRPC_CODES[refused[0]]
