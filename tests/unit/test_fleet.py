@@ -252,10 +252,12 @@ def test_the_fleet_gives_its_callers_a_client_certificate_of_the_routers_issuer(
     assert "server auth" not in cert["spec"]["usages"]
     assert "client auth" in cert["spec"]["usages"]
     assert cert["spec"]["issuerRef"] == router_cert["spec"]["issuerRef"]
-    assert "dnsNames" not in cert["spec"] and "uris" not in cert["spec"]
+    assert "dnsNames" not in cert["spec"]
+    assert "uris" not in cert["spec"]
     assert cert["spec"]["secretTemplate"]["labels"]["blazen.dev/fleet"] == "demo"
     stub = next(c for c in router_desired(f) if c.key == ("v1", "Secret", "demo-client-tls"))
-    assert stub.create_only and stub.manifest["type"] == "kubernetes.io/tls"
+    assert stub.create_only
+    assert stub.manifest["type"] == "kubernetes.io/tls"
     assert stub.manifest["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert "demo-client-tls" in br.secret_names(f), "pruned by name when no longer wanted"
     # the pools' router identity is one of the router certificate's names, not the callers'
@@ -334,7 +336,8 @@ def test_router_max_concurrent_workflows_reaches_its_args() -> None:
     # the CRD refuses it with the API server's message naming spec.router.maxConcurrentWorkflows
     schema = crdgen.model_schema(fs.BlazenFleetSpec)
     prop = schema["properties"]["router"]["properties"]["maxConcurrentWorkflows"]
-    assert prop["type"] == "integer" and prop["minimum"] == 0
+    assert prop["type"] == "integer"
+    assert prop["minimum"] == 0
 
 
 def test_router_pod_is_a_peer_pod_running_route() -> None:
