@@ -45,7 +45,7 @@ FLEET_STATUS_KEYS = set(fs.BlazenFleetStatus.model_json_schema(by_alias=True)["p
 # What a fleet can stop wanting: a removed pool, a PDB or NetworkPolicy turned off, the router certificate
 # with TLS off, the callers' certificate with client certificates off. Found in the child cache, which the
 # watches feed with these kinds (handlers.pool_event: the pools), else listed by the fleet label.
-_PRUNABLE = (
+PRUNABLE = (
     (s.API_VERSION, s.KIND),
     ("policy/v1", "PodDisruptionBudget"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
@@ -186,7 +186,7 @@ class FleetReconciler:
         wanted |= {(s.API_VERSION, s.KIND, bf.pool_peer_name(f, p.name)) for p in f.spec.pools}
         # the certificate stubs and the router token go by name, as a BlazenPeer's stubs
         self.children.prune(
-            f, wanted, _PRUNABLE, f"{fs.FLEET_LABEL}={f.name}", router.secret_names(f), memory
+            f, wanted, PRUNABLE, f"{fs.FLEET_LABEL}={f.name}", router.secret_names(f), memory
         )
 
     def _write_status(
