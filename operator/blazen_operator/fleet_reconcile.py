@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from . import fleet_spec as fs
 from . import fleet_status as fst
-from . import metrics
 from . import spec as s
 from .apply import FIELD_MANAGER, Api, ApiError
 from .builders import Child, Fleet, router, router_desired
@@ -35,6 +34,7 @@ from .reconcile import (
     controlled_by,
     foreign_child,
     observe_pods,
+    run_pass,
     validation_message,
     write_status,
 )
@@ -72,20 +72,10 @@ class FleetReconciler:
         self._router_pods: dict[tuple[str, str], PodsSeen] = {}  # per fleet: its router pods as last read
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
-        try:
-            outcome = self._reconcile(namespace, name)
-        except ApiError as exc:
-            if exc.namespace_terminating:
-                outcome = Outcome(gone=True)
-            elif exc.transient:
-                outcome = Outcome(error=exc)
-            else:
-                raise
+        outcome = run_pass(self._reconcile, namespace, name)
         if outcome.gone:
             self._memory.pop((namespace, name), None)
             self._router_pods.pop((namespace, name), None)
-        result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
-        metrics.RECONCILES.labels(result=result).inc()
         return outcome
 
     def _reconcile(self, namespace: str, name: str) -> Outcome:
@@ -185,9 +175,7 @@ class FleetReconciler:
         wanted = {c.key for c in children}
         wanted |= {(s.API_VERSION, s.KIND, bf.pool_peer_name(f, p.name)) for p in f.spec.pools}
         # the certificate stubs and the router token go by name, as a BlazenPeer's stubs
-        self.children.prune(
-            f, wanted, PRUNABLE, f"{fs.FLEET_LABEL}={f.name}", router.secret_names(f), memory
-        )
+        self.children.prune(f, wanted, PRUNABLE, f"{fs.FLEET_LABEL}={f.name}", router.secret_names(f), memory)
 
     def _write_status(
         self, body: dict[str, Any], observed: fst.ObservedFleet, previous: dict[str, Any]

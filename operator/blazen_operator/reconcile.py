@@ -365,19 +365,9 @@ class Reconciler:
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
-        try:
-            outcome = self._reconcile(namespace, name)
-        except ApiError as exc:
-            if exc.namespace_terminating:  # the namespace (and the BlazenPeer with it) is going away
-                outcome = Outcome(gone=True)
-            elif exc.transient:
-                outcome = Outcome(error=exc)
-            else:
-                raise
+        outcome = run_pass(self._reconcile, namespace, name)
         if outcome.gone:
             self._memory.pop((namespace, name), None)
-        result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
-        metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         return outcome
 
@@ -484,6 +474,23 @@ class Reconciler:
         return write_status(
             self.api, body, st.compute(observed, previous), previous, STATUS_KEYS, st.transitions
         )
+
+
+def run_pass(one_pass: Callable[[str, str], Outcome], namespace: str, name: str) -> Outcome:
+    """A BlazenPeer's or a BlazenFleet's pass, counted: a transient API error is retried, the namespace
+    going away (and the object with it) ends the object's passes, any other error propagates."""
+    try:
+        outcome = one_pass(namespace, name)
+    except ApiError as exc:
+        if exc.namespace_terminating:
+            outcome = Outcome(gone=True)
+        elif exc.transient:
+            outcome = Outcome(error=exc)
+        else:
+            raise
+    result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
+    metrics.RECONCILES.labels(result=result).inc()
+    return outcome
 
 
 def write_status(
