@@ -338,7 +338,9 @@ def test_removed_pool_is_pruned_and_deletion_cascades(api, operator, operator_ca
             lambda k=kind, v=version: api.get(v, k, namespace, "demo-client-tls") is None,
             what=f"{kind} demo-client-tls pruned",
         )
-    assert "certificate" not in fleet(api, namespace)["status"]
+    eventually(
+        lambda: "certificate" not in fleet(api, namespace)["status"], what="no certificate in the status"
+    )
     # a pool deleted by hand comes back
     api.delete(BP, "BlazenPeer", namespace, "demo-cpu")
     eventually(
