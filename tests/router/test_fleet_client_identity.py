@@ -17,13 +17,12 @@ from blazen_operator.builders import Fleet, Peer, workload
 from blazen_operator.builders import fleet as bf
 from blazen_operator.builders import router as br
 from blazen_peer import StepRegistry
-from blazen_peer.client import BlazenPeerClient
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.fleet import EndRunRequest
 from blazen_peer.wire.protocol import PATH_END_RUN, PATH_RUN_STEP
 
 from tests.router.test_split_auth import call, run_step, tls
-from tests.support.peers import TOKEN, running_peer, start_router
+from tests.support.peers import running_peer, start_router, tls_client
 from tests.support.pki import Issued, Pki
 
 FLEET = Fleet(
@@ -118,15 +117,7 @@ async def test_the_fleet_client_certificate_reaches_the_pools_through_the_router
             pool_server_name="localhost",
         )
         try:
-            client = await BlazenPeerClient.connect(
-                f"https://127.0.0.1:{server.grpc_port}",
-                "fleet-caller",
-                root_certificates=pki.ca_pem,
-                certificate_chain=caller.cert_pem,
-                private_key=caller.key_pem,
-                token=TOKEN,
-                server_name="localhost",
-            )
+            client = await tls_client(server.grpc_port, pki, "fleet-caller", leaf=caller)
             try:
                 one = await client.invoke_sub_workflow("wf", ["hello"])  # one pool: forwarded as it is
                 split = await client.invoke_sub_workflow("wf", ["a", "b"])  # two: the router runs each step
