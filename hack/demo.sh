@@ -106,11 +106,15 @@ done
 kubectl -n "$FLEET_NS" get blazenfleets,blazenpeers
 kubectl -n "$FLEET_NS" get pods -o wide
 
-# Every call below goes to the ONE router Service; the caller's identity is a pool's client certificate
-# (the router trusts the namespace CA) and the CA certificate that Secret carries.
+# Every call below goes to the ONE router Service; the caller's identity is the fleet's client certificate
+# (<fleet>-client-tls, of the namespace CA the router trusts) and the CA certificate that Secret carries.
 fleet_dir=$(mktemp -d)
 cleanup_dirs+=("$fleet_dir")
-fleet_secret=$(kubectl -n "$FLEET_NS" get blazenpeer examples-cpu -o jsonpath='{.status.certificate.clientSecretName}')
+fleet_secret=$(kubectl -n "$FLEET_NS" get blazenfleet examples -o jsonpath='{.status.certificate.clientSecretName}')
+for _ in $(seq 60); do
+  [ -n "$(kubectl -n "$FLEET_NS" get secret "$fleet_secret" -o jsonpath='{.data.tls\.crt}')" ] && break
+  sleep 2
+done
 for k in tls.crt tls.key ca.crt; do
   kubectl -n "$FLEET_NS" get secret "$fleet_secret" -o jsonpath="{.data.${k//./\\.}}" | base64 -d > "$fleet_dir/$k"
 done

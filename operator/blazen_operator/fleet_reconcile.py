@@ -1,8 +1,8 @@
 """One reconcile pass of one BlazenFleet: its pools' BlazenPeers and its router's children (builders),
 applied by the BlazenPeer reconciler's :class:`~.reconcile.ChildApplier` (the ownership rule, create-only
-stubs, the child cache, and its memory of what it applied: a pass over an unchanged fleet writes nothing,
-a child or pool someone edited is applied again), then the status (fleet_status, pure), written only when it
-changed, and its Events.
+stubs, the child cache, its memory of what it applied, and its pruning: a pass over an unchanged fleet
+writes nothing and lists nothing but its router pods when their rollout moved, a child or pool someone edited
+is applied again), then the status (fleet_status, pure), written only when it changed, and its Events.
 
 Pool replicas: the fleet applies each pool's BlazenPeer without spec.replicas (field manager
 ``blazen-operator``) and writes spec.replicas under a manager of its own (``blazen-operator-replicas``) only
@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from . import fleet_spec as fs
 from . import fleet_status as fst
-from . import metrics
 from . import spec as s
 from .apply import FIELD_MANAGER, Api, ApiError
 from .builders import Child, Fleet, router, router_desired
@@ -35,6 +34,7 @@ from .reconcile import (
     controlled_by,
     foreign_child,
     observe_pods,
+    run_pass,
     validation_message,
     write_status,
 )
@@ -42,9 +42,10 @@ from .reconcile import (
 log = logging.getLogger(__name__)
 REPLICAS_MANAGER = f"{FIELD_MANAGER}-replicas"
 FLEET_STATUS_KEYS = set(fs.BlazenFleetStatus.model_json_schema(by_alias=True)["properties"])
-# What a fleet can stop wanting, found by its label: a removed pool, a PDB or NetworkPolicy turned off, the
-# router certificate with TLS off.
-_PRUNABLE = (
+# What a fleet can stop wanting: a removed pool, a PDB or NetworkPolicy turned off, the router certificate
+# with TLS off, the callers' certificate with client certificates off. Found in the child cache, which the
+# watches feed with these kinds (handlers.pool_event: the pools), else listed by the fleet label.
+PRUNABLE = (
     (s.API_VERSION, s.KIND),
     ("policy/v1", "PodDisruptionBudget"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
@@ -71,20 +72,10 @@ class FleetReconciler:
         self._router_pods: dict[tuple[str, str], PodsSeen] = {}  # per fleet: its router pods as last read
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
-        try:
-            outcome = self._reconcile(namespace, name)
-        except ApiError as exc:
-            if exc.namespace_terminating:
-                outcome = Outcome(gone=True)
-            elif exc.transient:
-                outcome = Outcome(error=exc)
-            else:
-                raise
+        outcome = run_pass(self._reconcile, namespace, name)
         if outcome.gone:
             self._memory.pop((namespace, name), None)
             self._router_pods.pop((namespace, name), None)
-        result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
-        metrics.RECONCILES.labels(result=result).inc()
         return outcome
 
     def _reconcile(self, namespace: str, name: str) -> Outcome:
@@ -183,24 +174,8 @@ class FleetReconciler:
     def _prune(self, f: Fleet, children: list[Child], memory: ChildMemory) -> None:
         wanted = {c.key for c in children}
         wanted |= {(s.API_VERSION, s.KIND, bf.pool_peer_name(f, p.name)) for p in f.spec.pools}
-        selector = f"{fs.FLEET_LABEL}={f.name}"
-        for api_version, kind in _PRUNABLE:
-            for item in self.api.list(api_version, kind, f.namespace, selector):
-                meta = item["metadata"]
-                if controlled_by(f, item) and (api_version, kind, meta["name"]) not in wanted:
-                    log.info("%s/%s: pruning %s %s", f.namespace, f.name, kind, meta["name"])
-                    self.api.delete(api_version, kind, f.namespace, meta["name"], uid=meta.get("uid"))
-        # Secrets are never listed: the router certificate's stub and the router token go by name, once (as
-        # a BlazenPeer's stubs).
-        for name in router.secret_names(f):
-            key = ("v1", "Secret", name)
-            if key in wanted or key in memory.stubs_gone:
-                continue
-            secret = self.api.get("v1", "Secret", f.namespace, name)
-            if secret is not None and controlled_by(f, secret):
-                self.api.delete("v1", "Secret", f.namespace, name, uid=secret["metadata"].get("uid"))
-            memory.stubs.pop(key, None)
-            memory.stubs_gone.add(key)
+        # the certificate stubs and the router token go by name, as a BlazenPeer's stubs
+        self.children.prune(f, wanted, PRUNABLE, f"{fs.FLEET_LABEL}={f.name}", router.secret_names(f), memory)
 
     def _write_status(
         self, body: dict[str, Any], observed: fst.ObservedFleet, previous: dict[str, Any]

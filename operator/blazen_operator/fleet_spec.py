@@ -27,9 +27,10 @@ POOL_LABEL = "blazen.dev/pool"
 COMPONENT_LABEL = "blazen.dev/component"
 # A BlazenPeer's name is <fleet>-<pool> and at most 52 characters (its own CEL rule).
 MAX_PEER_NAME = 52
-# Pool names are DNS labels; "router" would give the pool's children the router's names (<fleet>-router).
+# Pool names are DNS labels; "router" would give the pool's children the router's names (<fleet>-router),
+# "client" the pool's serving certificate the fleet's callers' (<fleet>-client-tls).
 POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-RESERVED_POOL_NAMES = ("router",)
+RESERVED_POOL_NAMES = ("router", "client")
 
 _PEER = s.BlazenPeerSpec.model_fields
 
@@ -82,7 +83,7 @@ class FleetPool(PeerFields):
         max_length=MAX_PEER_NAME - 2,
         pattern=POOL_NAME_PATTERN,
         description="Pool name, a DNS label: the BlazenPeer is <fleet>-<name>, labelled "
-        f"{POOL_LABEL}=<name>. Not 'router'.",
+        f"{POOL_LABEL}=<name>. Not 'router' nor 'client'.",
     )
     replicas: int | None = Field(
         None,
@@ -108,6 +109,14 @@ class FleetRouter(s.Model):
         description="Router image (runs `blazen-peer route`). Unset: spec.image, which carries blazen-peer.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = _same("image_pull_policy")
+    max_concurrent_workflows: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Calls each router pod forwards at once (Invoke, Stream, Deref, Release; "
+        "`--max-concurrent-workflows`); more are refused RESOURCE_EXHAUSTED / 429. 0: no cap. Unset: the "
+        "runtime's default (64).",
+    )
     resources: s.ResourceRequirements = _same("resources")
     http: s.Http = _same("http")
     ports: s.Ports = _same("ports")
@@ -176,7 +185,8 @@ class BlazenFleetSpec(PeerFields):
                     "self.pools.all(p, !(p.name in "
                     + str(list(RESERVED_POOL_NAMES)).replace("'", '"')
                     + "))",
-                    "spec.pools[].name: 'router' is the router's (its Deployment is <fleet>-router)",
+                    "spec.pools[].name: 'router' and 'client' are reserved (<fleet>-router is the router's "
+                    "Deployment, <fleet>-client-tls the fleet's client certificate)",
                     ".pools",
                 ),
                 *_peer_rules(),

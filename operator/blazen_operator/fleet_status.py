@@ -183,6 +183,8 @@ def _certificate(f: Fleet, cert: dict[str, Any] | None, ok: bool) -> Any:
     return {
         "name": router.cert_name(f),
         "secretName": router.cert_name(f),
+        # the fleet's callers' certificate, when the router asks for one
+        "clientSecretName": router.client_cert_name(f) if router.verifies_client_certificates(f) else None,
         "ready": ok,
         "notAfter": cstat.get("notAfter") or None,
         "renewalTime": cstat.get("renewalTime") or None,

@@ -108,10 +108,6 @@ def _owner_names(body: Any, kind: str = s.KIND) -> list[str]:
     ]
 
 
-def _owned_by_fleet(body: Any, **_: Any) -> bool:
-    return bool(_owner_names(body, fs.KIND))
-
-
 # ---------------------------------------------------------------------------------------------- lifecycle
 
 
@@ -149,7 +145,8 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     configure(settings, options)
     use_pass_threads(asyncio.get_running_loop(), options)
     api = Api(load_client_configuration(options.kubeconfig))
-    cache = ChildCache((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN)
+    # the children's kinds and BlazenPeers, of which pool_event keeps the fleets' pools
+    cache = ChildCache([*((k.api_version, k.kind) for k in kinds.WATCHED_CHILDREN), (s.API_VERSION, s.KIND)])
     loop = asyncio.get_running_loop()
 
     def trust_changed(namespace: str, names: list[str]) -> None:
@@ -341,11 +338,22 @@ async def blazenfleet_changed(namespace: str | None, name: str, memo: kopf.Memo,
         runtime.fleets.request((namespace, name))
 
 
-@kopf.on.event(s.GROUP, s.VERSION, s.PLURAL, id="pool-of-fleet", when=_owned_by_fleet)
-async def pool_event(body: Any, memo: kopf.Memo, **_: Any) -> None:
-    """A pool's BlazenPeer changed (its status above all: replicas, readiness, served steps): the fleet's
-    status follows, and a pool edited or deleted by hand is put back."""
+@kopf.on.event(s.GROUP, s.VERSION, s.PLURAL, id="pool-of-fleet")
+async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every BlazenPeer event. The cache keeps the fleets' pools (the BlazenPeers labelled ours), so that a
+    fleet pass finds a pool it no longer wants without listing BlazenPeers; every event, because a pool
+    someone unlabelled or disowned must leave it. A pool's change (its status above all: replicas,
+    readiness, served steps) wakes its fleet: the status follows, a pool edited or deleted by hand is put
+    back."""
     runtime = _runtime(memo)
-    namespace = body.get("metadata", {}).get("namespace")
-    if runtime is not None and namespace:
-        _wake_fleets(runtime, namespace, dict(body))
+    if runtime is None:
+        return
+    obj: dict[str, Any] = dict(event["object"])
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    if event["type"] == "DELETED" or labels.get(kinds.MANAGED_BY_LABEL) != kinds.MANAGED_BY:
+        runtime.cache.forget(obj)
+    else:
+        runtime.cache.observe(obj)
+    namespace = obj.get("metadata", {}).get("namespace")
+    if namespace:
+        _wake_fleets(runtime, namespace, obj)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -221,6 +221,43 @@ class ChildApplier:
         cert = self.cache.get(owner.namespace, *filler.key) if filler is not None else None
         return c.digest(meta_only(child.manifest)), cert.resource_version if cert is not None else 0
 
+    def prune(
+        self,
+        owner: Owner,
+        wanted: set[ChildId],
+        kinds: Iterable[tuple[str, str]],
+        selector: str,
+        secrets: Iterable[str],
+        memory: ChildMemory,
+    ) -> None:
+        """Delete what the owner controls and no longer wants: its children of ``kinds`` as the watches know
+        them (listed by ``selector`` where no watch feeds a kind), and the Secrets named ``secrets``."""
+        for api_version, kind in kinds:
+            if self.cache.covers(api_version, kind):  # the watches know every child of ours of this kind
+                found = [
+                    r.obj
+                    for r in self.cache.controlled_by(owner.uid)
+                    if (r.obj["apiVersion"], r.obj["kind"]) == (api_version, kind)
+                ]
+            else:
+                found = self.api.list(api_version, kind, owner.namespace, selector)
+            for item in found:
+                meta = item["metadata"]
+                if controlled_by(owner, item) and (api_version, kind, meta["name"]) not in wanted:
+                    log.info("%s/%s: pruning %s %s", owner.namespace, owner.name, kind, meta["name"])
+                    self.api.delete(api_version, kind, owner.namespace, meta["name"], uid=meta.get("uid"))
+        # Secrets are never listed (the operator may not enumerate them): they go by name, once.
+        for name in secrets:
+            key = ("v1", "Secret", name)
+            if key in wanted or key in memory.stubs_gone:
+                continue
+            secret = self.api.get("v1", "Secret", owner.namespace, name)
+            if secret is not None and controlled_by(owner, secret):
+                log.info("%s/%s: pruning Secret %s", owner.namespace, owner.name, name)
+                self.api.delete("v1", "Secret", owner.namespace, name, uid=secret["metadata"].get("uid"))
+            memory.stubs.pop(key, None)
+            memory.stubs_gone.add(key)
+
     # ------------------------------------------------------------------------------------------ writes
     def apply_all(
         self, owner: Owner, children: list[Child], live: dict[ChildId, Live | None], memory: ChildMemory
@@ -328,19 +365,9 @@ class Reconciler:
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
-        try:
-            outcome = self._reconcile(namespace, name)
-        except ApiError as exc:
-            if exc.namespace_terminating:  # the namespace (and the BlazenPeer with it) is going away
-                outcome = Outcome(gone=True)
-            elif exc.transient:
-                outcome = Outcome(error=exc)
-            else:
-                raise
+        outcome = run_pass(self._reconcile, namespace, name)
         if outcome.gone:
             self._memory.pop((namespace, name), None)
-        result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
-        metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         return outcome
 
@@ -401,31 +428,7 @@ class Reconciler:
     def _prune(self, peer: Peer, children: list[Child], memory: PeerMemory) -> None:
         wanted = {child.key for child in children}
         selector = f"{c.PEER_LABEL}={peer.name}"
-        for api_version, kind in PRUNABLE:
-            if self.cache.covers(api_version, kind):  # the watches know every child of ours of this kind
-                found = [
-                    r.obj
-                    for r in self.cache.controlled_by(peer.uid)
-                    if (r.obj["apiVersion"], r.obj["kind"]) == (api_version, kind)
-                ]
-            else:
-                found = self.api.list(api_version, kind, peer.namespace, selector)
-            for item in found:
-                meta = item["metadata"]
-                if controlled_by(peer, item) and (api_version, kind, meta["name"]) not in wanted:
-                    log.info("%s/%s: pruning %s %s", peer.namespace, peer.name, kind, meta["name"])
-                    self.api.delete(api_version, kind, peer.namespace, meta["name"], uid=meta.get("uid"))
-        # Secrets are never listed (the operator may not enumerate them): the stubs go by name, once.
-        for name in certs.stub_names(peer):
-            key = ("v1", "Secret", name)
-            if key in wanted or key in memory.stubs_gone:
-                continue
-            secret = self.api.get("v1", "Secret", peer.namespace, name)
-            if secret is not None and controlled_by(peer, secret):
-                log.info("%s/%s: pruning Secret %s", peer.namespace, peer.name, name)
-                self.api.delete("v1", "Secret", peer.namespace, name, uid=secret["metadata"].get("uid"))
-            memory.stubs.pop(key, None)
-            memory.stubs_gone.add(key)
+        self.children.prune(peer, wanted, PRUNABLE, selector, certs.stub_names(peer), memory)
 
     def _observe_pods(
         self, peer: Peer, deployment: Live | None, memory: PeerMemory
@@ -471,6 +474,23 @@ class Reconciler:
         return write_status(
             self.api, body, st.compute(observed, previous), previous, STATUS_KEYS, st.transitions
         )
+
+
+def run_pass(one_pass: Callable[[str, str], Outcome], namespace: str, name: str) -> Outcome:
+    """A BlazenPeer's or a BlazenFleet's pass, counted: a transient API error is retried, the namespace
+    going away (and the object with it) ends the object's passes, any other error propagates."""
+    try:
+        outcome = one_pass(namespace, name)
+    except ApiError as exc:
+        if exc.namespace_terminating:
+            outcome = Outcome(gone=True)
+        elif exc.transient:
+            outcome = Outcome(error=exc)
+        else:
+            raise
+    result = "gone" if outcome.gone else ("retry" if outcome.error else "ok")
+    metrics.RECONCILES.labels(result=result).inc()
+    return outcome
 
 
 def write_status(

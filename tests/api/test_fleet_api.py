@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+from blazen_operator import kinds
 from blazen_operator.apply import Api, ApiError, path_for
+from blazen_operator.fleet_reconcile import FleetReconciler
 
 from tests.api.test_operator_api import BP, FLEET_VERBS, _mark_pods_ready, cond, get, merge_patch
 from tests.support.controlplane import eventually
@@ -78,6 +80,8 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_with("pools", []), "demo", "spec.pools"),
         (_with("pools", [{"name": "cpu"}, {"name": "cpu"}]), "demo", "spec.pools[1]"),
         (_with("pools", [{"name": "router"}]), "demo", "spec.pools"),
+        (_with("pools", [{"name": "client"}]), "demo", "spec.pools"),
+        (_with("router", {"maxConcurrentWorkflows": -1}), "demo", "spec.router.maxConcurrentWorkflows"),
         (_with("pools", [{"name": "Bad_Name"}]), "demo", "spec.pools[0].name"),
         (_with("image", None), "demo", "spec.image"),
         (_with("entrypoint", None), "demo", "spec.entrypoint"),
@@ -140,13 +144,18 @@ ROUTER_CHILDREN = [
     ("RoleBinding", "demo-router", "rbac.authorization.k8s.io/v1"),
     ("Certificate", "demo-router-tls", "cert-manager.io/v1"),
     ("Secret", "demo-router-tls", "v1"),
+    # the fleet's callers' client certificate (the router verifies client certificates)
+    ("Certificate", "demo-client-tls", "cert-manager.io/v1"),
+    ("Secret", "demo-client-tls", "v1"),
     ("PodDisruptionBudget", "demo-router", "policy/v1"),
     ("NetworkPolicy", "demo-router", "networking.k8s.io/v1"),
 ]
 
 
 def test_a_fleet_makes_its_pools_and_router_owned_by_it(api, operator, namespace):
-    created = create_fleet(api, fleet_manifest("demo", namespace))
+    created = create_fleet(
+        api, fleet_manifest("demo", namespace, {**SPEC, "router": {"maxConcurrentWorkflows": 200}})
+    )
     uid = created["metadata"]["uid"]
     for pool in ("cpu", "gpu"):
         bp = eventually(lambda pool=pool: get(api, "BlazenPeer", namespace, f"demo-{pool}"), what=pool)
@@ -177,9 +186,18 @@ def test_a_fleet_makes_its_pools_and_router_owned_by_it(api, operator, namespace
     router = api.get("apps/v1", "Deployment", namespace, "demo-router")
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["route", "--fleet", "demo"]
-    # the router's endpoint is in the status from the first pass
+    assert args[args.index("--max-concurrent-workflows") + 1] == "200"
+    # the callers' certificate: client auth only, the router's issuer
+    client = get(api, "Certificate", namespace, "demo-client-tls")
+    assert "server auth" not in client["spec"]["usages"]
+    assert (
+        client["spec"]["issuerRef"]
+        == get(api, "Certificate", namespace, "demo-router-tls")["spec"]["issuerRef"]
+    )
+    # the router's endpoint and the callers' Secret are in the status from the first pass
     status = eventually(lambda: fleet(api, namespace).get("status"), what="fleet status")
     assert status["endpoints"]["grpc"] == f"demo.{namespace}.svc:50051"
+    assert status["certificate"]["clientSecretName"] == "demo-client-tls"
 
 
 @pytest.fixture
@@ -307,6 +325,22 @@ def test_removed_pool_is_pruned_and_deletion_cascades(api, operator, operator_ca
     merge_patch(api, "BlazenFleet", namespace, "demo", {"spec": {"pools": [SPEC["pools"][0]]}})
     eventually(lambda: get(api, "BlazenPeer", namespace, "demo-gpu") is None, what="gpu pool pruned")
     assert get(api, "BlazenPeer", namespace, "demo-cpu") is not None
+    # token-only: the router verifies no client certificate, the callers' certificate and Secret go
+    merge_patch(
+        api,
+        "BlazenFleet",
+        namespace,
+        "demo",
+        {"spec": {"tls": {"enabled": False}, "auth": {"tokenSecretRef": {"name": "tok"}}}},
+    )
+    for kind, version in (("Certificate", "cert-manager.io/v1"), ("Secret", "v1")):
+        eventually(
+            lambda k=kind, v=version: api.get(v, k, namespace, "demo-client-tls") is None,
+            what=f"{kind} demo-client-tls pruned",
+        )
+    eventually(
+        lambda: "certificate" not in fleet(api, namespace)["status"], what="no certificate in the status"
+    )
     # a pool deleted by hand comes back
     api.delete(BP, "BlazenPeer", namespace, "demo-cpu")
     eventually(
@@ -333,7 +367,7 @@ def test_removed_pool_is_pruned_and_deletion_cascades(api, operator, operator_ca
 
 
 def test_a_pass_over_an_unchanged_fleet_writes_nothing_and_drift_is_reverted(
-    api, operator, namespace, namespace_requests
+    api, operator, namespace, namespace_requests, fleet_pass_requests
 ):
     """A BlazenFleet's passes (the resync every 3 s, its pools' and children's events) write nothing once it
     has settled, as a BlazenPeer's do: not its pools, not the router's children or certificate stub, not its
@@ -344,6 +378,7 @@ def test_a_pass_over_an_unchanged_fleet_writes_nothing_and_drift_is_reverted(
     eventually(lambda: cond(fleet(api, namespace), "Ready") is not None, what="fleet status")
     window = 3 * operator.resync_seconds + 1
     namespace_requests.assert_passes_write_nothing("/blazenfleets/demo", window=window)
+    _assert_passes_list_only_router_pods(fleet_pass_requests, namespace, window)
 
     # drift: the router's Service port, the stub's labels and a pool's spec, each edited by hand, come back
     svc = get(api, "Service", namespace, "demo")
@@ -364,20 +399,43 @@ def test_a_pass_over_an_unchanged_fleet_writes_nothing_and_drift_is_reverted(
     eventually(lambda: get(api, "BlazenPeer", namespace, "demo-gpu")["spec"]["image"] == SPEC["image"])
     # ... and the passes are quiet again
     namespace_requests.assert_passes_write_nothing("/blazenfleets/demo", window=window)
+    _assert_passes_list_only_router_pods(fleet_pass_requests, namespace, window)
 
 
-def test_a_foreign_blazenpeer_with_a_pool_name_is_not_adopted(api, operator, namespace):
-    foreign = {
-        "apiVersion": BP,
-        "kind": "BlazenPeer",
-        "metadata": {"name": "demo-gpu", "namespace": namespace},
-        "spec": {"image": "mine:1", "entrypoint": "mine"},
-    }
-    api.request("POST", path_for(BP, "BlazenPeer", namespace), body=foreign)
-    create_fleet(api, fleet_manifest("demo", namespace))
-    eventually(
-        lambda: (cond(fleet(api, namespace), "Degraded") or {}).get("reason") == "ChildNotOwned",
-        what="ChildNotOwned",
-    )
-    assert "demo-gpu" in cond(fleet(api, namespace), "Degraded")["message"]
-    assert get(api, "BlazenPeer", namespace, "demo-gpu")["spec"]["image"] == "mine:1"
+@pytest.fixture
+def fleet_pass_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str, str]]:
+    """The requests the operator sends from within a BlazenFleet pass (in its worker thread), timed."""
+    calls: list[tuple[float, str, str]] = []
+    inside = threading.local()
+    reconcile, request = FleetReconciler.reconcile, Api.request
+
+    def in_pass(self: FleetReconciler, namespace: str, name: str) -> Any:
+        inside.on = True
+        try:
+            return reconcile(self, namespace, name)
+        finally:
+            inside.on = False
+
+    def recorded(self: Api, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        if getattr(inside, "on", False):
+            calls.append((time.monotonic(), method, path.split("?")[0]))
+        return request(self, method, path, **kw)
+
+    monkeypatch.setattr(FleetReconciler, "reconcile", in_pass)
+    monkeypatch.setattr(Api, "request", recorded)
+    return calls
+
+
+def _assert_passes_list_only_router_pods(
+    calls: list[tuple[float, str, str]], namespace: str, window: float
+) -> None:
+    """Over the last ``window`` (>= 3 fleet passes, as assert_passes_write_nothing just found), the fleet's
+    passes listed nothing but the router's pods (observe_pods: at most once per resync period): its pools
+    and children, the pruned ones included, come from the child cache the watches feed."""
+    since = time.monotonic() - window
+    recent = [(m, p) for t, m, p in calls if t >= since]
+    passes = [p for m, p in recent if m == "GET" and p.endswith("/blazenfleets/demo")]
+    collections = {path_for(k.api_version, k.kind, namespace) for k in kinds.KINDS if not k.cluster_scoped}
+    lists = {p for m, p in recent if m == "GET" and p in collections}
+    assert len(passes) >= 2, passes
+    assert lists <= {path_for("v1", "Pod", namespace)}, lists

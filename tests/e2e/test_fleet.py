@@ -60,8 +60,14 @@ asyncio.run(main())
 
 
 def client_secret(ns: str) -> str:
-    """The caller's identity: a pool's client certificate (the router trusts the namespace CA)."""
-    return kubectl_json("-n", ns, "get", "blazenpeer", CPU_POOL)["status"]["certificate"]["clientSecretName"]
+    """The caller's identity: the fleet's own client certificate (status certificate.clientSecretName, no
+    pool's), once cert-manager has filled its Secret."""
+    name = fleet_status(ns)["certificate"]["clientSecretName"]
+    assert name == f"{FLEET}-client-tls"
+    wait_until(
+        f"Secret {name} issued", lambda: kubectl_json("-n", ns, "get", "secret", name)["data"]["tls.crt"]
+    )
+    return name
 
 
 def calls(ns: str, steps: list[str], data: Any, n: int, **env: str) -> list[Any]:

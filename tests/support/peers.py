@@ -23,7 +23,7 @@ from blazen_peer.client import BlazenPeerClient
 from blazen_peer.router import BlazenRouterServer
 from cryptography import x509
 
-from .pki import Pki
+from .pki import Issued, Pki
 from .ports import free_port
 
 TOKEN = "tok-3f9a1c77e2b84d0c9b1e"
@@ -94,16 +94,17 @@ def write_steps(directory: Path) -> Path:
 
 
 async def tls_client(
-    port: int, pki: Pki, node_id: str = "caller", token: str | None = TOKEN
+    port: int, pki: Pki, node_id: str = "caller", token: str | None = TOKEN, leaf: Issued | None = None
 ) -> BlazenPeerClient:
-    """Our gRPC client on ``port`` over mutual TLS (``pki``'s client identity, its CA, the server name
-    ``localhost``), with ``token`` as its bearer token."""
+    """Our gRPC client on ``port`` over mutual TLS (``leaf``, else ``pki``'s client identity; its CA, the
+    server name ``localhost``), with ``token`` as its bearer token."""
+    identity = leaf or pki.client
     return await BlazenPeerClient.connect(
         f"https://127.0.0.1:{port}",
         node_id,
         root_certificates=pki.ca_pem,
-        certificate_chain=pki.client.cert_pem,
-        private_key=pki.client.key_pem,
+        certificate_chain=identity.cert_pem,
+        private_key=identity.key_pem,
         token=token,
         server_name="localhost",
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blazen_operator import crdgen, kinds
+from blazen_operator import crdgen, kinds, reconcile
 from blazen_operator import fleet_spec as fs
 from blazen_operator import fleet_status as fst
 from blazen_operator import spec as s
@@ -70,9 +70,10 @@ def test_pool_names_unique_and_not_router() -> None:
     spec["pools"].append({"name": "cpu"})
     with pytest.raises(ValidationError, match="unique"):
         fs.parse_spec(spec)
-    spec["pools"][-1] = {"name": "router"}
-    with pytest.raises(ValidationError, match="reserved"):
-        fs.parse_spec(spec)
+    for reserved in ("router", "client"):  # <fleet>-router, <fleet>-client-tls are the fleet's
+        spec["pools"][-1] = {"name": reserved}
+        with pytest.raises(ValidationError, match="reserved"):
+            fs.parse_spec(spec)
     with pytest.raises(ValidationError, match="pools"):
         fs.parse_spec({**BASE, "pools": []})
 
@@ -192,21 +193,25 @@ def test_router_children_names_and_ownership() -> None:
     f = fleet(**{"operator": OperatorIdentity("ops", (("app", "op"),))})
     got = objects(f)
     assert sorted(got) == [
+        ("Certificate", "demo-client-tls"),
         ("Certificate", "demo-router-tls"),
         ("Deployment", "demo-router"),
         ("NetworkPolicy", "demo-router"),
         ("PodDisruptionBudget", "demo-router"),
         ("Role", "demo-router"),
         ("RoleBinding", "demo-router"),
+        ("Secret", "demo-client-tls"),
         ("Secret", "demo-router-tls"),
         ("Service", "demo"),
         ("ServiceAccount", "demo-router"),
     ]
-    for m in got.values():
+    for (_, name), m in got.items():
         (ref,) = m["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["uid"], ref["controller"]) == ("BlazenFleet", "u-1", True)
         assert m["metadata"]["labels"]["blazen.dev/fleet"] == "demo"
-        assert m["metadata"]["labels"]["blazen.dev/component"] == "router"
+        # the callers' certificate is the fleet's, not the router's
+        component = m["metadata"]["labels"].get("blazen.dev/component")
+        assert component == (None if name == "demo-client-tls" else "router"), name
 
 
 def test_router_role_is_read_only_discovery() -> None:
@@ -231,6 +236,108 @@ def test_router_certificate_is_server_and_client_identity() -> None:
     assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])
     assert "demo.ns.svc" in cert["spec"]["dnsNames"]
     assert cert["spec"]["issuerRef"] == {"name": "blazen-ca", "kind": "Issuer", "group": "cert-manager.io"}
+
+
+def test_the_fleet_gives_its_callers_a_client_certificate_of_the_routers_issuer() -> None:
+    """What a standalone BlazenPeer's <peer>-client-tls is, for the fleet: client auth only, the router's
+    issuer, its Secret pre-created as an owned stub (garbage-collected with the fleet), named in the status.
+    It carries no DNS name, so it is never the router identity the pools trust (a DNS name of the
+    router's own certificate)."""
+    f = fleet()
+    objs = objects(f)
+    cert = objs[("Certificate", "demo-client-tls")]
+    router_cert = objs[("Certificate", "demo-router-tls")]
+    assert cert["spec"]["secretName"] == "demo-client-tls"
+    assert cert["spec"]["commonName"] == "demo-client.ns"
+    assert "server auth" not in cert["spec"]["usages"]
+    assert "client auth" in cert["spec"]["usages"]
+    assert cert["spec"]["issuerRef"] == router_cert["spec"]["issuerRef"]
+    assert "dnsNames" not in cert["spec"]
+    assert "uris" not in cert["spec"]
+    assert cert["spec"]["secretTemplate"]["labels"]["blazen.dev/fleet"] == "demo"
+    stub = next(c for c in router_desired(f) if c.key == ("v1", "Secret", "demo-client-tls"))
+    assert stub.create_only
+    assert stub.manifest["type"] == "kubernetes.io/tls"
+    assert stub.manifest["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert "demo-client-tls" in br.secret_names(f), "pruned by name when no longer wanted"
+    # the pools' router identity is one of the router certificate's names, not the callers'
+    bp = bf.pool_peer(f, pool(f, "cpu"))
+    bp["spec"]["replicas"] = 1
+    args = workload.peer_args(Peer.from_body(bp))
+    identity = args[args.index("--fleet-router-identity") + 1]
+    assert identity in router_cert["spec"]["dnsNames"]
+    assert identity != cert["spec"]["commonName"]
+    status = fst.compute(fst.ObservedFleet(generation=1, fleet=f))
+    assert status["certificate"]["clientSecretName"] == "demo-client-tls"
+    # the pools' own client certificates keep their names, distinct from the fleet's
+    assert "demo-cpu-client-tls" in certs.stub_names(Peer.from_body(bp))
+
+
+@pytest.mark.parametrize(
+    ("security", "client_cert"),
+    [
+        ({}, True),
+        # a user issuer with a CA bundle: the router requires client certificates of it
+        (
+            {
+                "tls": {
+                    "issuerRef": {"name": "corp", "kind": "ClusterIssuer"},
+                    "trustBundle": {"configMap": {"name": "roots"}},
+                }
+            },
+            True,
+        ),
+        # an issuer without a CA bundle: the router asks for none (the token authenticates)
+        (
+            {
+                "tls": {"issuerRef": {"name": "acme", "kind": "ClusterIssuer"}},
+                "auth": {"tokenSecretRef": {"name": "tok"}},
+            },
+            False,
+        ),
+        ({"tls": {"enabled": False}, "auth": {"tokenSecretRef": {"name": "tok"}}}, False),
+    ],
+    ids=["namespace-ca", "issuer-with-bundle", "issuer-without-ca", "token-only"],
+)
+def test_the_callers_certificate_exists_exactly_when_the_router_verifies_client_certificates(
+    security: dict[str, Any], client_cert: bool
+) -> None:
+    f = fleet({**copy.deepcopy(BASE), **security})
+    objs = objects(f)
+    router_args = _container(objs[("Deployment", "demo-router")])[0]["args"]
+    verifies = "--tls-client-auth" in router_args and (
+        router_args[router_args.index("--tls-client-auth") + 1] == "require"
+    )
+    assert verifies == client_cert
+    assert (("Certificate", "demo-client-tls") in objs) == client_cert
+    assert (("Secret", "demo-client-tls") in objs) == client_cert
+    status = fst.compute(fst.ObservedFleet(generation=1, fleet=f))
+    assert (status.get("certificate") or {}).get("clientSecretName") == (
+        "demo-client-tls" if client_cert else None
+    )
+    if client_cert:
+        cert, router_cert = objs[("Certificate", "demo-client-tls")], objs[("Certificate", "demo-router-tls")]
+        assert cert["spec"]["issuerRef"] == router_cert["spec"]["issuerRef"]
+
+
+def test_router_max_concurrent_workflows_reaches_its_args() -> None:
+    def args(router: dict[str, Any] | None) -> list[str]:
+        spec = {**copy.deepcopy(BASE), **({"router": router} if router is not None else {})}
+        return _container(objects(fleet(spec))[("Deployment", "demo-router")])[0]["args"]
+
+    assert "--max-concurrent-workflows" not in args(None), "unset: the runtime's default"
+    for n in (0, 500):
+        got = args({"maxConcurrentWorkflows": n})
+        assert got[got.index("--max-concurrent-workflows") + 1] == str(n)
+    with pytest.raises(ValidationError) as err:
+        fs.parse_spec({**BASE, "router": {"maxConcurrentWorkflows": -1}})
+    # what the status says of an object that reached the operator some other way
+    assert reconcile.validation_message(err.value).startswith("spec.router.maxConcurrentWorkflows:")
+    # the CRD refuses it with the API server's message naming spec.router.maxConcurrentWorkflows
+    schema = crdgen.model_schema(fs.BlazenFleetSpec)
+    prop = schema["properties"]["router"]["properties"]["maxConcurrentWorkflows"]
+    assert prop["type"] == "integer"
+    assert prop["minimum"] == 0
 
 
 def test_router_pod_is_a_peer_pod_running_route() -> None:

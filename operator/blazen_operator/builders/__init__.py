@@ -76,7 +76,11 @@ def router_desired(f: Fleet) -> list[Child]:
     (builders.fleet.replicas_due)."""
     out: list[Child] = [Child(m) for m in router.rbac(f)]
     if f.spec.tls.enabled:
-        out += [Child(router.secret_stub(f), create_only=True), Child(router.certificate(f))]
+        stub = router.secret_stub(f, router.cert_name(f), fleet.router_labels(f))
+        out += [Child(stub, create_only=True), Child(router.certificate(f))]
+    if router.verifies_client_certificates(f):
+        stub = router.secret_stub(f, router.client_cert_name(f), fleet.fleet_labels(f))
+        out += [Child(stub, create_only=True), Child(router.client_certificate(f))]
     if (token := router.token_secret(f)) is not None:
         out.append(Child(token, create_only=True, random_key=common.TOKEN_KEY_PATH))
     out.append(Child(router.service(f)))

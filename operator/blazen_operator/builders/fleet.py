@@ -82,31 +82,21 @@ def router_selector(f: Fleet) -> dict[str, str]:
     return {"app.kubernetes.io/name": "blazen-router", "app.kubernetes.io/instance": f.name}
 
 
-def router_labels(f: Fleet) -> dict[str, str]:
+def fleet_labels(f: Fleet) -> dict[str, str]:
+    """Every object of the fleet: its own labels, ours, and the fleet's name."""
     out = user_labels(f)
-    out.update(router_selector(f))
     out.update(
-        {
-            MANAGED_BY_LABEL: MANAGED_BY,
-            "app.kubernetes.io/part-of": "blazen-fleet",
-            fs.FLEET_LABEL: f.name,
-            fs.COMPONENT_LABEL: "router",
-        }
+        {MANAGED_BY_LABEL: MANAGED_BY, "app.kubernetes.io/part-of": "blazen-fleet", fs.FLEET_LABEL: f.name}
     )
     return out
+
+
+def router_labels(f: Fleet) -> dict[str, str]:
+    return {**fleet_labels(f), **router_selector(f), fs.COMPONENT_LABEL: "router"}
 
 
 def pool_labels(f: Fleet, pool: str) -> dict[str, str]:
-    out = user_labels(f)
-    out.update(
-        {
-            MANAGED_BY_LABEL: MANAGED_BY,
-            "app.kubernetes.io/part-of": "blazen-fleet",
-            fs.FLEET_LABEL: f.name,
-            fs.POOL_LABEL: pool,
-        }
-    )
-    return out
+    return {**fleet_labels(f), fs.POOL_LABEL: pool}
 
 
 # ------------------------------------------------------------ pools

@@ -1,6 +1,7 @@
 """Pure builders of a BlazenFleet's router: Deployment <fleet>-router (`blazen-peer route --fleet`),
 Service <fleet>, ServiceAccount/Role/RoleBinding <fleet>-router, Certificate <fleet>-router-tls, PDB and
-NetworkPolicy.
+NetworkPolicy; and, when the router verifies client certificates, the fleet's callers' Certificate
+<fleet>-client-tls.
 
 The router pod is built by the peer's pod builders (workload.py) from a BlazenPeer-shaped view of the router
 (:func:`router_peer`): same security context, probes, drain and grace, storage, TLS and token mounts. Only its
@@ -8,13 +9,14 @@ role differs: the container runs `route`, carries the router's labels and reads 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .. import spec as s
 from ..fleet_spec import FLEET_LABEL
 from . import certs, workload
 from . import common as c
-from .fleet import Fleet, metadata, router_labels, router_name, router_selector
+from .fleet import Fleet, fleet_labels, metadata, router_labels, router_name, router_selector
 
 # The router runs no user code; BlazenPeerSpec wants an entrypoint, which the router's args never carry.
 _NO_ENTRYPOINT = "blazen_peer"
@@ -85,8 +87,14 @@ def router_args(f: Fleet, rp: c.Peer) -> list[str]:
         *workload.face_args(rp),
         *workload.security_args(rp),
         *workload.fleet_router_token_args(rp),
+        *max_concurrent_args(f),
         # no --pool-server-name: with --fleet the router checks each pool's certificate for <peer>.<ns>.svc
     ]
+
+
+def max_concurrent_args(f: Fleet) -> list[str]:
+    n = f.spec.router.max_concurrent_workflows
+    return [] if n is None else ["--max-concurrent-workflows", str(n)]
 
 
 def role(f: Fleet, rp: c.Peer) -> workload.PodRole:
@@ -207,11 +215,31 @@ def certificate(f: Fleet) -> dict[str, Any]:
     }
 
 
-def secret_stub(f: Fleet) -> dict[str, Any]:
-    """The certificate's Secret, created empty with the fleet's owner reference (as a BlazenPeer's)."""
-    stub = certs.secret_stub(router_peer(f), cert_name(f))
-    stub["metadata"] = metadata(f, cert_name(f), router_labels(f))
+def secret_stub(f: Fleet, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A certificate's Secret, created empty with the fleet's owner reference (as a BlazenPeer's)."""
+    stub = certs.secret_stub(router_peer(f), name)
+    stub["metadata"] = metadata(f, name, labels)
     return stub
+
+
+def verifies_client_certificates(f: Fleet) -> bool:
+    """The router asks callers for a client certificate of the fleet's CA (as the pools do)."""
+    return workload.router_known_by_certificate(router_peer(f).spec)
+
+
+def client_cert_name(f: Fleet) -> str:
+    return f"{f.name}-client-tls"
+
+
+def client_certificate(f: Fleet) -> dict[str, Any]:
+    """What the fleet's callers present to the router: a BlazenPeer's client certificate, named for the
+    fleet (<fleet>-client-tls, common name <fleet>-client.<ns>), from the router's issuer. It carries no
+    DNS name, so no pool takes it for the router (--fleet-router-identity names the router's Service)."""
+    caller = dataclasses.replace(router_peer(f), name=f.name)
+    cert = certs.client_certificate(caller)
+    cert["metadata"] = metadata(f, client_cert_name(f), fleet_labels(f))
+    cert["spec"]["secretTemplate"] = {"labels": fleet_labels(f)}
+    return cert
 
 
 def token_secret_name(f: Fleet) -> str:
@@ -233,7 +261,7 @@ def token_secret(f: Fleet) -> dict[str, Any] | None:
 
 def secret_names(f: Fleet) -> tuple[str, ...]:
     """The Secrets a fleet owns by name, whether or not it wants them now (pruned by name, never listed)."""
-    return (cert_name(f), token_secret_name(f))
+    return (cert_name(f), client_cert_name(f), token_secret_name(f))
 
 
 def pod_disruption_budget(f: Fleet) -> dict[str, Any] | None:
