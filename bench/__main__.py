@@ -343,9 +343,9 @@ def main() -> None:
                 results[k] = summarize(put[k], lat[k], label)
                 # The box is shared: each round's ratio to (b), measured seconds apart, is steadier than the
                 # ratio of medians. Report the median of the per-round ratios too.
-                base = put.get(f"b@{conc}")
-                if base is not None:
-                    ratios = [r.rps / b.rps for r, b in zip(put[k], base, strict=True)]
+                b_rounds = put.get(f"b@{conc}")
+                if b_rounds is not None:
+                    ratios = [r.rps / b.rps for r, b in zip(put[k], b_rounds, strict=True)]
                     results[k]["rps_ratio_rounds"] = [round(x, 2) for x in ratios]
                     results[k]["rps_ratio_median"] = statistics.median(ratios)
     finally:
