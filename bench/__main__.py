@@ -10,7 +10,10 @@ the load generator's, so a saturated generator shows. Targets, at concurrency 1 
   (d) our runtime running a real echo sub-workflow,
   (e) for reference, the same bare handler as (b) on grpcio's synchronous thread-pool server,
   (f) experiment: our engine behind grpcio's synchronous server,
-  (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds.
+  (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds,
+  (h) experiment: a bare fully synchronous forwarder in front of the same server (grpcio's thread-pool
+      server, a blocking call on one pooled synchronous channel): the floor of a synchronous hop,
+  (i) experiment: the same bare forwarder on grpc.aio (uvloop): the floor of the router's present hop.
 Each target is measured in several interleaved rounds; calls/s is the median round; the percentiles
 pool all calls.
 """
@@ -42,6 +45,8 @@ from tests.support.blazen_wheel import blazen_env, build_isoc23_shim
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = Path(__file__).with_name("peer.proto")
 CALL = "blazen.peer.v1.BlazenPeer.InvokeSubWorkflow"
+#: server kinds that forward to the server of (d)
+FORWARDERS = {"router", "sync-forwarder", "aio-forwarder"}
 CACHE_BIN = Path(os.environ.get("BLAZEN_FLEET_CACHE", Path.home() / ".cache/blazen-fleet")) / "bin"
 
 
@@ -254,6 +259,9 @@ def main() -> None:
         action="store_true",
         help="let servers and the load generators share every CPU (default: servers on CPU 0, load on CPU 1)",
     )
+    parser.add_argument(
+        "--only", help="comma-separated target letters to measure (default: all); ratios need (b)"
+    )
     parser.add_argument("--out", default=str(ROOT / ".work/bench.json"))
     args = parser.parse_args()
 
@@ -281,12 +289,21 @@ def main() -> None:
         ("e", "reference: bare grpcio sync server", "bare-grpcio-sync", unknown),
         ("f", "experiment: our engine on grpcio sync server, echo", "ours-sync", echo),
         ("g", "blazen-peer route -> the server of (d), echo", "router", echo),
+        ("h", "experiment: bare sync forwarder -> (d), echo", "sync-forwarder", echo),
+        ("i", "experiment: bare grpc.aio forwarder -> (d), echo", "aio-forwarder", echo),
     ]
+    if args.only:
+        keys = set(args.only.split(","))
+        targets = [t for t in targets if t[0] in keys]
     servers: dict[str, tuple[subprocess.Popen, int]] = {}
     results: dict[str, dict] = {}
     try:
-        for kind in dict.fromkeys(t[2] for t in targets):
-            upstream = servers["ours"][1] if kind == "router" else None
+        # the forwarders' upstream is the server of (d), started once for all of them
+        kinds = dict.fromkeys(t[2] for t in targets)
+        if kinds.keys() & FORWARDERS:
+            kinds = {"ours": None, **kinds}
+        for kind in kinds:
+            upstream = servers["ours"][1] if kind in FORWARDERS else None
             servers[kind] = start(kind, shim, tmp, server_cpu, upstream)
         load_before = os.getloadavg()
         for _, _, kind, (raw, framed) in targets:  # warm-up
@@ -326,9 +343,11 @@ def main() -> None:
                 results[k] = summarize(put[k], lat[k], label)
                 # The box is shared: each round's ratio to (b), measured seconds apart, is steadier than the
                 # ratio of medians. Report the median of the per-round ratios too.
-                ratios = [r.rps / b.rps for r, b in zip(put[k], put[f"b@{conc}"], strict=True)]
-                results[k]["rps_ratio_rounds"] = [round(x, 2) for x in ratios]
-                results[k]["rps_ratio_median"] = statistics.median(ratios)
+                b_rounds = put.get(f"b@{conc}")
+                if b_rounds is not None:
+                    ratios = [r.rps / b.rps for r, b in zip(put[k], b_rounds, strict=True)]
+                    results[k]["rps_ratio_rounds"] = [round(x, 2) for x in ratios]
+                    results[k]["rps_ratio_median"] = statistics.median(ratios)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -349,8 +368,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for conc in (1, 32):
-        base = results[f"b@{conc}"]
-        for key in "abcdefg":
+        base = results.get(f"b@{conc}")
+        for key, *_ in targets:
             r = results[f"{key}@{conc}"]
             cells = [
                 f"({key}) {r['label']}",
@@ -358,8 +377,8 @@ def main() -> None:
                 f"{r['rps']:.0f}",
                 f"{r['server_us_per_call']:.1f}",
                 f"{r['h2load_us_per_call']:.1f}",
-                f"{r['rps'] / base['rps']:.2f}",
-                f"{r['rps_ratio_median']:.2f}",
+                f"{r['rps'] / base['rps']:.2f}" if base else "-",
+                f"{r['rps_ratio_median']:.2f}" if base else "-",
                 f"{r['ghz_rps']:.0f}",
                 f"{r['ghz_us_per_call']:.1f}",
                 f"{r['p50_ms']:.3f}",

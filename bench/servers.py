@@ -146,6 +146,108 @@ def router(port: int, upstream: int) -> None:
     )
 
 
+def sync_forwarder(port: int, upstream: int, workers: int = 32) -> None:
+    """Experiment: the floor of a fully synchronous hop. grpcio's synchronous (thread-pool) server whose
+    generic handler forwards each unary call, bytes unchanged, with a blocking call on one pooled
+    synchronous channel (no serializers, the caller's node id and deadline passed on); no admission, no
+    routing. Each call holds a worker thread for its whole hop, so ``workers`` bounds the calls in flight.
+    ``BLAZEN_BENCH_FWD_OPTIONS`` (JSON ``[[name, value], ...]``) adds server options, for trying knobs."""
+    import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from blazen_peer.transport.grpc_server import grpc_server_options
+    from blazen_peer.wire.protocol import NODE_ID_METADATA
+
+    def env_options(name: str) -> list[tuple[str, object]]:
+        return [tuple(o) for o in json.loads(os.environ.get(name, "[]"))]
+
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{upstream}", options=env_options("BLAZEN_BENCH_FWD_CHANNEL_OPTIONS")
+    )
+    registered = os.environ.get("BLAZEN_BENCH_FWD_REGISTERED") == "1"
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    no_deadline = 10**8
+
+    def forward(method: str) -> grpc.RpcMethodHandler:
+        call = channel.unary_unary(method, _registered_method=registered)
+
+        def handler(request: bytes, context: grpc.ServicerContext) -> bytes | None:
+            md = [(k, v) for k, v in context.invocation_metadata() if k == NODE_ID_METADATA]
+            left = context.time_remaining()
+            try:
+                # no deadline reads as ~infinity here, which the channel takes as one long past
+                return call(request, timeout=left if left < no_deadline else None, metadata=md)
+            except grpc.RpcError as exc:
+                context.set_code(exc.code())
+                context.set_details(exc.details())
+                return None
+
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    class Forwarder(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            method = handler_call_details.method
+            found = handlers.get(method)
+            if found is None:
+                found = handlers[method] = forward(method)
+            return found
+
+    workers = int(os.environ.get("BLAZEN_BENCH_FWD_WORKERS", workers))
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers),
+        options=grpc_server_options(env_options("BLAZEN_BENCH_FWD_OPTIONS")),
+    )
+    server.add_generic_rpc_handlers((Forwarder(),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def aio_forwarder(port: int, upstream: int) -> None:
+    """Experiment: the same bare hop on grpc.aio (uvloop, as the router runs): a generic handler awaiting
+    one pooled ``grpc.aio`` channel, no admission, no routing - the floor of the router's present hop."""
+    import grpc
+    import uvloop
+    from blazen_peer.transport.grpc_server import grpc_server_options
+    from blazen_peer.wire.protocol import NODE_ID_METADATA
+
+    async def serve() -> None:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{upstream}")
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def forward(method: str) -> grpc.RpcMethodHandler:
+            call = channel.unary_unary(method)
+
+            async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+                md = [(k, v) for k, v in context.invocation_metadata() or () if k == NODE_ID_METADATA]
+                try:
+                    return await call(request, timeout=context.time_remaining(), metadata=md)
+                except grpc.aio.AioRpcError as exc:
+                    context.set_code(exc.code())
+                    context.set_details(exc.details())
+                    return None
+
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        class Forwarder(grpc.GenericRpcHandler):
+            def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                method = handler_call_details.method
+                found = handlers.get(method)
+                if found is None:
+                    found = handlers[method] = forward(method)
+                return found
+
+        server = grpc.aio.server(options=grpc_server_options())
+        server.add_generic_rpc_handlers((Forwarder(),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(serve())
+
+
 async def ours_sync(port: int) -> None:
     """Experimental: our engine behind grpcio's synchronous server (bench/grpc_sync.py)."""
     import threading
@@ -175,6 +277,8 @@ KINDS = {
     "ours": ours,
     "ours-sync": ours_sync,
     "router": router,
+    "sync-forwarder": sync_forwarder,
+    "aio-forwarder": aio_forwarder,
 }
 #: kinds taking string arguments after the port (bench/split.py)
 STR_KINDS = {"chain-peer": chain_peer, "pools-router": pools_router}
