@@ -242,6 +242,7 @@ class ScaleCluster:
     admin_port: int = 0
     operator: subprocess.Popen | None = None
     operator_metrics_port: int = 0
+    operator_liveness_port: int = 0
     operator_token: str = ""
     components: dict[str, int] = field(default_factory=dict)  # name -> pid
 
@@ -389,7 +390,7 @@ class ScaleCluster:
         cp, wd = self.cp, self.cp.workdir
         kubeconfig(wd / "operator.kubeconfig", server or cp.server, cp.ca, self.operator_token, OPERATOR_NS)
         self.operator_metrics_port = free_port()
-        liveness = free_port()
+        liveness = self.operator_liveness_port = free_port()
         self.operator = cp.spawn(
             "operator",
             [
