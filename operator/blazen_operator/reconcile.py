@@ -122,7 +122,9 @@ class PodsSeen:
 
     signature: tuple[Any, ...]
     at: float  # monotonic
-    pods: tuple[tuple[dict[str, Any], st.PodReport], ...]  # (the pod as listed, its report)
+    # (the pod as listed, reduced to what the deletion-cost patch reads: _pod_ref; its report). Kept per
+    # BlazenPeer for the recheck period: whole pods (managedFields, spec, status) were ~40 MB at 1,000.
+    pods: tuple[tuple[dict[str, Any], st.PodReport], ...]
 
     @property
     def reports(self) -> tuple[st.PodReport, ...]:
@@ -151,7 +153,8 @@ def observe_pods(
         conds = (pod.get("status") or {}).get("conditions") or []
         ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
         ip = (pod.get("status") or {}).get("podIP")
-        listed.append((pod, ready, f"http://{ip}:{admin_port}/v1/info" if ready and ip else None))
+        url = f"http://{ip}:{admin_port}/v1/info" if ready and ip else None
+        listed.append((_pod_ref(pod), ready, url))
     urls = [u for _, _, u in listed if u]
     infos = dict(zip(urls, read_peer_infos(urls), strict=True))
     reports = tuple(
@@ -159,6 +162,18 @@ def observe_pods(
         for pod, ready, url in listed
     )
     return PodsSeen(signature, now, reports)
+
+
+def _pod_ref(pod: dict[str, Any]) -> dict[str, Any]:
+    meta = pod["metadata"]
+    cost = (meta.get("annotations") or {}).get(workload.DELETION_COST_ANNOTATION)
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "annotations": {} if cost is None else {workload.DELETION_COST_ANNOTATION: cost},
+        }
+    }
 
 
 @dataclass
