@@ -216,32 +216,41 @@ class ChildApplier:
         """The child as the watches last reported it. When they do not know it: absent, once its kind's
         watch has listed everything (a create then fails if it exists after all: ``apply``); else read by
         name (not listed yet, or found to be someone else's object without our label). A stub is read only
-        when it was not checked against its Certificate's current issuance yet (it is never watched)."""
+        when it was not checked against its Certificate's current issuance yet (it is never watched), and
+        not at all while that Certificate does not exist: a new owner's stub is created unread (a create
+        fails if it exists: ``_ensure_stub``)."""
+        unknown = child.key not in memory.unwatched
         if child.create_only:
             known = memory.stubs.get(child.key)
+            filler = self._filler(child, children)
             if (
                 known is not None
-                and known[0] == self._stub_signature(owner, child, children)
+                and known[0] == self._stub_signature(owner, child, filler)
                 and time.monotonic() - known[1] < self.recheck_seconds
             ):
                 return known[2]
-            return self.read(owner.namespace, child.key)
-        rec = self.cache.get(owner.namespace, *child.key)
-        if rec is not None:
-            return rec
-        if self.cache.synced(*child.key[:2]) and child.key not in memory.unwatched:
-            return None
+            if known is None and unknown and filler is not None and self._absent(owner, filler):
+                return None
+        else:
+            rec = self.cache.get(owner.namespace, *child.key)
+            if rec is not None:
+                return rec
+            if unknown and self.cache.synced(*child.key[:2]):
+                return None
         rec = self.read(owner.namespace, child.key)
         if rec is None:
             memory.unwatched.discard(child.key)
         return rec
 
-    def _stub_signature(self, owner: Owner, child: Child, children: list[Child]) -> tuple[str, str]:
-        """A stub needs a look again when its metadata should change or when the Certificate that fills it
-        was issued again (cert-manager writes the Secret, re-creating a deleted one, then counts the
-        issuance in the Certificate's ``status.revision``; its other status updates do not touch it)."""
+    def _absent(self, owner: Owner, child: Child) -> bool:
+        """The watches have listed the child's kind and do not know the child."""
+        return self.cache.synced(*child.key[:2]) and self.cache.get(owner.namespace, *child.key) is None
+
+    @staticmethod
+    def _filler(child: Child, children: list[Child]) -> Child | None:
+        """The Certificate that cert-manager fills the stub ``child`` for, if any."""
         name = child.key[2]
-        filler = next(
+        return next(
             (
                 x
                 for x in children
@@ -249,6 +258,11 @@ class ChildApplier:
             ),
             None,
         )
+
+    def _stub_signature(self, owner: Owner, child: Child, filler: Child | None) -> tuple[str, str]:
+        """A stub needs a look again when its metadata should change or when the Certificate that fills it
+        was issued again (cert-manager writes the Secret, re-creating a deleted one, then counts the
+        issuance in the Certificate's ``status.revision``; its other status updates do not touch it)."""
         cert = self.cache.get(owner.namespace, *filler.key) if filler is not None else None
         issued = f"{cert.uid}/{(cert.obj.get('status') or {}).get('revision', 0)}" if cert is not None else ""
         return c.digest(meta_only(child.manifest)), issued
@@ -319,7 +333,11 @@ class ChildApplier:
         stored it, None when nothing was written (``live`` and ``memory`` follow)."""
         if child.create_only:
             return self._ensure_stub(
-                child, live, memory, manager, self._stub_signature(owner, child, children)
+                child,
+                live,
+                memory,
+                manager,
+                self._stub_signature(owner, child, self._filler(child, children)),
             )
         wanted = c.digest(child.manifest)
         rec = live.get(child.key)
@@ -345,7 +363,8 @@ class ChildApplier:
         obj = None
         if rec is None:
             obj = self.api.create(child.creation())
-            if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
+            if obj is None:  # it exists (created since it was read, or not read): the next pass reads it
+                memory.unwatched.add(child.key)
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)
             metrics.APPLIES.labels(kind="Secret").inc()

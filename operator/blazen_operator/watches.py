@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from . import metrics
 from .apply import ApiError, path_for
 from .cache import ChildCache, ChildKey, Live
 from .kinds import MANAGED_SELECTOR, ManagedKind
@@ -111,6 +112,7 @@ class ChildWatch:
                 self.resource_version = None
             except Exception as exc:  # a broken, frozen or refused connection: resume where it stopped
                 log.warning("%s failed (%s); retrying", self.name, exc)
+                metrics.WATCH_FAILURES.labels(kind=self.kind.kind).inc()
                 stop.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
                 failures += 1
 
@@ -148,6 +150,7 @@ class ChildWatch:
         self.resource_version = str(meta.get("resourceVersion") or "")
         self.cache.mark_synced(self.kind.api_version, self.kind.kind)
         self.lists += 1
+        metrics.WATCH_LISTS.labels(kind=self.kind.kind).inc()
 
     def stream(self, stop: threading.Event) -> None:
         """One watch connection, from ``resource_version`` until the API server ends it (or ``stop``)."""
