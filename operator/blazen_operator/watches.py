@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 250  # objects per list page: a list of 1,000 BlazenPeers' Deployments is not decoded at once
 SERVER_TIMEOUT = 300  # the API server ends each watch after this long; it is resumed from its resourceVersion
-RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)  # after a failed list or watch, one after another
+RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)  # after lists or watch requests that failed, one after another
 
 
 class WatchApi(Protocol):
@@ -86,6 +86,7 @@ class ChildWatch:
         self.resource_version: str | None = None  # where the next watch resumes; None: list first
         self.last_alive = clock()  # the last time the API answered this watch (a list, a stream, an event)
         self.lists = 0
+        self.connected_at: float | None = None  # when the current attempt's watch request was answered
         self.thread: threading.Thread | None = None
 
     @property
@@ -100,8 +101,9 @@ class ChildWatch:
 
     # ---------------------------------------------------------------------------------------- the loop
     def run(self, stop: threading.Event) -> None:
-        failures = 0
+        failures = 0  # attempts in a row that failed without a stream that lasted: they back off
         while not stop.is_set():
+            self.connected_at = None
             try:
                 if self.resource_version is None:
                     self.relist()
@@ -113,6 +115,10 @@ class ChildWatch:
             except Exception as exc:  # a broken, frozen or refused connection: resume where it stopped
                 log.warning("%s failed (%s); retrying", self.name, exc)
                 metrics.WATCH_FAILURES.labels(kind=self.kind.kind).inc()
+                lasted = self.connected_at is not None and self.clock() - self.connected_at > 1.0
+                if lasted:  # a stream that had been working went quiet or broke: reopened at once
+                    failures = 0
+                    continue
                 stop.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
                 failures += 1
 
@@ -163,6 +169,7 @@ class ChildWatch:
             inactivity_timeout=self.inactivity_seconds,
         )
         self.alive()  # connected: the API server answered
+        self.connected_at = self.clock()
         try:
             for event in events:
                 self.alive()

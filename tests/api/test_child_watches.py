@@ -119,11 +119,12 @@ def test_a_frozen_watch_reconnects_is_dead_while_unreachable_and_loses_nothing(a
     (watch,) = group.watches
     group.start()
     try:
-        eventually(lambda: cache.synced("v1", "ServiceAccount"), what="the first list")
+        api.request("POST", path_for("v1", "ServiceAccount", namespace), body=service_account(namespace, "a"))
+        eventually(lambda: cache.get(namespace, "v1", "ServiceAccount", "a"), what="a, through the watch")
         accepted = proxy.accepted
 
         # frozen, and so is every new connection: the watch reconnects, gets nothing back, and is dead
-        assert proxy.freeze(hold_new=True) >= 1
+        proxy.freeze(hold_new=True)
         api.request("POST", path_for("v1", "ServiceAccount", namespace), body=service_account(namespace, "b"))
         dead = eventually(group.dead, timeout=6 * INACTIVITY, what="the frozen watch reported dead")
         assert dead[0].startswith("ServiceAccount watch silent for ")

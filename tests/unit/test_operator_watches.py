@@ -255,3 +255,39 @@ def test_a_watch_silent_for_twice_the_inactivity_timeout_is_dead_until_it_hears_
     assert group.dead() == ["Deployment watch silent for 11s"]
     watch.alive()  # a reconnect was answered
     assert group.dead() == []
+
+
+class RecordingStop(threading.Event):
+    """A stop flag that records the pauses asked of it instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return self.is_set()
+
+
+def test_a_stream_that_had_been_working_is_reopened_at_once_a_refused_one_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watches, "RETRY_SECONDS", (1.0, 2.0, 5.0))
+    ticks = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
+    stop = RecordingStop()
+    timeout = ApiError(0, "ReadTimeoutError", "read timed out")
+    refused = ApiError(0, "ConnectionRefusedError", "refused")
+
+    def frozen() -> Iterator[dict[str, Any]]:  # connected, then nothing comes
+        raise timeout
+        yield {}
+
+    api = FakeApi(stop, [page([], 9)], [frozen(), frozen(), refused, refused, refused, refused, frozen()])
+    watch = watches.ChildWatch(
+        api, DEP, ChildCache(), lambda _: None, inactivity_seconds=5, clock=lambda: float(next(ticks))
+    )
+    watch.run(stop)
+    # the two frozen streams: reopened without a pause; then each refusal waits longer; then a frozen
+    # stream (it connected) resets the backoff
+    assert stop.waits == [1.0, 2.0, 5.0, 5.0]
+    assert len(watch_rvs(api)) == 8
