@@ -8,14 +8,15 @@ level-based resync out of the way, tests/scale/test_watch_stall.py.)"""
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from blazen_operator import kinds
-from blazen_operator.apply import Api, path_for
+from blazen_operator.apply import Api, load_client_configuration, path_for
 from blazen_operator.cache import ChildCache
 from blazen_operator.watches import ChildWatches
 
@@ -97,12 +98,19 @@ def test_a_labelled_childs_changes_reach_the_cache_and_its_owner(api, namespace,
 
 
 @pytest.mark.timeout(120)
-def test_a_frozen_watch_reconnects_is_dead_while_unreachable_and_loses_nothing(api, namespace):
-    proxy = FreezableProxy(int(api.configuration.host.rsplit(":", 1)[1]))
-    cfg = copy.copy(api.configuration)
-    cfg.host = f"https://127.0.0.1:{proxy.port}"
+def test_a_frozen_watch_reconnects_is_dead_while_unreachable_and_loses_nothing(
+    api, namespace, control_plane, tmp_path
+):
+    proxy = FreezableProxy(control_plane.apiserver_port)
+    # a kubeconfig of its own: the kubeconfig loader puts its server back into a configuration on each call
+    config = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
     cache, seen = ChildCache([("v1", "ServiceAccount")]), Seen()
-    group = ChildWatches(Api(cfg), [SA], cache, seen, INACTIVITY)
+    group = ChildWatches(
+        Api(load_client_configuration(str(tmp_path / "kubeconfig"))), [SA], cache, seen, INACTIVITY
+    )
     (watch,) = group.watches
     group.start()
     try:
