@@ -693,8 +693,13 @@ def test_a_new_blazenpeers_children_are_created_without_reading_them_first(
     create(api, manifest("bp", namespace, replicas=2))
     eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
     eventually(lambda: get(api, "BlazenPeer", namespace, "bp").get("status", {}).get("replicas") == 2)
+    # the BlazenPeer's own children (the namespace CA objects are the trust pass's, once per namespace)
     watched = {k.plural for k in kinds.WATCHED_CHILDREN}
-    reads = [p for _, m, p in namespace_requests.calls if m == "GET" and p.split("/")[-2] in watched]
+    reads = [
+        p
+        for _, m, p in namespace_requests.calls
+        if m == "GET" and p.split("/")[-2] in watched and p.split("/")[-1].startswith("bp")
+    ]
     assert reads == []
     calls = [(m, p) for _, m, p in namespace_requests.calls]
     created = next(i for i, (m, p) in enumerate(calls) if m == "POST" and p.endswith("/secrets"))
@@ -1045,6 +1050,9 @@ def test_the_operator_uses_every_verb_the_chart_grants(
         ("patch", "blazen.dev", "blazenfleets"),
         ("update", "blazen.dev", "blazenfleets/finalizers"),
     }
+    # children are read by name only before the watches have listed them, or once a create found one of that
+    # name that they do not know (test_an_existing_object_with_a_childs_name_is_not_adopted): not in this flow
+    kopf_only |= {("get", k.group, k.plural) for k in kinds.WATCHED_CHILDREN}
     # held only to be granted to the fleet routers' Roles (RBAC escalation), never called
     kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.grant_only for v in k.verbs}
     # a BlazenFleet's calls: tests/api/test_fleet_api.py drives a fleet through them
