@@ -183,8 +183,8 @@ class ChildMemory:
 
     uid: str
     applied: dict[tuple[ChildId, str], Applied] = field(default_factory=dict)
-    # stub -> (what it was checked against: its metadata digest and its Certificate's resourceVersion; when;
-    # the stub as read or written then)
+    # stub -> (what it was checked against: its metadata digest and its Certificate's issuance, uid/revision;
+    # when; the stub as read or written then)
     stubs: dict[ChildId, tuple[tuple[str, str], float, Live]] = field(default_factory=dict)
     stubs_gone: set[ChildId] = field(default_factory=set)  # pruned stubs, known absent
     # children that exist without the cache knowing them (someone else's object without our label, found by
