@@ -242,6 +242,8 @@ class ScaleCluster:
     admin_port: int = 0
     operator: subprocess.Popen | None = None
     operator_metrics_port: int = 0
+    operator_liveness_port: int = 0
+    operator_env: dict[str, str] = field(default_factory=dict)  # the chart's (MALLOC_ARENA_MAX)
     operator_token: str = ""
     components: dict[str, int] = field(default_factory=dict)  # name -> pid
 
@@ -389,7 +391,7 @@ class ScaleCluster:
         cp, wd = self.cp, self.cp.workdir
         kubeconfig(wd / "operator.kubeconfig", server or cp.server, cp.ca, self.operator_token, OPERATOR_NS)
         self.operator_metrics_port = free_port()
-        liveness = free_port()
+        liveness = self.operator_liveness_port = free_port()
         self.operator = cp.spawn(
             "operator",
             [
@@ -403,14 +405,15 @@ class ScaleCluster:
                 f"--resync-seconds={resync_seconds}",
                 *extra_args,
             ],
-            env={**os.environ, "KUBECONFIG": str(wd / "operator.kubeconfig")},
+            env={**os.environ, **self.operator_env, "KUBECONFIG": str(wd / "operator.kubeconfig")},
         )
         cp.wait_for(lambda: _http_ok(f"http://127.0.0.1:{liveness}/healthz"), "operator liveness", 60)
         self.components = {name: p.pid for name, p in cp.procs.items()}
 
     def _operator_identity(self, helm: Path) -> None:
         """The chart's ServiceAccount, ClusterRoles and bindings, applied as rendered; a token for that
-        ServiceAccount (TokenRequest) in the operator's kubeconfig."""
+        ServiceAccount (TokenRequest) in the operator's kubeconfig; the environment the chart's Deployment
+        sets (the literal values)."""
         rendered = subprocess.run(
             [
                 str(helm),
@@ -423,6 +426,8 @@ class ScaleCluster:
                 "templates/serviceaccount.yaml",
                 "--show-only",
                 "templates/rbac.yaml",
+                "--show-only",
+                "templates/deployment.yaml",
             ],
             check=True,
             capture_output=True,
@@ -432,6 +437,10 @@ class ScaleCluster:
         sa_name = None
         for doc in yaml.safe_load_all(rendered):
             if not doc:
+                continue
+            if doc["kind"] == "Deployment":  # not deployed: the environment its container gets
+                (container,) = doc["spec"]["template"]["spec"]["containers"]
+                self.operator_env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
                 continue
             if doc["kind"] == "ServiceAccount":
                 sa_name = doc["metadata"]["name"]

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode
@@ -102,6 +102,31 @@ class Api:
         self._timeout = timeout
 
     # ------------------------------------------------------------ raw
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None,
+        body: Any,
+        content_type: str,
+        timeout: float | tuple[float, float],
+    ) -> Any:
+        """The response, its body not read yet (urllib3 does not preload it)."""
+        url_path = path + (("?" + urlencode(query)) if query else "")
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method_, url, headers, body_, _post = self._client.param_serialize(
+            method=method,
+            resource_path=url_path,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        return self._client.call_api(
+            method_, url, header_params=headers, body=body_, _request_timeout=timeout
+        )
+
     def request(
         self,
         method: str,
@@ -112,21 +137,8 @@ class Api:
         content_type: str = "application/json",
         what: str = "",
     ) -> dict[str, Any]:
-        url_path = path + (("?" + urlencode(query)) if query else "")
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
         try:
-            method_, url, headers, body_, _post = self._client.param_serialize(
-                method=method,
-                resource_path=url_path,
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-            )
-            resp = self._client.call_api(
-                method_, url, header_params=headers, body=body_, _request_timeout=self._timeout
-            )
+            resp = self._send(method, path, query, body, content_type, self._timeout)
             raw = resp.read()
         except ApiException as exc:
             raise _api_error(exc.status or 0, exc.reason or "", exc.body, what) from exc
@@ -135,6 +147,44 @@ class Api:
         if resp.status >= 400:
             raise _api_error(resp.status, resp.reason or "", raw, what)
         return json.loads(raw) if raw else {}
+
+    def watch(
+        self,
+        api_version: str,
+        kind: str,
+        label_selector: str,
+        resource_version: str,
+        *,
+        server_timeout: int,
+        inactivity_timeout: float,
+    ) -> Iterator[dict[str, Any]]:
+        """Open a watch from ``resource_version`` (bookmarks included), every namespace: the request is made
+        now (errors raise here), the events are decoded one at a time as the iterator reads them. The stream
+        ends when the API server closes it (``server_timeout``); ``inactivity_timeout`` bounds each wait for
+        bytes (the API server sends a bookmark about once a minute), so a frozen connection raises
+        ``ApiError`` (status 0) instead of hanging."""
+        query = {
+            "watch": "true",
+            "labelSelector": label_selector,
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(server_timeout),
+        }
+        what = f"watch {kind}"
+        path = path_for(api_version, kind, None)
+        try:
+            # a connect (TLS handshake included) into a black hole fails as fast as a frozen stream
+            resp = self._send("GET", path, query, None, "", (inactivity_timeout, inactivity_timeout))
+        except ApiException as exc:
+            raise _api_error(exc.status or 0, exc.reason or "", exc.body, what) from exc
+        except Exception as exc:
+            raise ApiError(0, type(exc).__name__, str(exc), what) from exc
+        if resp.status >= 400:
+            try:
+                raise _api_error(resp.status, resp.reason or "", resp.read(), what)
+            finally:
+                resp.response.release_conn()
+        return _events(resp.response, what)
 
     # ------------------------------------------------------------ objects
     def apply(self, manifest: dict[str, Any], manager: str = FIELD_MANAGER, sub: str = "") -> dict[str, Any]:
@@ -273,6 +323,24 @@ class Api:
             self.request("POST", path_for("v1", "Event", meta["namespace"]), body=event, what="post event")
         except ApiError as exc:  # events are best effort
             log.warning("could not post event %s: %s", reason, exc)
+
+
+def _events(raw: Any, what: str) -> Iterator[dict[str, Any]]:
+    """A watch stream's events from urllib3's response ``raw``, one per line."""
+    pending = b""
+    try:
+        for chunk in raw.stream(1 << 16):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+    except Exception as exc:  # a read timeout (inactivity), a reset connection, a torn line
+        raise ApiError(0, type(exc).__name__, str(exc), what) from exc
+    finally:
+        # a stream left half-read is never reused: close it, then hand the slot back to the pool
+        raw.close()
+        raw.release_conn()
 
 
 def _api_error(status: int, reason: str, raw: Any, what: str) -> ApiError:

@@ -2,10 +2,11 @@
 
 Each watched child is kept as a compact :class:`Live` record: the few fields the reconciler and status.py
 read, plus what its ``managedFields`` say about who owns what. Full objects are not kept (1,000 BlazenPeers
-have ~12,000 children). The child watches feed it (handlers.child_event, every event including deletions) and
-so do the operator's own applies, whichever is newer by resourceVersion. A child absent from the cache may
-still exist (not seen yet just after start, or someone else's object without our label, which is never
-watched): the reconciler reads it by name then.
+have ~12,000 children). The operator's child watches feed it (watches.py: a list, then every event
+including deletions) and so do the operator's own applies, whichever is newer by resourceVersion. Before a
+kind's first list is done, a child absent from the cache may still exist: the reconciler reads it by name
+then. After it, an absent child of ours does not exist, or is someone else's object without our label (never
+watched): the reconciler creates it with a precondition that fails if it exists (reconcile.py).
 
 Thread-safe: the event loop writes while reconcile passes read in worker threads.
 """
@@ -130,13 +131,36 @@ class ChildCache:
         self._lock = threading.Lock()
         self._items: dict[ChildKey, Live] = {}
         self._by_owner: dict[str, set[ChildKey]] = {}
+        self._synced: set[tuple[str, str]] = set()
 
     def covers(self, api_version: str, kind: str) -> bool:
         """Whether the watches feed this kind: only then is a record kept up to date (and deletions seen)."""
         return (api_version, kind) in self._kinds
 
+    def synced(self, api_version: str, kind: str) -> bool:
+        """Whether the watch of this kind has listed every labelled object once: from then on, an object of
+        ours absent from the cache does not exist (or lost our label: then it is someone else's)."""
+        return (api_version, kind) in self._synced
+
+    def mark_synced(self, api_version: str, kind: str) -> None:
+        self._synced.add((api_version, kind))
+
+    def retain(self, api_version: str, kind: str, keep: set[ChildKey]) -> list[Live]:
+        """After a full list of a kind: drop its records that the list did not return (deleted while the
+        watch was not looking); returns them."""
+        with self._lock:
+            gone = [
+                (key, rec)
+                for key, rec in self._items.items()
+                if key[1:3] == (api_version, kind) and key not in keep
+            ]
+            for key, rec in gone:
+                self._unlink(key, rec)
+                del self._items[key]
+        return [rec for _, rec in gone]
+
     @staticmethod
-    def _key(obj: dict[str, Any]) -> ChildKey:
+    def key(obj: dict[str, Any]) -> ChildKey:
         meta = obj["metadata"]
         return (meta.get("namespace") or "", obj["apiVersion"], obj["kind"], meta["name"])
 
@@ -148,7 +172,7 @@ class ChildCache:
         if ((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
             return None
         live = compact(obj)
-        key = self._key(obj)
+        key = self.key(obj)
         with self._lock:
             old = self._items.get(key)
             if old is not None and old.resource_version > live.resource_version:
@@ -164,7 +188,7 @@ class ChildCache:
         """A watch reported the object deleted (or no longer labelled as ours)."""
         if not self.covers(obj.get("apiVersion", ""), obj.get("kind", "")):
             return
-        key = self._key(obj)
+        key = self.key(obj)
         uid = (obj.get("metadata") or {}).get("uid")
         with self._lock:
             old = self._items.get(key)

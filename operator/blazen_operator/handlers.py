@@ -3,10 +3,11 @@
 Every trigger is a request to one :class:`~.workqueue.WorkQueue`, which owns the one retry policy:
 
 * BlazenPeer create/update/resume (a first pass);
-* events on owned children (Deployments, Services, Certificates, ...; kopf watches only objects labelled
-  ``app.kubernetes.io/managed-by=blazen-operator``, asked of the API server): they keep the child cache
-  (cache.py) the reconciler reads instead of the API; drift is reverted, deleted children come back, status
-  follows the Deployment. Their passes are follow-ups, which go before first passes (workqueue.py);
+* changes of owned children (Deployments, Services, Certificates, ...), seen by the operator's own watches
+  (watches.py, not kopf's: only objects labelled ``app.kubernetes.io/managed-by=blazen-operator``, asked of
+  the API server): they keep the child cache (cache.py) the reconciler reads instead of the API; drift is
+  reverted, deleted children come back, status follows the Deployment. Their passes are follow-ups, which go
+  before first passes (workqueue.py);
 * a resync loop (a plain asyncio task, not a kopf timer: timers would add finalizers) that re-requests every
   BlazenPeer periodically, refreshes the served step ids and the referenced token Secrets (which are read by
   name, never watched), and feeds the liveness probe;
@@ -42,6 +43,7 @@ from .cache import ChildCache
 from .fleet_reconcile import FleetReconciler
 from .reconcile import Reconciler
 from .trust import Trust
+from .watches import ChildWatches
 from .workqueue import Key, WorkQueue
 
 log = logging.getLogger("blazen_operator")
@@ -59,7 +61,8 @@ class Options:
     resync_seconds: float = 60.0
     # A watch stream that delivers nothing, not even a bookmark (the apiserver sends one every ~60 s), for
     # this long is presumed frozen (a dropped NAT entry, a stalled proxy) and reconnected from its last
-    # resourceVersion, so no change is lost.
+    # resourceVersion, so no change is lost (kopf's watches and the child watches alike). A child watch
+    # silent for twice this long fails the liveness probe.
     watch_inactivity_seconds: float = 70.0
     # Trusting and Reissuing of a namespace CA rotation last at least this long (callers outside the pods).
     ca_rotation_settle_seconds: float = 120.0
@@ -87,6 +90,7 @@ class Runtime:
     resync_task: asyncio.Task[None] | None = None
     trust_task: asyncio.Task[None] | None = None
     fleets: WorkQueue | None = None  # BlazenFleet passes: a queue of their own, keys (namespace, name)
+    watches: ChildWatches | None = None
 
 
 def _options(memo: kopf.Memo) -> Options:
@@ -126,9 +130,6 @@ def configure(settings: kopf.OperatorSettings, options: Options) -> None:
     settings.watching.connect_timeout = 10  # a reconnect into a black hole fails fast and is retried
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 8
-    # The API server sends only our children, not every Deployment/Service/... of the cluster.
-    for child in kinds.WATCHED_CHILDREN:
-        settings.watching.label_selectors[child.group, child.plural] = kinds.MANAGED_SELECTOR
 
 
 def use_pass_threads(loop: asyncio.AbstractEventLoop, options: Options) -> None:
@@ -178,6 +179,20 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
         fleets=WorkQueue(fleet_work, concurrency=options.concurrency),
     )
     memo.runtime = runtime
+
+    def child_changed(obj: dict[str, Any]) -> None:
+        # called in a watch thread: only the owners' keys go to the event loop, not the object
+        namespace = (obj.get("metadata") or {}).get("namespace")
+        if namespace:  # every child we label is namespaced
+            owners = (_owner_names(obj), _owner_names(obj, fs.KIND))
+            loop.call_soon_threadsafe(_request_owners, runtime, namespace, *owners)
+
+    # a pool of its own: the watches' long-lived streams never hold the passes' connections
+    watch_api = Api(load_client_configuration(options.kubeconfig))
+    runtime.watches = ChildWatches(
+        watch_api, kinds.WATCHED_CHILDREN, cache, child_changed, options.watch_inactivity_seconds
+    )
+    runtime.watches.start()
     if options.metrics_port:
         import prometheus_client
 
@@ -209,6 +224,8 @@ async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+    if runtime.watches is not None:
+        runtime.watches.stop()
     await runtime.queue.close()
     if runtime.fleets is not None:
         await runtime.fleets.close()
@@ -268,8 +285,10 @@ def list_peers(api: Api, patterns: tuple[str, ...], kind: str = s.KIND) -> list[
 
 @kopf.on.probe(id="api")
 def api_health(memo: kopf.Memo, **_: Any) -> str:
-    """Liveness: the resync loop must have listed BlazenPeers through the API recently. kopf's own watches are
-    kept honest by bookmarks and settings.watching.inactivity_timeout."""
+    """Liveness: the resync loop must have listed BlazenPeers through the API recently, and every child watch
+    must have heard from the API server within twice the inactivity timeout (a frozen one is reconnected
+    after one: watches.py). kopf's own watches (BlazenPeers, BlazenFleets) are kept honest by bookmarks and
+    settings.watching.inactivity_timeout."""
     runtime = _runtime(memo)
     if runtime is None:
         raise kopf.PermanentError("the operator has not started")
@@ -278,6 +297,9 @@ def api_health(memo: kopf.Memo, **_: Any) -> str:
     last = runtime.health.last_resync_ok or runtime.health.started
     if now - last > limit:
         raise kopf.PermanentError(f"no successful API list for {now - last:.0f}s")
+    dead = runtime.watches.dead() if runtime.watches is not None else []
+    if dead:
+        raise kopf.PermanentError("; ".join(dead))
     return f"last resync {now - last:.0f}s ago"
 
 
@@ -298,32 +320,20 @@ async def blazenpeer_changed(namespace: str | None, name: str, memo: kopf.Memo, 
 # ---------------------------------------------------------------------------------------------- children
 
 
-async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """Every event of every labelled child: the cache first, then a pass for the owners."""
-    runtime = _runtime(memo)
-    if runtime is None:
-        return
-    obj: dict[str, Any] = dict(event["object"])
-    if event["type"] == "DELETED":
-        runtime.cache.forget(obj)
-    else:
-        runtime.cache.observe(obj)
-    namespace = obj.get("metadata", {}).get("namespace")
-    if not namespace:  # every child we label is namespaced
-        return
-    for owner in _owner_names(obj):  # a follow-up: it has children, so it has been reconciled
+def _request_owners(runtime: Runtime, namespace: str, peers: list[str], fleets: list[str]) -> None:
+    """A child of these owners changed or went: a follow-up pass each (it has children, so it has been
+    reconciled before)."""
+    for owner in peers:
         runtime.queue.request((namespace, owner), follow_up=True)
-    _wake_fleets(runtime, namespace, obj)
+    if runtime.fleets is not None:
+        for owner in fleets:
+            runtime.fleets.request((namespace, owner), follow_up=True)
 
 
 def _wake_fleets(runtime: Runtime, namespace: str, obj: dict[str, Any]) -> None:
     if runtime.fleets is not None:
         for owner in _owner_names(obj, fs.KIND):
             runtime.fleets.request((namespace, owner), follow_up=True)
-
-
-for _child in kinds.WATCHED_CHILDREN:
-    kopf.on.event(_child.group, _child.version, _child.plural, id=f"child-{_child.plural}")(child_event)
 
 
 # ---------------------------------------------------------------------------------------------- BlazenFleet

@@ -1,7 +1,7 @@
 """The one table of every kind the operator touches, and the verbs it uses on each.
 
 Derived from it: the REST plural names (apply.path_for), the kinds pruned by label (reconcile), the child
-kinds watched by label (handlers), and the Helm chart's RBAC rules, generated into
+kinds watched by label (watches.py), and the Helm chart's RBAC rules, generated into
 ``helm/blazen-operator/templates/_rules.tpl``:
 
     python -m blazen_operator.kinds > helm/blazen-operator/templates/_rules.tpl
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from . import fleet_spec, spec
 
-# Every child carries this label; kopf's watches of child kinds ask the API server for these objects only.
+# Every child carries this label; the child watches (watches.py) ask the API server for these objects only.
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "blazen-operator"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
@@ -39,7 +39,7 @@ class ManagedKind:
     kind: str
     plural: str
     owned: bool = False  # a child: OWNED_VERBS
-    watched: bool = False  # kopf watches it (label-selected for children): WATCH_VERBS
+    watched: bool = False  # kopf (BlazenPeers, BlazenFleets) or watches.py (children, by label): WATCH_VERBS
     pruned: bool = False  # listed by the peer label and deleted when not desired: PRUNE_VERBS
     extra_verbs: frozenset[str] = frozenset()
     subresources: tuple[tuple[str, frozenset[str]], ...] = ()

@@ -12,3 +12,13 @@ PEERS = Gauge("blazen_operator_blazenpeers", "BlazenPeers seen by the last resyn
 LAST_RESYNC = Gauge(
     "blazen_operator_last_resync_timestamp_seconds", "Unix time of the last successful resync"
 )
+WATCH_LISTS = Counter(
+    "blazen_operator_child_watch_lists_total",
+    "Full lists by the child watches, by kind: one at start, one more after each 410 Gone",
+    ["kind"],
+)
+WATCH_FAILURES = Counter(
+    "blazen_operator_child_watch_failures_total",
+    "Child watch streams that failed (frozen, reset, refused) and were reopened, by kind",
+    ["kind"],
+)

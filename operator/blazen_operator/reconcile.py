@@ -3,13 +3,15 @@
 Ordered steps; the first refused child stops the pass and is reported in the status (KubeRay-style), transient
 API errors propagate as :class:`ApiError` with ``transient`` set so the caller retries with backoff.
 
-A pass over an unchanged BlazenPeer writes nothing. The children are read from the watch cache (cache.py);
-a child is applied only when it is missing, when what the builders want differs from what this process last
+A pass over an unchanged BlazenPeer writes nothing. The children are read from the watch cache (cache.py;
+once a kind's watch has listed everything, a child it does not know is created without a read first); a
+child is applied only when it is missing, when what the builders want differs from what this process last
 applied to it, or when the fields our apply owns changed since (someone edited or removed one: drift). The
 first pass after the operator starts has no such memory and applies each child once (no-op applies when
 nothing changed). What no watch reports is re-read when something says it changed, else at most once per
-``recheck_seconds``: the Secret stubs (by name; never watched) when the Certificate filling them changed, the
-pods and their ``/v1/info`` when the Deployment's rollout moved. The status is written only when it changed.
+``recheck_seconds``: the Secret stubs (by name; never watched) when the Certificate filling them was
+issued, the pods and their ``/v1/info`` when the Deployment's rollout moved. The status is written only
+when it changed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .kinds import PRUNABLE
 from .trust import Trust
 
 log = logging.getLogger(__name__)
+ABSENT = "1"  # the resourceVersion precondition of a create by apply (ChildApplier._create)
 STATUS_KEYS = set(s.BlazenPeerStatus.model_json_schema(by_alias=True)["properties"])
 
 
@@ -119,7 +122,9 @@ class PodsSeen:
 
     signature: tuple[Any, ...]
     at: float  # monotonic
-    pods: tuple[tuple[dict[str, Any], st.PodReport], ...]  # (the pod as listed, its report)
+    # (the pod as listed, reduced to what the deletion-cost patch reads: _pod_ref; its report). Kept per
+    # BlazenPeer for the recheck period: whole pods (managedFields, spec, status) were ~40 MB at 1,000.
+    pods: tuple[tuple[dict[str, Any], st.PodReport], ...]
 
     @property
     def reports(self) -> tuple[st.PodReport, ...]:
@@ -148,7 +153,8 @@ def observe_pods(
         conds = (pod.get("status") or {}).get("conditions") or []
         ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conds)
         ip = (pod.get("status") or {}).get("podIP")
-        listed.append((pod, ready, f"http://{ip}:{admin_port}/v1/info" if ready and ip else None))
+        url = f"http://{ip}:{admin_port}/v1/info" if ready and ip else None
+        listed.append((_pod_ref(pod), ready, url))
     urls = [u for _, _, u in listed if u]
     infos = dict(zip(urls, read_peer_infos(urls), strict=True))
     reports = tuple(
@@ -158,6 +164,18 @@ def observe_pods(
     return PodsSeen(signature, now, reports)
 
 
+def _pod_ref(pod: dict[str, Any]) -> dict[str, Any]:
+    meta = pod["metadata"]
+    cost = (meta.get("annotations") or {}).get(workload.DELETION_COST_ANNOTATION)
+    return {
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "annotations": {} if cost is None else {workload.DELETION_COST_ANNOTATION: cost},
+        }
+    }
+
+
 @dataclass
 class ChildMemory:
     """What this process knows of one owner's children between its passes (never shared between two passes
@@ -165,10 +183,13 @@ class ChildMemory:
 
     uid: str
     applied: dict[tuple[ChildId, str], Applied] = field(default_factory=dict)
-    # stub -> (what it was checked against: its metadata digest and its Certificate's resourceVersion; when;
-    # the stub as read or written then)
-    stubs: dict[ChildId, tuple[tuple[str, int], float, Live]] = field(default_factory=dict)
+    # stub -> (what it was checked against: its metadata digest and its Certificate's issuance, uid/revision;
+    # when; the stub as read or written then)
+    stubs: dict[ChildId, tuple[tuple[str, str], float, Live]] = field(default_factory=dict)
     stubs_gone: set[ChildId] = field(default_factory=set)  # pruned stubs, known absent
+    # children that exist without the cache knowing them (someone else's object without our label, found by
+    # a create that failed): read by name each pass until they go
+    unwatched: set[ChildId] = field(default_factory=set)
 
 
 @dataclass
@@ -192,25 +213,44 @@ class ChildApplier:
         return None if obj is None else (self.cache.observe(obj) or compact(obj))
 
     def live(self, owner: Owner, child: Child, children: list[Child], memory: ChildMemory) -> Live | None:
-        """The child as the watches last reported it; read by name when they do not know it (absent, not
-        yet seen, or someone else's object without our label). A stub is read only when it was not checked
-        against its Certificate's current state yet (it is never watched)."""
+        """The child as the watches last reported it. When they do not know it: absent, once its kind's
+        watch has listed everything (a create then fails if it exists after all: ``apply``); else read by
+        name (not listed yet, or found to be someone else's object without our label). A stub is read only
+        when it was not checked against its Certificate's current issuance yet (it is never watched), and
+        not at all while that Certificate does not exist: a new owner's stub is created unread (a create
+        fails if it exists: ``_ensure_stub``)."""
+        unknown = child.key not in memory.unwatched
         if child.create_only:
             known = memory.stubs.get(child.key)
+            filler = self._filler(child, children)
             if (
                 known is not None
-                and known[0] == self._stub_signature(owner, child, children)
+                and known[0] == self._stub_signature(owner, child, filler)
                 and time.monotonic() - known[1] < self.recheck_seconds
             ):
                 return known[2]
-            return self.read(owner.namespace, child.key)
-        return self.cache.get(owner.namespace, *child.key) or self.read(owner.namespace, child.key)
+            if known is None and unknown and filler is not None and self._absent(owner, filler):
+                return None
+        else:
+            rec = self.cache.get(owner.namespace, *child.key)
+            if rec is not None:
+                return rec
+            if unknown and self.cache.synced(*child.key[:2]):
+                return None
+        rec = self.read(owner.namespace, child.key)
+        if rec is None:
+            memory.unwatched.discard(child.key)
+        return rec
 
-    def _stub_signature(self, owner: Owner, child: Child, children: list[Child]) -> tuple[str, int]:
-        """A stub needs a look again when its metadata should change or when the Certificate that fills it
-        changed (cert-manager re-creates a deleted Secret and reports it on the Certificate)."""
+    def _absent(self, owner: Owner, child: Child) -> bool:
+        """The watches have listed the child's kind and do not know the child."""
+        return self.cache.synced(*child.key[:2]) and self.cache.get(owner.namespace, *child.key) is None
+
+    @staticmethod
+    def _filler(child: Child, children: list[Child]) -> Child | None:
+        """The Certificate that cert-manager fills the stub ``child`` for, if any."""
         name = child.key[2]
-        filler = next(
+        return next(
             (
                 x
                 for x in children
@@ -218,8 +258,14 @@ class ChildApplier:
             ),
             None,
         )
+
+    def _stub_signature(self, owner: Owner, child: Child, filler: Child | None) -> tuple[str, str]:
+        """A stub needs a look again when its metadata should change or when the Certificate that fills it
+        was issued again (cert-manager writes the Secret, re-creating a deleted one, then counts the
+        issuance in the Certificate's ``status.revision``; its other status updates do not touch it)."""
         cert = self.cache.get(owner.namespace, *filler.key) if filler is not None else None
-        return c.digest(meta_only(child.manifest)), cert.resource_version if cert is not None else 0
+        issued = f"{cert.uid}/{(cert.obj.get('status') or {}).get('revision', 0)}" if cert is not None else ""
+        return c.digest(meta_only(child.manifest)), issued
 
     def prune(
         self,
@@ -287,13 +333,17 @@ class ChildApplier:
         stored it, None when nothing was written (``live`` and ``memory`` follow)."""
         if child.create_only:
             return self._ensure_stub(
-                child, live, memory, manager, self._stub_signature(owner, child, children)
+                child,
+                live,
+                memory,
+                manager,
+                self._stub_signature(owner, child, self._filler(child, children)),
             )
         wanted = c.digest(child.manifest)
         rec = live.get(child.key)
         if unchanged(rec, wanted, manager, memory.applied.get((child.key, manager))):
             return None  # as we applied it, and nobody changed a field of ours since
-        obj = self._apply_or_replace(child, manager)
+        obj = self._create(child, manager, memory) if rec is None else self._apply_or_replace(child, manager)
         rec = live[child.key] = self.cache.observe(obj) or compact(obj)
         memory.applied[(child.key, manager)] = applied(rec, wanted, manager)
         metrics.APPLIES.labels(kind=child.manifest["kind"]).inc()
@@ -305,7 +355,7 @@ class ChildApplier:
         live: dict[ChildId, Live | None],
         memory: ChildMemory,
         manager: str,
-        signature: tuple[str, int],
+        signature: tuple[str, str],
     ) -> dict[str, Any] | None:
         """Create the stub when absent; keep its labels and owner references; never touch its data.
         ``signature``: what its state is checked against (_stub_signature), remembered with it."""
@@ -313,7 +363,8 @@ class ChildApplier:
         obj = None
         if rec is None:
             obj = self.api.create(child.creation())
-            if obj is None:  # created since it was read (by cert-manager?): the next pass checks whose it is
+            if obj is None:  # it exists (created since it was read, or not read): the next pass reads it
+                memory.unwatched.add(child.key)
                 raise ApiError(409, "Conflict", f"Secret {child.key[2]} appeared while being created")
             rec = compact(obj)
             metrics.APPLIES.labels(kind="Secret").inc()
@@ -325,6 +376,22 @@ class ChildApplier:
         memory.stubs[child.key] = (signature, time.monotonic(), rec)
         memory.stubs_gone.discard(child.key)
         return obj
+
+    def _create(self, child: Child, manager: str, memory: ChildMemory) -> dict[str, Any]:
+        """Apply a child believed absent, on the condition that it is: an apply carrying a resourceVersion
+        creates a missing object (the API server ignores it then) and fails with 409 on an existing one
+        (no object has the very first etcd revision). So an object of that name that the watches do not know
+        (someone else's, without our label) is never written: it is read by name from then on, and the pass
+        is retried, which checks whose it is."""
+        meta = {**child.manifest["metadata"], "resourceVersion": ABSENT}
+        try:
+            return self.api.apply({**child.manifest, "metadata": meta}, manager)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            memory.unwatched.add(child.key)
+            kind, name = child.key[1:]
+            raise ApiError(409, "Conflict", f"{kind} {name} exists unknown to the watches", "create") from exc
 
     def _apply_or_replace(self, child: Child, manager: str) -> dict[str, Any]:
         """The object as the API server stored it."""

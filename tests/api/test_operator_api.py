@@ -17,6 +17,7 @@ import yaml
 from blazen_operator import kinds
 from blazen_operator.apply import Api, ApiError, path_for
 from blazen_operator.handlers import list_peers
+from prometheus_client import REGISTRY
 
 from tests.api.conftest import json_http_server
 from tests.support.controlplane import eventually
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.api
 
 BP = "blazen.dev/v1alpha1"
+WATCH_LISTS = "blazen_operator_child_watch_lists_total"
 SPEC = {"image": "reg.local/peer:1", "entrypoint": "blazen_examples.steps", "steps": ["examples::echo"]}
 
 
@@ -680,6 +682,30 @@ def test_a_pass_over_an_unchanged_blazenpeer_writes_nothing(api, operator, names
     namespace_requests.assert_passes_write_nothing("/blazenpeers/bp", window=3 * operator.resync_seconds + 1)
 
 
+def test_a_new_blazenpeers_children_are_created_without_reading_them_first(
+    api, operator, namespace, namespace_requests
+):
+    """The child watches have listed every child of ours: one they do not know does not exist, so it is
+    created (by an apply that would fail if it existed) without a GET by name first, and so is a Secret stub
+    whose Certificate does not exist yet (#16: 10 of the 44.6 requests per new BlazenPeer were those GETs)."""
+    for kind in kinds.WATCHED_CHILDREN:  # the operator's watches have listed (in this process's registry)
+        eventually(lambda k=kind: REGISTRY.get_sample_value(WATCH_LISTS, {"kind": k.kind}), what=kind.kind)
+    create(api, manifest("bp", namespace, replicas=2))
+    eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
+    eventually(lambda: get(api, "BlazenPeer", namespace, "bp").get("status", {}).get("replicas") == 2)
+    # the BlazenPeer's own children (the namespace CA objects are the trust pass's, once per namespace)
+    watched = {k.plural for k in kinds.WATCHED_CHILDREN}
+    reads = [
+        p
+        for _, m, p in namespace_requests.calls
+        if m == "GET" and p.split("/")[-2] in watched and p.split("/")[-1].startswith("bp")
+    ]
+    assert reads == []
+    calls = [(m, p) for _, m, p in namespace_requests.calls]
+    created = next(i for i, (m, p) in enumerate(calls) if m == "POST" and p.endswith("/secrets"))
+    assert [p for m, p in calls[:created] if "/secrets/bp-" in p] == []  # the stubs: created unread
+
+
 def test_rejected_child_is_reported_not_crash_looped(api, operator, namespace):
     bad_affinity = {
         "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
@@ -1013,7 +1039,8 @@ def test_the_operator_uses_every_verb_the_chart_grants(
         what="the trust ConfigMap deleted with the last BlazenPeer",
     )
 
-    # pruning reads the watch cache: kopf's watches are what lists the child kinds
+    # pruning reads the watch cache: the watches list and watch the watched kinds (kopf's the BlazenPeers and
+    # BlazenFleets, the operator's own the child kinds, at startup: tests/api/test_child_watches.py)
     kopf_only = {(v, k.group, k.plural) for k in kinds.KINDS if k.watched for v in ("list", "watch")}
     kopf_only |= {("patch", "blazen.dev", "blazenpeers"), ("update", "blazen.dev", "blazenpeers/finalizers")}
     kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.cluster_scoped for v in k.verbs}
@@ -1023,6 +1050,9 @@ def test_the_operator_uses_every_verb_the_chart_grants(
         ("patch", "blazen.dev", "blazenfleets"),
         ("update", "blazen.dev", "blazenfleets/finalizers"),
     }
+    # children are read by name only before the watches have listed them, or once a create found one of that
+    # name that they do not know (test_an_existing_object_with_a_childs_name_is_not_adopted): not in this flow
+    kopf_only |= {("get", k.group, k.plural) for k in kinds.WATCHED_CHILDREN}
     # held only to be granted to the fleet routers' Roles (RBAC escalation), never called
     kopf_only |= {(v, k.group, k.plural) for k in kinds.KINDS if k.grant_only for v in k.verbs}
     # a BlazenFleet's calls: tests/api/test_fleet_api.py drives a fleet through them

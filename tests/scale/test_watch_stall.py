@@ -1,12 +1,16 @@
 """Watch health (#16.4): a watch stream that freezes (the connection stays open, nothing moves: a dropped NAT
 entry, a hung proxy) is noticed by the operator within --watch-inactivity-seconds and reconnected from its
-last resourceVersion, so changes made while it was frozen are reconciled. The level-based resync is set to an
-hour so that only the watches can deliver the changes."""
+last resourceVersion, so changes made while it was frozen are reconciled: kopf's watches of BlazenPeers and
+the operator's own child watches (watches.py). While the API server cannot be reached at all, the liveness
+probe fails (a child watch silent for twice the inactivity timeout), and recovers once it can. The
+level-based resync is set to an hour so that only the watches can deliver the changes."""
 
 from __future__ import annotations
 
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from blazen_operator import spec as s
@@ -28,6 +32,18 @@ def cluster(tmp_path_factory):
 
 def _peer(sc, name):
     return sc.admin.get(s.API_VERSION, s.KIND, NS, name)
+
+
+def _healthz(sc) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sc.operator_liveness_port}/healthz", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _replicas(sc, name):
+    return sc.admin.get("apps/v1", "Deployment", NS, name)["spec"]["replicas"]
 
 
 def _reconciled(sc, name, replicas):
@@ -75,5 +91,23 @@ def test_frozen_watches_are_reconnected_and_no_change_is_lost(cluster):
         eventually(lambda: _reconciled(cluster, "stall-a", 3), timeout=180, what="stall-a's change")
         assert proxy.accepted > accepted  # it came back through new connections, not the frozen ones
         print(f"reconciled {time.monotonic() - frozen_at:.1f}s after the freeze", file=sys.stderr)
+
+        # Now a black hole: every connection, new ones too, connects and gets nothing back. A child is
+        # changed by hand meanwhile (only the child watch can tell the operator: nothing changes the
+        # BlazenPeer). The probe fails while the watches cannot reach the API server...
+        assert _healthz(cluster) == 200
+        proxy.freeze(hold_new=True)
+        cluster.admin.request(
+            "PATCH",
+            path_for("apps/v1", "Deployment", NS, "stall-a"),
+            body={"spec": {"replicas": 1}},
+            content_type="application/merge-patch+json",
+        )
+        eventually(lambda: _healthz(cluster) == 500, timeout=10 * INACTIVITY + 30, what="liveness fails")
+        assert _replicas(cluster, "stall-a") == 1  # nobody got through to revert it
+        # ... and passes again once they can; the change made in the dark is reverted
+        proxy.release()
+        eventually(lambda: _healthz(cluster) == 200, timeout=120, what="liveness recovers")
+        eventually(lambda: _replicas(cluster, "stall-a") == 3, timeout=180, what="the drift reverted")
     finally:
         proxy.close()

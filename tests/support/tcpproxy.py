@@ -2,8 +2,9 @@
 
 ``freeze()`` stalls every connection open at that moment: no byte is read or written on either side any more,
 and both sockets stay open - what a dropped NAT entry or a hung middlebox looks like to a client and a server.
-Connections opened afterwards pass normally, so a client that notices the stall and reconnects recovers.
-TLS passes through untouched.
+Connections opened afterwards pass normally, so a client that notices the stall and reconnects recovers;
+``freeze(hold_new=True)`` freezes them too (a black hole: connects succeed, nothing comes back) until
+``release()``. TLS passes through untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class FreezableProxy:
         self._pairs: list[_Pair] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._hold_new = threading.Event()
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
@@ -43,6 +45,8 @@ class FreezableProxy:
                 continue
             upstream.settimeout(None)
             pair = _Pair(conn, upstream)
+            if self._hold_new.is_set():
+                pair.frozen.set()
             with self._lock:
                 self._pairs.append(pair)
                 self.accepted += 1
@@ -77,12 +81,19 @@ class FreezableProxy:
             if pair in self._pairs:
                 self._pairs.remove(pair)
 
-    def freeze(self) -> int:
-        """Freeze every open connection; returns how many."""
+    def freeze(self, hold_new: bool = False) -> int:
+        """Freeze every open connection (and, with ``hold_new``, every one opened until ``release()``);
+        returns how many were open."""
+        if hold_new:
+            self._hold_new.set()
         with self._lock:
             for pair in self._pairs:
                 pair.frozen.set()
             return len(self._pairs)
+
+    def release(self) -> None:
+        """Connections opened from now on pass again (the frozen ones stay frozen)."""
+        self._hold_new.clear()
 
     def close(self) -> None:
         self._closed.set()

@@ -101,3 +101,39 @@ def test_controlled_children_are_found_by_owner() -> None:
     cache = ChildCache([DEP])
     cache.observe(deployment(1))
     assert [r.obj["metadata"]["name"] for r in cache.controlled_by(OWNER)] == ["bp"]
+
+
+def test_the_pods_a_blazenpeer_remembers_are_reduced_to_what_the_deletion_cost_patch_reads(
+    monkeypatch,
+) -> None:
+    """Each BlazenPeer keeps its pods as last listed for the recheck period: whole pods (managedFields, spec,
+    status) were tens of MB at 1,000 BlazenPeers."""
+    from blazen_operator import reconcile
+    from blazen_operator.builders import workload
+
+    monkeypatch.setattr(reconcile, "read_peer_infos", lambda urls: [{"steps": []} for _ in urls])
+    cost = {workload.DELETION_COST_ANNOTATION: "-3"}
+    pods = [
+        {
+            "metadata": {
+                "name": f"bp-{i}",
+                "namespace": "ns",
+                "annotations": {**cost, "other": "x" * 100} if i else {"other": "y"},
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
+            },
+            "spec": {"containers": [{"name": "peer", "env": [{"name": "A", "value": "b" * 500}]}]},
+            "status": {"podIP": f"10.0.0.{i}", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+        for i in range(2)
+    ]
+
+    class Pods:
+        def list(self, *_: Any) -> list[dict[str, Any]]:
+            return copy.deepcopy(pods)
+
+    seen = reconcile.observe_pods(Pods(), None, None, "ns", "app=bp", 9090, 60.0)  # type: ignore[arg-type]
+    assert [pod for pod, _ in seen.pods] == [
+        {"metadata": {"name": "bp-0", "namespace": "ns", "annotations": {}}},
+        {"metadata": {"name": "bp-1", "namespace": "ns", "annotations": cost}},
+    ]
+    assert [r.ready for r in seen.reports] == [True, True]
