@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy peer_runtime/blazen_peer
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/mypy operator/blazen_operator
+	$(VENV)/bin/mypy bench
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from blazen_peer.wire import SubWorkflowRequest, wrap
 
@@ -142,9 +142,8 @@ def wait_listening(port: int, proc: subprocess.Popen, logdir: Path, timeout: flo
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"server {proc.args[-2:]} exited with {proc.returncode}; its log is in {logdir}"
-            )
+            what = cast(list[str], proc.args)[-2:]
+            raise RuntimeError(f"server {what} exited with {proc.returncode}; its log is in {logdir}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return

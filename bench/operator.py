@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,8 @@ def scale_paths() -> dict[str, Path]:
         'echo "$CERT_MANAGER_VERSION"'
     )
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    cache_root, k8s, kwok, cm = (Path(x) if i == 0 else x for i, x in enumerate(out.split()))
+    root, k8s, kwok, cm = out.split()
+    cache_root = Path(root)
     return {
         "kube-scheduler": cache_root / f"k8s-{k8s}" / "bin" / "kube-scheduler",
         "kwok": cache_root / f"kwok-{kwok}" / "bin" / "kwok",
@@ -593,7 +594,7 @@ def single_creates(sc: ScaleCluster, count: int) -> list[float]:
             created = sc.admin.request("POST", path_for(s.API_VERSION, s.KIND, SINGLE_NS), body=body)
             t0 = time.monotonic()
             keys = child_keys(created)
-            eventually(lambda k=keys: watcher.has(k), timeout=60, interval=0.01, what="children")
+            eventually(partial(watcher.has, keys), timeout=60, interval=0.01, what="children")
             latencies.append(watcher.last_seen(keys) - t0)
     finally:
         watcher.close()
@@ -618,6 +619,7 @@ def _final(sc: ScaleCluster) -> dict[str, Any]:
         for e in events
         if e.get("type") == "Warning"
     )
+    assert sc.operator is not None
     return {
         "warning_events": dict(warnings.most_common(20)),
         "warning_event_count": sum(warnings.values()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 
 
 async def blazen_rust(port: int) -> None:
@@ -251,14 +252,14 @@ def aio_forwarder(port: int, upstream: int) -> None:
 async def ours_sync(port: int) -> None:
     """Experimental: our engine behind grpcio's synchronous server (bench/grpc_sync.py)."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     from blazen_peer.engine import PeerService, default_registry, load_entrypoint
+    from blazen_peer.engine.executor import StepExecutor
 
     from .grpc_sync import create_sync_grpc_server
 
     load_entrypoint("bench.steps")
-    service = PeerService("bench-ours-sync", default_registry, executor=ThreadPoolExecutor(4))
+    service = PeerService("bench-ours-sync", default_registry, executor=StepExecutor(4))
     loop = asyncio.get_running_loop()
     server = create_sync_grpc_server(service, loop)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -270,7 +271,7 @@ async def ours_sync(port: int) -> None:
     await done.wait()
 
 
-KINDS = {
+KINDS: dict[str, Callable[..., object]] = {
     "blazen-rust": blazen_rust,
     "bare-grpcio": bare_grpcio,
     "bare-grpcio-sync": bare_grpcio_sync,
@@ -281,7 +282,7 @@ KINDS = {
     "aio-forwarder": aio_forwarder,
 }
 #: kinds taking string arguments after the port (bench/split.py)
-STR_KINDS = {"chain-peer": chain_peer, "pools-router": pools_router}
+STR_KINDS: dict[str, Callable[..., object]] = {"chain-peer": chain_peer, "pools-router": pools_router}
 
 if __name__ == "__main__":
     if sys.argv[1] in STR_KINDS:
