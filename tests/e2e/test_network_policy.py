@@ -209,7 +209,9 @@ def test_the_default_policy_fences_the_admin_port_to_the_operator_and_monitoring
     assert samples >= 10
     (after,) = pods(namespace, "fenced-admin")
     assert after["metadata"]["uid"] == peer_pod["metadata"]["uid"]
-    assert all(c["restartCount"] == 0 for c in after["status"]["containerStatuses"])
+    statuses = after["status"]["containerStatuses"]
+    restarted = [(c["name"], c.get("lastState")) for c in statuses if c["restartCount"]]
+    assert not restarted, restarted  # why the kubelet restarted it (a probe through the fence, OOM...)
     assert probe(namespace, "stranger", pod_ip, 9090) == "timeout", "still fenced"
 
 
