@@ -1,8 +1,9 @@
-"""What the operator knows of its children between passes, from kopf's label-selected watches.
+"""What the operator knows of its children between passes, from its label-selected child watches.
 
 Each watched child is kept as a compact :class:`Live` record: the few fields the reconciler and status.py
-read, plus what its ``managedFields`` say about who owns what. Full objects are not kept (1,000 BlazenPeers
-have ~12,000 children). The operator's child watches feed it (watches.py: a list, then every event
+read (:func:`project`, one projection per kind, copied out of the decoded object with its recurring strings
+interned), plus what its ``managedFields`` say about who owns what. Full objects are not kept (1,000
+BlazenPeers have ~12,000 children). The operator's child watches feed it (watches.py: a list, then every event
 including deletions) and so do the operator's own applies, whichever is newer by resourceVersion. Before a
 kind's first list is done, a child absent from the cache may still exist: the reconciler reads it by name
 then. After it, an absent child of ours does not exist, or is someone else's object without our label (never
@@ -13,13 +14,14 @@ Thread-safe: the event loop writes while reconcile passes read in worker threads
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .apply import FIELD_MANAGER
-from .builders.common import digest
+from .builders.common import CONFIG_HASH_ANNOTATION, digest
 from .kinds import MANAGED_BY, MANAGED_BY_LABEL
 
 ChildKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name)
@@ -27,13 +29,34 @@ ChildKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name)
 # as the API server returned them.
 Applied = tuple[str, str, str]
 
-# The fields of each kind that a pass reads besides metadata (status.py: the Deployment's rollout, the
-# Certificate's issuance).
-_KEPT: dict[str, tuple[str, ...]] = {"Deployment": ("status",), "Certificate": ("status",)}
-_META = ("name", "namespace", "uid", "resourceVersion", "generation", "labels", "ownerReferences")
+# What a record keeps: the one projection of a child, per kind. A field read elsewhere of a record (``.obj``)
+# must be listed here, or it reads as absent.
+_META = ("name", "namespace", "uid", "resourceVersion", "generation")
+# every key of a reference our manifests set (meta_current compares them all); the owners' names, for
+# the owners' follow-up passes
+_OWNER_REF = ("apiVersion", "kind", "name", "uid", "controller", "blockOwnerDeletion")
 # which Certificate cert-manager wrote a TLS Secret for (the reconciler's ownership check)
 CERT_NAME_ANNOTATION = "cert-manager.io/certificate-name"
 _ANNOTATIONS = (CERT_NAME_ANNOTATION,)
+_CONDITION = ("type", "status", "reason", "message", "observedGeneration")
+
+
+@dataclass(frozen=True)
+class _Status:
+    fields: tuple[str, ...]
+    conditions: tuple[str, ...]  # the condition types read
+
+
+# status.py (rollout, issuance), reconcile.py (the rollout signature, a Certificate's issuance count)
+_STATUS: dict[str, _Status] = {
+    "Deployment": _Status(
+        ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "availableReplicas"),
+        ("Available", "Progressing", "ReplicaFailure"),
+    ),
+    "Certificate": _Status(("revision", "notAfter", "renewalTime"), ("Ready",)),
+}
+# status.py: which spec the Deployment's pod template carries
+_TEMPLATE_ANNOTATIONS: dict[str, tuple[str, ...]] = {"Deployment": (CONFIG_HASH_ANNOTATION,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +87,57 @@ def _rv(obj: dict[str, Any]) -> int:
         return 0
 
 
+def _pick(src: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    # The same names, kinds, label keys and values recur across thousands of records; one copy of each.
+    return {sys.intern(k): _intern(src[k]) for k in keys if k in src}
+
+
+def _intern(value: Any) -> Any:
+    return sys.intern(value) if isinstance(value, str) else value
+
+
+def project(obj: dict[str, Any]) -> dict[str, Any]:
+    """What the operator reads of a child, copied out of the decoded object (nothing of it stays
+    referenced)."""
+    meta = obj.get("metadata") or {}
+    kind = str(obj.get("kind"))
+    small_meta = _pick(meta, _META)
+    # our manifests' labels are compared in full (meta_current); a child carries few others
+    small_meta["labels"] = _pick(meta.get("labels") or {}, meta.get("labels") or {})
+    small_meta["ownerReferences"] = [_pick(ref, _OWNER_REF) for ref in meta.get("ownerReferences") or []]
+    small_meta["annotations"] = _pick(meta.get("annotations") or {}, _ANNOTATIONS)
+    small: dict[str, Any] = {
+        "apiVersion": _intern(obj["apiVersion"]),
+        "kind": _intern(kind),
+        "metadata": small_meta,
+    }
+    if (status := _STATUS.get(kind)) is not None and "status" in obj:
+        have = obj["status"] or {}
+        small["status"] = _pick(have, status.fields)
+        if "conditions" in have:
+            small["status"]["conditions"] = [
+                _pick(cond, _CONDITION)
+                for cond in have["conditions"] or []
+                if cond.get("type") in status.conditions
+            ]
+    if (notes := _TEMPLATE_ANNOTATIONS.get(kind)) is not None:
+        template_meta = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        small["spec"] = {
+            "template": {"metadata": {"annotations": _pick(template_meta.get("annotations") or {}, notes)}}
+        }
+    return small
+
+
 def compact(obj: dict[str, Any]) -> Live:
     meta = obj.get("metadata") or {}
-    kept_meta = {k: meta[k] for k in _META if k in meta}
-    notes = meta.get("annotations") or {}
-    kept_meta["annotations"] = {k: notes[k] for k in _ANNOTATIONS if k in notes}
-    small: dict[str, Any] = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": kept_meta}
-    for key in _KEPT.get(str(obj.get("kind")), ()):
-        if key in obj:
-            small[key] = obj[key]
-    if obj.get("kind") == "Deployment":  # status.py checks which template the Deployment carries
-        template_meta = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
-        small["spec"] = {"template": {"metadata": {"annotations": template_meta.get("annotations") or {}}}}
     ours = {
-        str(entry["manager"]): digest(entry.get("fieldsV1") or {})
+        sys.intern(str(entry["manager"])): digest(entry.get("fieldsV1") or {})
         for entry in meta.get("managedFields") or []
         if entry.get("operation") == "Apply"
         and not entry.get("subresource")
         and str(entry.get("manager", "")).startswith(FIELD_MANAGER)
     }
-    return Live(small, ours)
+    return Live(project(obj), ours)
 
 
 def applied(rec: Live, wanted: str, manager: str) -> Applied:

@@ -5,8 +5,10 @@ objects of watched kinds are kept, and a field someone else takes from our apply
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+from blazen_operator.builders.common import CONFIG_HASH_ANNOTATION
 from blazen_operator.cache import ChildCache, compact
 
 DEP = ("apps/v1", "Deployment")
@@ -81,10 +83,129 @@ def test_only_our_labelled_objects_of_watched_kinds_are_kept() -> None:
 def test_compact_keeps_what_a_pass_reads_and_drops_the_rest() -> None:
     live = compact(deployment(7))
     assert live.obj["status"] == {"replicas": 2, "readyReplicas": 1}
-    assert live.obj["spec"] == {"template": {"metadata": {"annotations": {"h": "x"}}}}
+    assert live.obj["spec"] == {"template": {"metadata": {"annotations": {}}}}  # no config hash: none kept
     assert live.obj["metadata"]["annotations"] == {}
     assert "managedFields" not in live.obj["metadata"]
     assert set(live.ours) == {"blazen-operator"}
+
+
+# As the API server sends them (trimmed): every field below that the operator does not read must not stay.
+DEPLOYMENT_JSON = """{"apiVersion": "apps/v1", "kind": "Deployment",
+ "metadata": {"name": "bp-7", "namespace": "ns", "uid": "d-7", "resourceVersion": "41", "generation": 2,
+  "creationTimestamp": "2026-12-01T06:00:00Z",
+  "labels": {"app.kubernetes.io/managed-by": "blazen-operator", "blazen.dev/peer": "bp-7"},
+  "annotations": {"deployment.kubernetes.io/revision": "2", "kubectl.kubernetes.io/last-applied": "{}"},
+  "ownerReferences": [{"apiVersion": "blazen.dev/v1alpha1", "kind": "BlazenPeer", "name": "bp-7",
+   "uid": "o-7", "controller": true, "blockOwnerDeletion": true}]},
+ "spec": {"replicas": 2, "template": {"metadata": {"annotations": {"blazen.dev/config-hash": "h1",
+  "other": "x"}, "labels": {"a": "b"}}, "spec": {"containers": [{"name": "peer"}]}}},
+ "status": {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1,
+  "availableReplicas": 1, "unavailableReplicas": 1, "collisionCount": 3, "terminatingReplicas": 0,
+  "conditions": [
+   {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+    "message": "Deployment has minimum availability.", "lastUpdateTime": "2026-12-01T06:00:05Z",
+    "lastTransitionTime": "2026-12-01T06:00:05Z"},
+   {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+    "message": "ReplicaSet has successfully progressed.", "lastUpdateTime": "2026-12-01T06:00:05Z",
+    "lastTransitionTime": "2026-12-01T06:00:01Z"},
+   {"type": "SomethingElse", "status": "True"}]}}"""
+CERTIFICATE_JSON = """{"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+ "metadata": {"name": "bp-7-tls", "namespace": "ns", "uid": "c-7", "resourceVersion": "42", "generation": 1,
+  "labels": {"app.kubernetes.io/managed-by": "blazen-operator", "blazen.dev/peer": "bp-7"},
+  "ownerReferences": [{"apiVersion": "blazen.dev/v1alpha1", "kind": "BlazenPeer", "name": "bp-7",
+   "uid": "o-7", "controller": true, "blockOwnerDeletion": true}]},
+ "spec": {"secretName": "bp-7-tls", "dnsNames": ["bp-7.ns.svc"]},
+ "status": {"notAfter": "2027-03-01T06:00:00Z", "notBefore": "2026-12-01T06:00:00Z",
+  "renewalTime": "2027-01-30T06:00:00Z", "revision": 1, "nextPrivateKeySecretName": "bp-7-tls-abcde",
+  "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "observedGeneration": 1,
+   "message": "Certificate is up to date and has not expired",
+   "lastTransitionTime": "2026-12-01T06:00:02Z"}]}}"""
+META_7 = {
+    "name": "bp-7",
+    "namespace": "ns",
+    "uid": "d-7",
+    "resourceVersion": "41",
+    "generation": 2,
+    "labels": {"app.kubernetes.io/managed-by": "blazen-operator", "blazen.dev/peer": "bp-7"},
+    "annotations": {},
+    "ownerReferences": [
+        {
+            "apiVersion": "blazen.dev/v1alpha1",
+            "kind": "BlazenPeer",
+            "name": "bp-7",
+            "uid": "o-7",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ],
+}
+
+
+def _containers(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [value, *(x for v in value.values() for x in _containers(v))]
+    if isinstance(value, list):
+        return [value, *(x for v in value for x in _containers(v))]
+    return []
+
+
+def test_a_record_keeps_only_the_fields_the_operator_reads() -> None:
+    """At 1,000 BlazenPeers the records kept whole `status` maps (condition timestamps, counters nothing
+    reads) and sub-objects of the decoded responses: 15-22 MB of decoded JSON stayed referenced."""
+    dep = json.loads(DEPLOYMENT_JSON)
+    rec = compact(dep)
+    assert rec.obj == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": META_7,
+        "spec": {"template": {"metadata": {"annotations": {CONFIG_HASH_ANNOTATION: "h1"}}}},
+        "status": {
+            "observedGeneration": 2,
+            "replicas": 2,
+            "updatedReplicas": 2,
+            "readyReplicas": 1,
+            "availableReplicas": 1,
+            "conditions": [
+                {
+                    "type": "Available",
+                    "status": "True",
+                    "reason": "MinimumReplicasAvailable",
+                    "message": "Deployment has minimum availability.",
+                },
+                {
+                    "type": "Progressing",
+                    "status": "True",
+                    "reason": "NewReplicaSetAvailable",
+                    "message": "ReplicaSet has successfully progressed.",
+                },
+            ],
+        },
+    }
+    cert = compact(json.loads(CERTIFICATE_JSON))
+    assert cert.obj["status"] == {
+        "notAfter": "2027-03-01T06:00:00Z",
+        "renewalTime": "2027-01-30T06:00:00Z",
+        "revision": 1,
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Ready",
+                "observedGeneration": 1,
+                "message": "Certificate is up to date and has not expired",
+            }
+        ],
+    }
+    assert "spec" not in cert.obj
+    # copied out: no map or list of the decoded response stays referenced by the record
+    decoded = {id(x) for x in _containers(dep)}
+    assert not [x for x in _containers(rec.obj) if id(x) in decoded]
+
+
+def test_records_share_one_copy_of_recurring_strings() -> None:
+    a, b = compact(json.loads(DEPLOYMENT_JSON)), compact(json.loads(CERTIFICATE_JSON))
+    assert a.obj["metadata"]["labels"]["blazen.dev/peer"] is b.obj["metadata"]["labels"]["blazen.dev/peer"]
+    assert a.obj["metadata"]["ownerReferences"][0]["uid"] is b.obj["metadata"]["ownerReferences"][0]["uid"]
 
 
 def test_a_field_taken_by_someone_else_changes_our_digest() -> None:
