@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 async def blazen_rust(port: int) -> None:
@@ -147,6 +148,23 @@ def router(port: int, upstream: int) -> None:
     )
 
 
+def per_method(forward: Callable[[str], Any]) -> Any:
+    """The forwarders' generic handler: each method's forwarding handler built once, at its first call."""
+    import grpc
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class PerMethod(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            method = handler_call_details.method
+            found = handlers.get(method)
+            if found is None:
+                found = handlers[method] = forward(method)
+            return found
+
+    return PerMethod()
+
+
 def sync_forwarder(port: int, upstream: int, workers: int = 32) -> None:
     """Experiment: the floor of a fully synchronous hop. grpcio's synchronous (thread-pool) server whose
     generic handler forwards each unary call, bytes unchanged, with a blocking call on one pooled
@@ -168,7 +186,6 @@ def sync_forwarder(port: int, upstream: int, workers: int = 32) -> None:
         f"127.0.0.1:{upstream}", options=env_options("BLAZEN_BENCH_FWD_CHANNEL_OPTIONS")
     )
     registered = os.environ.get("BLAZEN_BENCH_FWD_REGISTERED") == "1"
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
     no_deadline = 10**8
 
     def forward(method: str) -> grpc.RpcMethodHandler:
@@ -187,20 +204,12 @@ def sync_forwarder(port: int, upstream: int, workers: int = 32) -> None:
 
         return grpc.unary_unary_rpc_method_handler(handler)
 
-    class Forwarder(grpc.GenericRpcHandler):
-        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            method = handler_call_details.method
-            found = handlers.get(method)
-            if found is None:
-                found = handlers[method] = forward(method)
-            return found
-
     workers = int(os.environ.get("BLAZEN_BENCH_FWD_WORKERS", workers))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers),
         options=grpc_server_options(env_options("BLAZEN_BENCH_FWD_OPTIONS")),
     )
-    server.add_generic_rpc_handlers((Forwarder(),))
+    server.add_generic_rpc_handlers((per_method(forward),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
@@ -216,7 +225,6 @@ def aio_forwarder(port: int, upstream: int) -> None:
 
     async def serve() -> None:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{upstream}")
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
 
         def forward(method: str) -> grpc.RpcMethodHandler:
             call = channel.unary_unary(method)
@@ -232,16 +240,8 @@ def aio_forwarder(port: int, upstream: int) -> None:
 
             return grpc.unary_unary_rpc_method_handler(handler)
 
-        class Forwarder(grpc.GenericRpcHandler):
-            def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-                method = handler_call_details.method
-                found = handlers.get(method)
-                if found is None:
-                    found = handlers[method] = forward(method)
-                return found
-
         server = grpc.aio.server(options=grpc_server_options())
-        server.add_generic_rpc_handlers((Forwarder(),))
+        server.add_generic_rpc_handlers((per_method(forward),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
