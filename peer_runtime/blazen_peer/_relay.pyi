@@ -7,6 +7,7 @@ class Relay:
     def __init__(
         self,
         policy: Any,
+        relayed: list[str],
         fallback: str,
         *,
         tls: tuple[_Pem, _Pem, _Pem | None] | None,

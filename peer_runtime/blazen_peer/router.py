@@ -101,6 +101,7 @@ class BlazenRouterServer(BlazenPeerServer):
         #: ``--data-plane relay``: the relay on ``--grpc-addr``, the grpcio server behind it on a unix socket
         #: in a private directory
         self.relay: Relay | None = None
+        self.relay_policy: RelayPolicy | None = None
         self._relay_dir: str | None = None
 
     async def _prepare(self, hooks: ServerHooks) -> None:
@@ -206,12 +207,14 @@ class BlazenRouterServer(BlazenPeerServer):
         sock = os.path.join(self._relay_dir, "grpc.sock")
         server.add_insecure_port(f"unix:{sock}")
         assert rt.admission is not None
-        gates = {p: rt.admission.call_gate(p) for p in (PATH_INVOKE, PATH_STREAM)}
-        policy = RelayPolicy(self.router, gates, self._hop_server_name)
+        relayed = [PATH_INVOKE, PATH_STREAM]
+        gates = {p: rt.admission.call_gate(p) for p in relayed}
+        policy = self.relay_policy = RelayPolicy(self.router, gates, self._hop_server_name)
         tls = rt.tls
         hop = self._hop_tls if self._hop_tls is not None else tls
         self.relay = Relay(
             policy,
+            relayed,
             sock,
             tls=_serving(tls.material, rt.tls_client_auth == "require") if tls is not None else None,
             hop_tls=_hop(hop.material) if hop is not None else None,

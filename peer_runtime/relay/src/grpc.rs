@@ -53,12 +53,21 @@ pub fn frame_header(b: &[u8]) -> Option<(bool, usize)> {
     if b.len() < 5 {
         return None;
     }
-    Some((b[0] != 0, u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize))
+    Some((
+        b[0] != 0,
+        u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize,
+    ))
 }
 
 /// `grpc-status` / `grpc-message` of trailers (or of a trailers-only response); None without a status.
 pub fn status(headers: &HeaderMap) -> Option<(u32, String)> {
-    let code = headers.get("grpc-status")?.to_str().ok()?.trim().parse().unwrap_or(UNKNOWN);
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .unwrap_or(UNKNOWN);
     let details = headers
         .get("grpc-message")
         .map(|v| percent_decode(v.as_bytes()))
@@ -169,7 +178,11 @@ mod tests {
         assert_eq!(parse_timeout(b"10x"), None);
         assert_eq!(parse_timeout(b"S"), None);
         assert_eq!(parse_timeout(b"-1S"), None);
-        for d in [Duration::from_micros(3), Duration::from_secs(5), Duration::from_secs(400_000)] {
+        for d in [
+            Duration::from_micros(3),
+            Duration::from_secs(5),
+            Duration::from_secs(400_000),
+        ] {
             let back = parse_timeout(format_timeout(d).as_bytes()).unwrap();
             assert!(back <= d && d - back < Duration::from_millis(1) || d.as_secs() >= 100_000);
         }

@@ -25,10 +25,14 @@ fn value_error(e: String) -> PyErr {
     PyValueError::new_err(e)
 }
 
-fn client_config(hop: Option<(Option<Pem>, Option<Pem>, Pem)>) -> PyResult<Option<Arc<rustls::ClientConfig>>> {
-    hop.map(|(cert, key, ca)| tls::client_config(cert.as_deref(), key.as_deref(), &ca).map(Arc::new))
-        .transpose()
-        .map_err(value_error)
+fn client_config(
+    hop: Option<(Option<Pem>, Option<Pem>, Pem)>,
+) -> PyResult<Option<Arc<rustls::ClientConfig>>> {
+    hop.map(|(cert, key, ca)| {
+        tls::client_config(cert.as_deref(), key.as_deref(), &ca).map(Arc::new)
+    })
+    .transpose()
+    .map_err(value_error)
 }
 
 #[pyclass(frozen)]
@@ -39,14 +43,15 @@ struct Relay {
 
 #[pymethods]
 impl Relay {
-    /// `tls`: (cert chain, key, CA or None) of the listener, the CA meaning client certificates are
+    /// `policy.decide` is asked about calls to the `relayed` paths. `tls`: (cert chain, key, CA or None) of the listener, the CA meaning client certificates are
     /// required; None: plaintext. `hop_tls`: (cert or None, key or None, CA) for the replicas; None:
     /// plaintext hops.
     #[new]
-    #[pyo3(signature = (policy, fallback, *, tls, hop_tls, max_connections, handshake_timeout, max_connection_age, max_request_bytes))]
+    #[pyo3(signature = (policy, relayed, fallback, *, tls, hop_tls, max_connections, handshake_timeout, max_connection_age, max_request_bytes))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         policy: Py<PyAny>,
+        relayed: Vec<String>,
         fallback: String,
         tls: Option<(Pem, Pem, Option<Pem>)>,
         hop_tls: Option<(Option<Pem>, Option<Pem>, Pem)>,
@@ -62,23 +67,29 @@ impl Relay {
             .map(|cfg| RwLock::new(Arc::new(cfg)));
         let shared = Shared {
             policy,
+            relayed,
             fallback,
             tls,
             upstreams: Upstreams::new(client_config(hop_tls)?),
             max_connections,
             handshake_timeout: Duration::from_secs_f64(handshake_timeout),
-            max_age: (max_connection_age > 0.0).then(|| Duration::from_secs_f64(max_connection_age)),
+            max_age: (max_connection_age > 0.0)
+                .then(|| Duration::from_secs_f64(max_connection_age)),
             max_request: max_request_bytes,
             connections: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
             grace: Mutex::new(Duration::ZERO),
         };
-        Ok(Relay { shared: Arc::new(shared), thread: Mutex::new(None) })
+        Ok(Relay {
+            shared: Arc::new(shared),
+            thread: Mutex::new(None),
+        })
     }
 
     /// Binds `addr` (host:port) and serves on the relay's thread; the bound port.
     fn start(&self, addr: &str) -> PyResult<u16> {
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| PyOSError::new_err(format!("{addr}: {e}")))?;
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| PyOSError::new_err(format!("{addr}: {e}")))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,18 +97,23 @@ impl Relay {
             .build()
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let shared = self.shared.clone();
-        let thread = std::thread::Builder::new().name("blazen-relay".into()).spawn(move || {
-            runtime.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-                relay::serve(shared.clone(), listener).await;
-                // Stopping: each connection was sent GOAWAY; the calls in flight get the grace to finish.
-                let deadline = Instant::now() + *shared.grace.lock().unwrap();
-                while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            });
-            // dropping the runtime cancels whatever still runs
-        })?;
+        let thread = std::thread::Builder::new()
+            .name("blazen-relay".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    relay::serve(shared.clone(), listener).await;
+                    // Stopping: each connection was sent GOAWAY; the calls in flight get the grace to finish.
+                    let deadline = Instant::now() + *shared.grace.lock().unwrap();
+                    while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                });
+                // dropping the runtime cancels whatever still runs
+            })?;
         *self.thread.lock().unwrap() = Some(thread);
         Ok(port)
     }

@@ -22,12 +22,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::grpc::{self, LastMessage};
 use crate::upstream::{Target, Upstreams};
 
-pub const PATH_INVOKE: &str = "/blazen.peer.v1.BlazenPeer/Invoke";
-pub const PATH_STREAM: &str = "/blazen.peer.v1.BlazenPeer/Stream";
-
 pub struct Shared {
     /// `RelayPolicy` (blazen_peer.routing.relay): `decide(path, request, metadata) -> RelayCall | None`.
     pub policy: Py<PyAny>,
+    /// The paths the relay forwards itself (Invoke, Stream: blazen_peer.wire.protocol's).
+    pub relayed: Vec<String>,
     /// The grpcio server's private unix socket: what the relay does not forward itself.
     pub fallback: String,
     /// The listener's TLS (None: plaintext, only when the router's configuration has no TLS).
@@ -100,7 +99,9 @@ impl Shared {
             Some(cfg) => {
                 // New handshakes take the material in force now (hot reload: set_tls).
                 let acceptor = TlsAcceptor::from(cfg.read().unwrap().clone());
-                if let Ok(Ok(stream)) = tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await
+                {
                     self.h2(stream).await
                 }
             }
@@ -111,7 +112,8 @@ impl Shared {
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let Ok(Ok(mut conn)) = tokio::time::timeout(self.handshake_timeout, server_builder().handshake(io)).await
+        let Ok(Ok(mut conn)) =
+            tokio::time::timeout(self.handshake_timeout, server_builder().handshake(io)).await
         else {
             return;
         };
@@ -150,9 +152,10 @@ impl Shared {
             Err(None) => return, // the caller reset the stream
         };
         let path = parts.uri.path();
-        // A compressed message is the grpcio server's to decompress.
-        let plain = matches!(grpc::frame_header(&request), Some((false, _)));
-        if plain && (path == PATH_INVOKE || path == PATH_STREAM) {
+        // One uncompressed message; anything else (compressed, malformed) is the grpcio server's.
+        let plain =
+            matches!(grpc::frame_header(&request), Some((false, n)) if n + 5 == request.len());
+        if plain && self.relayed.iter().any(|p| p == path) {
             if let Some(call) = self.decide(path, &request, &parts.headers) {
                 return self.forward(call, path, request, deadline, respond).await;
             }
@@ -182,8 +185,8 @@ impl Shared {
                 send_status(&mut respond, code, &details);
                 finish(&call, code, &details, None);
             }
-            Ok(resp) => {
-                let (code, details, last) = pipe(resp, respond, deadline, true).await;
+            Ok(up) => {
+                let (code, details, last) = pipe(up, respond, deadline, true).await;
                 finish(&call, code, &details, last);
             }
         }
@@ -196,40 +199,58 @@ impl Shared {
         path: &str,
         request: &Bytes,
         deadline: Option<Instant>,
-    ) -> Result<Response<RecvStream>, Status> {
+    ) -> Result<Upstream, Status> {
         let tls = self.upstreams.hop_tls.read().unwrap().is_some();
         loop {
             let Some((addr, server_name, metadata)) = target(call) else {
                 return Err((grpc::INTERNAL, "relay: the routing policy failed".into()));
             };
-            let target = Target::Tcp { addr: addr.clone(), server_name };
+            let target = Target::Tcp {
+                addr: addr.clone(),
+                server_name,
+            };
             let mut headers = HeaderMap::with_capacity(8 + metadata.len());
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err((grpc::DEADLINE_EXCEEDED, "Deadline Exceeded".into()));
                 }
-                headers.insert("grpc-timeout", HeaderValue::from_str(&grpc::format_timeout(left)).unwrap());
+                headers.insert(
+                    "grpc-timeout",
+                    HeaderValue::from_str(&grpc::format_timeout(left)).unwrap(),
+                );
             }
             for (k, v) in &metadata {
-                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
                     headers.append(k, v);
                 }
             }
             let refused = match self.send(&target, tls, path, headers, request).await {
-                Ok(resp) => match resp.body().is_end_stream().then(|| grpc::status(resp.headers())).flatten() {
-                    // a trailers-only refusal (draining, admission): the policy says whether to go elsewhere
-                    Some((code, details)) if code != grpc::OK => (code, details, Some(resp)),
-                    _ => return Ok(resp),
-                },
-                Err(Sent::Not(why)) => (grpc::UNAVAILABLE, format!("failed to connect to {addr}: {why}"), None),
-                Err(Sent::Maybe(why)) => return Err((grpc::UNAVAILABLE, format!("relay: upstream {addr}: {why}"))),
+                Ok(resp) => {
+                    let up = Upstream::first_message(resp).await;
+                    match up.refusal() {
+                        // a refusal before any message (draining, admission): the policy says whether
+                        // another replica gets the call
+                        Some((code, details)) => (code, details, Ok(up)),
+                        None => return Ok(up),
+                    }
+                }
+                Err(Sent::Not(why)) => {
+                    let st = (
+                        grpc::UNAVAILABLE,
+                        format!("failed to connect to {addr}: {why}"),
+                    );
+                    (st.0, st.1.clone(), Err(st))
+                }
+                Err(Sent::Maybe(why)) => {
+                    return Err((grpc::UNAVAILABLE, format!("relay: upstream {addr}: {why}")))
+                }
             };
             if !retry(call, refused.0, &refused.1) {
-                return match refused.2 {
-                    Some(resp) => Ok(resp),
-                    None => Err((refused.0, refused.1)),
-                };
+                return refused.2;
             }
         }
     }
@@ -242,17 +263,28 @@ impl Shared {
         headers: HeaderMap,
         request: &Bytes,
     ) -> Result<Response<RecvStream>, Sent> {
-        let mut send = self.upstreams.ready(target).await.map_err(|e| Sent::Not(e.0))?;
-        let mut req = Request::post(format!("{}://{}{}", target.scheme(tls), target.authority(), path))
-            .body(())
-            .map_err(|e| Sent::Not(e.to_string()))?;
+        let mut send = self
+            .upstreams
+            .ready(target)
+            .await
+            .map_err(|e| Sent::Not(e.0))?;
+        let mut req = Request::post(format!(
+            "{}://{}{}",
+            target.scheme(tls),
+            target.authority(),
+            path
+        ))
+        .body(())
+        .map_err(|e| Sent::Not(e.to_string()))?;
         let h = req.headers_mut();
         *h = headers;
         h.insert("content-type", HeaderValue::from_static("application/grpc"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("user-agent", HeaderValue::from_static("blazen-relay"));
         // An error here means nothing was sent.
-        let (fut, mut stream) = send.send_request(req, false).map_err(|e| Sent::Not(e.to_string()))?;
+        let (fut, mut stream) = send
+            .send_request(req, false)
+            .map_err(|e| Sent::Not(e.to_string()))?;
         if let Err(e) = send_all(&mut stream, request.clone(), true).await {
             return Err(Sent::Maybe(e.to_string()));
         }
@@ -267,20 +299,36 @@ impl Shared {
     }
 
     // -- everything else: the grpcio server ----------
-    async fn handover(&self, parts: http::request::Parts, request: Bytes, mut respond: SendResponse<Bytes>) {
+    async fn handover(
+        &self,
+        parts: http::request::Parts,
+        request: Bytes,
+        mut respond: SendResponse<Bytes>,
+    ) {
         let target = Target::Unix(self.fallback.clone());
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let resp = tokio::select! {
             r = self.send(&target, false, path, parts.headers, &request) => r,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
         };
         match resp {
             Ok(resp) => {
-                pipe(resp, respond, None, false).await;
+                let up = Upstream {
+                    resp,
+                    first: None,
+                    trailers: None,
+                };
+                pipe(up, respond, None, false).await;
             }
-            Err(Sent::Not(e) | Sent::Maybe(e)) => {
-                send_status(&mut respond, grpc::UNAVAILABLE, &format!("relay: the router's gRPC server: {e}"))
-            }
+            Err(Sent::Not(e) | Sent::Maybe(e)) => send_status(
+                &mut respond,
+                grpc::UNAVAILABLE,
+                &format!("relay: the router's gRPC server: {e}"),
+            ),
         }
     }
 
@@ -290,7 +338,9 @@ impl Shared {
                 .iter()
                 .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
                 .collect();
-            match self.policy.call_method1(py, "decide", (path, PyBytes::new(py, request), md)) {
+            // the message without its 5-byte frame header, as grpcio hands it to a handler
+            let message = PyBytes::new(py, request.get(5..).unwrap_or_default());
+            match self.policy.call_method1(py, "decide", (path, message, md)) {
                 Ok(r) if r.is_none(py) => None,
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -311,21 +361,28 @@ enum Sent {
 }
 
 fn target(call: &Py<PyAny>) -> Option<(String, Option<String>, Vec<(String, String)>)> {
-    Python::attach(|py| match call.call_method0(py, "target").and_then(|t| t.extract(py)) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            e.print(py);
-            None
-        }
-    })
+    Python::attach(
+        |py| match call.call_method0(py, "target").and_then(|t| t.extract(py)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                e.print(py);
+                None
+            }
+        },
+    )
 }
 
 fn retry(call: &Py<PyAny>, code: u32, details: &str) -> bool {
-    Python::attach(|py| match call.call_method1(py, "retry", (code, details)).and_then(|r| r.extract(py)) {
-        Ok(r) => r,
-        Err(e) => {
-            e.print(py);
-            false
+    Python::attach(|py| {
+        match call
+            .call_method1(py, "retry", (code, details))
+            .and_then(|r| r.extract(py))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                e.print(py);
+                false
+            }
         }
     })
 }
@@ -365,7 +422,11 @@ async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes, Option<
 }
 
 /// Sends `data` as the stream's flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) -> Result<(), h2::Error> {
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    eos: bool,
+) -> Result<(), h2::Error> {
     if data.is_empty() {
         return send.send_data(data, eos);
     }
@@ -403,19 +464,89 @@ fn send_status(respond: &mut SendResponse<Bytes>, code: u32, details: &str) {
     let _ = respond.send_response(r, true);
 }
 
+/// An upstream response, with what was read of it before the caller saw anything: its first DATA chunk,
+/// or its trailers when it ended without a message.
+struct Upstream {
+    resp: Response<RecvStream>,
+    first: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Upstream {
+    /// Reads up to the first message (or the end, when there is none): a refusal is known only then.
+    /// grpcio answers a refusal with an empty message before the status, so past an empty message the
+    /// next chunk is read too.
+    async fn first_message(mut resp: Response<RecvStream>) -> Upstream {
+        let body = resp.body_mut();
+        let mut first: Option<Bytes> = None;
+        while !body.is_end_stream() {
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    let empty = first.is_none() && chunk[..] == EMPTY_MESSAGE;
+                    first = Some(match first.take() {
+                        None => chunk,
+                        Some(f) => [f, chunk].concat().into(),
+                    });
+                    if !empty {
+                        break;
+                    }
+                }
+                // an error is left for pipe() to find again (it may have run: never retried)
+                Some(Err(_)) => break,
+                None => {
+                    let trailers = body.trailers().await.ok().flatten();
+                    return Upstream {
+                        resp,
+                        first,
+                        trailers,
+                    };
+                }
+            }
+        }
+        Upstream {
+            resp,
+            first,
+            trailers: None,
+        }
+    }
+
+    /// The non-OK status of a response that ended before any message (or with grpcio's empty one).
+    fn refusal(&self) -> Option<Status> {
+        if self.first.as_deref().is_some_and(|f| f != EMPTY_MESSAGE) {
+            return None;
+        }
+        let headers = match &self.trailers {
+            Some(t) => t,
+            None if self.first.is_none() && self.resp.body().is_end_stream() => self.resp.headers(),
+            None => return None,
+        };
+        grpc::status(headers).filter(|st| st.0 != grpc::OK)
+    }
+}
+
+/// A message of no bytes: its frame header alone.
+const EMPTY_MESSAGE: [u8; 5] = [0; 5];
+
 /// Streams an upstream response to the caller; its final status, and its last message when `collect`.
 async fn pipe(
-    resp: Response<RecvStream>,
+    up: Upstream,
     mut respond: SendResponse<Bytes>,
     deadline: Option<Instant>,
     collect: bool,
 ) -> (u32, String, Option<Bytes>) {
-    let (rparts, mut rbody) = resp.into_parts();
+    let (rparts, mut rbody) = up.resp.into_parts();
     let mut out = Response::new(());
     *out.status_mut() = rparts.status;
-    if rbody.is_end_stream() {
-        let st = grpc::status(&rparts.headers)
-            .unwrap_or((grpc::UNKNOWN, format!("upstream answered HTTP {} without a gRPC status", rparts.status)));
+    if rbody.is_end_stream() && up.first.is_none() && up.trailers.is_none() {
+        // trailers-only
+        let st = grpc::status(&rparts.headers).unwrap_or((
+            grpc::UNKNOWN,
+            format!(
+                "upstream answered HTTP {} without a gRPC status",
+                rparts.status
+            ),
+        ));
         *out.headers_mut() = rparts.headers;
         let _ = respond.send_response(out, true);
         return (st.0, st.1, None);
@@ -426,39 +557,64 @@ async fn pipe(
     };
     let mut last = LastMessage::default();
     let cancelled = || (grpc::CANCELLED, "cancelled by the caller".to_string(), None);
-    loop {
-        tokio::select! {
-            d = rbody.data() => match d {
-                None => break,
-                Some(Ok(chunk)) => {
-                    let n = chunk.len();
-                    if collect {
-                        last.feed(&chunk);
-                    }
-                    if send_all(&mut send, chunk, false).await.is_err() {
-                        return cancelled();
-                    }
-                    let _ = rbody.flow_control().release_capacity(n);
-                }
-                Some(Err(e)) => return fail(&mut send, grpc::UNAVAILABLE, format!("relay: upstream: {e}")),
-            },
-            _ = poll_fn(|cx| send.poll_reset(cx)) => return cancelled(),
-            _ = sleep_opt(deadline) => return fail(&mut send, grpc::DEADLINE_EXCEEDED, "Deadline Exceeded".into()),
+    if let Some(chunk) = up.first {
+        if collect {
+            last.feed(&chunk);
+        }
+        if send_all(&mut send, chunk, false).await.is_err() {
+            return cancelled();
         }
     }
-    let trailers = tokio::select! {
-        t = rbody.trailers() => t,
-        _ = poll_fn(|cx| send.poll_reset(cx)) => return cancelled(),
-        _ = sleep_opt(deadline) => return fail(&mut send, grpc::DEADLINE_EXCEEDED, "Deadline Exceeded".into()),
+    if up.trailers.is_none() {
+        loop {
+            let chunk = tokio::select! {
+                d = rbody.data() => match d {
+                    None => break,
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => return fail(&mut send, grpc::UNAVAILABLE, format!("relay: upstream: {e}")),
+                },
+                _ = poll_fn(|cx| send.poll_reset(cx)) => return cancelled(),
+                _ = sleep_opt(deadline) => {
+                    return fail(&mut send, grpc::DEADLINE_EXCEEDED, "Deadline Exceeded".into())
+                }
+            };
+            let n = chunk.len();
+            if collect {
+                last.feed(&chunk);
+            }
+            if send_all(&mut send, chunk, false).await.is_err() {
+                return cancelled();
+            }
+            let _ = rbody.flow_control().release_capacity(n);
+        }
+    }
+    let trailers = match up.trailers {
+        Some(t) => Ok(Some(t)),
+        None => tokio::select! {
+            t = rbody.trailers() => t,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return cancelled(),
+            _ = sleep_opt(deadline) => return fail(&mut send, grpc::DEADLINE_EXCEEDED, "Deadline Exceeded".into()),
+        },
     };
     match trailers {
         Ok(Some(t)) => {
-            let st = grpc::status(&t).unwrap_or((grpc::UNKNOWN, "upstream trailers without a gRPC status".into()));
+            let st = grpc::status(&t).unwrap_or((
+                grpc::UNKNOWN,
+                "upstream trailers without a gRPC status".into(),
+            ));
             let _ = send.send_trailers(t);
             (st.0, st.1, last.take())
         }
-        Ok(None) => fail(&mut send, grpc::UNKNOWN, "upstream ended without trailers".into()),
-        Err(e) => fail(&mut send, grpc::UNAVAILABLE, format!("relay: upstream: {e}")),
+        Ok(None) => fail(
+            &mut send,
+            grpc::UNKNOWN,
+            "upstream ended without trailers".into(),
+        ),
+        Err(e) => fail(
+            &mut send,
+            grpc::UNAVAILABLE,
+            format!("relay: upstream: {e}"),
+        ),
     }
 }
 

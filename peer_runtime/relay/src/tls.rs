@@ -29,21 +29,28 @@ fn key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
 fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     for c in certs(pem)? {
-        store.add(c).map_err(|e| format!("bad CA certificate: {e}"))?;
+        store
+            .add(c)
+            .map_err(|e| format!("bad CA certificate: {e}"))?;
     }
     Ok(store)
 }
 
 /// The listener: `ca` given means mutual TLS (a client certificate chained to it is required).
-pub fn server_config(cert: &[u8], key_pem: &[u8], ca: Option<&[u8]>) -> Result<ServerConfig, String> {
+pub fn server_config(
+    cert: &[u8],
+    key_pem: &[u8],
+    ca: Option<&[u8]>,
+) -> Result<ServerConfig, String> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match ca {
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                .build()
-                .map_err(|e| e.to_string())?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| e.to_string())?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -56,7 +63,11 @@ pub fn server_config(cert: &[u8], key_pem: &[u8], ca: Option<&[u8]>) -> Result<S
 }
 
 /// The hop: servers verified against `ca`; the client identity when `cert`/`key` are given.
-pub fn client_config(cert: Option<&[u8]>, key_pem: Option<&[u8]>, ca: &[u8]) -> Result<ClientConfig, String> {
+pub fn client_config(
+    cert: Option<&[u8]>,
+    key_pem: Option<&[u8]>,
+    ca: &[u8],
+) -> Result<ClientConfig, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

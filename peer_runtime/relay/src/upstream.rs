@@ -47,7 +47,10 @@ where
 
 impl Upstreams {
     pub fn new(hop_tls: Option<Arc<ClientConfig>>) -> Self {
-        Upstreams { hop_tls: RwLock::new(hop_tls), conns: Mutex::new(HashMap::new()) }
+        Upstreams {
+            hop_tls: RwLock::new(hop_tls),
+            conns: Mutex::new(HashMap::new()),
+        }
     }
 
     /// New calls open new connections (after the hop's certificate was reloaded).
@@ -57,17 +60,26 @@ impl Upstreams {
 
     async fn open(&self, target: &Target) -> Result<SendRequest<Bytes>, String> {
         match target {
-            Target::Unix(path) => handshake(UnixStream::connect(path).await.map_err(|e| e.to_string())?).await,
+            Target::Unix(path) => {
+                handshake(UnixStream::connect(path).await.map_err(|e| e.to_string())?).await
+            }
             Target::Tcp { addr, server_name } => {
-                let tcp = TcpStream::connect(addr.as_str()).await.map_err(|e| e.to_string())?;
+                let tcp = TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let _ = tcp.set_nodelay(true);
                 let tls = self.hop_tls.read().unwrap().clone();
                 match tls {
                     None => handshake(tcp).await,
                     Some(cfg) => {
-                        let host = server_name.clone().unwrap_or_else(|| host_of(addr).to_string());
+                        let host = server_name
+                            .clone()
+                            .unwrap_or_else(|| host_of(addr).to_string());
                         let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
-                        let stream = TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                        let stream = TlsConnector::from(cfg)
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         handshake(stream).await
                     }
                 }
@@ -85,13 +97,17 @@ impl Upstreams {
             }
             self.conns.lock().unwrap().remove(&key);
         }
-        let opened = tokio::time::timeout(Duration::from_secs(CONNECT_SECS), self.open(target)).await;
+        let opened =
+            tokio::time::timeout(Duration::from_secs(CONNECT_SECS), self.open(target)).await;
         let send = match opened {
             Ok(Ok(send)) => send,
             Ok(Err(e)) => return Err(ConnectError(e)),
             Err(_) => return Err(ConnectError("connection timed out".into())),
         };
-        let send = send.ready().await.map_err(|e| ConnectError(e.to_string()))?;
+        let send = send
+            .ready()
+            .await
+            .map_err(|e| ConnectError(e.to_string()))?;
         self.conns.lock().unwrap().insert(key, send.clone());
         Ok(send)
     }
@@ -107,14 +123,19 @@ fn host_of(addr: &str) -> &str {
 
 pub enum Target {
     Unix(String),
-    Tcp { addr: String, server_name: Option<String> },
+    Tcp {
+        addr: String,
+        server_name: Option<String>,
+    },
 }
 
 impl Target {
     fn key(&self) -> String {
         match self {
             Target::Unix(p) => format!("unix:{p}"),
-            Target::Tcp { addr, server_name } => format!("{addr}|{}", server_name.as_deref().unwrap_or("")),
+            Target::Tcp { addr, server_name } => {
+                format!("{addr}|{}", server_name.as_deref().unwrap_or(""))
+            }
         }
     }
 
