@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from blazen_peer.client import PeerUnknownStepError
+from blazen_peer.client import PeerError, PeerTransportError, PeerUnknownStepError
 from blazen_peer.routing.relay import RelayCall, RelayPolicy
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
@@ -89,7 +89,7 @@ async def test_the_deadline_and_the_cancellation_reach_the_replica(fleet: Fleet)
     client = await fleet.client()
     try:
         start = time.monotonic()
-        with pytest.raises(Exception, match="(?i)deadline"):
+        with pytest.raises(PeerTransportError, match=r"(?i)deadline"):
             await client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 30}, deadline=0.5)
         assert time.monotonic() - start < 5
         for _ in range(50):  # the replica got the deadline too: its call ends
@@ -175,7 +175,7 @@ async def test_a_refused_replica_is_replaced_a_started_call_never_rerun() -> Non
         await busy
         # A call that failed after it was sent (its deadline) is the caller's answer: it ran once.
         before = sum(r.calls for r in fleet.router.pools.replicas)
-        with pytest.raises(Exception, match="(?i)deadline"):
+        with pytest.raises(PeerTransportError, match=r"(?i)deadline"):
             await client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 5}, deadline=0.3)
         assert sum(r.calls for r in fleet.router.pools.replicas) == before + 1
         assert seen.relayed >= 12
@@ -253,14 +253,16 @@ def _handshake(port: int, pki: Pki, identity: bool) -> bytes:
     if identity:
         crt, key, _ = pki.client_files
         ctx.load_cert_chain(str(crt), str(key))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-            # TLS 1.3: a refused client certificate shows at the first read
-            tls.recv(1)
-            cert = tls.getpeercert(binary_form=True)
-            assert cert is not None
-            return cert
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        # TLS 1.3: a refused client certificate shows at the first read
+        tls.recv(1)
+        cert = tls.getpeercert(binary_form=True)
+        assert cert is not None
+        return cert
 
 
 async def test_mtls_the_client_certificate_is_required(secure_fleet) -> None:
@@ -281,7 +283,7 @@ async def test_mtls_the_client_certificate_is_required(secure_fleet) -> None:
     # a caller with the certificate but no token is refused by the admission (handed to grpcio, which says so)
     anonymous = await tls_client(port, pki, "secure-caller", token=None)
     try:
-        with pytest.raises(Exception, match="(?i)token"):
+        with pytest.raises(PeerError, match=r"(?i)token"):
             await anonymous.invoke_sub_workflow("wf", ["cpu.parse"])
     finally:
         await anonymous.close()

@@ -360,7 +360,10 @@ enum Sent {
     Maybe(String),
 }
 
-fn target(call: &Py<PyAny>) -> Option<(String, Option<String>, Vec<(String, String)>)> {
+/// `RelayCall.target()`: (replica address, TLS server name, hop metadata).
+type CallTarget = (String, Option<String>, Vec<(String, String)>);
+
+fn target(call: &Py<PyAny>) -> Option<CallTarget> {
     Python::attach(
         |py| match call.call_method0(py, "target").and_then(|t| t.extract(py)) {
             Ok(t) => Some(t),
