@@ -100,19 +100,10 @@ impl Relay {
         let thread = std::thread::Builder::new()
             .name("blazen-relay".into())
             .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    relay::serve(shared.clone(), listener).await;
-                    // Stopping: each connection was sent GOAWAY; the calls in flight get the grace to finish.
-                    let deadline = Instant::now() + *shared.grace.lock().unwrap();
-                    while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                });
-                // dropping the runtime cancels whatever still runs
+                // The thread keeps one Python thread state for its life (attached once, then detached):
+                // each decide/retry/finish then only takes the GIL, where a thread without one would
+                // create and destroy a thread state (and map and unmap its frame stack) every time.
+                Python::attach(|py| py.detach(|| run(runtime, shared, listener)));
             })?;
         *self.thread.lock().unwrap() = Some(thread);
         Ok(port)
@@ -154,6 +145,22 @@ impl Relay {
             });
         }
     }
+}
+
+/// The relay's thread: serves until stopped, then gives the calls in flight the grace to finish; dropping
+/// the runtime cancels whatever still runs.
+fn run(runtime: tokio::runtime::Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    runtime.block_on(async move {
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+            return;
+        };
+        relay::serve(shared.clone(), listener).await;
+        // Stopping: each connection was sent GOAWAY.
+        let deadline = Instant::now() + *shared.grace.lock().unwrap();
+        while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
 }
 
 #[pymodule]
