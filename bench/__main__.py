@@ -10,10 +10,10 @@ the load generator's, so a saturated generator shows. Targets, at concurrency 1 
   (d) our runtime running a real echo sub-workflow,
   (e) for reference, the same bare handler as (b) on grpcio's synchronous thread-pool server,
   (f) experiment: our engine behind grpcio's synchronous server,
-  (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds,
-  (h) experiment: a bare fully synchronous forwarder in front of the same server (grpcio's thread-pool
-      server, a blocking call on one pooled synchronous channel): the floor of a synchronous hop,
-  (i) experiment: the same bare forwarder on grpc.aio (uvloop): the floor of the router's present hop.
+  (g) ``blazen-peer route`` in front of the server of (d), same echo: what the router adds (its default
+      data plane, the Rust relay),
+  (h) the same router with ``--data-plane grpcio`` (every call forwarded in Python, over grpc.aio),
+  (i) experiment: a bare forwarder on grpc.aio (uvloop): the floor of a Python hop.
 Each target is measured in several interleaved rounds; calls/s is the median round; the percentiles
 pool all calls.
 """
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO = Path(__file__).with_name("peer.proto")
 CALL = "blazen.peer.v1.BlazenPeer.InvokeSubWorkflow"
 #: server kinds that forward to the server of (d)
-FORWARDERS = {"router", "sync-forwarder", "aio-forwarder"}
+FORWARDERS = {"router", "router-grpcio", "aio-forwarder"}
 CACHE_BIN = Path(os.environ.get("BLAZEN_FLEET_CACHE", Path.home() / ".cache/blazen-fleet")) / "bin"
 
 
@@ -287,8 +287,8 @@ def main() -> None:
         ("d", "our runtime, echo sub-workflow", "ours", echo),
         ("e", "reference: bare grpcio sync server", "bare-grpcio-sync", unknown),
         ("f", "experiment: our engine on grpcio sync server, echo", "ours-sync", echo),
-        ("g", "blazen-peer route -> the server of (d), echo", "router", echo),
-        ("h", "experiment: bare sync forwarder -> (d), echo", "sync-forwarder", echo),
+        ("g", "blazen-peer route (relay) -> the server of (d), echo", "router", echo),
+        ("h", "blazen-peer route --data-plane grpcio -> (d), echo", "router-grpcio", echo),
         ("i", "experiment: bare grpc.aio forwarder -> (d), echo", "aio-forwarder", echo),
     ]
     if args.only:

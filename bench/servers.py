@@ -131,8 +131,9 @@ def pools_router(port: int, *pools: str) -> None:
     )
 
 
-def router(port: int, upstream: int) -> None:
-    """``blazen-peer route`` with one pool of one replica: the peer of (d) on ``upstream``."""
+def router(port: int, upstream: int, data_plane: str = "relay") -> None:
+    """``blazen-peer route`` with one pool of one replica: the peer of (d) on ``upstream``; ``data_plane``:
+    the relay (Rust) or grpcio (the pure-Python path)."""
     from blazen_peer.cli import main
 
     main(
@@ -144,12 +145,17 @@ def router(port: int, upstream: int) -> None:
             "--admin-addr=off",
             "--insecure",
             "--log-level=WARNING",
+            f"--data-plane={data_plane}",
         ]
     )
 
 
+def router_grpcio(port: int, upstream: int) -> None:
+    router(port, upstream, "grpcio")
+
+
 def per_method(forward: Callable[[str], Any]) -> Any:
-    """The forwarders' generic handler: each method's forwarding handler built once, at its first call."""
+    """The forwarder's generic handler: each method's forwarding handler built once, at its first call."""
     import grpc
 
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -163,56 +169,6 @@ def per_method(forward: Callable[[str], Any]) -> Any:
             return found
 
     return PerMethod()
-
-
-def sync_forwarder(port: int, upstream: int, workers: int = 32) -> None:
-    """Experiment: the floor of a fully synchronous hop. grpcio's synchronous (thread-pool) server whose
-    generic handler forwards each unary call, bytes unchanged, with a blocking call on one pooled
-    synchronous channel (no serializers, the caller's node id and deadline passed on); no admission, no
-    routing. Each call holds a worker thread for its whole hop, so ``workers`` bounds the calls in flight.
-    ``BLAZEN_BENCH_FWD_OPTIONS`` (JSON ``[[name, value], ...]``) adds server options, for trying knobs."""
-    import json
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-    from blazen_peer.transport.grpc_server import grpc_server_options
-    from blazen_peer.wire.protocol import NODE_ID_METADATA
-
-    def env_options(name: str) -> list[tuple[str, object]]:
-        return [tuple(o) for o in json.loads(os.environ.get(name, "[]"))]
-
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{upstream}", options=env_options("BLAZEN_BENCH_FWD_CHANNEL_OPTIONS")
-    )
-    registered = os.environ.get("BLAZEN_BENCH_FWD_REGISTERED") == "1"
-    no_deadline = 10**8
-
-    def forward(method: str) -> grpc.RpcMethodHandler:
-        call = channel.unary_unary(method, _registered_method=registered)
-
-        def handler(request: bytes, context: grpc.ServicerContext) -> bytes | None:
-            md = [(k, v) for k, v in context.invocation_metadata() if k == NODE_ID_METADATA]
-            left = context.time_remaining()
-            try:
-                # no deadline reads as ~infinity here, which the channel takes as one long past
-                return call(request, timeout=left if left < no_deadline else None, metadata=md)
-            except grpc.RpcError as exc:
-                context.set_code(exc.code())
-                context.set_details(exc.details())
-                return None
-
-        return grpc.unary_unary_rpc_method_handler(handler)
-
-    workers = int(os.environ.get("BLAZEN_BENCH_FWD_WORKERS", workers))
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers),
-        options=grpc_server_options(env_options("BLAZEN_BENCH_FWD_OPTIONS")),
-    )
-    server.add_generic_rpc_handlers((per_method(forward),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
 
 
 def aio_forwarder(port: int, upstream: int) -> None:
@@ -278,7 +234,7 @@ KINDS: dict[str, Callable[..., object]] = {
     "ours": ours,
     "ours-sync": ours_sync,
     "router": router,
-    "sync-forwarder": sync_forwarder,
+    "router-grpcio": router_grpcio,
     "aio-forwarder": aio_forwarder,
 }
 #: kinds taking string arguments after the port (bench/split.py)

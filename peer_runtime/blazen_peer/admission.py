@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .admin.drain import Drainer
 from .admin.logs import bind_log_context, new_request_id, unbind_log_context
-from .admin.metrics import PeerMetrics, method_label
+from .admin.metrics import CallStats, PeerMetrics, method_label
 from .security.auth import TokenSource
 from .transport.grpc_server import GRPC_CODES
 from .wire.errors import DrainingError, Status
@@ -171,6 +171,12 @@ class Admission:
 
             return admit, release
         return admit, drainer.exit
+
+    def call_gate(self, method: str) -> tuple[Admit, Callable[[], None], CallStats]:
+        """``gate(method)`` and the metrics recorder of its calls, for a data plane that admits the calls
+        itself: the router's relay (``routing.relay``), which counts them as this listener's."""
+        admit, release = self.gate(method)
+        return admit, release, self.metrics.stats(self.transport, method_label(method))
 
     # -- gRPC ---------------------------------------------------------------------------------------------
     def grpc_wrapper(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -79,6 +79,8 @@ class PeerRuntime:
     fleet_guard: FleetRouterGuard = field(default_factory=lambda: FleetRouterGuard(mtls=False))
     #: the fleet router's token (``--fleet-router-token-file``): checked by a peer, sent by a router.
     fleet_router_token: TokenSource | None = None
+    #: the admission of the main gRPC listener (the router's relay admits its calls through it too)
+    admission: Admission | None = None
     _trust_report: tuple[int, dict[str, Any]] | None = field(default=None, repr=False)
 
     def tls_info(self) -> dict[str, Any] | None:
@@ -134,7 +136,8 @@ def compose(server: BlazenPeerServer) -> PeerRuntime:
         ("grpc.server_handshake_timeout_ms", int(cfg.idle_timeout_secs * 1000)),
     ]
     # gRPC: the main server (TLS, token) and the plaintext server (no token).
-    hooks.grpc_method_wrapper = admission("grpc", tokens).grpc_wrapper
+    rt.admission = admission("grpc", tokens)
+    hooks.grpc_method_wrapper = rt.admission.grpc_wrapper
     hooks.plaintext_grpc_method_wrapper = admission("grpc-plaintext", None).grpc_wrapper
     health = AioReadinessHealthServicer(readiness)
     hooks.grpc_server_setup.append(lambda srv: add_health_servicer(srv, health))

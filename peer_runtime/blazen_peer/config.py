@@ -69,6 +69,7 @@ class PeerConfig:
     pool_tls_key: str | None = None
     pool_tls_ca: str | None = None
     pool_token_file: str | None = None
+    data_plane: str = "relay"
     # the router's pools from the Kubernetes API (routing.discovery)
     fleet: str | None = None
     fleet_namespace: str | None = None
@@ -132,6 +133,16 @@ def _tls_client_auth(value: str) -> str:
     v = value.strip().lower()
     if v not in TLS_CLIENT_AUTH_MODES:
         raise ValueError(f"must be one of {', '.join(TLS_CLIENT_AUTH_MODES)}, not {value!r}")
+    return v
+
+
+DATA_PLANES = ("relay", "grpcio")
+
+
+def _data_plane(value: str) -> str:
+    v = value.strip().lower()
+    if v not in DATA_PLANES:
+        raise ValueError(f"must be one of {', '.join(DATA_PLANES)}, not {value!r}")
     return v
 
 
@@ -328,6 +339,13 @@ ROUTER_ONLY_FLAGS: tuple[Flag, ...] = (
         "pool_token_file",
         "file holding the bearer token sent to the pools (default: the router's own token)",
         metavar="PATH",
+    ),
+    Flag(
+        "data_plane",
+        "what forwards Invoke/Stream on --grpc-addr: relay (the Rust relay, off the GIL; everything else it "
+        "hands to the grpcio server behind it) or grpcio (all of it in Python)",
+        _data_plane,
+        metavar="|".join(DATA_PLANES),
     ),
     Flag(
         "fleet",

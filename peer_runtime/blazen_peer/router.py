@@ -13,24 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import grpc
 
+from ._relay import Relay
 from .config import PeerConfig
 from .engine.registry import StepRegistry
 from .hooks import ServerHooks
 from .pki.reload import ReloadingTlsSource
-from .pki.tls import TlsMaterial
+from .pki.tls import TlsMaterial, system_roots_pem
 from .routing.discovery import FleetDiscovery, KubeAccess, kube_access
 from .routing.forward import Router, RouterService, router_methods
 from .routing.kube import KubeApi
 from .routing.pools import PoolSet
+from .routing.relay import RelayPolicy
 from .routing.split import SplitRunner
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
 from .server import BlazenPeerServer
 from .transport.channels import TARGET_NAME_OPTION
+from .transport.grpc_server import GRPC_RECEIVE_LIMIT
+from .wire.protocol import PATH_INVOKE, PATH_STREAM
 
 log = logging.getLogger("blazen_peer.router")
 
@@ -89,6 +96,13 @@ class BlazenRouterServer(BlazenPeerServer):
         self.router: Router | None = None
         self.split: SplitRunner | None = None
         self._hop_tls: ReloadingTlsSource | None = None
+        #: the TLS server name of the hop when no pool has its own (``--pool-server-name``, else ours)
+        self._hop_options: Any = None
+        #: ``--data-plane relay``: the relay on ``--grpc-addr``, the grpcio server behind it on a unix socket
+        #: in a private directory
+        self.relay: Relay | None = None
+        self.relay_policy: RelayPolicy | None = None
+        self._relay_dir: str | None = None
 
     async def _prepare(self, hooks: ServerHooks) -> None:
         assert self.runtime is not None
@@ -99,6 +113,7 @@ class BlazenRouterServer(BlazenPeerServer):
             def options() -> list[tuple[str, Any]]:
                 return [(TARGET_NAME_OPTION, name)]
 
+        self._hop_options = options
         metadata = hooks.forward_metadata
         hop_tokens = pool_hop_tokens(self.config)
         if hop_tokens is not None:
@@ -176,6 +191,58 @@ class BlazenRouterServer(BlazenPeerServer):
             reason = f"pools without a live replica: {', '.join(blocking)}" if blocking else None
         self.runtime.readiness.set_blocker(reason)
 
+    # -- the data plane (docs/router.md) ----------
+    def _bind_main(self, server: grpc.aio.Server, addr: str, hooks: ServerHooks) -> int:
+        """``--data-plane relay``: the relay owns ``--grpc-addr`` (the same TLS, client certificates, cap,
+        handshake timeout and maximum connection age as grpcio's listener) and forwards Invoke and Stream
+        itself; the grpcio server answers the rest on a unix socket only this process can open."""
+        if self.config.data_plane != "relay":
+            return super()._bind_main(server, addr, hooks)
+        assert self.runtime is not None
+        assert self.router is not None
+        assert self.pools is not None
+        rt, cfg = self.runtime, self.config
+        # mkdtemp: a directory only this user can enter, so nobody else can connect to the socket
+        self._relay_dir = tempfile.mkdtemp(prefix="blazen-router-")
+        sock = os.path.join(self._relay_dir, "grpc.sock")
+        server.add_insecure_port(f"unix:{sock}")
+        assert rt.admission is not None
+        relayed = [PATH_INVOKE, PATH_STREAM]
+        gates = {p: rt.admission.call_gate(p) for p in relayed}
+        policy = self.relay_policy = RelayPolicy(self.router, gates, self._hop_server_name)
+        tls = rt.tls
+        hop = self._hop_tls if self._hop_tls is not None else tls
+        self.relay = Relay(
+            policy,
+            relayed,
+            sock,
+            tls=_serving(tls.material, rt.tls_client_auth == "require") if tls is not None else None,
+            hop_tls=_hop(hop.material) if hop is not None else None,
+            max_connections=cfg.connection_cap(),
+            handshake_timeout=cfg.idle_timeout_secs,
+            max_connection_age=cfg.grpc_max_connection_age_secs,
+            max_request_bytes=GRPC_RECEIVE_LIMIT,
+        )
+        relay = self.relay
+        if tls is not None:
+            mutual = rt.tls_client_auth == "require"
+            # the polling thread: new handshakes take the new material
+            tls.add_listener(lambda m: relay.set_tls(*_serving(m, mutual)))
+        if hop is not None:
+            hop.add_listener(lambda m: relay.set_hop_tls(_hop(m)))
+        return relay.start(addr)
+
+    def _hop_server_name(self, addr: str) -> str | None:
+        assert self.pools is not None
+        name = self.pools.server_name(addr)
+        if name is None and self._hop_options is not None:
+            name = dict(self._hop_options()).get(TARGET_NAME_OPTION)
+        return name
+
+    async def _stop_data_plane(self, grace: float) -> None:
+        if self.relay is not None:
+            await asyncio.to_thread(self.relay.stop, grace)
+
     def _grpc_methods(self, *, main: bool) -> dict[str, grpc.RpcMethodHandler]:
         assert self.router is not None
         return router_methods(self.router)
@@ -186,6 +253,8 @@ class BlazenRouterServer(BlazenPeerServer):
 
     async def _close(self) -> None:
         await super()._close()
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
         if self._hop_tls is not None:
             self._hop_tls.stop()
         if self.discovery is not None:
@@ -210,3 +279,16 @@ class BlazenRouterServer(BlazenPeerServer):
         if out["router"] is not None and self.discovery is not None:
             out["router"]["discovery"] = self.discovery.info()
         return out
+
+
+def _serving(material: TlsMaterial, mutual: bool) -> tuple[bytes, bytes, bytes | None]:
+    """The relay listener's PEM: with ``mutual``, the CA client certificates must chain to."""
+    assert material.cert_chain_pem is not None
+    assert material.private_key_pem is not None
+    return material.cert_chain_pem, material.private_key_pem, material.ca_pem if mutual else None
+
+
+def _hop(material: TlsMaterial) -> tuple[bytes | None, bytes | None, bytes]:
+    """The hop's PEM: our identity and whom the pools' certificates chain to (the system roots without a
+    CA bundle, as for grpcio's channels)."""
+    return material.cert_chain_pem, material.private_key_pem, material.ca_pem or system_roots_pem()

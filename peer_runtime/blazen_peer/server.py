@@ -167,11 +167,7 @@ class BlazenPeerServer:
             self._grpc_servers.append(server)
         try:
             if cfg.grpc_addr is not None:
-                creds = hooks.grpc_server_credentials() if hooks.grpc_server_credentials else None
-                if creds is not None:
-                    self.grpc_port = server.add_secure_port(cfg.grpc_addr, creds)
-                else:
-                    self.grpc_port = server.add_insecure_port(cfg.grpc_addr)
+                self.grpc_port = self._bind_main(server, cfg.grpc_addr, hooks)
             if cfg.plaintext_grpc_addr is not None:
                 # Its own grpc.aio server: handlers cannot tell which port a call came in on, and this one
                 # answers without the token check.
@@ -248,6 +244,17 @@ class BlazenPeerServer:
             guard = self.runtime.fleet_guard.why_refused
             methods.update(fleet_methods(self.describe, self.remote_runs, guard))
         return methods
+
+    def _bind_main(self, server: grpc.aio.Server, addr: str, hooks: ServerHooks) -> int:
+        """Binds ``--grpc-addr`` (TLS when configured) to the main gRPC server; the port."""
+        creds = hooks.grpc_server_credentials() if hooks.grpc_server_credentials else None
+        if creds is not None:
+            return int(server.add_secure_port(addr, creds))
+        return int(server.add_insecure_port(addr))
+
+    async def _stop_data_plane(self, grace: float) -> None:
+        """Called in ``stop()`` beside the gRPC servers' stop: whatever else serves calls closes within
+        ``grace``."""
 
     def _http_service(self) -> Any:
         """What the HTTP/JSON shim calls (``invoke``, ``deref``, ``release`` on decoded messages)."""
@@ -330,7 +337,9 @@ class BlazenPeerServer:
             while self.refs.count > 0 and loop.time() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(min(0.1, deadline - loop.time()))
             remaining = max(0.0, deadline - loop.time())
-            await asyncio.gather(http, *(srv.stop(remaining) for srv in self._grpc_servers))
+            await asyncio.gather(
+                http, self._stop_data_plane(remaining), *(srv.stop(remaining) for srv in self._grpc_servers)
+            )
             for cb in self._hooks.on_closed:
                 await _maybe_await(cb(self))
             if self._admin_runner is not None:

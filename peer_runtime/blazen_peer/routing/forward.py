@@ -52,7 +52,14 @@ from .balance import Replica, pick
 from .pools import DOWN_SECS, PoolSet
 from .refs import RefOwners, response_ref_ids
 
-__all__ = ["Router", "RouterService", "UpstreamError", "refused_before_running", "router_methods"]
+__all__ = [
+    "Router",
+    "RouterService",
+    "UpstreamError",
+    "refused_before_running",
+    "router_methods",
+    "status_refused_before_running",
+]
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -68,27 +75,31 @@ class UpstreamError(PeerError):
         self.details = details
 
 
-def refused_before_running(exc: grpc.aio.AioRpcError) -> bool:
+def status_refused_before_running(code: grpc.StatusCode, details: str) -> bool:
     """True only when the replica cannot have started the call: the connection never opened, the peer's
     drain refused it, or its admission's concurrency limit did. A call cut off after it was sent (reset,
-    GOAWAY after the grace, a timeout) may have run and is never retried."""
-    code = exc.code()
-    details = exc.details() or ""
+    GOAWAY after the grace, a timeout) may have run and is never retried. The one rule of both data
+    planes (this module's grpcio path and the relay, ``routing.relay``)."""
     if code == _UNAVAILABLE:
         low = details.lower()
         return details.startswith(_DRAINING) or "failed to connect" in low or "connection refused" in low
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(CONCURRENCY_REFUSED)
 
 
-def _view(msg: bytes) -> bytes:
+def refused_before_running(exc: grpc.aio.AioRpcError) -> bool:
+    """``status_refused_before_running`` of a grpcio call's error."""
+    return status_refused_before_running(exc.code(), exc.details() or "")
+
+
+def view(msg: bytes) -> bytes:
     """The payload of an envelope without copying it (``unwrap`` only indexes and slices, and a slice of a
     memoryview is a view): the router reads a few bytes of replies that may be megabytes."""
     return unwrap(cast(bytes, memoryview(msg)))
 
 
-def _final_frame(msg: bytes) -> bytes | None:
+def final_frame(msg: bytes) -> bytes | None:
     """The ``SubWorkflowResponse`` of a ``Final`` stream frame (variant 1), else None."""
-    payload = _view(msg)
+    payload = view(msg)
     return payload[1:] if len(payload) > 0 and payload[0] == 1 else None
 
 
@@ -122,11 +133,19 @@ class Router:
             return pools.get(names[0], ())
         return [r for n in names for r in pools.get(n, ())]
 
-    def _refused(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:
+    def refused(self, replica: Replica, code: grpc.StatusCode) -> None:
+        """``replica`` refused a call before running it (``status_refused_before_running``)."""
         replica.retries += 1
-        if exc.code() == _UNAVAILABLE:  # gone or draining (a busy one is only skipped for this call)
+        if code == _UNAVAILABLE:  # gone or draining (a busy one is only skipped for this call)
             replica.down_until = time.monotonic() + DOWN_SECS
             self.pools.refresh_soon()
+
+    def learn_refs(self, replica: Replica, response: bytes) -> None:
+        """The session refs of a ``SubWorkflowResponse`` payload now live on ``replica``: deref and
+        release of them go straight there."""
+        ids = response_ref_ids(response)
+        if ids:
+            self.owners.remember(ids, replica.addr)
 
     @staticmethod
     def _timeout(deadline: float | None) -> float | None:
@@ -174,7 +193,7 @@ class Router:
             except grpc.aio.AioRpcError as exc:
                 replica.errors += 1
                 if refused_before_running(exc):
-                    self._refused(replica, exc)
+                    self.refused(replica, exc.code())
                     tried.append(replica)
                     last = exc
                     continue
@@ -198,9 +217,7 @@ class Router:
             return wrap((await self.split.invoke(req, metadata, time_left)).encode_within_limit())
         deadline = None if time_left is None else time.monotonic() + time_left
         raw, replica = await self.unary(cands, PATH_INVOKE, request, metadata, deadline)
-        ids = response_ref_ids(_view(raw))
-        if ids:
-            self.owners.remember(ids, replica.addr)
+        self.learn_refs(replica, view(raw))
         return raw
 
     # -- Stream ----------
@@ -238,18 +255,16 @@ class Router:
                     # Nothing was received: a refusal before running goes to another replica.
                     replica.errors += 1
                     if refused_before_running(exc):
-                        self._refused(replica, exc)
+                        self.refused(replica, exc.code())
                         tried.append(replica)
                         last = exc
                         continue
                     raise UpstreamError(exc.code(), exc.details() or "") from None
                 try:
                     while msg is not grpc.aio.EOF:
-                        final = _final_frame(msg)
+                        final = final_frame(msg)
                         if final is not None:
-                            ids = response_ref_ids(final)
-                            if ids:
-                                self.owners.remember(ids, replica.addr)
+                            self.learn_refs(replica, final)
                         yield msg
                         msg = await call.read()
                 except grpc.aio.AioRpcError as exc:
@@ -373,11 +388,11 @@ def _caller(context: Any) -> str | None:
     return None
 
 
-def _hop_metadata(caller: str | None, pools: PoolSet) -> list[tuple[str, str]]:
-    """The caller's node id, the request id (the caller's, or the one the router's admission made up, so
-    the router's and the peer's log lines of a call share it), and the router's token."""
+def hop_metadata(caller: str | None, pools: PoolSet, rid: str | None = None) -> list[tuple[str, str]]:
+    """The caller's node id, the request id (``rid``, else the caller's or the one the router's admission
+    made up, so the router's and the peer's log lines of a call share it), and the router's token."""
     md = [(NODE_ID_METADATA, caller)] if caller else []
-    rid = current_request_id()
+    rid = rid or current_request_id()
     if rid:
         md.append((REQUEST_ID_METADATA, rid))
     md.extend(pools.metadata())
@@ -394,7 +409,7 @@ def router_methods(router: Router) -> dict[str, grpc.RpcMethodHandler]:
     pools = router.pools
 
     def metadata(context: Any) -> list[tuple[str, str]]:
-        return _hop_metadata(_caller(context), pools)
+        return hop_metadata(_caller(context), pools)
 
     async def invoke(request: bytes, context: Any) -> bytes | None:
         try:
@@ -457,7 +472,7 @@ class RouterService:
         self.router = router
 
     def _metadata(self, caller_node_id: str | None) -> list[tuple[str, str]]:
-        return _hop_metadata(caller_node_id, self.router.pools)
+        return hop_metadata(caller_node_id, self.router.pools)
 
     async def invoke(
         self, req: SubWorkflowRequest, *, caller_node_id: str | None = None

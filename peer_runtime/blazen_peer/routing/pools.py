@@ -59,19 +59,22 @@ class PoolSet:
         #: pool -> the name its replicas' certificates are checked against (discovered pools), else the
         #: name in ``options()``
         self.server_names: dict[str, str] = {}
-        self.channels = ChannelPool(credentials=credentials, options=options, server_name=self._server_name)
+        self.channels = ChannelPool(credentials=credentials, options=options, server_name=self.server_name)
         self.refresh_secs = refresh_secs
         self.describe_timeout = describe_timeout
         self._on_refresh = on_refresh
         self.table = RoutingTable()
         self.refreshed_at: float | None = None
         self._wake = asyncio.Event()
+        #: the loop the refreshes run on, once started
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         #: describing replicas that joined
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- channels ----------
-    def _server_name(self, addr: str) -> str | None:
+    def server_name(self, addr: str) -> str | None:
+        """The name ``addr``'s certificate is checked against when its pool was discovered with one."""
         r = self.by_addr.get(addr)
         return self.server_names.get(r.pool) if r is not None else None
 
@@ -175,7 +178,11 @@ class PoolSet:
         self._rebuild()
 
     def refresh_soon(self) -> None:
-        self._wake.set()
+        """Refresh now rather than at the next period; from any thread (the relay calls it from its own)."""
+        if self._loop is None:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
         while True:
@@ -188,6 +195,7 @@ class PoolSet:
                 log.exception("refreshing the pool descriptions failed")
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
