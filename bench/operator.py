@@ -505,7 +505,7 @@ class ScaleCluster:
     def resource_versions(self, namespace: str, kinds: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         out = {}
         for api_version, kind in kinds:
-            for item in self.admin.list(api_version, kind, namespace):
+            for item in self.admin.collect(api_version, kind, namespace).items:
                 out[(kind, item["metadata"]["name"])] = item["metadata"]["resourceVersion"]
         return out
 
@@ -611,7 +611,7 @@ def _until(check, deadline: float) -> bool:
 
 def _final(sc: ScaleCluster) -> dict[str, Any]:
     """Warning Events in the benchmark namespace, the operator's peak RSS, CPU and tracebacks so far."""
-    events = sc.admin.list("v1", "Event", BENCH_NS)
+    events = sc.admin.collect("v1", "Event", BENCH_NS).items
     warnings = Counter(
         f"{e.get('reportingComponent') or (e.get('source') or {}).get('component')}: "
         f"{e['involvedObject'].get('kind')}/{e['involvedObject'].get('name')}: {e.get('reason')}: "

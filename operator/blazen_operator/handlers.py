@@ -274,13 +274,16 @@ def list_peers(api: Api, patterns: tuple[str, ...], kind: str = s.KIND) -> list[
         if len(specific) == len(patterns):
             scopes = [str(ns) for ns in sorted(specific)]
         else:
-            names = [n["metadata"]["name"] for n in api.list("v1", "Namespace", None)]
+            names = api.each("v1", "Namespace", None).keep(lambda n: str(n["metadata"]["name"]))
             scopes = [n for n in names if any(match_namespace(NamespaceName(n), p) for p in patterns)]
-    out: list[Key] = []
+    out: list[Key] = []  # keys only: the objects of a page go as soon as it is read
     for ns in scopes:
-        for item in api.list(s.API_VERSION, kind, ns):
-            out.append((item["metadata"]["namespace"], item["metadata"]["name"]))
+        out.extend(api.each(s.API_VERSION, kind, ns).keep(_key))
     return out
+
+
+def _key(item: dict[str, Any]) -> Key:
+    return (item["metadata"]["namespace"], item["metadata"]["name"])
 
 
 @kopf.on.probe(id="api")
