@@ -20,7 +20,7 @@ from typing import Any
 from blazen_operator import apply
 from blazen_operator.apply import Paged
 from blazen_operator.builders import Peer, desired
-from blazen_operator.trust import _Cert, _Pod
+from blazen_operator.trust import CertRecord, PodRecord
 
 from bench.operator import BENCH_NS, GPU_EVERY, peer_manifest
 
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     certificates, pods = objects(args.n)
     out = {
         "n": args.n,
-        "certificates": measure(certificates, "cert-manager.io/v1", "Certificate", _Cert.of),
-        "pods": measure(pods, "v1", "Pod", _Pod.of),
+        "certificates": measure(certificates, "cert-manager.io/v1", "Certificate", CertRecord.of),
+        "pods": measure(pods, "v1", "Pod", PodRecord.of),
     }
     print(json.dumps(out, indent=1))
     return 0

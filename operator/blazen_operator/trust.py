@@ -105,7 +105,7 @@ class _Observed:
 
 
 @dataclass(frozen=True, slots=True)
-class _Cert:
+class CertRecord:
     """What a pass reads of one of our Certificates: kept instead of the object (at 1,000 BlazenPeers the
     namespace's decoded Certificates, managedFields and all, were ~50 MB held for the whole pass)."""
 
@@ -122,7 +122,7 @@ class _Cert:
     not_after: str | None
 
     @classmethod
-    def of(cls, obj: dict[str, Any]) -> _Cert:
+    def of(cls, obj: dict[str, Any]) -> CertRecord:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
         ref = spec.get("issuerRef") or {}
         return cls(
@@ -145,7 +145,7 @@ class _Cert:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pod:
+class PodRecord:
     """What a pass reads of a pod that reads trust bundles."""
 
     name: str
@@ -154,7 +154,7 @@ class _Pod:
     url: str | None  # its /v1/info; None unless it is ready, addressed, has an admin port, is not going
 
     @classmethod
-    def of(cls, obj: dict[str, Any]) -> _Pod:
+    def of(cls, obj: dict[str, Any]) -> PodRecord:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
         labels = meta.get("labels") or {}
         owner = labels.get("app.kubernetes.io/instance", "")
@@ -189,19 +189,19 @@ class _Pass:
     def __init__(self, api: Api, namespace: str) -> None:
         self.api = api
         self.namespace = namespace
-        self.listed_certificates: list[_Cert] | None = None
-        self._pods: list[_Pod] | None = None
+        self.listed_certificates: list[CertRecord] | None = None
+        self._pods: list[PodRecord] | None = None
 
-    def certificates(self) -> list[_Cert]:
+    def certificates(self) -> list[CertRecord]:
         if self.listed_certificates is None:
             self.listed_certificates = self.api.each(
                 "cert-manager.io/v1", "Certificate", self.namespace, MANAGED_SELECTOR
-            ).keep(_Cert.of)
+            ).keep(CertRecord.of)
         return self.listed_certificates
 
-    def pods(self) -> list[_Pod]:
+    def pods(self) -> list[PodRecord]:
         if self._pods is None:
-            self._pods = self.api.each("v1", "Pod", self.namespace, POD_SELECTOR).keep(_Pod.of)
+            self._pods = self.api.each("v1", "Pod", self.namespace, POD_SELECTOR).keep(PodRecord.of)
         return self._pods
 
 
@@ -567,7 +567,7 @@ class Trust:
                 self.api.delete("v1", "ConfigMap", namespace, meta["name"], uid=meta.get("uid"))
 
     def _cas(
-        self, namespace: str, certificates: list[_Cert], secrets: dict[str, dict[str, Any] | None]
+        self, namespace: str, certificates: list[CertRecord], secrets: dict[str, dict[str, Any] | None]
     ) -> dict[int, rotation.CaCert]:
         """The CA generations that exist; the CA Secrets read on the way are left in ``secrets``."""
         out: dict[int, rotation.CaCert] = {}

@@ -11,7 +11,7 @@ import pytest
 from blazen_operator import apply, handlers, kinds, watches
 from blazen_operator.apply import ApiError, Paged
 from blazen_operator.cache import ChildCache
-from blazen_operator.trust import Trust, _Cert, _Pod
+from blazen_operator.trust import CertRecord, PodRecord, Trust
 
 from tests.support.kube_fake import Cluster
 
@@ -158,8 +158,8 @@ def test_a_certificate_is_kept_as_the_fields_the_trust_pass_reads() -> None:
             "notAfter": "2026-04-01T00:00:00Z",
         },
     }
-    kept = _Cert.of(cert)
-    assert kept == _Cert(
+    kept = CertRecord.of(cert)
+    assert kept == CertRecord(
         name="bp-tls",
         uid="c-1",
         generation=kept.generation,
@@ -195,10 +195,10 @@ def pod(
 
 
 def test_a_pod_is_kept_as_its_owner_bundles_and_info_address() -> None:
-    assert _Pod.of(pod("bp-0")) == _Pod(
+    assert PodRecord.of(pod("bp-0")) == PodRecord(
         "bp-0", "bp", frozenset({"blazen-trust"}), "http://10.0.0.1:9090/v1/info"
     )
     # a pod that cannot be asked: no address, so the rotation does not wait on an answer it cannot get
-    assert _Pod.of(pod("bp-1", ready=False)).url is None
-    assert _Pod.of(pod("bp-2", deleting=True)).url is None
-    assert _Pod.of(pod("bp-3", ip=None)).url is None
+    assert PodRecord.of(pod("bp-1", ready=False)).url is None
+    assert PodRecord.of(pod("bp-2", deleting=True)).url is None
+    assert PodRecord.of(pod("bp-3", ip=None)).url is None
