@@ -205,6 +205,52 @@ class _Pass:
         return self._pods
 
 
+class _Readers:
+    """What a pass needs of the namespace's BlazenPeers (not being deleted), folded in one at a time so
+    that none is held: the trust bundle each reads, the user issuers whose bundles are the operator's, the
+    strictest namespace CA settings. For those whose spec the models refuse (their status reports the
+    error): the names of those whose raw tls still names the namespace CA, and the user issuers' trust
+    bundles the others still read; kept rather than taken from their pods."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Nothing seen; also when the list starts over (an expired page token): the BlazenPeers come again."""
+        self.readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
+        self.issuers: dict[str, s.IssuerRef] = {}  # a user issuer's trust bundle -> the issuer
+        self.settings: certs.CaSettings | None = None
+        self.unparsed: list[str] = []
+        self.unparsed_bundles: set[str] = set()
+
+    def add(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        try:
+            p = Peer.from_body(body)
+        except ValidationError:
+            tls = (body.get("spec") or {}).get("tls") or {}
+            on = isinstance(tls, dict) and tls.get("enabled", True) is not False
+            if on and not tls.get("issuerRef"):
+                self.unparsed.append(meta["name"])
+            elif on and not tls.get("trustBundle"):
+                # an issuerRef the models refuse too names no bundle the operator could have made
+                with contextlib.suppress(ValidationError):
+                    self.unparsed_bundles.add(
+                        c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"]))
+                    )
+            return
+        tls = p.spec.tls
+        if (bundle := c.trust_configmap(p)) is not None:
+            self.readers[p.name] = bundle
+            if tls.issuer_ref is not None:
+                self.issuers[bundle] = tls.issuer_ref
+        elif tls.enabled and tls.trust_bundle is not None:
+            self.readers[p.name] = USER_TRUST_BUNDLE
+        self.settings = certs.strictest(self.settings, certs.ca_request(p))
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -322,27 +368,16 @@ class Trust:
 
     # ------------------------------------------------------------------------------------------ the pass
     def _sync_locked(self, namespace: str) -> None:
-        peers, unparsed, unparsed_bundles = self._peers(namespace)
-        readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
-        for p in peers:
-            if (bundle := c.trust_configmap(p)) is not None:
-                readers[p.name] = bundle
-            elif p.spec.tls.enabled and p.spec.tls.trust_bundle is not None:
-                readers[p.name] = USER_TRUST_BUNDLE
-        issuers = {
-            c.issuer_trust_configmap(p.spec.tls.issuer_ref): p.spec.tls.issuer_ref
-            for p in peers
-            if p.spec.tls.issuer_ref is not None and readers.get(p.name) not in (None, USER_TRUST_BUNDLE)
-        }
-        settings = certs.ca_settings(peers)
-        if settings is None and unparsed:
+        peers = self._peers(namespace)
+        readers, issuers, settings = peers.readers, peers.issuers, peers.settings
+        if settings is None and peers.unparsed:
             # Only BlazenPeers the models refuse (an upgrade made a field stricter) still name the namespace
             # CA: keep it, with the default lifetime, rather than take their certificates away.
             default = s.CA()
-            settings = certs.CaSettings(default.duration, default.renew_before, unparsed[0])
+            settings = certs.CaSettings(default.duration, default.renew_before, peers.unparsed[0])
         if settings is None:
             self._retire(namespace, c.TRUST_CONFIGMAP)
-        if not readers and settings is None and not unparsed_bundles:
+        if not readers and settings is None and not peers.unparsed_bundles:
             self._retire_issuers(namespace, set())
             self._last.pop(namespace, None)
             self._view.pop(namespace, None)
@@ -354,7 +389,7 @@ class Trust:
             bundles[c.TRUST_CONFIGMAP] = self._namespace_ca(ctx, settings)
         for name, ref in sorted(issuers.items()):
             bundles[name] = self._user_issuer(ctx, name, ref)
-        self._retire_issuers(namespace, set(issuers) | unparsed_bundles)
+        self._retire_issuers(namespace, set(issuers) | peers.unparsed_bundles)
         if ctx.listed_certificates is not None:  # forget the leaves that are gone
             live = {(namespace, x.secret_name) for x in ctx.listed_certificates}
             for key in [k for k in self._leaf_cas if k[0] == namespace and k not in live]:
@@ -508,36 +543,12 @@ class Trust:
         self._act(ctx, configmap, plan)
         return summary
 
-    def _peers(self, namespace: str) -> tuple[list[Peer], list[str], set[str]]:
-        """The BlazenPeers (not being deleted); for those whose spec the models refuse (their status reports
-        the error), the names of those whose raw tls still names the namespace CA, and the user issuers'
-        trust bundles the others still read: kept rather than taken from their pods."""
-        out: list[Peer] = []
-        unparsed: list[str] = []
-        bundles: set[str] = set()
-
-        def restarted() -> None:  # an expired page token: the list starts over
-            out.clear()
-            unparsed.clear()
-            bundles.clear()
-
-        for body in self.api.each(s.API_VERSION, s.KIND, namespace, restarted=restarted):
-            if body["metadata"].get("deletionTimestamp"):
-                continue
-            try:
-                peer = Peer.from_body(body)
-            except ValidationError:
-                tls = (body.get("spec") or {}).get("tls") or {}
-                on = isinstance(tls, dict) and tls.get("enabled", True) is not False
-                if on and not tls.get("issuerRef"):
-                    unparsed.append(body["metadata"]["name"])
-                elif on and not tls.get("trustBundle"):
-                    # an issuerRef the models refuse too names no bundle the operator could have made
-                    with contextlib.suppress(ValidationError):
-                        bundles.add(c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"])))
-                continue
-            out.append(peer)
-        return out, unparsed, bundles
+    def _peers(self, namespace: str) -> _Readers:
+        """What the pass needs of the namespace's BlazenPeers, page by page, one BlazenPeer at a time."""
+        peers = _Readers()
+        for body in self.api.each(s.API_VERSION, s.KIND, namespace, restarted=peers.clear):
+            peers.add(body)
+        return peers
 
     def _retire(self, namespace: str, name: str) -> None:
         """No BlazenPeer reads this trust ConfigMap any more: delete it (the namespace CA's takes the CA
