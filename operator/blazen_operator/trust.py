@@ -216,7 +216,7 @@ class _Readers:
         self.clear()
 
     def clear(self) -> None:
-        """Nothing seen; also when the list starts over (an expired page token): the BlazenPeers come again."""
+        """Nothing seen; also when the list starts over (an expired page token): its BlazenPeers return."""
         self.readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
         self.issuers: dict[str, s.IssuerRef] = {}  # a user issuer's trust bundle -> the issuer
         self.settings: certs.CaSettings | None = None
