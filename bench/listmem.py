@@ -1,12 +1,13 @@
-"""What the trust pass holds of a namespace's Certificates and pods at N BlazenPeers, offline:
+"""What the trust pass holds of a namespace's BlazenPeers, Certificates and pods at N BlazenPeers, offline:
 ``python -m bench.listmem [--n 1000]``.
 
 The objects are the operator's own manifests (the builders, for the benchmark's BlazenPeers) made API-shaped
 (uid, resourceVersion, timestamps, a managedFields entry per writer mirroring the fields it set, the status
 cert-manager or kwok writes), encoded as the API server's list responses: one response for the whole list, or
 pages of ``apply.PAGE``. tracemalloc measures each response body as read (a copy), its decoding and what is
-kept: before, the whole decoded list held (as ``Api.list`` did); after, ``Paged.keep`` with the trust pass's
-projections. "held" is what stays referenced once the list is read, "peak" the most alive during it.
+kept: before, the whole decoded list held (as ``Api.list`` did; the BlazenPeers parsed besides); after, the
+trust pass's projections of each page (``Paged.keep``; its fold of the BlazenPeers, ``PeerReaders``).
+"held" is what stays referenced once the list is read, "peak" the most alive during it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from blazen_operator import apply
+from blazen_operator import spec as s
 from blazen_operator.apply import Paged
 from blazen_operator.builders import Peer, desired
-from blazen_operator.trust import CertRecord, PodRecord
+from blazen_operator.trust import CertRecord, PodRecord, PeerReaders
 
 from bench.operator import BENCH_NS, GPU_EVERY, peer_manifest
 
@@ -106,13 +108,15 @@ def _pod_status(i: int) -> dict[str, Any]:
     }
 
 
-def objects(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The namespace's leaf Certificates and peer pods at ``n`` BlazenPeers."""
+def objects(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The namespace's BlazenPeers, leaf Certificates and peer pods at ``n`` BlazenPeers."""
+    peers: list[dict[str, Any]] = []
     certificates: list[dict[str, Any]] = []
     pods: list[dict[str, Any]] = []
     for i in range(n):
         body = peer_manifest(f"peer-{i:04d}", BENCH_NS, i % GPU_EVERY == 0, 9090)
         body["metadata"]["uid"] = f"peer-uid-{i}"
+        peers.append(_api_shaped(body, i, {"phase": "Ready", "observedGeneration": 1}, "blazen-operator"))
         for child in desired(Peer.from_body(body)):
             m = child.manifest
             if m["kind"] == "Certificate":
@@ -134,7 +138,7 @@ def objects(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                         "spec": {**template["spec"], "nodeName": "kwok-node-0"},
                     }
                     pods.append(_api_shaped(pod, len(pods), _pod_status(len(pods)), "kwok"))
-    return certificates, pods
+    return peers, certificates, pods
 
 
 def _pages(items: list[dict[str, Any]], size: int) -> list[bytes]:
@@ -162,8 +166,13 @@ def _traced(read: Callable[[], Any]) -> tuple[float, float]:
 
 
 def measure(
-    items: list[dict[str, Any]], api_version: str, kind: str, project: Callable[[dict[str, Any]], Any]
+    items: list[dict[str, Any]],
+    api_version: str,
+    kind: str,
+    after: Callable[[Paged], Any],
+    before: Callable[[list[dict[str, Any]]], Any] = lambda items: items,
 ) -> dict[str, Any]:
+    """``before``: what was held of the whole decoded list; ``after``: what is kept of the paged list."""
     whole = _pages(items, len(items) or 1)[0]
     paged = _pages(items, apply.PAGE)
 
@@ -171,27 +180,40 @@ def measure(
         # a copy: the response body as read, alive while it is decoded
         return json.loads(bytearray(paged[int((query or {}).get("continue") or 0)]))
 
-    before = _traced(lambda: json.loads(bytearray(whole))["items"])
-    after = _traced(lambda: Paged(request, api_version, kind, BENCH_NS).keep(project))
+    held_before, peak_before = _traced(lambda: before(json.loads(bytearray(whole))["items"]))
+    held_after, peak_after = _traced(lambda: after(Paged(request, api_version, kind, BENCH_NS)))
     return {
         "objects": len(items),
         "encoded_mb": round(len(whole) / 2**20, 1),
-        "before_held_mb": before[0],
-        "before_peak_mb": before[1],
-        "after_held_mb": after[0],
-        "after_peak_mb": after[1],
+        "before_held_mb": held_before,
+        "before_peak_mb": peak_before,
+        "after_held_mb": held_after,
+        "after_peak_mb": peak_after,
     }
+
+
+def _fold(paged: Paged) -> PeerReaders:
+    readers = PeerReaders()
+    for body in paged:
+        readers.add(body)
+    return readers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.listmem", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="BlazenPeers in the namespace")
     args = parser.parse_args(argv)
-    certificates, pods = objects(args.n)
+    peers, certificates, pods = objects(args.n)
     out = {
         "n": args.n,
-        "certificates": measure(certificates, "cert-manager.io/v1", "Certificate", CertRecord.of),
-        "pods": measure(pods, "v1", "Pod", PodRecord.of),
+        "certificates": measure(
+            certificates, "cert-manager.io/v1", "Certificate", lambda p: p.keep(CertRecord.of)
+        ),
+        "pods": measure(pods, "v1", "Pod", lambda p: p.keep(PodRecord.of)),
+        # before, the pass held the decoded list and every BlazenPeer parsed; now it folds them in
+        "blazenpeers": measure(
+            peers, s.API_VERSION, s.KIND, _fold, lambda items: (items, [Peer.from_body(b) for b in items])
+        ),
     }
     print(json.dumps(out, indent=1))
     return 0

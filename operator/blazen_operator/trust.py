@@ -205,7 +205,7 @@ class _Pass:
         return self._pods
 
 
-class _Readers:
+class PeerReaders:
     """What a pass needs of the namespace's BlazenPeers (not being deleted), folded in one at a time so
     that none is held: the trust bundle each reads, the user issuers whose bundles are the operator's, the
     strictest namespace CA settings. For those whose spec the models refuse (their status reports the
@@ -543,9 +543,9 @@ class Trust:
         self._act(ctx, configmap, plan)
         return summary
 
-    def _peers(self, namespace: str) -> _Readers:
+    def _peers(self, namespace: str) -> PeerReaders:
         """What the pass needs of the namespace's BlazenPeers, page by page, one BlazenPeer at a time."""
-        peers = _Readers()
+        peers = PeerReaders()
         for body in self.api.each(s.API_VERSION, s.KIND, namespace, restarted=peers.clear):
             peers.add(body)
         return peers
