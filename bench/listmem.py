@@ -22,7 +22,7 @@ from blazen_operator import apply
 from blazen_operator import spec as s
 from blazen_operator.apply import Paged
 from blazen_operator.builders import Peer, desired
-from blazen_operator.trust import CertRecord, PodRecord, PeerReaders
+from blazen_operator.trust import CertRecord, PeerReaders, PodRecord
 
 from bench.operator import BENCH_NS, GPU_EVERY, peer_manifest
 
