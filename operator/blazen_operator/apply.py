@@ -416,9 +416,16 @@ class Paged:
 
     def keep(self, project: Callable[[dict[str, Any]], T]) -> list[T]:
         """What ``project`` keeps of each item, in list order: the objects themselves go with their page.
-        A restart drops what was kept so far (the items come again)."""
+        A restart drops what was kept so far (the items come again), then tells ``restarted``."""
         out: list[T] = []
-        self._restarted = out.clear
+        told = self._restarted
+
+        def restarted() -> None:
+            out.clear()
+            if told is not None:
+                told()
+
+        self._restarted = restarted
         for obj in self:
             out.append(project(obj))
         return out

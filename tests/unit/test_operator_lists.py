@@ -85,8 +85,10 @@ def test_an_expired_continue_token_starts_over_and_tells_the_caller() -> None:
 
 def test_keep_drops_what_it_kept_when_the_list_starts_over() -> None:
     request = Pages((["a", "b"], "t1", "7"), GONE, (["a", "b", "c"], "", "12"))
-    names = Paged(request, "v1", "Pod", "ns").keep(lambda o: o["metadata"]["name"])
-    assert names == ["a", "b", "c"]
+    told: list[bool] = []
+    paged = Paged(request, "v1", "Pod", "ns", restarted=lambda: told.append(True))
+    assert paged.keep(lambda o: o["metadata"]["name"]) == ["a", "b", "c"]
+    assert told == [True], "the caller's own restarted is still told"
 
 
 def test_a_gone_first_page_is_an_error_not_a_loop() -> None:
