@@ -9,7 +9,8 @@ lands on the tainted GPU pool; 2 replicas each) and the run records
 
 * create -> every child exists (per peer, from watch events), and -> every BlazenPeer Ready=True;
 * one create at a time on an idle operator -> all its children (SINGLE_CREATES samples);
-* the operator's peak RSS (VmHWM) and CPU seconds, and every component's CPU seconds;
+* the operator's peak RSS (VmHWM), its RSS every RSS_PERIOD seconds, its CPU seconds, and every component's
+  CPU seconds;
 * API requests per BlazenPeer: the operator's own (the apiserver's audit log, filtered to its ServiceAccount)
   and every client's (apiserver_request_total from /metrics);
 * one resync of N unchanged BlazenPeers: the operator's requests (target: no write request) and the objects
@@ -71,6 +72,7 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 CPU_NODES, GPU_NODES = 4, 2
 GPUS_PER_NODE = 256
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RSS_PERIOD = 5.0  # seconds between samples of the operator's RSS
 
 
 # ---------------------------------------------------------------------------------------------- toolchain
@@ -111,10 +113,44 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def proc_peak_rss_mb(pid: int) -> float:
+    return _proc_status_mb(pid, "VmHWM")
+
+
+def proc_rss_mb(pid: int) -> float:
+    return _proc_status_mb(pid, "VmRSS")
+
+
+def _proc_status_mb(pid: int, name: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{name}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+class RssSeries:
+    """A process's RSS every ``period`` seconds while the block runs, in a thread: the peak alone does not
+    say whether memory is held or only passes through (and whether the heap trim hands it back)."""
+
+    def __init__(self, pid: int, period: float = RSS_PERIOD) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-series")
+
+    def __enter__(self) -> RssSeries:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):  # the process is gone: the series ends
+                self.samples.append(round(proc_rss_mb(self.pid), 1))
+            if self._stop.wait(self.period):
+                return
 
 
 def kubeconfig(path: Path, server: str, ca: Path, token: str, namespace: str = "default") -> Path:
@@ -505,7 +541,7 @@ class ScaleCluster:
     def resource_versions(self, namespace: str, kinds: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         out = {}
         for api_version, kind in kinds:
-            for item in self.admin.list(api_version, kind, namespace):
+            for item in self.admin.collect(api_version, kind, namespace).items:
                 out[(kind, item["metadata"]["name"])] = item["metadata"]["resourceVersion"]
         return out
 
@@ -609,9 +645,10 @@ def _until(check, deadline: float) -> bool:
     return check()
 
 
-def _final(sc: ScaleCluster) -> dict[str, Any]:
-    """Warning Events in the benchmark namespace, the operator's peak RSS, CPU and tracebacks so far."""
-    events = sc.admin.list("v1", "Event", BENCH_NS)
+def _final(sc: ScaleCluster, rss: RssSeries) -> dict[str, Any]:
+    """Warning Events in the benchmark namespace, the operator's peak RSS (and its RSS every few seconds
+    since it started), CPU and tracebacks so far."""
+    events = sc.admin.collect("v1", "Event", BENCH_NS).items
     warnings = Counter(
         f"{e.get('reportingComponent') or (e.get('source') or {}).get('component')}: "
         f"{e['involvedObject'].get('kind')}/{e['involvedObject'].get('name')}: {e.get('reason')}: "
@@ -624,6 +661,7 @@ def _final(sc: ScaleCluster) -> dict[str, Any]:
         "warning_events": dict(warnings.most_common(20)),
         "warning_event_count": sum(warnings.values()),
         "operator_peak_rss_mb": round(proc_peak_rss_mb(sc.operator.pid), 1),
+        f"operator_rss_mb_every_{rss.period:g}s": list(rss.samples),
         "operator_cpu_s": round(proc_cpu_seconds(sc.operator.pid), 1),
         "operator_log_tracebacks": (sc.cp.workdir / "operator.log")
         .read_text(errors="replace")
@@ -631,9 +669,14 @@ def _final(sc: ScaleCluster) -> dict[str, Any]:
     }
 
 
+def _pid(sc: ScaleCluster) -> int:
+    assert sc.operator is not None
+    return sc.operator.pid
+
+
 def run(n: int, workdir: Path, resync_seconds: float, ready_timeout: float) -> dict[str, Any]:
     result: dict[str, Any] = {"n": n, "resync_seconds": resync_seconds}
-    with ScaleCluster.start(workdir, resync_seconds) as sc:
+    with ScaleCluster.start(workdir, resync_seconds) as sc, RssSeries(_pid(sc)) as rss:
         result["single_create_children_s"] = single_creates(sc, SINGLE_CREATES)
         wait_quiet(sc)
 
@@ -695,7 +738,7 @@ def run(n: int, workdir: Path, resync_seconds: float, ready_timeout: float) -> d
         result["apiserver_requests_per_peer"] = sum(all_reqs.values()) / n
         result["apiserver_requests_by_verb"] = dict(all_reqs.most_common())
         if not complete:
-            result.update(_final(sc))
+            result.update(_final(sc, rss))
             return result
 
         # one resync of N unchanged BlazenPeers
@@ -732,7 +775,7 @@ def run(n: int, workdir: Path, resync_seconds: float, ready_timeout: float) -> d
             f"{k}/{n_}" for (k, n_), v in rv1.items() if rv0.get((k, n_)) != v
         )
 
-        result.update(_final(sc))
+        result.update(_final(sc, rss))
     return result
 
 

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 from kubernetes import client, config
@@ -26,7 +27,9 @@ from . import spec as s
 
 FIELD_MANAGER = "blazen-operator"
 STUB_MANAGER = "blazen-operator-stub"
+PAGE = 250  # objects per list page: a list of 1,000 BlazenPeers' children is never decoded at once
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -254,13 +257,24 @@ class Api:
                 return None
             raise
 
-    def list(
+    def each(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        label_selector: str | None = None,
+        *,
+        restarted: Callable[[], None] | None = None,
+    ) -> Paged:
+        """The objects of a list, page by page (see :class:`Paged`)."""
+        return Paged(self.request, api_version, kind, namespace, label_selector, restarted)
+
+    def collect(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
-    ) -> list[dict[str, Any]]:
-        query = {"labelSelector": label_selector} if label_selector else None
-        return self.request(
-            "GET", path_for(api_version, kind, namespace), query=query, what=f"list {kind}"
-        ).get("items", [])
+    ) -> Listing:
+        """The whole list at once: for callers that need every object together (tests, tools)."""
+        paged = self.each(api_version, kind, namespace, label_selector)
+        return Listing(paged.keep(lambda obj: obj), paged.resource_version)
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
         body: dict[str, Any] = {
@@ -323,6 +337,98 @@ class Api:
             self.request("POST", path_for("v1", "Event", meta["namespace"]), body=event, what="post event")
         except ApiError as exc:  # events are best effort
             log.warning("could not post event %s: %s", reason, exc)
+
+
+class Request(Protocol):
+    """:meth:`Api.request` (a fake's in the unit tests)."""
+
+    def __call__(
+        self, method: str, path: str, *, query: dict[str, Any] | None = ..., what: str = ...
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A whole list: its items and the resourceVersion it was read at."""
+
+    items: list[dict[str, Any]]
+    resource_version: str
+
+
+class Paged:
+    """The one way the operator lists: the items of one list, ``PAGE`` per request following ``continue``
+    tokens, so at most one page of decoded objects is alive while a caller keeps only what it reads of each.
+
+    An expired continue token (410 Gone: the API server compacted the list's snapshot away) starts the list
+    over from the beginning, and ``restarted`` is told first: a caller that accumulated state from the items
+    so far resets it, since they are returned again. After the last page ``resource_version`` is the list's
+    (a watch resumes from it). List items carry no apiVersion/kind; they are set from the request."""
+
+    def __init__(
+        self,
+        request: Request,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        label_selector: str | None = None,
+        restarted: Callable[[], None] | None = None,
+    ) -> None:
+        self._request = request
+        self.api_version = api_version
+        self.kind = kind
+        self._path = path_for(api_version, kind, namespace)
+        self._selector = label_selector
+        self._restarted = restarted
+        self.resource_version = ""
+        self.pages = 0  # requests answered, the restarted ones included
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        token = ""
+        while True:
+            query: dict[str, Any] = {"limit": PAGE}
+            if self._selector:
+                query["labelSelector"] = self._selector
+            if token:
+                query["continue"] = token
+            try:
+                page = self._request("GET", self._path, query=query, what=f"list {self.kind}")
+            except ApiError as exc:
+                if exc.status == 410 and token:
+                    token = ""
+                    if self._restarted is not None:
+                        self._restarted()
+                    continue
+                raise
+            self.pages += 1
+            meta = page.get("metadata") or {}
+            items = page.get("items") or []
+            del page
+            items.reverse()
+            while items:  # handed out one by one, the page shrinking as the caller drops them
+                obj = items.pop()
+                obj.setdefault("apiVersion", self.api_version)
+                obj.setdefault("kind", self.kind)
+                yield obj
+            token = meta.get("continue") or ""
+            if not token:
+                self.resource_version = str(meta.get("resourceVersion") or "")
+                return
+
+    def keep(self, project: Callable[[dict[str, Any]], T]) -> list[T]:
+        """What ``project`` keeps of each item, in list order: the objects themselves go with their page.
+        A restart drops what was kept so far (the items come again), then tells ``restarted``."""
+        out: list[T] = []
+        told = self._restarted
+
+        def restarted() -> None:
+            out.clear()
+            if told is not None:
+                told()
+
+        self._restarted = restarted
+        for obj in self:
+            out.append(project(obj))
+        return out
 
 
 def _events(raw: Any, what: str) -> Iterator[dict[str, Any]]:

@@ -12,7 +12,8 @@ Every trigger is a request to one :class:`~.workqueue.WorkQueue`, which owns the
   BlazenPeer periodically, refreshes the served step ids and the referenced token Secrets (which are read by
   name, never watched), and feeds the liveness probe;
 * a trust loop that runs the namespace trust passes that are due (``trust.Trust``: every few seconds while a
-  namespace CA rotation runs, every 30 s otherwise, so a ``blazen.dev/rotate-ca`` request is seen).
+  namespace CA rotation runs, every 30 s otherwise, so a ``blazen.dev/rotate-ca`` request is seen);
+* a trim loop that hands the heap the passes freed back to the OS (memory.py).
 
 Options and shared state live in kopf's ``memo`` (``memo.options`` is set by ``operator.run``). No handler
 here adds a finalizer: there are no on.delete handlers, timers or daemons; children are removed by the garbage
@@ -35,7 +36,7 @@ import kopf
 from kopf._cogs.structs.references import NamespaceName, match_namespace, select_specific_namespaces
 
 from . import fleet_spec as fs
-from . import kinds, metrics
+from . import kinds, memory, metrics
 from . import spec as s
 from .apply import Api, ApiError, bearer_token, load_client_configuration
 from .builders.common import OperatorIdentity
@@ -89,6 +90,7 @@ class Runtime:
     health: Health = field(default_factory=Health)
     resync_task: asyncio.Task[None] | None = None
     trust_task: asyncio.Task[None] | None = None
+    trim_task: asyncio.Task[None] | None = None
     fleets: WorkQueue | None = None  # BlazenFleet passes: a queue of their own, keys (namespace, name)
     watches: ChildWatches | None = None
 
@@ -199,6 +201,9 @@ async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
         prometheus_client.start_http_server(options.metrics_port)
     runtime.resync_task = asyncio.create_task(_resync_loop(runtime), name="blazen-resync")
     runtime.trust_task = asyncio.create_task(_trust_loop(trust), name="blazen-trust")
+    queues = (runtime.queue, runtime.fleets)
+    trimmer = memory.Trimmer(lambda: sum(q.completed for q in queues if q is not None))
+    runtime.trim_task = asyncio.create_task(memory.run(trimmer), name="blazen-trim")
 
 
 @kopf.on.login()
@@ -220,7 +225,7 @@ async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime = _runtime(memo)
     if runtime is None:
         return
-    for task in (runtime.resync_task, runtime.trust_task):
+    for task in (runtime.resync_task, runtime.trust_task, runtime.trim_task):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -274,13 +279,16 @@ def list_peers(api: Api, patterns: tuple[str, ...], kind: str = s.KIND) -> list[
         if len(specific) == len(patterns):
             scopes = [str(ns) for ns in sorted(specific)]
         else:
-            names = [n["metadata"]["name"] for n in api.list("v1", "Namespace", None)]
+            names = api.each("v1", "Namespace", None).keep(lambda n: str(n["metadata"]["name"]))
             scopes = [n for n in names if any(match_namespace(NamespaceName(n), p) for p in patterns)]
-    out: list[Key] = []
+    out: list[Key] = []  # keys only: the objects of a page go as soon as it is read
     for ns in scopes:
-        for item in api.list(s.API_VERSION, kind, ns):
-            out.append((item["metadata"]["namespace"], item["metadata"]["name"]))
+        out.extend(api.each(s.API_VERSION, kind, ns).keep(_key))
     return out
+
+
+def _key(item: dict[str, Any]) -> Key:
+    return (item["metadata"]["namespace"], item["metadata"]["name"])
 
 
 @kopf.on.probe(id="api")

@@ -147,7 +147,7 @@ def observe_pods(
     if seen is not None and seen.signature == signature and now - seen.at < recheck_seconds:
         return seen
     listed: list[tuple[dict[str, Any], bool, str | None]] = []
-    for pod in api.list("v1", "Pod", namespace, selector):
+    for pod in api.each("v1", "Pod", namespace, selector, restarted=listed.clear):
         if pod["metadata"].get("deletionTimestamp"):
             continue
         conds = (pod.get("status") or {}).get("conditions") or []
@@ -279,6 +279,7 @@ class ChildApplier:
         """Delete what the owner controls and no longer wants: its children of ``kinds`` as the watches know
         them (listed by ``selector`` where no watch feeds a kind), and the Secrets named ``secrets``."""
         for api_version, kind in kinds:
+            found: Iterable[dict[str, Any]]
             if self.cache.covers(api_version, kind):  # the watches know every child of ours of this kind
                 found = [
                     r.obj
@@ -286,7 +287,8 @@ class ChildApplier:
                     if (r.obj["apiVersion"], r.obj["kind"]) == (api_version, kind)
                 ]
             else:
-                found = self.api.list(api_version, kind, owner.namespace, selector)
+                # deleting as it goes is safe when an expired page token starts the list over
+                found = self.api.each(api_version, kind, owner.namespace, selector)
             for item in found:
                 meta = item["metadata"]
                 if controlled_by(owner, item) and (api_version, kind, meta["name"]) not in wanted:

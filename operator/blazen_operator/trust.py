@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -103,26 +104,151 @@ class _Observed:
     issued_at: str  # the Certificate's status.notBefore (RFC 3339: sorts as time)
 
 
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    """What a pass reads of one of our Certificates: kept instead of the object (at 1,000 BlazenPeers the
+    namespace's decoded Certificates, managedFields and all, were ~50 MB held for the whole pass)."""
+
+    name: str
+    uid: str
+    generation: str | None  # the CA generation label
+    is_ca: bool
+    secret_name: str
+    issuer: tuple[str, str, str]  # name, kind, group, with cert-manager's defaults
+    ready: bool
+    issuing: bool
+    revision: Any
+    not_before: str
+    not_after: str | None
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> CertRecord:
+        meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+        ref = spec.get("issuerRef") or {}
+        return cls(
+            name=meta["name"],
+            uid=meta.get("uid") or "",
+            generation=(meta.get("labels") or {}).get(certs.CA_GENERATION_LABEL),
+            is_ca=bool(spec.get("isCA")),
+            secret_name=spec.get("secretName") or "",
+            issuer=(
+                sys.intern(str(ref.get("name") or "")),
+                sys.intern(str(ref.get("kind", "Issuer"))),
+                sys.intern(str(ref.get("group", "cert-manager.io"))),
+            ),
+            ready=_condition(obj, "Ready") == "True",
+            issuing=_condition(obj, "Issuing") == "True",
+            revision=status.get("revision"),
+            not_before=str(status.get("notBefore") or ""),
+            not_after=status.get("notAfter"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    """What a pass reads of a pod that reads trust bundles."""
+
+    name: str
+    owner: str  # the BlazenPeer, or the fleet's router Deployment
+    bundles: frozenset[str]  # the ConfigMaps its volumes mount
+    url: str | None  # its /v1/info; None unless it is ready, addressed, has an admin port, is not going
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> PodRecord:
+        meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+        labels = meta.get("labels") or {}
+        owner = labels.get("app.kubernetes.io/instance", "")
+        if labels.get(fs.COMPONENT_LABEL) == "router":
+            owner = f"{owner}-router"  # the fleet's router Deployment
+        admin = next(
+            (
+                port.get("containerPort")
+                for container in spec.get("containers") or []
+                for port in container.get("ports") or []
+                if port.get("name") == "admin"
+            ),
+            None,
+        )
+        ready = _condition(obj, "Ready") == "True"
+        ip = status.get("podIP")
+        live = ready and ip and admin is not None and not meta.get("deletionTimestamp")
+        return cls(
+            name=meta["name"],
+            owner=owner,
+            bundles=frozenset(
+                name for v in spec.get("volumes") or [] if (name := (v.get("configMap") or {}).get("name"))
+            ),
+            url=f"http://{ip}:{admin}/v1/info" if live else None,
+        )
+
+
 class _Pass:
-    """What one pass reads at most once: the namespace's managed Certificates and the pods."""
+    """What one pass reads at most once: what it reads of the namespace's managed Certificates and of the
+    pods, listed page by page."""
 
     def __init__(self, api: Api, namespace: str) -> None:
         self.api = api
         self.namespace = namespace
-        self.listed_certificates: list[dict[str, Any]] | None = None
-        self._pods: list[dict[str, Any]] | None = None
+        self.listed_certificates: list[CertRecord] | None = None
+        self._pods: list[PodRecord] | None = None
 
-    def certificates(self) -> list[dict[str, Any]]:
+    def certificates(self) -> list[CertRecord]:
         if self.listed_certificates is None:
-            self.listed_certificates = self.api.list(
+            self.listed_certificates = self.api.each(
                 "cert-manager.io/v1", "Certificate", self.namespace, MANAGED_SELECTOR
-            )
+            ).keep(CertRecord.of)
         return self.listed_certificates
 
-    def pods(self) -> list[dict[str, Any]]:
+    def pods(self) -> list[PodRecord]:
         if self._pods is None:
-            self._pods = self.api.list("v1", "Pod", self.namespace, POD_SELECTOR)
+            self._pods = self.api.each("v1", "Pod", self.namespace, POD_SELECTOR).keep(PodRecord.of)
         return self._pods
+
+
+class PeerReaders:
+    """What a pass needs of the namespace's BlazenPeers (not being deleted), folded in one at a time so
+    that none is held: the trust bundle each reads, the user issuers whose bundles are the operator's, the
+    strictest namespace CA settings. For those whose spec the models refuse (their status reports the
+    error): the names of those whose raw tls still names the namespace CA, and the user issuers' trust
+    bundles the others still read; kept rather than taken from their pods."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Nothing seen; also when the list starts over (an expired page token): its BlazenPeers return."""
+        self.readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
+        self.issuers: dict[str, s.IssuerRef] = {}  # a user issuer's trust bundle -> the issuer
+        self.settings: certs.CaSettings | None = None
+        self.unparsed: list[str] = []
+        self.unparsed_bundles: set[str] = set()
+
+    def add(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        try:
+            p = Peer.from_body(body)
+        except ValidationError:
+            tls = (body.get("spec") or {}).get("tls") or {}
+            on = isinstance(tls, dict) and tls.get("enabled", True) is not False
+            if on and not tls.get("issuerRef"):
+                self.unparsed.append(meta["name"])
+            elif on and not tls.get("trustBundle"):
+                # an issuerRef the models refuse too names no bundle the operator could have made
+                with contextlib.suppress(ValidationError):
+                    self.unparsed_bundles.add(
+                        c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"]))
+                    )
+            return
+        tls = p.spec.tls
+        if (bundle := c.trust_configmap(p)) is not None:
+            self.readers[p.name] = bundle
+            if tls.issuer_ref is not None:
+                self.issuers[bundle] = tls.issuer_ref
+        elif tls.enabled and tls.trust_bundle is not None:
+            self.readers[p.name] = USER_TRUST_BUNDLE
+        self.settings = certs.strictest(self.settings, certs.ca_request(p))
 
 
 def _utcnow() -> dt.datetime:
@@ -148,10 +274,11 @@ def _time(value: str | None) -> dt.datetime | None:
         return None
 
 
-def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+def _condition(obj: dict[str, Any], type_: str) -> str | None:
+    """The status of the object's condition ``type_``."""
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_:
-            return cond
+            return str(cond.get("status"))
     return None
 
 
@@ -241,27 +368,16 @@ class Trust:
 
     # ------------------------------------------------------------------------------------------ the pass
     def _sync_locked(self, namespace: str) -> None:
-        peers, unparsed, unparsed_bundles = self._peers(namespace)
-        readers: dict[str, str] = {}  # BlazenPeer -> the trust bundle it reads
-        for p in peers:
-            if (bundle := c.trust_configmap(p)) is not None:
-                readers[p.name] = bundle
-            elif p.spec.tls.enabled and p.spec.tls.trust_bundle is not None:
-                readers[p.name] = USER_TRUST_BUNDLE
-        issuers = {
-            c.issuer_trust_configmap(p.spec.tls.issuer_ref): p.spec.tls.issuer_ref
-            for p in peers
-            if p.spec.tls.issuer_ref is not None and readers.get(p.name) not in (None, USER_TRUST_BUNDLE)
-        }
-        settings = certs.ca_settings(peers)
-        if settings is None and unparsed:
+        peers = self._peers(namespace)
+        readers, issuers, settings = peers.readers, peers.issuers, peers.settings
+        if settings is None and peers.unparsed:
             # Only BlazenPeers the models refuse (an upgrade made a field stricter) still name the namespace
             # CA: keep it, with the default lifetime, rather than take their certificates away.
             default = s.CA()
-            settings = certs.CaSettings(default.duration, default.renew_before, unparsed[0])
+            settings = certs.CaSettings(default.duration, default.renew_before, peers.unparsed[0])
         if settings is None:
             self._retire(namespace, c.TRUST_CONFIGMAP)
-        if not readers and settings is None and not unparsed_bundles:
+        if not readers and settings is None and not peers.unparsed_bundles:
             self._retire_issuers(namespace, set())
             self._last.pop(namespace, None)
             self._view.pop(namespace, None)
@@ -273,11 +389,9 @@ class Trust:
             bundles[c.TRUST_CONFIGMAP] = self._namespace_ca(ctx, settings)
         for name, ref in sorted(issuers.items()):
             bundles[name] = self._user_issuer(ctx, name, ref)
-        self._retire_issuers(namespace, set(issuers) | unparsed_bundles)
+        self._retire_issuers(namespace, set(issuers) | peers.unparsed_bundles)
         if ctx.listed_certificates is not None:  # forget the leaves that are gone
-            live = {
-                (namespace, (x.get("spec") or {}).get("secretName") or "") for x in ctx.listed_certificates
-            }
+            live = {(namespace, x.secret_name) for x in ctx.listed_certificates}
             for key in [k for k in self._leaf_cas if k[0] == namespace and k not in live]:
                 del self._leaf_cas[key]
         if USER_TRUST_BUNDLE in readers.values():
@@ -429,30 +543,12 @@ class Trust:
         self._act(ctx, configmap, plan)
         return summary
 
-    def _peers(self, namespace: str) -> tuple[list[Peer], list[str], set[str]]:
-        """The BlazenPeers (not being deleted); for those whose spec the models refuse (their status reports
-        the error), the names of those whose raw tls still names the namespace CA, and the user issuers'
-        trust bundles the others still read: kept rather than taken from their pods."""
-        out: list[Peer] = []
-        unparsed: list[str] = []
-        bundles: set[str] = set()
-        for body in self.api.list(s.API_VERSION, s.KIND, namespace):
-            if body["metadata"].get("deletionTimestamp"):
-                continue
-            try:
-                peer = Peer.from_body(body)
-            except ValidationError:
-                tls = (body.get("spec") or {}).get("tls") or {}
-                on = isinstance(tls, dict) and tls.get("enabled", True) is not False
-                if on and not tls.get("issuerRef"):
-                    unparsed.append(body["metadata"]["name"])
-                elif on and not tls.get("trustBundle"):
-                    # an issuerRef the models refuse too names no bundle the operator could have made
-                    with contextlib.suppress(ValidationError):
-                        bundles.add(c.issuer_trust_configmap(s.IssuerRef.model_validate(tls["issuerRef"])))
-                continue
-            out.append(peer)
-        return out, unparsed, bundles
+    def _peers(self, namespace: str) -> PeerReaders:
+        """What the pass needs of the namespace's BlazenPeers, page by page, one BlazenPeer at a time."""
+        peers = PeerReaders()
+        for body in self.api.each(s.API_VERSION, s.KIND, namespace, restarted=peers.clear):
+            peers.add(body)
+        return peers
 
     def _retire(self, namespace: str, name: str) -> None:
         """No BlazenPeer reads this trust ConfigMap any more: delete it (the namespace CA's takes the CA
@@ -467,7 +563,8 @@ class Trust:
 
     def _retire_issuers(self, namespace: str, keep: set[str]) -> None:
         selector = f"{MANAGED_SELECTOR},{certs.ISSUER_BUNDLE_LABEL}=issuer"
-        for configmap in self.api.list("v1", "ConfigMap", namespace, selector):
+        # deleting as it goes is safe when an expired page token starts the list over
+        for configmap in self.api.each("v1", "ConfigMap", namespace, selector):
             meta = configmap["metadata"]
             labels = meta.get("labels") or {}
             if meta["name"] in keep or labels.get(certs.ISSUER_BUNDLE_LABEL) != "issuer":
@@ -481,27 +578,22 @@ class Trust:
                 self.api.delete("v1", "ConfigMap", namespace, meta["name"], uid=meta.get("uid"))
 
     def _cas(
-        self, namespace: str, certificates: list[dict[str, Any]], secrets: dict[str, dict[str, Any] | None]
+        self, namespace: str, certificates: list[CertRecord], secrets: dict[str, dict[str, Any] | None]
     ) -> dict[int, rotation.CaCert]:
         """The CA generations that exist; the CA Secrets read on the way are left in ``secrets``."""
         out: dict[int, rotation.CaCert] = {}
         for cert in certificates:
-            meta = cert["metadata"]
-            if not (cert.get("spec") or {}).get("isCA"):
+            if not cert.is_ca or (cert.generation is None and cert.name != c.CA_NAME):
                 continue
-            label = (meta.get("labels") or {}).get(certs.CA_GENERATION_LABEL)
-            if label is None and meta["name"] != c.CA_NAME:
-                continue
-            gen = int(label) if label and label.isdigit() else 1
+            gen = int(cert.generation) if cert.generation and cert.generation.isdigit() else 1
             pem = None
-            ready = _condition(cert, "Ready")
-            if ready is not None and ready.get("status") == "True":
-                name = cert["spec"].get("secretName") or meta["name"]
+            if cert.ready:
+                name = cert.secret_name or cert.name
                 secret = secrets[name] = self.api.get("v1", "Secret", namespace, name)
                 pem = _b64((secret or {}).get("data"), "tls.crt")
                 roots = rotation.split_pem(pem or "")
                 pem = roots[0] if roots else None
-            out[gen] = rotation.CaCert(pem, _time((cert.get("status") or {}).get("notAfter")))
+            out[gen] = rotation.CaCert(pem, _time(cert.not_after))
         return out
 
     def _leaves(self, ctx: _Pass, issuer: dict[str, str], *, cached: bool) -> list[_Observed]:
@@ -509,36 +601,23 @@ class Trust:
         Secret. ``cached``: a Secret is read again only when its Certificate's issuance changed (an idle user
         issuer is observed every pass; a rotation reads every Secret every pass)."""
         out = []
+        wanted = (issuer["name"], issuer["kind"], issuer["group"])
         for cert in ctx.certificates():
-            spec = cert.get("spec") or {}
-            ref = spec.get("issuerRef") or {}
-            if (
-                spec.get("isCA")
-                or ref.get("name") != issuer["name"]
-                or ref.get("kind", "Issuer") != issuer["kind"]
-                or ref.get("group", "cert-manager.io") != issuer["group"]
-            ):
+            if cert.is_ca or cert.issuer != wanted:
                 continue
-            status = cert.get("status") or {}
-            secret_name = spec.get("secretName") or ""
-            key = (ctx.namespace, secret_name)
-            stamp = (status.get("revision"), status.get("notBefore"), cert["metadata"].get("uid"))
+            key = (ctx.namespace, cert.secret_name)
+            stamp = (cert.revision, cert.not_before or None, cert.uid or None)
             seen = self._leaf_cas.get(key)
             if not cached or seen is None or seen[0] != stamp:
-                secret = self.api.get("v1", "Secret", ctx.namespace, secret_name)
+                secret = self.api.get("v1", "Secret", ctx.namespace, cert.secret_name)
                 data = (secret or {}).get("data")
                 roots = rotation.split_pem(_b64(data, "ca.crt") or "")
                 seen = self._leaf_cas[key] = (stamp, roots[0] if roots else None, bool(_b64(data, "tls.crt")))
-            issuing = _condition(cert, "Issuing")
             out.append(
                 _Observed(
-                    rotation.Leaf(
-                        cert["metadata"]["name"],
-                        seen[1],
-                        issuing is not None and issuing.get("status") == "True",
-                    ),
+                    rotation.Leaf(cert.name, seen[1], cert.issuing),
                     issued=seen[2],
-                    issued_at=str(status.get("notBefore") or ""),
+                    issued_at=cert.not_before,
                 )
             )
         return out
@@ -547,40 +626,16 @@ class Trust:
         """Every ready pod that reads ``bundle`` (peers' and fleet routers': its trust volume names the
         ConfigMap) and what it reports. A pod that does not answer (or runs a runtime too old to report its
         trust) holds the rotation; the status names it."""
-        targets = []
-        for pod in ctx.pods():
-            meta, spec = pod["metadata"], pod.get("spec") or {}
-            if not any((v.get("configMap") or {}).get("name") == bundle for v in spec.get("volumes") or []):
-                continue
-            labels = meta.get("labels") or {}
-            owner = labels.get("app.kubernetes.io/instance", "")
-            if labels.get(fs.COMPONENT_LABEL) == "router":
-                owner = f"{owner}-router"  # the fleet's router Deployment
-            status = pod.get("status") or {}
-            ready = any(
-                x.get("type") == "Ready" and x.get("status") == "True" for x in status.get("conditions") or []
-            )
-            admin = next(
-                (
-                    port.get("containerPort")
-                    for container in spec.get("containers") or []
-                    for port in container.get("ports") or []
-                    if port.get("name") == "admin"
-                ),
-                None,
-            )
-            if meta.get("deletionTimestamp") or not ready or not status.get("podIP") or admin is None:
-                continue
-            targets.append((owner, meta["name"], f"http://{status['podIP']}:{admin}/v1/info"))
-        infos = read_peer_infos([url for _, _, url in targets])
+        targets = [p for p in ctx.pods() if bundle in p.bundles and p.url is not None]
+        infos = read_peer_infos([p.url for p in targets if p.url is not None])
         out = []
-        for (owner, name, _), info in zip(targets, infos, strict=True):
+        for pod, info in zip(targets, infos, strict=True):
             tls = (info or {}).get("tls")
             if not isinstance(tls, dict) or not isinstance(tls.get("trusted_sha256"), list):
-                out.append(rotation.PodTrust(owner, name, None))
+                out.append(rotation.PodTrust(pod.owner, pod.name, None))
                 continue
             trusted = frozenset(str(x) for x in tls["trusted_sha256"])
-            out.append(rotation.PodTrust(owner, name, trusted, tls.get("leaf_root_sha256")))
+            out.append(rotation.PodTrust(pod.owner, pod.name, trusted, tls.get("leaf_root_sha256")))
         return tuple(out)
 
     # ------------------------------------------------------------------------------------------ actions

@@ -27,13 +27,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from . import metrics
-from .apply import ApiError, path_for
+from .apply import ApiError, Paged
 from .cache import ChildCache, ChildKey, Live
 from .kinds import MANAGED_SELECTOR, ManagedKind
 
 log = logging.getLogger(__name__)
 
-PAGE = 250  # objects per list page: a list of 1,000 BlazenPeers' Deployments is not decoded at once
 SERVER_TIMEOUT = 300  # the API server ends each watch after this long; it is resumed from its resourceVersion
 RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)  # after lists or watch requests that failed, one after another
 
@@ -125,35 +124,23 @@ class ChildWatch:
     def relist(self) -> None:
         """Every labelled object of the kind, page by page, into the cache; records the list did not return
         are dropped (deleted while nobody watched)."""
-        path = path_for(self.kind.api_version, self.kind.kind, None)
         seen: set[ChildKey] = set()
-        token = ""
-        while True:
-            query: dict[str, Any] = {"labelSelector": MANAGED_SELECTOR, "limit": PAGE}
-            if token:
-                query["continue"] = token
-            try:
-                page = self.api.request("GET", path, query=query, what=f"list {self.kind.kind}")
-            except ApiError as exc:
-                if exc.status == 410 and token:  # the continue token expired: start the list over
-                    seen.clear()
-                    token = ""
-                    continue
-                raise
+        listing = Paged(
+            self.api.request,
+            self.kind.api_version,
+            self.kind.kind,
+            None,
+            MANAGED_SELECTOR,
+            restarted=seen.clear,  # an expired continue token: the list starts over
+        )
+        for obj in listing:
             self.alive()
-            for obj in page.get("items") or []:
-                # list items carry no apiVersion/kind
-                obj.setdefault("apiVersion", self.kind.api_version)
-                obj.setdefault("kind", self.kind.kind)
-                seen.add(ChildCache.key(obj))
-                self.observe(obj)
-            meta = page.get("metadata") or {}
-            token = meta.get("continue") or ""
-            if not token:
-                break
+            seen.add(ChildCache.key(obj))
+            self.observe(obj)
+        self.alive()
         for rec in self.cache.retain(self.kind.api_version, self.kind.kind, seen):
             self.changed(rec.obj)
-        self.resource_version = str(meta.get("resourceVersion") or "")
+        self.resource_version = listing.resource_version
         self.cache.mark_synced(self.kind.api_version, self.kind.kind)
         self.lists += 1
         metrics.WATCH_LISTS.labels(kind=self.kind.kind).inc()

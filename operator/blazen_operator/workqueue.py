@@ -62,6 +62,7 @@ class WorkQueue:
         self._follow_up: set[Key] = set()  # the next pass of these keys is a follow-up
         self._wake: dict[Key, asyncio.Event] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self.completed = 0  # passes run to their end, failed ones included (memory.Trimmer watches it)
 
     def request(self, key: Key, *, follow_up: bool = False) -> None:
         """Ask for a pass over key: soon, once, after the one running (if any) ends. ``follow_up``: the key
@@ -128,6 +129,7 @@ class WorkQueue:
                 self._follow_up.discard(key)
                 wake.clear()
                 done = await self._run(key)
+                self.completed += 1
                 # requested again during the pass: in line before the slot is handed on, so that a follow-up
                 # takes it straight back
                 again = self._line_up(key) if done and key in self._dirty else None

@@ -89,7 +89,9 @@ def state(api: Api, ns: str, name: str = "blazen-trust") -> tuple[dict[str, Any]
 
 
 def trust_events(api: Api, ns: str) -> list[str]:
-    items = [e for e in api.list("v1", "Event", ns) if e["involvedObject"].get("kind") == "ConfigMap"]
+    items = [
+        e for e in api.collect("v1", "Event", ns).items if e["involvedObject"].get("kind") == "ConfigMap"
+    ]
     return [
         e["reason"]
         for e in sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))

@@ -247,9 +247,11 @@ def test_status_routes_steps_and_names_the_unserved_ones(api, operator, namespac
     eventually(lambda: cond(fleet(api, namespace), "Routable") is not None, what="Routable condition")
     assert cond(fleet(api, namespace), "Routable")["status"] == "False"
     # four pods: cpu 2, gpu 1, router 1; the kubelet's part played by the test
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 4, what="four pods")
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 4, what="four pods")
     _mark_pods_ready(
-        api, namespace, ips={p["metadata"]["name"]: "127.0.0.1" for p in api.list("v1", "Pod", namespace)}
+        api,
+        namespace,
+        ips={p["metadata"]["name"]: "127.0.0.1" for p in api.collect("v1", "Pod", namespace).items},
     )
 
     def routed() -> bool:
@@ -274,7 +276,7 @@ def test_status_routes_steps_and_names_the_unserved_ones(api, operator, namespac
     eventually(lambda: cond(fleet(api, namespace), "Routable")["status"] == "True", what="routable")
     reasons = {
         e["reason"]
-        for e in api.list("v1", "Event", namespace)
+        for e in api.collect("v1", "Event", namespace).items
         if e["involvedObject"]["kind"] == "BlazenFleet" and e["involvedObject"]["name"] == "demo"
     }
     assert {"StepsNotServed", "Routable"} <= reasons, reasons

@@ -85,10 +85,12 @@ def test_status_shows_the_routers_split_runs(api, operator, namespace, router_in
     spec = copy.deepcopy(SPEC)
     spec["router"] = {"replicas": 1, "ports": {"admin": router_info}}
     create_fleet(api, fleet_manifest("demo", namespace, spec))
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 4, what="four pods")
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 4, what="four pods")
     assert "splitRuns" not in (fleet(api, namespace).get("status") or {}).get("router", {})
     _mark_pods_ready(
-        api, namespace, ips={p["metadata"]["name"]: "127.0.0.1" for p in api.list("v1", "Pod", namespace)}
+        api,
+        namespace,
+        ips={p["metadata"]["name"]: "127.0.0.1" for p in api.collect("v1", "Pod", namespace).items},
     )
 
     def router() -> dict[str, Any]:

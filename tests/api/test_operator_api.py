@@ -66,7 +66,7 @@ def cond(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def events(api: Api, ns: str, name: str) -> list[dict[str, Any]]:
-    items = api.list("v1", "Event", ns)
+    items = api.collect("v1", "Event", ns).items
     return [
         e
         for e in items
@@ -445,7 +445,7 @@ def _mark_pods_ready(
     with a pod IP from ``ips`` when given."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     n = 0
-    for pod in api.list("v1", "Pod", namespace):
+    for pod in api.collect("v1", "Pod", namespace).items:
         labels = pod["metadata"].get("labels") or {}
         if template_hash is not None and labels.get("pod-template-hash") != template_hash:
             continue
@@ -478,12 +478,12 @@ def test_status_is_not_ready_until_the_rollout_completes(api, operator, namespac
     create(api, manifest("bp", namespace, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "tok"}}))
     dep = eventually(lambda: get(api, "Deployment", namespace, "bp"))
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 1, what="first pod")
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 1, what="first pod")
     _mark_pods_ready(api, namespace)
     eventually(lambda: get(api, "BlazenPeer", namespace, "bp")["status"]["phase"] == "Ready", what="Ready")
 
     merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"image": "reg.local/peer:2"}})
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 2, what="surge pod")
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 2, what="surge pod")
 
     def rolling():
         st = get(api, "BlazenPeer", namespace, "bp")["status"]
@@ -530,8 +530,8 @@ def test_scale_down_prefers_pods_without_session_refs(api, operator, namespace, 
             "bp", namespace, replicas=3, tls={"enabled": False}, auth={"tokenSecretRef": {"name": "tok"}}
         ),
     )
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 3, what="three pods")
-    names = sorted(p["metadata"]["name"] for p in api.list("v1", "Pod", namespace))
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 3, what="three pods")
+    names = sorted(p["metadata"]["name"] for p in api.collect("v1", "Pod", namespace).items)
     keeper = names[1]
     ips = {name: f"10.9.0.{i + 1}" for i, name in enumerate(names)}
     refs = {ips[name]: (5 if name == keeper else 0) for name in names}
@@ -549,7 +549,7 @@ def test_scale_down_prefers_pods_without_session_refs(api, operator, namespace, 
             p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
                 "controller.kubernetes.io/pod-deletion-cost"
             )
-            for p in api.list("v1", "Pod", namespace)
+            for p in api.collect("v1", "Pod", namespace).items
         }
         assert out == {name: ("5" if name == keeper else "0") for name in names}
         return out
@@ -560,7 +560,7 @@ def test_scale_down_prefers_pods_without_session_refs(api, operator, namespace, 
 
     merge_patch(api, "BlazenPeer", namespace, "bp", {"spec": {"replicas": 1}}, "scale")
     eventually(
-        lambda: [p["metadata"]["name"] for p in api.list("v1", "Pod", namespace)] == [keeper],
+        lambda: [p["metadata"]["name"] for p in api.collect("v1", "Pod", namespace).items] == [keeper],
         what="the pod with refs is the one kept",
     )
 
@@ -971,13 +971,15 @@ def test_the_operator_uses_every_verb_the_chart_grants(
     secret["data"] = {"token": base64.b64encode(b"t").decode()}
     api.request("POST", path_for("v1", "Secret", namespace), body=secret)
     eventually(lambda: all(get(api, kind, namespace, name) for kind, name in CHILDREN), what="children")
-    eventually(lambda: len(api.list("v1", "Pod", namespace)) == 2, what="two pods")
+    eventually(lambda: len(api.collect("v1", "Pod", namespace).items) == 2, what="two pods")
     _mark_pods_ready(
-        api, namespace, ips={p["metadata"]["name"]: "127.0.0.1" for p in api.list("v1", "Pod", namespace)}
+        api,
+        namespace,
+        ips={p["metadata"]["name"]: "127.0.0.1" for p in api.collect("v1", "Pod", namespace).items},
     )
 
     def cost_set():
-        pods = api.list("v1", "Pod", namespace)
+        pods = api.collect("v1", "Pod", namespace).items
         assert all(
             (p["metadata"].get("annotations") or {}).get("controller.kubernetes.io/pod-deletion-cost") == "1"
             for p in pods

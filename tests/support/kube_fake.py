@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
+from blazen_operator.apply import ApiError, Paged
 from blazen_operator.builders.certs import STATE_ANNOTATION, trust_bundle
+
+PAGE = 2  # items a page: small, so the tests' few objects take several
 
 
 def matches(selector: str | None, labels: dict[str, str]) -> bool:
@@ -38,6 +42,8 @@ class Cluster:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, str, str]] = []
         self.rv = 0
+        self.pages: list[tuple[str, dict[str, Any]]] = []  # every list request: (kind, query)
+        self.expire_first_token = True
 
     def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.rv += 1
@@ -47,14 +53,39 @@ class Cluster:
         self.objects[(obj["kind"], meta["name"])] = obj
         return copy.deepcopy(obj)
 
-    def list(self, api_version: str, kind: str, namespace: str | None, selector: str | None = None) -> list:
-        if kind == "BlazenPeer":
-            return self.peers
-        return [
-            copy.deepcopy(o)
-            for (k, _), o in self.objects.items()
-            if k == kind and matches(selector, o["metadata"].get("labels") or {})
-        ]
+    def each(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str | None = None,
+        *,
+        restarted: Callable[[], None] | None = None,
+    ) -> Paged:
+        """Lists as the API server pages them, two items a page; the first continue token this cluster
+        hands out has expired by the time it comes back (410), so every caller's restart is exercised."""
+
+        def request(method: str, path: str, *, query: dict[str, Any] | None = None, what: str = "") -> Any:
+            self.pages.append((kind, dict(query or {})))
+            token = (query or {}).get("continue") or ""
+            if token and self.expire_first_token:
+                self.expire_first_token = False
+                raise ApiError(410, "Gone", "The provided continue parameter is too old", what)
+            items = (
+                copy.deepcopy(self.peers)
+                if kind == "BlazenPeer"
+                else [
+                    copy.deepcopy(o)
+                    for (k, _), o in self.objects.items()
+                    if k == kind and matches(selector, o["metadata"].get("labels") or {})
+                ]
+            )
+            start = int(token or 0)
+            more = start + PAGE < len(items)
+            meta = {"resourceVersion": str(self.rv), "continue": str(start + PAGE) if more else ""}
+            return {"items": items[start : start + PAGE], "metadata": meta}
+
+        return Paged(request, api_version, kind, namespace, selector, restarted)
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((kind, name))

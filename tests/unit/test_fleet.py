@@ -754,7 +754,9 @@ class _Pods:
         self.pods = pods
         self.lists: list[tuple[str, str]] = []
 
-    def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+    def each(
+        self, api_version: str, kind: str, namespace: str, selector: str, restarted: Any = None
+    ) -> list[dict[str, Any]]:
         assert (api_version, kind) == ("v1", "Pod")
         self.lists.append((namespace, selector))
         return self.pods

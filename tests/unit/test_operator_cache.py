@@ -249,7 +249,7 @@ def test_the_pods_a_blazenpeer_remembers_are_reduced_to_what_the_deletion_cost_p
     ]
 
     class Pods:
-        def list(self, *_: Any) -> list[dict[str, Any]]:
+        def each(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
             return copy.deepcopy(pods)
 
     seen = reconcile.observe_pods(Pods(), None, None, "ns", "app=bp", 9090, 60.0)  # type: ignore[arg-type]

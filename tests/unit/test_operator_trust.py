@@ -25,7 +25,9 @@ class FakeApi:
         self.configmap = configmap
         self.deleted: list[tuple[str, str, str | None]] = []
 
-    def list(self, api_version: str, kind: str, namespace: str | None, selector: str | None = None) -> list:
+    def each(
+        self, api_version: str, kind: str, namespace: str | None, selector: str | None = None, **_: Any
+    ) -> list:
         if kind == "ConfigMap":  # the user issuers' trust bundles: none
             return []
         if kind != "BlazenPeer":

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 import pytest
-from blazen_operator import handlers, kinds, watches
+from blazen_operator import apply, handlers, kinds, watches
 from blazen_operator.apply import ApiError
 from blazen_operator.cache import ChildCache
 from kopf._cogs.structs.references import Resource
@@ -161,7 +161,7 @@ def test_lists_in_pages_by_label_then_watches_from_the_lists_resource_version() 
     )
     lists = [q for call, q in api.calls if call == "list"]
     assert lists[0]["labelSelector"] == kinds.MANAGED_SELECTOR
-    assert lists[0]["limit"] == watches.PAGE
+    assert lists[0]["limit"] == apply.PAGE
     assert lists[0]["path"] == "/apis/apps/v1/deployments"  # every namespace
     assert lists[1]["continue"] == "tok"
     assert watch_rvs(api)[0] == "9"

@@ -49,19 +49,25 @@ class CaSettings:
         return s.go_duration_seconds(self.renew_before)
 
 
-def ca_settings(peers: list[Peer]) -> CaSettings | None:
-    """One namespace CA, many BlazenPeers: the strictest tls.ca wins, i.e. the shortest ca.duration (ties:
-    the longest ca.renewBefore, then the name), taken as a pair so renewBefore < duration holds."""
-    candidates = [p for p in peers if c.uses_namespace_ca(p)]
-    if not candidates:
+def ca_request(p: Peer) -> CaSettings | None:
+    """The namespace CA lifetime this BlazenPeer asks for (its tls.ca); None: it does not use the namespace
+    CA."""
+    if not c.uses_namespace_ca(p):
         return None
+    return CaSettings(p.spec.tls.ca.duration, p.spec.tls.ca.renew_before, p.name)
 
-    def strictness(p: Peer) -> tuple[float, float, str]:
-        ca = p.spec.tls.ca
-        return (s.go_duration_seconds(ca.duration), -s.go_duration_seconds(ca.renew_before), p.name)
 
-    best = min(candidates, key=strictness)
-    return CaSettings(best.spec.tls.ca.duration, best.spec.tls.ca.renew_before, best.name)
+def strictest(a: CaSettings | None, b: CaSettings | None) -> CaSettings | None:
+    """One namespace CA, many BlazenPeers: the strictest tls.ca wins, i.e. the shortest ca.duration (ties:
+    the longest ca.renewBefore, then the name), taken as a pair so renewBefore < duration holds. A fold step:
+    the trust pass takes the BlazenPeers one at a time and holds none of them."""
+    if a is None or b is None:
+        return a or b
+    return min(a, b, key=_strictness)
+
+
+def _strictness(x: CaSettings) -> tuple[float, float, str]:
+    return (s.go_duration_seconds(x.duration), -s.go_duration_seconds(x.renew_before), x.source)
 
 
 def ca_name(generation: int) -> str:
