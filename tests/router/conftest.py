@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ from blazen_peer.admin.logs import current_request_id
 from blazen_peer.client import BlazenPeerClient
 from blazen_peer.router import BlazenRouterServer
 
-from tests.support.peers import start_peer, start_router
+from tests.support.peers import TOKEN, start_peer, start_router
+from tests.support.pki import Pki
 
 CPU_STEPS = ("cpu.parse", "cpu.rid", "cpu.chain1", "cpu.chain2", "cpu.keep", "cpu.slow", "shared.echo")
 GPU_STEPS = ("gpu.infer", "gpu.keep", "shared.echo", "gpu.late")  # gpu.late: registered by a test
@@ -88,6 +90,29 @@ class Fleet:
 
     async def client(self, node_id: str = "caller-1", **kw: Any) -> BlazenPeerClient:
         return await BlazenPeerClient.connect(f"http://127.0.0.1:{self.router.grpc_port}", node_id, **kw)
+
+    def cpu_in_use(self) -> int:
+        """Calls running on the cpu pool's replicas (their admission's slots)."""
+        return sum(p.runtime.limiter.in_use for p in self.cpu)
+
+    async def wait_cpu_in_use(self, n: int, secs: float = 5.0) -> int:
+        """Waits up to ``secs`` for ``n`` calls running on the cpu pool; returns the count then."""
+        deadline = time.monotonic() + secs
+        # the peers' admission has no event to wait on: poll it
+        while self.cpu_in_use() != n and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        return self.cpu_in_use()
+
+
+def tls_config(pki: Pki) -> dict[str, Any]:
+    """Server settings for TLS with client certificates from ``pki`` and the tests' token."""
+    return {
+        "tls_cert": pki.cert,
+        "tls_key": pki.key,
+        "tls_ca": pki.ca_file,
+        "token": TOKEN,
+        "insecure": False,
+    }
 
 
 async def start_fleet(peer_config: dict[str, Any] | None = None, **router_config: Any) -> Fleet:

@@ -25,10 +25,10 @@ from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
 from blazen_peer.wire.protocol import PATH_INVOKE
 
-from tests.support.peers import TOKEN, start_router, tls_client
+from tests.support.peers import start_router, tls_client
 from tests.support.pki import Pki
 
-from .conftest import Fleet, start_fleet, stop_fleet
+from .conftest import Fleet, start_fleet, stop_fleet, tls_config
 
 
 class Decisions:
@@ -92,25 +92,14 @@ async def test_the_deadline_and_the_cancellation_reach_the_replica(fleet: Fleet)
         with pytest.raises(PeerTransportError, match=r"(?i)deadline"):
             await client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 30}, deadline=0.5)
         assert time.monotonic() - start < 5
-        for _ in range(50):  # the replica got the deadline too: its call ends
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0
+        assert await fleet.wait_cpu_in_use(0) == 0  # the replica got the deadline too: its call ends
         task = asyncio.ensure_future(client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 30}))
-        for _ in range(50):
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 1:
-                break
-            await asyncio.sleep(0.05)
+        assert await fleet.wait_cpu_in_use(1) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(50):
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0:
-                break
-            await asyncio.sleep(0.1)
         # both ended on the replica: the RST_STREAM went along
-        assert sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0
+        assert await fleet.wait_cpu_in_use(0) == 0
         assert seen.relayed == 2, seen.made
         assert all(r.in_flight == 0 for r in fleet.router.pools.replicas)
         assert fleet.router.runtime.limiter.in_use == 0
@@ -163,10 +152,7 @@ async def test_a_refused_replica_is_replaced_a_started_call_never_rerun() -> Non
     try:
         # both replicas take one call each; cpu.slow holds cpu-0 and cpu-1 in turn
         busy = asyncio.ensure_future(client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 1.5}))
-        for _ in range(50):
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 1:
-                break
-            await asyncio.sleep(0.05)
+        assert await fleet.wait_cpu_in_use(1) == 1
         nodes = [
             (await client.invoke_sub_workflow("wf", ["cpu.parse"])).result_value()["node"] for _ in range(10)
         ]
@@ -224,16 +210,6 @@ async def test_data_plane_grpcio_keeps_the_python_path() -> None:
 
 
 # -- the listener: TLS, client certificates, reload, cap, handshake timeout --------------------------------
-
-
-def tls_config(pki: Pki) -> dict:
-    return {
-        "tls_cert": pki.cert,
-        "tls_key": pki.key,
-        "tls_ca": pki.ca_file,
-        "token": TOKEN,
-        "insecure": False,
-    }
 
 
 @pytest.fixture

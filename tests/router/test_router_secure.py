@@ -16,17 +16,7 @@ from blazen_peer.wire.protocol import PATH_DESCRIBE
 from tests.support.peers import TOKEN, start_router, tls_client
 from tests.support.pki import Pki, write_pem_files
 
-from .conftest import start_fleet, stop_fleet
-
-
-def tls_config(pki: Pki) -> dict:
-    return {
-        "tls_cert": pki.cert,
-        "tls_key": pki.key,
-        "tls_ca": pki.ca_file,
-        "token": TOKEN,
-        "insecure": False,
-    }
+from .conftest import start_fleet, stop_fleet, tls_config
 
 
 @pytest.fixture

@@ -129,30 +129,18 @@ async def test_the_callers_deadline_bounds_the_hop(fleet: Fleet) -> None:
     finally:
         await client.close()
     # the peer saw the hop end: nothing stays in flight there
-    for _ in range(50):
-        if all(p.runtime.limiter.in_use == 0 for p in fleet.cpu):
-            break
-        await asyncio.sleep(0.1)
-    assert [p.runtime.limiter.in_use for p in fleet.cpu] == [0, 0]
+    assert await fleet.wait_cpu_in_use(0) == 0
 
 
 async def test_a_cancelled_call_cancels_the_hop(fleet: Fleet) -> None:
     client = await fleet.client()
     try:
         task = asyncio.ensure_future(client.invoke_sub_workflow("wf", ["cpu.slow"], {"secs": 30}))
-        for _ in range(50):
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert sum(p.runtime.limiter.in_use for p in fleet.cpu) == 1
+        assert await fleet.wait_cpu_in_use(1) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(50):
-            if sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert sum(p.runtime.limiter.in_use for p in fleet.cpu) == 0
+        assert await fleet.wait_cpu_in_use(0) == 0
     finally:
         await client.close()
 
