@@ -84,6 +84,19 @@ async def test_invoke_bytes_come_back_unchanged_and_the_relay_forwarded_them(fle
     assert all(r.in_flight == 0 for r in fleet.router.pools.replicas)
 
 
+async def test_oversized_metadata_is_refused_before_python_sees_it(fleet: Fleet) -> None:
+    # Headers arrive before any credential is checked: the relay bounds them as grpcio does (16 KiB), not at
+    # h2's default of 16 MiB per stream, and Python never decodes such a call.
+    seen = decisions(fleet)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fleet.router.grpc_port}") as ch:
+        invoke = ch.unary_unary(PATH_INVOKE)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await invoke(request("cpu.parse"), metadata=[("x-padding", "p" * (64 << 10))], timeout=10)
+        assert seen.made == []
+        assert await invoke(request("cpu.parse"), timeout=10)  # the listener lives on
+    assert seen.relayed == 1
+
+
 async def test_the_deadline_and_the_cancellation_reach_the_replica(fleet: Fleet) -> None:
     seen = decisions(fleet)
     client = await fleet.client()

@@ -43,11 +43,17 @@ pub struct Shared {
 
 type Status = (u32, String);
 
+/// A call's headers (its metadata) at most: grpcio's own hard limit for incoming metadata. Headers arrive
+/// before any credential is checked, and h2's default (16 MiB per stream) would let a caller without one
+/// make the relay hold gigabytes across a connection's streams.
+const MAX_HEADER_LIST: u32 = 16 << 10;
+
 fn server_builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(1000);
     b
 }
