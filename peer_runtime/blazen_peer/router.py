@@ -211,12 +211,13 @@ class BlazenRouterServer(BlazenPeerServer):
         gates = {p: rt.admission.call_gate(p) for p in relayed}
         policy = self.relay_policy = RelayPolicy(self.router, gates, self._hop_server_name)
         tls = rt.tls
+        mutual = rt.tls_client_auth == "require"
         hop = self._hop_tls if self._hop_tls is not None else tls
         self.relay = Relay(
             policy,
             relayed,
             sock,
-            tls=_serving(tls.material, rt.tls_client_auth == "require") if tls is not None else None,
+            tls=_serving(tls.material, mutual) if tls is not None else None,
             hop_tls=_hop(hop.material) if hop is not None else None,
             max_connections=cfg.connection_cap(),
             handshake_timeout=cfg.idle_timeout_secs,
@@ -225,7 +226,6 @@ class BlazenRouterServer(BlazenPeerServer):
         )
         relay = self.relay
         if tls is not None:
-            mutual = rt.tls_client_auth == "require"
             # the polling thread: new handshakes take the new material
             tls.add_listener(lambda m: relay.set_tls(*_serving(m, mutual)))
         if hop is not None:
