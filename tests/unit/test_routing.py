@@ -3,6 +3,7 @@ ref ids read from a response, pool flags, the Describe body, and which refusals 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -17,12 +18,13 @@ from blazen_peer.cli import build_parser, main
 from blazen_peer.config import ROUTER_FLAGS, config_from
 from blazen_peer.router import BlazenRouterServer, parse_pools
 from blazen_peer.routing.balance import Replica, pick
-from blazen_peer.routing.forward import refused_before_running
+from blazen_peer.routing.forward import Router, refused_before_running
+from blazen_peer.routing.pools import PoolSet
 from blazen_peer.routing.refs import RefOwners, response_ref_ids
 from blazen_peer.routing.table import PoolView, RoutingTable, parse_pool
 from blazen_peer.wire.errors import PeerStatusError, Status
 from blazen_peer.wire.fleet import Description, DescriptionError
-from blazen_peer.wire.messages import RemoteRefDescriptor, SubWorkflowResponse
+from blazen_peer.wire.messages import RemoteRefDescriptor, SubWorkflowRequest, SubWorkflowResponse
 
 START = ("blazen::StartEvent",)
 
@@ -233,3 +235,34 @@ def test_pick_prefers_the_replica_holding_the_run_unless_much_busier() -> None:
     assert all(pick([a, b, c], rng=random.Random(i), prefer=a) is not a for i in range(50))
     a.in_flight = 0
     assert pick([a, b, c], exclude=[a], prefer=a) is not a  # it refused this call already
+
+
+async def test_a_pool_replaced_by_replicas_not_yet_described_keeps_routing_its_steps() -> None:
+    """A rolling update can leave a pool with only pods that joined moments ago: until they describe
+    themselves, the pool still serves what it served (Kubernetes calls them ready), not NOT_FOUND."""
+    # ports nothing listens on: the joined replicas' Describe fails, as a pod still starting would
+    pools = PoolSet({"cpu": ["127.0.0.1:9"]}, describe_timeout=0.5)
+    old = pools.pools["cpu"][0]
+    old.description = Description("old", {"examples::echo": ()}, {"wf": ("examples::echo",)})
+    old.live = True
+    pools.update({"cpu": ["127.0.0.1:9"]})
+    assert pools.table.pools_for("", ["examples::echo"]) == ("cpu",)
+    try:
+        pools.update({"cpu": ["127.0.0.1:1"]})
+        assert pools.table.pools_for("", ["examples::echo"]) == ("cpu",)
+        assert pools.table.pools_for("wf", []) == ("cpu",)
+        await asyncio.gather(*pools._background)  # their Describe failed: still the pool's last view
+        assert pools.table.pools_for("", ["examples::echo"]) == ("cpu",)
+        # no replica at all for a moment: the pool still serves the step, it is just unreachable
+        pools.update({"cpu": []})
+        with pytest.raises(PeerStatusError, match="pool cpu has no ready replica") as err:
+            Router(pools).candidates(SubWorkflowRequest("", ["examples::echo"]))
+        assert err.value.status == Status.UNAVAILABLE
+        # an unknown step is still NOT_FOUND, and a pool removed takes its steps with it
+        with pytest.raises(PeerStatusError, match="unknown step id `other`"):
+            pools.table.pools_for("", ["other"])
+        pools.update({})
+        with pytest.raises(PeerStatusError, match="unknown step id `examples::echo`"):
+            pools.table.pools_for("", ["examples::echo"])
+    finally:
+        await pools.close()

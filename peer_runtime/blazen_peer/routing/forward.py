@@ -129,9 +129,10 @@ class Router:
         check_version(req.envelope_version)  # a peer checks the version before the step ids
         names = self.pools.table.pools_for(req.workflow_name, req.step_ids)
         pools = self.pools.pools
-        if len(names) == 1:
-            return pools.get(names[0], ())
-        return [r for n in names for r in pools.get(n, ())]
+        found = pools.get(names[0], ()) if len(names) == 1 else [r for n in names for r in pools.get(n, ())]
+        if not found:  # the pools serve it but have no replica this moment (all pods replaced): retry later
+            raise PeerStatusError(Status.UNAVAILABLE, f"pool {', '.join(names)} has no ready replica")
+        return found
 
     def refused(self, replica: Replica, code: grpc.StatusCode) -> None:
         """``replica`` refused a call before running it (``status_refused_before_running``)."""

@@ -116,15 +116,21 @@ class PoolSet:
         self.refreshed_at = time.time()
 
     def _rebuild(self) -> None:
-        """The routing table from the current pools' descriptions; then ``on_refresh``."""
+        """The routing table from the current pools' descriptions; then ``on_refresh``. A pool none of whose
+        replicas has described itself yet keeps its last view: in a rolling update its pods can all be new
+        for a moment, and until they answer the pool still serves what it served (a call to a step it no
+        longer serves gets the replica's own NOT_FOUND), rather than the router calling the step unknown."""
         views = []
         for name, replicas in self.pools.items():
+            described = [r.description for r in replicas if r.description is not None]
+            if not described and name in self.table.views:
+                views.append(self.table.views[name])
+                continue
             steps: dict[str, tuple[str, ...]] = {}
             workflows: dict[str, tuple[str, ...]] = {}
-            for r in replicas:
-                if r.description is not None:
-                    steps.update(r.description.steps)
-                    workflows.update(r.description.workflows)
+            for d in described:
+                steps.update(d.steps)
+                workflows.update(d.workflows)
             views.append(PoolView(name, steps, workflows))
         self.table = RoutingTable(views)
         if self._on_refresh is not None:
