@@ -10,6 +10,7 @@ class Relay:
         relayed: list[str],
         fallback: str,
         *,
+        metadata: tuple[str, str, str],
         tls: tuple[_Pem, _Pem, _Pem | None] | None,
         hop_tls: tuple[_Pem | None, _Pem | None, _Pem] | None,
         max_connections: int,

@@ -30,7 +30,7 @@ from .routing.discovery import FleetDiscovery, KubeAccess, kube_access
 from .routing.forward import Router, RouterService, router_methods
 from .routing.kube import KubeApi
 from .routing.pools import PoolSet
-from .routing.relay import RelayPolicy
+from .routing.relay import METADATA, RelayPolicy
 from .routing.split import SplitRunner
 from .routing.table import parse_pool
 from .security.policy import pool_hop_tls, pool_hop_tokens
@@ -217,6 +217,7 @@ class BlazenRouterServer(BlazenPeerServer):
             policy,
             relayed,
             sock,
+            metadata=METADATA,
             tls=_serving(tls.material, mutual) if tls is not None else None,
             hop_tls=_hop(hop.material) if hop is not None else None,
             max_connections=cfg.connection_cap(),

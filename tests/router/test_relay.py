@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from blazen_peer.client import PeerError, PeerTransportError, PeerUnknownStepError
-from blazen_peer.routing.relay import RelayCall, RelayPolicy
+from blazen_peer.routing.relay import RelayCall, RelayPolicy, Target
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
 from blazen_peer.wire.protocol import PATH_INVOKE
@@ -38,10 +38,12 @@ class Decisions:
         self.made: list[RelayCall | None] = []
         real = policy.decide
 
-        def decide(path: str, request: bytes, metadata: list[tuple[str, str]]) -> RelayCall | None:
-            call = real(path, request, metadata)
-            self.made.append(call)
-            return call
+        def decide(
+            path: str, request: bytes, caller: str | None, rid: str | None, authorization: str | None
+        ) -> tuple[RelayCall, Target] | None:
+            decided = real(path, request, caller, rid, authorization)
+            self.made.append(decided[0] if decided is not None else None)
+            return decided
 
         policy.decide = decide  # type: ignore[method-assign]
 

@@ -2,13 +2,16 @@
 Invoke or Stream goes, whether a refused one goes elsewhere, and what its end teaches.
 
 The relay calls ``RelayPolicy.decide`` once per call, on its own thread with the GIL, with the request
-bytes and the caller's metadata. The answer is a ``RelayCall`` (the replica, by the same choice as the
+bytes and the three metadata values the router reads (``METADATA``: the caller's node id, request id and
+token). The answer is a ``RelayCall`` with its first ``Target`` (the replica, by the same choice as the
 grpcio path: ``Router.candidates`` then ``balance.pick``, and the hop metadata) or None: "hand it to the
 grpcio server" - a call the admission refuses (the grpcio server refuses it the same way), a request that
 does not decode, step ids no single pool serves (a split run), no replica at all. The relay then calls
-``RelayCall.retry`` on a refusal (the one rule, ``forward.status_refused_before_running``) and
-``RelayCall.finish`` once at the end, which keeps the in-flight counts, the metrics and the ref owners
-exactly as the grpcio path does (``Router.refused``, ``Router.learn_refs``).
+``RelayCall.retry`` on a refusal (the one rule, ``forward.status_refused_before_running``), which gives the
+next target or None, and ``RelayCall.finish`` once at the end, which keeps the in-flight counts, the
+metrics and the ref owners exactly as the grpcio path does (``Router.refused``, ``Router.learn_refs``).
+One call into Python before a call is forwarded, none while it runs: each costs the relay the GIL and a
+crossing of the language boundary, on the caller's critical path.
 """
 
 from __future__ import annotations
@@ -33,10 +36,17 @@ from ..wire.protocol import (
 from .balance import Replica, pick
 from .forward import Router, final_frame, hop_metadata, status_refused_before_running, view
 
-__all__ = ["RelayCall", "RelayPolicy"]
+__all__ = ["METADATA", "RelayCall", "RelayPolicy", "Target"]
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+#: the metadata ``decide`` is given, in its order: the relay reads just these of a call's headers (the last
+#: node id and request id, the first token: as the grpcio admission reads them).
+METADATA = (NODE_ID_METADATA, REQUEST_ID_METADATA, AUTHORIZATION_METADATA)
+
+#: where a call goes: (replica address, the name its TLS certificate is checked against or None, hop metadata)
+Target = tuple[str, str | None, list[tuple[str, str]]]
 
 
 #: ``(admit, release, stats)`` of one method: the admission's gate (``admit(authorization)`` -> None or the
@@ -45,7 +55,7 @@ Gate = tuple[Callable[[Any], "tuple[Status, str] | None"], Callable[[], None], C
 
 
 class RelayCall:
-    """One forwarded call: its replica (``target``), and what the relay reports back."""
+    """One forwarded call: its replica, and what the relay reports back."""
 
     __slots__ = ("_cands", "_gate", "_policy", "_start", "_stream", "_tried", "metadata", "replica")
 
@@ -69,19 +79,17 @@ class RelayCall:
         replica.in_flight += 1
         replica.calls += 1
 
-    def target(self) -> tuple[str, str | None, list[tuple[str, str]]]:
-        """(replica address, TLS server name or None, hop metadata)."""
-        assert self.replica is not None
-        addr = self.replica.addr
+    def target(self, replica: Replica) -> Target:
+        addr = replica.addr
         return addr, self._policy.server_name(addr), self.metadata
 
-    def retry(self, code: int, details: str) -> bool:
-        """The replica answered ``code`` before any message (or could not be reached): True when it refused
-        before running and another replica is now the target; False: ``code`` is the caller's answer."""
+    def retry(self, code: int, details: str) -> Target | None:
+        """The replica answered ``code`` before any message (or could not be reached): the next target when
+        it refused before running and another replica is left; None: ``code`` is the caller's answer."""
         replica = self.replica
         status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
         if replica is None or not status_refused_before_running(status, details):
-            return False
+            return None
         replica.errors += 1
         replica.in_flight -= 1
         self._policy.router.refused(replica, status)
@@ -89,10 +97,10 @@ class RelayCall:
         nxt = pick(self._cands, self._tried)
         self.replica = nxt
         if nxt is None:  # none left: the last refusal is the answer
-            return False
+            return None
         nxt.in_flight += 1
         nxt.calls += 1
-        return True
+        return self.target(nxt)
 
     def finish(self, code: int, details: str, last: bytes | None) -> None:
         """The call ended with ``code``; ``last``: its last response message (the Invoke reply, the
@@ -123,18 +131,12 @@ class RelayPolicy:
         self.gates = gates
         self.server_name = server_name
 
-    def decide(self, path: str, request: bytes, metadata: list[tuple[str, str]]) -> RelayCall | None:
+    def decide(
+        self, path: str, request: bytes, caller: str | None, rid: str | None, authorization: str | None
+    ) -> tuple[RelayCall, Target] | None:
         gate = self.gates.get(path)
         if gate is None:
             return None
-        caller = rid = authorization = None
-        for key, value in metadata:
-            if key == NODE_ID_METADATA:
-                caller = value
-            elif key == REQUEST_ID_METADATA:
-                rid = value
-            elif key == AUTHORIZATION_METADATA and authorization is None:
-                authorization = value
         admit, release, stats = gate
         if admit(authorization) is not None:
             return None  # refused: the grpcio server refuses it the same way, and counts it
@@ -150,4 +152,5 @@ class RelayPolicy:
             return None
         stats.start()
         md = hop_metadata(caller, self.router.pools, rid or new_request_id())
-        return RelayCall(self, gate, cands, replica, md, path == PATH_STREAM)
+        call = RelayCall(self, gate, cands, replica, md, path == PATH_STREAM)
+        return call, call.target(replica)

@@ -11,7 +11,6 @@ pub const CANCELLED: u32 = 1;
 pub const UNKNOWN: u32 = 2;
 pub const DEADLINE_EXCEEDED: u32 = 4;
 pub const RESOURCE_EXHAUSTED: u32 = 8;
-pub const INTERNAL: u32 = 13;
 pub const UNAVAILABLE: u32 = 14;
 
 /// `grpc-timeout` ("1-8 digits" + unit H/M/S/m/u/n) as a duration; None when absent or malformed (a

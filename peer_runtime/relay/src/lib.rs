@@ -43,16 +43,18 @@ struct Relay {
 
 #[pymethods]
 impl Relay {
-    /// `policy.decide` is asked about calls to the `relayed` paths. `tls`: (cert chain, key, CA or None) of the listener, the CA meaning client certificates are
+    /// `policy.decide` is asked about calls to the `relayed` paths, with the values of the three
+    /// `metadata` keys (`relay.METADATA`). `tls`: (cert chain, key, CA or None) of the listener, the CA meaning client certificates are
     /// required; None: plaintext. `hop_tls`: (cert or None, key or None, CA) for the replicas; None:
     /// plaintext hops.
     #[new]
-    #[pyo3(signature = (policy, relayed, fallback, *, tls, hop_tls, max_connections, handshake_timeout, max_connection_age, max_request_bytes))]
+    #[pyo3(signature = (policy, relayed, fallback, *, metadata, tls, hop_tls, max_connections, handshake_timeout, max_connection_age, max_request_bytes))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         policy: Py<PyAny>,
         relayed: Vec<String>,
         fallback: String,
+        metadata: [String; 3],
         tls: Option<(Pem, Pem, Option<Pem>)>,
         hop_tls: Option<(Option<Pem>, Option<Pem>, Pem)>,
         max_connections: usize,
@@ -65,9 +67,14 @@ impl Relay {
             .transpose()
             .map_err(value_error)?
             .map(|cfg| RwLock::new(Arc::new(cfg)));
+        let metadata = metadata.map(|k| {
+            http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| value_error(e.to_string()))
+        });
+        let [node, rid, auth] = metadata;
         let shared = Shared {
             policy,
             relayed,
+            metadata: [node?, rid?, auth?],
             fallback,
             tls,
             upstreams: Upstreams::new(client_config(hop_tls)?),

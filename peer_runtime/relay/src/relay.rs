@@ -27,6 +27,8 @@ pub struct Shared {
     pub policy: Py<PyAny>,
     /// The paths the relay forwards itself (Invoke, Stream: blazen_peer.wire.protocol's).
     pub relayed: Vec<String>,
+    /// The metadata `decide` is given (`relay.METADATA`: node id, request id, token).
+    pub metadata: [HeaderName; 3],
     /// The grpcio server's private unix socket: what the relay does not forward itself.
     pub fallback: String,
     /// The listener's TLS (None: plaintext, only when the router's configuration has no TLS).
@@ -162,8 +164,10 @@ impl Shared {
         let plain =
             matches!(grpc::frame_header(&request), Some((false, n)) if n + 5 == request.len());
         if plain && self.relayed.iter().any(|p| p == path) {
-            if let Some(call) = self.decide(path, &request, &parts.headers) {
-                return self.forward(call, path, request, deadline, respond).await;
+            if let Some((call, target)) = self.decide(path, &request, &parts.headers) {
+                return self
+                    .forward(call, target, path, request, deadline, respond)
+                    .await;
             }
         }
         self.handover(parts, request, respond).await
@@ -173,13 +177,14 @@ impl Shared {
     async fn forward(
         &self,
         call: Py<PyAny>,
+        target: CallTarget,
         path: &str,
         request: Bytes,
         deadline: Option<Instant>,
         mut respond: SendResponse<Bytes>,
     ) {
         let outcome = tokio::select! {
-            r = self.upstream_response(&call, path, &request, deadline) => r,
+            r = self.upstream_response(&call, target, path, &request, deadline) => r,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => {
                 // Dropping the upstream call resets its stream: the replica sees the cancellation.
                 return finish(&call, grpc::CANCELLED, "cancelled by the caller", None);
@@ -202,15 +207,15 @@ impl Shared {
     async fn upstream_response(
         &self,
         call: &Py<PyAny>,
+        first: CallTarget,
         path: &str,
         request: &Bytes,
         deadline: Option<Instant>,
     ) -> Result<Upstream, Status> {
         let tls = self.upstreams.hop_tls.read().unwrap().is_some();
+        let mut next = first;
         loop {
-            let Some((addr, server_name, metadata)) = target(call) else {
-                return Err((grpc::INTERNAL, "relay: the routing policy failed".into()));
-            };
+            let (addr, server_name, metadata) = next;
             let target = Target::Tcp {
                 addr: addr.clone(),
                 server_name,
@@ -255,8 +260,9 @@ impl Shared {
                     return Err((grpc::UNAVAILABLE, format!("relay: upstream {addr}: {why}")))
                 }
             };
-            if !retry(call, refused.0, &refused.1) {
-                return refused.2;
+            match retry(call, refused.0, &refused.1) {
+                Some(t) => next = t,
+                None => return refused.2,
             }
         }
     }
@@ -338,17 +344,32 @@ impl Shared {
         }
     }
 
-    fn decide(&self, path: &str, request: &Bytes, headers: &HeaderMap) -> Option<Py<PyAny>> {
-        Python::attach(|py| {
-            let md: Vec<(&str, &str)> = headers
+    /// `RelayPolicy.decide`: the call and its first target, or None (the grpcio server's).
+    fn decide(
+        &self,
+        path: &str,
+        request: &Bytes,
+        headers: &HeaderMap,
+    ) -> Option<(Py<PyAny>, CallTarget)> {
+        let [node, rid, auth] = &self.metadata;
+        let last = |k: &HeaderName| {
+            headers
+                .get_all(k)
                 .iter()
-                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
-                .collect();
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+        };
+        let (caller, rid) = (last(node), last(rid));
+        let authorization = headers.get(auth).and_then(|v| v.to_str().ok());
+        Python::attach(|py| {
             // the message without its 5-byte frame header, as grpcio hands it to a handler
             let message = PyBytes::new(py, request.get(5..).unwrap_or_default());
-            match self.policy.call_method1(py, "decide", (path, message, md)) {
-                Ok(r) if r.is_none(py) => None,
-                Ok(r) => Some(r),
+            match self
+                .policy
+                .call_method1(py, "decide", (path, message, caller, rid, authorization))
+                .and_then(|r| r.extract(py))
+            {
+                Ok(r) => r,
                 Err(e) => {
                     // the grpcio server answers it (the same routing code, with its own error handling)
                     e.print(py);
@@ -366,22 +387,11 @@ enum Sent {
     Maybe(String),
 }
 
-/// `RelayCall.target()`: (replica address, TLS server name, hop metadata).
+/// `relay.Target`: (replica address, TLS server name, hop metadata).
 type CallTarget = (String, Option<String>, Vec<(String, String)>);
 
-fn target(call: &Py<PyAny>) -> Option<CallTarget> {
-    Python::attach(
-        |py| match call.call_method0(py, "target").and_then(|t| t.extract(py)) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                e.print(py);
-                None
-            }
-        },
-    )
-}
-
-fn retry(call: &Py<PyAny>, code: u32, details: &str) -> bool {
+/// `RelayCall.retry`: the next target, or None when the refusal is the caller's answer.
+fn retry(call: &Py<PyAny>, code: u32, details: &str) -> Option<CallTarget> {
     Python::attach(|py| {
         match call
             .call_method1(py, "retry", (code, details))
@@ -390,7 +400,7 @@ fn retry(call: &Py<PyAny>, code: u32, details: &str) -> bool {
             Ok(r) => r,
             Err(e) => {
                 e.print(py);
-                false
+                None
             }
         }
     })
