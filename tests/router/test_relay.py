@@ -86,6 +86,18 @@ async def test_invoke_bytes_come_back_unchanged_and_the_relay_forwarded_them(fle
     assert all(r.in_flight == 0 for r in fleet.router.pools.replicas)
 
 
+async def test_a_request_larger_than_the_replicas_flow_control_window_arrives_whole(fleet: Fleet) -> None:
+    # The relay hands the request to h2 at once (no wait for window capacity): 3 MiB, far past a replica's
+    # first 64 KiB window, must still arrive whole and the answer come back unchanged.
+    seen = decisions(fleet)
+    raw = request("cpu.parse", x="a" * (3 << 20))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fleet.router.grpc_port}") as ch:
+        via_router = await ch.unary_unary(PATH_INVOKE)(raw, timeout=30)
+    assert seen.relayed == 1
+    assert len(via_router) > 3 << 20
+    assert b'"x":"' + b"a" * (3 << 20) + b'"' in via_router
+
+
 async def test_oversized_metadata_is_refused_before_python_sees_it(fleet: Fleet) -> None:
     # Headers arrive before any credential is checked: the relay bounds them as grpcio does (16 KiB), not at
     # h2's default of 16 MiB per stream, and Python never decodes such a call.

@@ -297,7 +297,10 @@ impl Shared {
         let (fut, mut stream) = send
             .send_request(req, false)
             .map_err(|e| Sent::Not(e.to_string()))?;
-        if let Err(e) = send_all(&mut stream, request.clone(), true).await {
+        // Without waiting for flow-control capacity: the request is in memory already (at most
+        // `max_request`), and waiting would make h2 write the headers alone first - one more write here
+        // and one more wake-up on the replica for every call.
+        if let Err(e) = stream.send_data(request.clone(), true) {
             return Err(Sent::Maybe(e.to_string()));
         }
         fut.await.map_err(|e| {
