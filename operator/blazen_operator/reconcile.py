@@ -375,7 +375,11 @@ class ChildApplier:
             rec = compact(obj)
             metrics.APPLIES.labels(kind="Secret").inc()
         live[child.key] = rec
-        memory.stubs[child.key] = (signature, time.monotonic(), rec)
+        known = memory.stubs.get(child.key)
+        # The time of the last look, not of the last pass: a pass that took the stub from memory keeps it, or
+        # passes coming faster than recheck_seconds would never read it again (and a hand edit would stay).
+        looked = known[1] if known is not None and obj is None and rec is known[2] else time.monotonic()
+        memory.stubs[child.key] = (signature, looked, rec)
         memory.stubs_gone.discard(child.key)
         return obj
 
