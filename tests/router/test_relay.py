@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
+from blazen_peer._relay import Relay
 from blazen_peer.client import PeerError, PeerTransportError, PeerUnknownStepError
-from blazen_peer.routing.relay import RelayCall, RelayPolicy, Target
+from blazen_peer.routing.relay import METADATA, RelayCall, RelayPolicy, Target
 from blazen_peer.wire.envelope import wrap
 from blazen_peer.wire.messages import SubWorkflowRequest
 from blazen_peer.wire.protocol import PATH_INVOKE
@@ -362,3 +364,28 @@ async def test_a_router_on_its_own_serves_only_what_its_config_allows(tmp_path: 
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await router.stop(grace=0)
+
+
+def test_a_relay_stopped_right_after_it_started_stops() -> None:
+    # A stop that comes before the relay's thread began serving (a router started and stopped at once, as a
+    # test under load or a pod killed while starting does) must still end it, not leave stop() joining
+    # forever.
+
+    for _ in range(20):
+        relay = Relay(
+            object(),
+            [PATH_INVOKE],
+            "/nonexistent.sock",
+            metadata=METADATA,
+            tls=None,
+            hop_tls=None,
+            max_connections=10,
+            handshake_timeout=1.0,
+            max_connection_age=0.0,
+            max_request_bytes=1 << 20,
+        )
+        relay.start("127.0.0.1:0")
+        stopper = threading.Thread(target=relay.stop, args=(0.0,), daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "Relay.stop() did not return: the stop was lost"

@@ -144,7 +144,9 @@ impl Relay {
     /// flight; then cancels the rest. Blocks (without the GIL): call it from a worker thread.
     fn stop(&self, py: Python<'_>, grace: f64) {
         *self.shared.grace.lock().unwrap() = Duration::from_secs_f64(grace.max(0.0));
-        let _ = self.shared.shutdown.send(true);
+        // send_replace, not send: send stores nothing while no receiver exists (a stop before the relay's
+        // thread began serving), and the relay would then serve on and the join below never return.
+        self.shared.shutdown.send_replace(true);
         let thread = self.thread.lock().unwrap().take();
         if let Some(t) = thread {
             py.detach(|| {

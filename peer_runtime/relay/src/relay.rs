@@ -94,7 +94,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                     drop(guard);
                 });
             }
-            _ = stop.changed() => break,
+            // wait_for, not changed: a stop that came before this subscription is seen too
+            _ = stop.wait_for(|stopping| *stopping) => break,
         }
     }
 }
