@@ -161,7 +161,7 @@ class Router:
     def _none_left(cands: Sequence[Replica], last: grpc.aio.AioRpcError | None) -> UpstreamError:
         if last is not None:
             return UpstreamError(last.code(), last.details() or "")
-        pools = ", ".join(sorted({r.pool for r in cands})) or "<none>"
+        pools = ", ".join(sorted({r.pool for r in cands}))  # never empty: candidates() refuses that
         return UpstreamError(_UNAVAILABLE, f"no replica of pool {pools} is reachable")
 
     # -- Invoke ----------
