@@ -370,7 +370,6 @@ def test_a_relay_stopped_right_after_it_started_stops() -> None:
     # A stop that comes before the relay's thread began serving (a router started and stopped at once, as a
     # test under load or a pod killed while starting does) must still end it, not leave stop() joining
     # forever.
-
     for _ in range(20):
         relay = Relay(
             object(),

@@ -67,10 +67,9 @@ impl Relay {
             .transpose()
             .map_err(value_error)?
             .map(|cfg| RwLock::new(Arc::new(cfg)));
-        let metadata = metadata.map(|k| {
+        let [node, rid, auth] = metadata.map(|k| {
             http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| value_error(e.to_string()))
         });
-        let [node, rid, auth] = metadata;
         let shared = Shared {
             policy,
             relayed,
